@@ -1,0 +1,178 @@
+"""``create_app(settings)``: the lifespan builds the engine, clients and runner; one
+handler renders every error as problem+json."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .api import router
+from .config import Settings
+from .db import Database, upgrade
+from .errors import FanoutError, PayloadTooLarge
+from .events import EventHub
+from .lanes import Providers
+from .runner import Runner
+from .state import AppState
+from .store import Store
+
+log = logging.getLogger("fanout")
+PROBLEM_JSON = "application/problem+json"
+
+
+@asynccontextmanager
+async def running(settings: Settings, *, with_runner: bool = True) -> AsyncIterator[AppState]:
+    """Migrate, connect, and (optionally) run the runner until the block exits."""
+    if settings.run_migrations:
+        await asyncio.to_thread(upgrade, settings.database_url)
+    db = Database(settings.database_url, pool_size=settings.db_pool_size)
+    hub = EventHub()
+    db.on_commit = hub.publish
+    store = Store(db, lease_seconds=settings.lease_seconds)
+    providers = Providers(settings.providers, max_connections=settings.max_concurrency)
+    runner = Runner(store, hub, providers, settings) if with_runner else None
+    state = AppState(settings, db, store, hub, providers, runner)
+    supervisor = asyncio.create_task(_supervise(runner)) if runner is not None else None
+    try:
+        yield state
+    finally:
+        if supervisor is not None:
+            supervisor.cancel()
+            with suppress(asyncio.CancelledError):
+                await supervisor
+        await providers.close()
+        await db.dispose()
+
+
+async def _supervise(runner: Runner) -> None:
+    """Keep the runner going: a lost database connection must not stop it for good."""
+    while True:
+        try:
+            await runner.run()
+        except Exception:
+            log.exception("runner stopped; restarting in 1 s")
+            await asyncio.sleep(1.0)
+
+
+def create_app(settings: Settings | None = None, *, with_runner: bool = True) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with running(settings, with_runner=with_runner) as state:
+            app.state.fanout = state
+            yield
+
+    app = FastAPIOffline(
+        title="Fanout",
+        version="0.1.0",
+        summary="Parallel LLM work as jobs: fan out into lanes, fan in one result.",
+        lifespan=lifespan,
+        redoc_url=None,
+    )
+    app.include_router(router)
+    app.add_exception_handler(FanoutError, _fanout_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+async def _fanout_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, FanoutError)
+    return JSONResponse(exc.problem(), status_code=exc.status, media_type=PROBLEM_JSON, headers=exc.headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": _field_path(error["loc"]), "msg": error["msg"], "type": error["type"]}
+        for error in exc.errors()
+    ]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    return problem(422, "Unprocessable Content", f"{where}: {first['msg']}" if where else first["msg"], errors=errors)
+
+
+# Tags of the spec's unions: pydantic puts them in error paths, callers never wrote them.
+_UNION_TAGS = {
+    "body": {"voting", "sectioning"},
+    "task": {"llm", "http"},
+    "aggregate": {"collect", "majority", "score", "reduce"},
+}
+
+
+def _field_path(loc: tuple[int | str, ...]) -> list[int | str]:
+    path: list[int | str] = []
+    for part in loc:
+        if path and isinstance(part, str) and part in _UNION_TAGS.get(str(path[-1]), ()):
+            continue
+        path.append(part)
+    return path
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return problem(exc.status_code, _title(exc.status_code), str(exc.detail))
+
+
+async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error", exc_info=exc)
+    return problem(500, "Internal Server Error", "the server failed; the error is logged")
+
+
+def _title(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+class BodyLimit:
+    """Refuse request bodies over the cap: by ``Content-Length``, or while streaming in
+    (chunked bodies have none)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        detail = f"the request body is over the cap of {self.max_bytes} bytes"
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                response = problem(413, "Payload Too Large", detail)
+                await response(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise PayloadTooLarge(detail)
+            return message
+
+        await self.app(scope, limited, send)

@@ -1,0 +1,111 @@
+"""``fanout serve | worker | migrate | openapi | submit | fake-llm``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .config import Settings
+
+log = logging.getLogger("fanout")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fanout", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the API and run lanes in one process")
+    serve.add_argument("--host", help="default: FANOUT_HOST (127.0.0.1)")
+    serve.add_argument("--port", type=int, help="default: FANOUT_PORT (8000)")
+    serve.add_argument("--no-runner", action="store_true", help="serve the API only")
+
+    commands.add_parser("worker", help="run lanes only (no HTTP)")
+    commands.add_parser("migrate", help="apply database migrations")
+
+    openapi = commands.add_parser("openapi", help="write the OpenAPI document")
+    openapi.add_argument("--out", type=Path, default=Path("openapi/openapi.json"))
+
+    submit = commands.add_parser("submit", help="post a job spec")
+    submit.add_argument("spec", type=Path, help="a JSON job spec ('-' for standard input)")
+    submit.add_argument("--watch", action="store_true", help="follow the job's lanes live")
+    submit.add_argument("--cancel-on-exit", action="store_true", help="cancel the job on Ctrl-C")
+    submit.add_argument("--url", default=os.environ.get("FANOUT_URL", "http://127.0.0.1:8000"))
+    submit.add_argument("--api-key", default=os.environ.get("FANOUT_API_KEY"))
+
+    fake = commands.add_parser("fake-llm", help="an OpenAI-compatible simulator")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8001)
+
+    args = parser.parse_args(argv)
+    if args.command == "fake-llm":
+        from .fakellm import serve as serve_fake
+
+        serve_fake(host=args.host, port=args.port)
+        return 0
+    if args.command == "submit":
+        from .submit import submit as run_submit
+
+        return run_submit(args.spec, url=args.url, api_key=args.api_key, watch=args.watch,
+                          cancel_on_exit=args.cancel_on_exit)
+
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "migrate":
+        from .db import upgrade
+
+        upgrade(settings.database_url)
+        print("migrations applied")
+        return 0
+    if args.command == "openapi":
+        from .app import create_app
+
+        document = create_app(settings).openapi()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return 0
+    if args.command == "worker":
+        return asyncio.run(_worker(settings))
+    return _serve(settings, host=args.host, port=args.port, with_runner=not args.no_runner)
+
+
+def _serve(settings: Settings, *, host: str | None, port: int | None, with_runner: bool) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    if not settings.api_keys:
+        log.warning("no API keys configured (FANOUT_API_KEYS): the API is open, for local use only")
+    uvicorn.run(
+        create_app(settings, with_runner=with_runner),
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=max(5, int(settings.lease_seconds)),
+    )
+    return 0
+
+
+async def _worker(settings: Settings) -> int:
+    from .app import running
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with running(settings) as state:
+        log.info("worker %s running", state.runner.owner if state.runner else "?")
+        await stop.wait()
+        log.info("stopping: releasing in-flight lanes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

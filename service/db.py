@@ -1,0 +1,116 @@
+"""Engines, connections and the transaction boundary.
+
+Every write goes through :meth:`Database.transaction`. Events appended inside a
+transaction are handed to ``on_commit`` only after the commit succeeded, so a
+subscriber never sees an event that the database does not have.
+
+SQLite allows one writer at a time. Rather than let connections race for the
+file lock (and fail with "database is locked" under load), all writes share one
+connection (a pool of size one queues them in order) and open with
+``BEGIN IMMEDIATE``; reads use their own pool and never block on writes in WAL
+mode. PostgreSQL uses one pool for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+
+@dataclass
+class Tx:
+    """An open write transaction and the events it appended (published on commit)."""
+
+    conn: AsyncConnection
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _sqlite_engine(url: str, *, pool_size: int, begin: str) -> AsyncEngine:
+    engine = create_async_engine(
+        url, pool_size=pool_size, max_overflow=0, pool_timeout=120, pool_pre_ping=False
+    )
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take BEGIN away from the driver so we can choose IMMEDIATE for writers.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql(begin)
+
+    return engine
+
+
+class Database:
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            self.writer = _sqlite_engine(url, pool_size=1, begin="BEGIN IMMEDIATE")
+            self.reader = _sqlite_engine(url, pool_size=pool_size, begin="BEGIN")
+        else:
+            self.writer = create_async_engine(
+                url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            )
+            self.reader = self.writer
+        self.on_commit: Callable[[list[dict[str, Any]]], None] = lambda _events: None
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        async with self.writer.begin() as conn:
+            tx = Tx(conn)
+            yield tx
+        if tx.events:
+            self.on_commit(tx.events)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        async with self.reader.connect() as conn:
+            yield conn
+
+    async def dispose(self) -> None:
+        await self.writer.dispose()
+        if self.reader is not self.writer:
+            await self.reader.dispose()
+
+
+# --- migrations ----------------------------------------------------------------------
+
+
+def migrations_dir() -> Path:
+    """Shipped inside the package when installed from a wheel; the repo's folder otherwise."""
+    packaged = Path(__file__).parent / "migrations"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "migrations"
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.attributes["url"] = url
+    return config
+
+
+def upgrade(url: str) -> None:
+    """Apply every migration (blocking: Alembic runs its own event loop in this thread)."""
+    command.upgrade(alembic_config(url), "head")
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config("")).get_current_head()

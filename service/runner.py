@@ -1,0 +1,267 @@
+"""The fan-out: claim lanes from the database, run them at once, record how they end.
+
+Four loops share one task group::
+
+    claim loop ──claims──► lane tasks (≤ max_concurrency) ──outcomes──► record loop
+        ▲ wake: new job, freed capacity, retry due, poll                  │ one transaction
+        └──────────────────────────────────────────────────────────────────┘ per batch
+    heartbeat loop: renews this process's leases
+    sweep loop:     deadlines, expired leases of dead workers, orphaned reducers
+
+Outcomes are written in batches (group commit): whatever finished while the last
+transaction was open goes into the next one. Decisions (early stop, fail fast,
+deadline...) are made by the store inside those transactions; when one ends lanes
+this process is running, the committed ``lane.*`` events reach :meth:`_on_events`,
+which cancels those tasks, closing their upstream requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from typing import Any
+
+from .config import Settings
+from .events import Event, EventHub
+from .lanes import Attempt, Providers, run_llm
+from .spec import LlmTask, ReduceAggregate
+from .store import Claim, Outcome, Store, lane_tasks
+
+log = logging.getLogger("fanout.runner")
+
+_STOPPING_EVENTS = frozenset({"lane.skipped", "lane.cancelled", "lane.timed_out"})
+_JOB_ENDED = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
+
+
+class Runner:
+    def __init__(self, store: Store, hub: EventHub, providers: Providers, settings: Settings) -> None:
+        self.store = store
+        self.hub = hub
+        self.providers = providers
+        self.settings = settings
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.inflight: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self.reducing: dict[str, asyncio.Task[None]] = {}
+        self.rejected_writes = 0
+        self._outcomes: list[Outcome] = []
+        self._outcome_ready = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        hub.add_listener(self._on_events)
+
+    def wake(self) -> None:
+        """New work may be claimable (a job was created, a lane requeued)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        if self.store.db.is_sqlite:
+            await self.store.expire_all_leases()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._claim_loop())
+                group.create_task(self._record_loop())
+                group.create_task(self._heartbeat_loop())
+                group.create_task(self._sweep_loop())
+        except asyncio.CancelledError:
+            await self._shutdown()
+            raise
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        tasks = [*self.inflight.values(), *self.reducing.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            if self._outcomes:
+                await self.store.record(self.owner, self._outcomes)
+            await self.store.release(self.owner)
+        except Exception:  # the database may be gone already; leases expire anyway
+            log.exception("could not release leases on shutdown")
+
+    # --- claiming ------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while True:
+            self._wake.clear()
+            free = self.settings.max_concurrency - len(self.inflight)
+            claimed = 0
+            if free > 0:
+                wanted = min(free, self.settings.claim_batch)
+                claims = await self.store.claim(self.owner, wanted)
+                for claim in claims:
+                    self._start(claim)
+                claimed = len(claims)
+                if claimed == wanted:
+                    continue
+            timeout = self.settings.poll_interval_s
+            due = await self.store.next_wakeup() if claimed == 0 and free > 0 else None
+            if due is not None:
+                timeout = min(timeout, max(0.0, due - time.time()) + 0.001)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    def _start(self, claim: Claim) -> None:
+        key = (claim.job_id, claim.idx)
+        task = asyncio.create_task(self._run_lane(claim), name=f"lane {claim.job_id}/{claim.idx}")
+        self.inflight[key] = task
+        task.add_done_callback(lambda _t: self._lane_done(key, task))
+
+    def _lane_done(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
+        if self.inflight.get(key) is task:
+            del self.inflight[key]
+        self._wake.set()
+
+    async def _run_lane(self, claim: Claim) -> None:
+        _name, task = lane_tasks(claim.spec)[claim.idx]
+        policy = claim.spec.policy
+        timeout = policy.lane_timeout_s or self.settings.default_lane_timeout_s
+        if claim.deadline_at is not None:
+            timeout = max(0.001, min(timeout, claim.deadline_at - time.time()))
+        started = time.time()
+        if isinstance(task, LlmTask):
+            attempt = await run_llm(self.providers.client(task.provider), task, timeout=timeout)
+        else:
+            attempt = Attempt(error_type="invalid_request", error_message="http tasks are not enabled")
+        self._report(claim, attempt, started)
+
+    def _report(self, claim: Claim, attempt: Attempt, started: float) -> None:
+        finished = time.time()
+        common: dict[str, Any] = {
+            "job_id": claim.job_id,
+            "idx": claim.idx,
+            "attempt": claim.attempt,
+            "usage": attempt.usage,
+            "started_at": started,
+            "finished_at": finished,
+        }
+        if attempt.ok:
+            outcome = Outcome(kind="succeeded", output=attempt.output, **common)
+        elif attempt.transient and claim.attempt < claim.spec.policy.max_attempts:
+            outcome = Outcome(
+                kind="retry",
+                error_type=attempt.error_type,
+                error_message=attempt.error_message,
+                retry_in=self._backoff(claim.attempt, attempt.retry_after),
+                **common,
+            )
+        else:
+            kind = "timed_out" if attempt.error_type == "timeout" else "failed"
+            outcome = Outcome(
+                kind=kind, error_type=attempt.error_type, error_message=attempt.error_message, **common
+            )
+        self._outcomes.append(outcome)
+        self._outcome_ready.set()
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with full jitter, never sooner than ``Retry-After``."""
+        ceiling = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** (attempt - 1))
+        delay = random.uniform(ceiling / 2, ceiling)
+        return max(delay, retry_after or 0.0)
+
+    # --- recording -----------------------------------------------------------------
+
+    async def _record_loop(self) -> None:
+        while True:
+            await self._outcome_ready.wait()
+            self._outcome_ready.clear()
+            batch, self._outcomes = self._outcomes, []
+            if not batch:
+                continue
+            recorded = await self.store.record(self.owner, batch)
+            self.rejected_writes += recorded.rejected
+            if recorded.rejected:
+                log.warning("rejected %d stale lane writes", recorded.rejected)
+            for job_id in recorded.reduce_jobs:
+                self._start_reduce(job_id)
+            if any(o.kind == "retry" for o in batch):
+                self._wake.set()
+
+    def _on_events(self, events: list[Event]) -> None:
+        """Stop in-flight attempts whose lane (or job) another decision just ended."""
+        for event in events:
+            kind = event["type"]
+            if kind in _STOPPING_EVENTS:
+                task = self.inflight.get((event["job_id"], event["data"]["lane"]))
+                if task is not None:
+                    task.cancel()
+            elif kind in _JOB_ENDED:
+                job_id = event["job_id"]
+                for (task_job, _idx), task in list(self.inflight.items()):
+                    if task_job == job_id:
+                        task.cancel()
+                reducer = self.reducing.get(job_id)
+                if reducer is not None and kind == "job.cancelled":
+                    reducer.cancel()
+
+    # --- the reducer ---------------------------------------------------------------
+
+    def _start_reduce(self, job_id: str) -> None:
+        if job_id in self.reducing:
+            return
+        task = asyncio.create_task(self._reduce(job_id), name=f"reduce {job_id}")
+        self.reducing[job_id] = task
+        task.add_done_callback(lambda _t: self.reducing.pop(job_id, None))
+
+    async def _reduce(self, job_id: str) -> None:
+        """One more LLM call over every lane's output, retried like a lane."""
+        spec, results = await self.store.lane_results(job_id)
+        assert isinstance(spec.aggregate, ReduceAggregate)
+        from .aggregate import reduce_messages
+
+        task = spec.aggregate.task
+        messages = reduce_messages(task, results)
+        timeout = spec.policy.lane_timeout_s or self.settings.default_lane_timeout_s
+        usage = [0, 0, 0]
+        error: dict[str, str] | None = None
+        output: str | None = None
+        for attempt_no in range(1, spec.policy.max_attempts + 1):
+            left = await self.store.reduce_budget_left(job_id)
+            if left is not None and left - usage[2] <= 0:
+                error = {"type": "budget", "message": "the token budget was spent before the reducer ran"}
+                break
+            attempt = await run_llm(
+                self.providers.client(task.provider), task, timeout=timeout, messages=messages
+            )
+            usage = [a + b for a, b in zip(usage, attempt.usage, strict=True)]
+            if attempt.ok:
+                output = attempt.output
+                break
+            error = {"type": attempt.error_type or "error", "message": f"reducer: {attempt.error_message}"}
+            if not attempt.transient or attempt_no == spec.policy.max_attempts:
+                break
+            await asyncio.sleep(self._backoff(attempt_no, attempt.retry_after))
+        else:
+            error = error or {"type": "error", "message": "reducer made no attempt"}
+        await self.store.finish_reduce(
+            job_id,
+            self.owner,
+            output=output,
+            error=None if output is not None else error,
+            usage=(usage[0], usage[1], usage[2]),
+        )
+
+    # --- housekeeping --------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            if self.inflight or self.reducing:
+                await self.store.renew_leases(self.owner)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            for job_id in await self.store.expire_deadlines(self.owner):
+                self._start_reduce(job_id)
+            if await self.store.reclaim_expired():
+                self._wake.set()
+            for job_id in await self.store.take_orphaned_reductions(self.owner):
+                self._start_reduce(job_id)
+            await asyncio.sleep(min(0.25, self.settings.poll_interval_s))

@@ -1,0 +1,394 @@
+"""The API contract: job specs callers post, and the views of jobs they read back.
+
+Everything here is pure pydantic. Checks that need the server's configuration
+(caps, known providers) live in :func:`check_against`, so the schema stays static.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from .config import Settings
+from .errors import InvalidSpec
+
+
+class Strict(BaseModel):
+    """Unknown fields are rejected so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _compiles(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return pattern
+
+
+# --- tasks -------------------------------------------------------------------------
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]]
+    name: str | None = None
+
+
+class LlmTask(Strict):
+    """One OpenAI-compatible chat completion. Providers live in server configuration."""
+
+    kind: Literal["llm"] = "llm"
+    provider: str = "default"
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    response_format: dict[str, Any] | None = None
+    stream: bool = False
+
+
+class HttpTask(Strict):
+    """One outbound HTTP call, allowed only to destinations that pass the egress guard."""
+
+    kind: Literal["http"]
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"] = "GET"
+    url: str = Field(min_length=1, max_length=4096)
+    headers: dict[str, str] = Field(default_factory=dict)
+    json_body: Any = Field(default=None, alias="json")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def _task_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("kind", "llm"))
+    return str(getattr(value, "kind", "llm"))
+
+
+Task = Annotated[
+    Annotated[LlmTask, Tag("llm")] | Annotated[HttpTask, Tag("http")],
+    Discriminator(_task_kind),
+]
+
+
+# --- aggregates --------------------------------------------------------------------
+
+
+class Extracting(Strict):
+    """How a lane's answer is read from its output (majority and score)."""
+
+    extract: Literal["text", "number", "regex", "json"] = "text"
+    pattern: str | None = None
+    field: str | None = None
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_compiles(cls, value: str | None) -> str | None:
+        return None if value is None else _compiles(value)
+
+    @model_validator(mode="after")
+    def _needs_its_parameter(self) -> Extracting:
+        if self.extract == "regex" and not self.pattern:
+            raise ValueError("extract 'regex' needs a 'pattern'")
+        if self.extract == "json" and not self.field:
+            raise ValueError("extract 'json' needs a 'field' (a dotted path)")
+        return self
+
+
+class CollectAggregate(Strict):
+    kind: Literal["collect"] = "collect"
+
+
+class MajorityAggregate(Extracting):
+    kind: Literal["majority"] = "majority"
+    early_stop: bool = True
+
+
+class ScoreAggregate(Extracting):
+    kind: Literal["score"] = "score"
+    extract: Literal["text", "number", "regex", "json"] = "number"
+    pick: Literal["max", "min", "mean"] = "max"
+
+
+class ReduceAggregate(Strict):
+    kind: Literal["reduce"] = "reduce"
+    task: LlmTask
+
+
+Aggregate = Annotated[
+    CollectAggregate | MajorityAggregate | ScoreAggregate | ReduceAggregate,
+    Field(discriminator="kind"),
+]
+
+
+# --- policy, sections, jobs --------------------------------------------------------
+
+
+class OnFailure(StrEnum):
+    FAIL_FAST = "fail_fast"
+    BEST_EFFORT = "best_effort"
+    QUORUM = "quorum"
+
+
+class Policy(Strict):
+    on_failure: OnFailure | None = None
+    quorum: int | None = Field(default=None, ge=1)
+    lane_timeout_s: float | None = Field(default=None, gt=0)
+    deadline_s: float | None = Field(default=None, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1)
+    max_total_tokens: int | None = Field(default=None, ge=1)
+
+
+class Webhook(Strict):
+    url: str = Field(min_length=1, max_length=4096)
+
+
+class Gate(Strict):
+    block_if: str
+
+    @field_validator("block_if")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        return _compiles(value)
+
+
+class Section(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    task: Task
+    gate: Gate | None = None
+
+
+class _JobSpecBase(Strict):
+    policy: Policy = Field(default_factory=Policy)
+    webhook: Webhook | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class VotingSpec(_JobSpecBase):
+    mode: Literal["voting"]
+    n: int = Field(ge=1)
+    task: Task
+    aggregate: Aggregate = Field(default_factory=MajorityAggregate)
+
+
+class SectioningSpec(_JobSpecBase):
+    mode: Literal["sectioning"]
+    sections: list[Section] = Field(min_length=1)
+    aggregate: Aggregate = Field(default_factory=CollectAggregate)
+
+    @field_validator("sections")
+    @classmethod
+    def _unique_names(cls, sections: list[Section]) -> list[Section]:
+        seen: set[str] = set()
+        for section in sections:
+            if section.name in seen:
+                raise ValueError(f"duplicate section name {section.name!r}")
+            seen.add(section.name)
+        return sections
+
+
+JobSpec = Annotated[VotingSpec | SectioningSpec, Field(discriminator="mode")]
+
+
+def lane_count(spec: VotingSpec | SectioningSpec) -> int:
+    return spec.n if isinstance(spec, VotingSpec) else len(spec.sections)
+
+
+def on_failure(spec: VotingSpec | SectioningSpec) -> OnFailure:
+    """The failure policy, defaulting by mode (fail fast for sections, best effort for votes)."""
+    if spec.policy.on_failure is not None:
+        return spec.policy.on_failure
+    return OnFailure.BEST_EFFORT if isinstance(spec, VotingSpec) else OnFailure.FAIL_FAST
+
+
+def quorum_size(spec: VotingSpec | SectioningSpec) -> int:
+    """Successful lanes a quorum job needs: as given, or a strict majority."""
+    return spec.policy.quorum or lane_count(spec) // 2 + 1
+
+
+def lane_tasks(spec: VotingSpec | SectioningSpec) -> list[tuple[str, LlmTask | HttpTask]]:
+    """Each lane's name and task; voting lane *i* gets ``seed + i`` when a seed is given."""
+    if isinstance(spec, SectioningSpec):
+        return [(section.name, section.task) for section in spec.sections]
+    lanes: list[tuple[str, LlmTask | HttpTask]] = []
+    for i in range(spec.n):
+        task = spec.task
+        if isinstance(task, LlmTask) and task.seed is not None:
+            task = task.model_copy(update={"seed": task.seed + i})
+        lanes.append((f"lane-{i}", task))
+    return lanes
+
+
+def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None:
+    """Reject what this server cannot run: caps, unknown providers, impossible policies.
+
+    Raises :class:`InvalidSpec` naming every failing field, before anything is stored.
+    """
+    problems: list[dict[str, Any]] = []
+
+    def problem(loc: tuple[str | int, ...], msg: str) -> None:
+        problems.append({"loc": ["body", *loc], "msg": msg})
+
+    lanes = lane_count(spec)
+    if lanes > settings.max_lanes_per_job:
+        where: tuple[str, ...] = ("n",) if isinstance(spec, VotingSpec) else ("sections",)
+        problem(where, f"{lanes} lanes is over the cap of {settings.max_lanes_per_job} lanes per job")
+
+    tasks: list[tuple[tuple[str | int, ...], LlmTask | HttpTask]] = []
+    if isinstance(spec, VotingSpec):
+        tasks.append((("task",), spec.task))
+    else:
+        tasks.extend((("sections", i, "task"), s.task) for i, s in enumerate(spec.sections))
+    if isinstance(spec.aggregate, ReduceAggregate):
+        tasks.append((("aggregate", "task"), spec.aggregate.task))
+    for loc, task in tasks:
+        if isinstance(task, LlmTask):
+            if task.provider not in settings.providers:
+                known = ", ".join(sorted(settings.providers))
+                problem((*loc, "provider"), f"unknown provider {task.provider!r} (known: {known})")
+            size = sum(len(str(m.content).encode()) for m in task.messages)
+            if size > settings.max_message_bytes:
+                problem(
+                    (*loc, "messages"),
+                    f"messages are {size} bytes, over the cap of {settings.max_message_bytes}",
+                )
+        else:
+            problem((*loc, "kind"), "http tasks are not enabled on this server")
+
+    policy = spec.policy
+    if policy.quorum is not None:
+        if on_failure(spec) is not OnFailure.QUORUM:
+            problem(("policy", "quorum"), "quorum is only used with on_failure 'quorum'")
+        elif policy.quorum > lanes:
+            problem(("policy", "quorum"), f"quorum {policy.quorum} is larger than the {lanes} lanes")
+    if policy.max_attempts > settings.max_attempts:
+        problem(("policy", "max_attempts"), f"over the server maximum of {settings.max_attempts}")
+    if policy.lane_timeout_s is not None and policy.lane_timeout_s > settings.max_lane_timeout_s:
+        problem(
+            ("policy", "lane_timeout_s"),
+            f"over the server maximum of {settings.max_lane_timeout_s} s",
+        )
+    if policy.deadline_s is not None and policy.deadline_s > settings.max_deadline_s:
+        problem(("policy", "deadline_s"), f"over the server maximum of {settings.max_deadline_s} s")
+    if policy.max_concurrency is not None and policy.max_concurrency > settings.max_concurrency:
+        problem(
+            ("policy", "max_concurrency"),
+            f"over the server maximum of {settings.max_concurrency} lanes in flight",
+        )
+    if spec.webhook is not None:
+        problem(("webhook",), "webhooks are not enabled on this server")
+    if problems:
+        raise InvalidSpec(problems)
+
+
+# --- views -------------------------------------------------------------------------
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    AGGREGATING = "aggregating"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+
+
+class LaneStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in {LaneStatus.QUEUED, LaneStatus.RUNNING}
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ErrorView(BaseModel):
+    type: str
+    message: str
+
+
+class LaneView(BaseModel):
+    index: int
+    name: str
+    status: LaneStatus
+    attempts: int
+    output: Any = None
+    answer: Any = None
+    error: ErrorView | None = None
+    usage: Usage
+    queued_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_s: float | None = None
+
+
+class ResultView(BaseModel):
+    output: Any = None
+    details: dict[str, Any] = Field(default_factory=dict)
+    partial: bool = False
+    blocked: bool = False
+    blocked_by: str | None = None
+
+
+class JobView(BaseModel):
+    id: str
+    status: JobStatus
+    mode: Literal["voting", "sectioning"]
+    spec: dict[str, Any]
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    progress: dict[str, int]
+    lanes: list[LaneView]
+    result: ResultView | None = None
+    error: ErrorView | None = None
+    usage: Usage
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobSummary(BaseModel):
+    id: str
+    status: JobStatus
+    mode: Literal["voting", "sectioning"]
+    created_at: str
+    finished_at: str | None = None
+    progress: dict[str, int]
+    usage: Usage
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobPage(BaseModel):
+    jobs: list[JobSummary]
+    next_cursor: str | None = None

@@ -1,0 +1,36 @@
+"""What the running service holds: built once per process in :func:`service.app.running`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import text
+
+from .config import Settings
+from .db import Database, head_revision
+from .events import EventHub
+from .lanes import Providers
+from .runner import Runner
+from .store import Store
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    db: Database
+    store: Store
+    hub: EventHub
+    providers: Providers
+    runner: Runner | None
+
+    async def readiness(self) -> str | None:
+        """None when ready; otherwise why not (database unreachable, migrations missing)."""
+        try:
+            async with self.db.read() as conn:
+                current = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+        except Exception as exc:
+            return f"database not reachable or not migrated: {type(exc).__name__}"
+        head = head_revision()
+        if current != head:
+            return f"migrations not applied: database at {current}, code at {head}"
+        return None

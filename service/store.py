@@ -1,0 +1,986 @@
+"""Every query Fanout makes, behind one object.
+
+Locking order, so two processes on PostgreSQL never deadlock: a write transaction
+locks the job rows it touches first (sorted by id), then their lanes. Every lane
+write made on behalf of a running attempt is fenced by (status, attempt, lease
+owner): a worker that lost its lease cannot overwrite what another one recorded.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import TypeAdapter
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from . import aggregate as agg
+from .db import Database, Tx
+from .errors import Conflict, InvalidSpec, NotFound
+from .models import events, jobs, lanes
+from .policy import OPEN, Decision, Stop, Tally, decide
+from .spec import (
+    ErrorView,
+    JobSpec,
+    JobStatus,
+    JobSummary,
+    JobView,
+    LaneView,
+    MajorityAggregate,
+    ReduceAggregate,
+    ResultView,
+    ScoreAggregate,
+    SectioningSpec,
+    Usage,
+    VotingSpec,
+    lane_tasks,
+)
+
+_spec_adapter: TypeAdapter[VotingSpec | SectioningSpec] = TypeAdapter(JobSpec)
+TERMINAL_JOB = ("succeeded", "failed", "cancelled")
+FINAL_EVENTS = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_job_id(now: float) -> str:
+    """A UUID whose leading bits are the creation time, so ids sort by age."""
+    bits = (int(now * 1000) << 80) | uuid.uuid4().int & ((1 << 80) - 1)
+    return str(uuid.UUID(int=bits))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A lane attempt this process now holds the lease on."""
+
+    job_id: str
+    idx: int
+    name: str
+    attempt: int
+    spec: VotingSpec | SectioningSpec
+    deadline_at: float | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended, as the runner reports it."""
+
+    job_id: str
+    idx: int
+    attempt: int
+    kind: str  # succeeded | failed | timed_out | retry
+    output: Any = None
+    error_type: str | None = None
+    error_message: str | None = None
+    retry_in: float = 0.0
+    usage: tuple[int, int, int] = (0, 0, 0)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+
+@dataclass
+class Recorded:
+    """What a recording transaction leaves for the runner to do."""
+
+    rejected: int = 0
+    reduce_jobs: list[str] = field(default_factory=list)
+
+
+class Store:
+    def __init__(self, db: Database, *, lease_seconds: float) -> None:
+        self.db = db
+        self.lease_seconds = lease_seconds
+        self._specs: OrderedDict[str, VotingSpec | SectioningSpec] = OrderedDict()
+
+    # --- helpers -------------------------------------------------------------------
+
+    def spec_of(self, job_id: str, raw: dict[str, Any]) -> VotingSpec | SectioningSpec:
+        """Parsed specs are cached: the hot path reads them once per lane outcome."""
+        spec = self._specs.get(job_id)
+        if spec is None:
+            spec = _spec_adapter.validate_python(raw)
+            self._specs[job_id] = spec
+            if len(self._specs) > 2048:
+                self._specs.popitem(last=False)
+        return spec
+
+    async def _append(
+        self, tx: Tx, job_id: str, items: Sequence[tuple[str, dict[str, Any]]], now: float
+    ) -> None:
+        """Append events to a job's log with consecutive sequence numbers."""
+        if not items:
+            return
+        last = (
+            await tx.conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(last_seq=jobs.c.last_seq + len(items))
+                .returning(jobs.c.last_seq)
+            )
+        ).scalar_one()
+        at = iso(now)
+        rows = []
+        for offset, (kind, fields) in enumerate(items):
+            seq = last - len(items) + 1 + offset
+            data = {"job_id": job_id, "seq": seq, "at": at, **fields}
+            rows.append({"job_id": job_id, "seq": seq, "type": kind, "data": data})
+        await tx.conn.execute(insert(events), rows)
+        tx.events.extend(rows)
+
+    async def _lock_jobs(self, tx: Tx, job_ids: Iterable[str]) -> dict[str, Any]:
+        ids = sorted(set(job_ids))
+        query = select(jobs).where(jobs.c.id.in_(ids)).order_by(jobs.c.id)
+        if not self.db.is_sqlite:
+            query = query.with_for_update()
+        rows = (await tx.conn.execute(query)).mappings().all()
+        return {row["id"]: row for row in rows}
+
+    # --- API side ------------------------------------------------------------------
+
+    async def create_job(self, spec: VotingSpec | SectioningSpec, tenant: str) -> str:
+        now = time.time()
+        job_id = new_job_id(now)
+        raw = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+        deadline = now + spec.policy.deadline_s if spec.policy.deadline_s else None
+        async with self.db.transaction() as tx:
+            await tx.conn.execute(
+                insert(jobs).values(
+                    id=job_id,
+                    tenant=tenant,
+                    status="queued",
+                    mode=spec.mode,
+                    spec=raw,
+                    lanes_total=len(lane_tasks(spec)),
+                    created_at=now,
+                    deadline_at=deadline,
+                    max_concurrency=spec.policy.max_concurrency,
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    total_tokens=0,
+                    last_seq=0,
+                )
+            )
+            await tx.conn.execute(
+                insert(lanes),
+                [
+                    {
+                        "job_id": job_id,
+                        "idx": i,
+                        "name": name,
+                        "status": "queued",
+                        "attempts": 0,
+                        "prompt_tokens": 0,
+                        "completion_tokens": 0,
+                        "total_tokens": 0,
+                        "queued_at": now,
+                        "available_at": now,
+                    }
+                    for i, (name, _task) in enumerate(lane_tasks(spec))
+                ],
+            )
+            await self._append(tx, job_id, [("job.queued", {"lanes": spec_lanes(spec)})], now)
+        self._specs[job_id] = spec
+        return job_id
+
+    async def _job_row(self, conn: AsyncConnection, job_id: str, tenant: str | None) -> Any:
+        query = select(jobs).where(jobs.c.id == job_id)
+        if tenant is not None:
+            query = query.where(jobs.c.tenant == tenant)
+        row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            raise NotFound(f"no job {job_id!r}")
+        return row
+
+    async def get_job(self, job_id: str, tenant: str | None) -> JobView:
+        async with self.db.read() as conn:
+            job = await self._job_row(conn, job_id, tenant)
+            lane_rows = (
+                (await conn.execute(select(lanes).where(lanes.c.job_id == job_id).order_by(lanes.c.idx)))
+                .mappings()
+                .all()
+            )
+        return job_view(job, lane_rows)
+
+    async def job_status(self, job_id: str, tenant: str | None) -> str:
+        async with self.db.read() as conn:
+            query = select(jobs.c.status).where(jobs.c.id == job_id)
+            if tenant is not None:
+                query = query.where(jobs.c.tenant == tenant)
+            status = (await conn.execute(query)).scalar_one_or_none()
+        if status is None:
+            raise NotFound(f"no job {job_id!r}")
+        return status
+
+    async def list_jobs(
+        self, tenant: str | None, *, status: str | None, cursor: str | None, limit: int
+    ) -> tuple[list[JobSummary], str | None]:
+        query = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
+        if tenant is not None:
+            query = query.where(jobs.c.tenant == tenant)
+        if status is not None:
+            query = query.where(jobs.c.status == status)
+        if cursor is not None:
+            created_at, job_id = decode_cursor(cursor)
+            query = query.where(
+                or_(
+                    jobs.c.created_at < created_at,
+                    and_(jobs.c.created_at == created_at, jobs.c.id < job_id),
+                )
+            )
+        async with self.db.read() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+            page = rows[:limit]
+            progress = await self._progress(conn, [row["id"] for row in page])
+        summaries = [
+            JobSummary(
+                id=row["id"],
+                status=row["status"],
+                mode=row["mode"],
+                created_at=iso(row["created_at"]) or "",
+                finished_at=iso(row["finished_at"]),
+                progress=progress.get(row["id"], {}),
+                usage=_usage(row),
+                metadata=row["spec"].get("metadata", {}),
+            )
+            for row in page
+        ]
+        next_cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(rows) > limit else None
+        return summaries, next_cursor
+
+    async def _progress(self, conn: AsyncConnection, job_ids: list[str]) -> dict[str, dict[str, int]]:
+        if not job_ids:
+            return {}
+        query = (
+            select(lanes.c.job_id, lanes.c.status, func.count())
+            .where(lanes.c.job_id.in_(job_ids))
+            .group_by(lanes.c.job_id, lanes.c.status)
+        )
+        progress: dict[str, dict[str, int]] = {}
+        for job_id, status, count in (await conn.execute(query)).all():
+            progress.setdefault(job_id, {})[status] = count
+        return progress
+
+    async def cancel_job(self, job_id: str, tenant: str | None) -> None:
+        """Cancel a job: every open lane ends ``cancelled`` and so does the job, at once."""
+        now = time.time()
+        async with self.db.transaction() as tx:
+            job = await self._job_row(tx.conn, job_id, tenant)
+            if not self.db.is_sqlite:
+                await self._lock_jobs(tx, [job_id])
+                job = await self._job_row(tx.conn, job_id, tenant)
+            if job["status"] in TERMINAL_JOB:
+                raise Conflict(f"job {job_id!r} is already {job['status']}")
+            items = await self._stop_lanes(
+                tx, job_id, Stop(OPEN, "cancelled", "cancelled", "the job was cancelled"), now
+            )
+            items.append(("job.cancelled", {"usage": _usage(job).model_dump()}))
+            await tx.conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(
+                    status="cancelled",
+                    finished_at=now,
+                    error={"type": "cancelled", "message": "the job was cancelled"},
+                    lease_owner=None,
+                )
+            )
+            await self._append(tx, job_id, items, now)
+
+    async def events_after(self, job_id: str, after: int, limit: int = 1000) -> list[dict[str, Any]]:
+        async with self.db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(events.c.seq, events.c.type, events.c.data)
+                    .where(events.c.job_id == job_id, events.c.seq > after)
+                    .order_by(events.c.seq)
+                    .limit(limit)
+                )
+            ).all()
+        return [{"job_id": job_id, "seq": seq, "type": kind, "data": data} for seq, kind, data in rows]
+
+    # --- runner side: claiming -----------------------------------------------------
+
+    async def claim(self, owner: str, limit: int) -> list[Claim]:
+        """Take up to ``limit`` queued lanes whose time has come, respecting per-job caps.
+
+        On PostgreSQL the candidate jobs are locked ``FOR UPDATE SKIP LOCKED``: two
+        processes never claim from one job at once, and never wait on each other.
+        """
+        now = time.time()
+        async with self.db.transaction() as tx:
+            candidates = select(lanes.c.job_id, lanes.c.idx).where(
+                lanes.c.status == "queued", lanes.c.available_at <= now
+            )
+            saturated = await self._saturated_jobs(tx.conn)
+            if saturated:
+                candidates = candidates.where(lanes.c.job_id.not_in(saturated))
+            rows = (
+                await tx.conn.execute(
+                    candidates.order_by(lanes.c.available_at, lanes.c.job_id, lanes.c.idx).limit(limit)
+                )
+            ).all()
+            if not rows:
+                return []
+            wanted: dict[str, list[int]] = {}
+            for job_id, idx in rows:
+                wanted.setdefault(job_id, []).append(idx)
+            job_query = select(jobs).where(jobs.c.id.in_(sorted(wanted))).order_by(jobs.c.id)
+            if not self.db.is_sqlite:
+                job_query = job_query.with_for_update(skip_locked=True)
+            job_rows = (await tx.conn.execute(job_query)).mappings().all()
+            running = await self._running_counts(tx.conn, [j["id"] for j in job_rows if j["max_concurrency"]])
+            claims: list[Claim] = []
+            expires = now + self.lease_seconds
+            for job in job_rows:
+                job_id = job["id"]
+                if job["status"] not in ("queued", "running"):
+                    continue
+                idxs = wanted[job_id]
+                if job["max_concurrency"]:
+                    idxs = idxs[: max(0, job["max_concurrency"] - running.get(job_id, 0))]
+                if not idxs:
+                    continue
+                claimed = (
+                    await tx.conn.execute(
+                        update(lanes)
+                        .where(lanes.c.job_id == job_id, lanes.c.idx.in_(idxs), lanes.c.status == "queued")
+                        .values(
+                            status="running",
+                            attempts=lanes.c.attempts + 1,
+                            started_at=func.coalesce(lanes.c.started_at, now),
+                            lease_owner=owner,
+                            lease_expires_at=expires,
+                        )
+                        .returning(lanes.c.idx, lanes.c.name, lanes.c.attempts)
+                    )
+                ).all()
+                if not claimed:
+                    continue
+                claimed = sorted(claimed)
+                spec = self.spec_of(job_id, job["spec"])
+                items: list[tuple[str, dict[str, Any]]] = []
+                if job["status"] == "queued":
+                    await tx.conn.execute(
+                        update(jobs).where(jobs.c.id == job_id).values(status="running", started_at=now)
+                    )
+                    items.append(("job.running", {}))
+                items.extend(
+                    ("lane.started", {"lane": idx, "name": name, "attempt": attempt})
+                    for idx, name, attempt in claimed
+                )
+                await self._append(tx, job_id, items, now)
+                claims.extend(
+                    Claim(job_id, idx, name, attempt, spec, job["deadline_at"])
+                    for idx, name, attempt in claimed
+                )
+        return claims
+
+    async def _saturated_jobs(self, conn: AsyncConnection) -> list[str]:
+        """Jobs with a concurrency cap that already have that many lanes running."""
+        query = (
+            select(lanes.c.job_id)
+            .join(jobs, jobs.c.id == lanes.c.job_id)
+            .where(lanes.c.status == "running", jobs.c.max_concurrency.is_not(None))
+            .group_by(lanes.c.job_id, jobs.c.max_concurrency)
+            .having(func.count() >= jobs.c.max_concurrency)
+        )
+        return list((await conn.execute(query)).scalars().all())
+
+    async def _running_counts(self, conn: AsyncConnection, job_ids: list[str]) -> dict[str, int]:
+        if not job_ids:
+            return {}
+        query = (
+            select(lanes.c.job_id, func.count())
+            .where(lanes.c.job_id.in_(job_ids), lanes.c.status == "running")
+            .group_by(lanes.c.job_id)
+        )
+        return {job_id: count for job_id, count in (await conn.execute(query)).all()}
+
+    async def renew_leases(self, owner: str) -> None:
+        expires = time.time() + self.lease_seconds
+        async with self.db.transaction() as tx:
+            await tx.conn.execute(
+                update(lanes)
+                .where(lanes.c.lease_owner == owner, lanes.c.status == "running")
+                .values(lease_expires_at=expires)
+            )
+            await tx.conn.execute(
+                update(jobs)
+                .where(jobs.c.lease_owner == owner, jobs.c.status == "aggregating")
+                .values(lease_expires_at=expires)
+            )
+
+    async def release(self, owner: str) -> None:
+        """Give back every lane this process holds (a graceful stop): they run again."""
+        now = time.time()
+        async with self.db.transaction() as tx:
+            await self._requeue(tx, and_(lanes.c.lease_owner == owner, lanes.c.status == "running"), now)
+            await tx.conn.execute(
+                update(jobs)
+                .where(jobs.c.lease_owner == owner, jobs.c.status == "aggregating")
+                .values(lease_expires_at=now)
+            )
+
+    async def expire_all_leases(self) -> None:
+        """SQLite runs one process: at its start, nobody else can hold a lease."""
+        async with self.db.transaction() as tx:
+            await tx.conn.execute(
+                update(lanes).where(lanes.c.status == "running").values(lease_expires_at=0.0)
+            )
+            await tx.conn.execute(
+                update(jobs).where(jobs.c.status == "aggregating").values(lease_expires_at=0.0)
+            )
+
+    async def _requeue(self, tx: Tx, where: Any, now: float) -> int:
+        rows = (
+            await tx.conn.execute(select(lanes.c.job_id, lanes.c.idx, lanes.c.name, lanes.c.attempts).where(where))
+        ).all()
+        if not rows:
+            return 0
+        await self._lock_jobs(tx, {row[0] for row in rows})
+        by_job: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for job_id, idx, name, attempts in rows:
+            result = await tx.conn.execute(
+                update(lanes)
+                .where(
+                    lanes.c.job_id == job_id,
+                    lanes.c.idx == idx,
+                    lanes.c.status == "running",
+                    lanes.c.attempts == attempts,
+                )
+                .values(status="queued", available_at=now, lease_owner=None, lease_expires_at=None)
+            )
+            if result.rowcount:
+                by_job.setdefault(job_id, []).append(
+                    (
+                        "lane.retrying",
+                        {
+                            "lane": idx,
+                            "name": name,
+                            "attempt": attempts,
+                            "error": "lease_lost: the worker running this attempt went away",
+                            "retry_in_s": 0.0,
+                        },
+                    )
+                )
+        for job_id in sorted(by_job):
+            await self._append(tx, job_id, by_job[job_id], now)
+        return sum(len(v) for v in by_job.values())
+
+    async def reclaim_expired(self) -> int:
+        """Requeue lanes whose worker stopped renewing its lease (crashed or hung)."""
+        now = time.time()
+        async with self.db.transaction() as tx:
+            return await self._requeue(
+                tx, and_(lanes.c.status == "running", lanes.c.lease_expires_at < now), now
+            )
+
+    # --- runner side: outcomes and decisions ---------------------------------------
+
+    async def record(self, owner: str, outcomes: Sequence[Outcome]) -> Recorded:
+        """Store a batch of attempt outcomes in one transaction, then decide each job.
+
+        An outcome whose lane is no longer running under this owner and attempt (the
+        lease expired and another process took it, or the job was stopped) is
+        rejected: counted, not written.
+        """
+        now = time.time()
+        recorded = Recorded()
+        by_job: dict[str, list[Outcome]] = {}
+        for outcome in outcomes:
+            by_job.setdefault(outcome.job_id, []).append(outcome)
+        async with self.db.transaction() as tx:
+            job_rows = await self._lock_jobs(tx, by_job)
+            for job_id in sorted(by_job):
+                job = job_rows.get(job_id)
+                if job is None or job["status"] not in ("queued", "running"):
+                    recorded.rejected += len(by_job[job_id])
+                    continue
+                spec = self.spec_of(job_id, job["spec"])
+                current = {
+                    idx: (status, attempts, lease_owner, name)
+                    for idx, status, attempts, lease_owner, name in (
+                        await tx.conn.execute(
+                            select(
+                                lanes.c.idx, lanes.c.status, lanes.c.attempts, lanes.c.lease_owner, lanes.c.name
+                            ).where(lanes.c.job_id == job_id, lanes.c.idx.in_([o.idx for o in by_job[job_id]]))
+                        )
+                    ).all()
+                }
+                valid = []
+                for outcome in by_job[job_id]:
+                    state = current.get(outcome.idx)
+                    if state is None or state[:3] != ("running", outcome.attempt, owner):
+                        recorded.rejected += 1
+                    else:
+                        valid.append((outcome, state[3]))
+                if not valid:
+                    continue
+                await self._write_outcomes(tx, job, spec, valid, now)
+                if await self._decide_and_apply(tx, job_id, spec, now, owner):
+                    recorded.reduce_jobs.append(job_id)
+        return recorded
+
+    async def _write_outcomes(
+        self,
+        tx: Tx,
+        job: Any,
+        spec: VotingSpec | SectioningSpec,
+        valid: list[tuple[Outcome, str]],
+        now: float,
+    ) -> None:
+        job_id = job["id"]
+        rows = []
+        items: list[tuple[str, dict[str, Any]]] = []
+        gates = gate_patterns(spec)
+        for outcome, name in valid:
+            prompt, completion, total = outcome.usage
+            row = {
+                "j": job_id,
+                "i": outcome.idx,
+                "status": outcome.kind if outcome.kind != "retry" else "queued",
+                "output": outcome.output,
+                "answer_key": None,
+                "error_type": outcome.error_type,
+                "error_message": outcome.error_message,
+                "p": prompt,
+                "c": completion,
+                "t": total,
+                "finished_at": outcome.finished_at if outcome.kind != "retry" else None,
+                "available_at": now + outcome.retry_in if outcome.kind == "retry" else now,
+                "lease_owner": None,
+            }
+            usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+            lane = {"lane": outcome.idx, "name": name, "attempt": outcome.attempt}
+            duration = round(outcome.finished_at - outcome.started_at, 4)
+            if outcome.kind == "succeeded":
+                answer = answer_for(spec, outcome.idx, gates, outcome.output)
+                row["answer_key"] = agg.answer_key(answer)
+                fields = {**lane, "output": outcome.output, "usage": usage, "duration_s": duration}
+                if answer is not None:
+                    fields["answer"] = answer
+                items.append(("lane.succeeded", fields))
+            elif outcome.kind == "retry":
+                error = f"{outcome.error_type}: {outcome.error_message}"
+                items.append(("lane.retrying", {**lane, "error": error, "retry_in_s": round(outcome.retry_in, 3)}))
+            else:
+                error_view = {"type": outcome.error_type, "message": outcome.error_message}
+                items.append((f"lane.{outcome.kind}", {**lane, "error": error_view, "usage": usage, "duration_s": duration}))
+            rows.append(row)
+        await tx.conn.execute(_OUTCOME_UPDATE, rows)
+        sums = [sum(o.usage[k] for o, _ in valid) for k in range(3)]
+        if any(sums):
+            await tx.conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(
+                    prompt_tokens=jobs.c.prompt_tokens + sums[0],
+                    completion_tokens=jobs.c.completion_tokens + sums[1],
+                    total_tokens=jobs.c.total_tokens + sums[2],
+                )
+            )
+        await self._append(tx, job_id, items, now)
+
+    async def _tally(self, conn: AsyncConnection, job_id: str, spec: VotingSpec | SectioningSpec) -> Tally:
+        by_status = {
+            status: count
+            for status, count in (
+                await conn.execute(
+                    select(lanes.c.status, func.count()).where(lanes.c.job_id == job_id).group_by(lanes.c.status)
+                )
+            ).all()
+        }
+        votes: list[tuple[str, int, int]] = []
+        if isinstance(spec.aggregate, MajorityAggregate):
+            votes = [
+                (key, count, first)
+                for key, count, first in (
+                    await conn.execute(
+                        select(lanes.c.answer_key, func.count(), func.min(lanes.c.idx))
+                        .where(
+                            lanes.c.job_id == job_id,
+                            lanes.c.status == "succeeded",
+                            lanes.c.answer_key.is_not(None),
+                        )
+                        .group_by(lanes.c.answer_key)
+                    )
+                ).all()
+            ]
+        gate_blocked = None
+        gates = gate_patterns(spec)
+        if gates:
+            gate_rows = (
+                await conn.execute(
+                    select(lanes.c.idx, lanes.c.name, lanes.c.status, lanes.c.answer_key)
+                    .where(lanes.c.job_id == job_id, lanes.c.idx.in_(list(gates)))
+                    .order_by(lanes.c.idx)
+                )
+            ).all()
+            for _idx, name, status, answer in gate_rows:
+                if (status == "succeeded" and answer == '"blocked"') or status in ("failed", "timed_out"):
+                    gate_blocked = name
+                    break
+        first_failure = None
+        if any(by_status.get(s) for s in ("failed", "timed_out", "cancelled")):
+            row = (
+                await conn.execute(
+                    select(lanes.c.name, lanes.c.error_type, lanes.c.error_message)
+                    .where(lanes.c.job_id == job_id, lanes.c.status.in_(["failed", "timed_out", "cancelled"]))
+                    .order_by(lanes.c.finished_at, lanes.c.idx)
+                    .limit(1)
+                )
+            ).first()
+            if row is not None:
+                first_failure = (row[0], row[1] or "error", row[2] or "")
+        return Tally(sum(by_status.values()), by_status, votes, gate_blocked, first_failure)
+
+    async def _decide_and_apply(
+        self,
+        tx: Tx,
+        job_id: str,
+        spec: VotingSpec | SectioningSpec,
+        now: float,
+        owner: str,
+        *,
+        deadline_passed: bool = False,
+    ) -> bool:
+        """Decide what the job does next and do it. True when a reducer call must run."""
+        job = (await tx.conn.execute(select(jobs).where(jobs.c.id == job_id))).mappings().one()
+        budget = spec.policy.max_total_tokens
+        tally = await self._tally(tx.conn, job_id, spec)
+        decision = decide(
+            spec,
+            tally,
+            deadline_passed=deadline_passed or (job["deadline_at"] is not None and job["deadline_at"] <= now),
+            budget_spent=budget is not None and job["total_tokens"] >= budget,
+        )
+        items: list[tuple[str, dict[str, Any]]] = []
+        for stop in decision.stops:
+            items.extend(await self._stop_lanes(tx, job_id, stop, now))
+        needs_reducer = False
+        if decision.outcome is not None:
+            items.append(("job.aggregating", {}))
+            needs_reducer = await self._finish(tx, job, spec, decision, items, now, owner)
+        await self._append(tx, job_id, items, now)
+        return needs_reducer
+
+    async def _stop_lanes(self, tx: Tx, job_id: str, stop: Stop, now: float) -> list[tuple[str, dict[str, Any]]]:
+        stopped = (
+            await tx.conn.execute(
+                update(lanes)
+                .where(lanes.c.job_id == job_id, lanes.c.status.in_(stop.statuses))
+                .values(
+                    status=stop.status,
+                    error_type=stop.error_type,
+                    error_message=stop.message,
+                    finished_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+                .returning(lanes.c.idx, lanes.c.name, lanes.c.attempts)
+            )
+        ).all()
+        items: list[tuple[str, dict[str, Any]]] = []
+        for idx, name, attempts in sorted(stopped):
+            fields: dict[str, Any] = {"lane": idx, "name": name, "attempt": attempts}
+            if stop.error_type is not None:
+                fields["error"] = {"type": stop.error_type, "message": stop.message}
+            items.append((f"lane.{stop.status}", fields))
+        return items
+
+    async def _finish(
+        self,
+        tx: Tx,
+        job: Any,
+        spec: VotingSpec | SectioningSpec,
+        decision: Decision,
+        items: list[tuple[str, dict[str, Any]]],
+        now: float,
+        owner: str,
+    ) -> bool:
+        """Write the job's result or error, exactly once (fenced on its open status)."""
+        job_id = job["id"]
+        if decision.outcome == "fail":
+            await self._write_final(tx, job_id, "failed", None, decision.error, items, now)
+            return False
+        results = await self._lane_results(tx.conn, job_id, spec)
+        blocked_by = next(
+            (r.name for r in results if r.index in gate_patterns(spec) and _gate_blocks(r)), None
+        )
+        if blocked_by is not None:
+            result = ResultView(output=None, blocked=True, blocked_by=blocked_by).model_dump()
+            await self._write_final(tx, job_id, "succeeded", result, None, items, now)
+            return False
+        if isinstance(spec.aggregate, ReduceAggregate):
+            await tx.conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status.in_(("queued", "running")))
+                .values(
+                    status="aggregating",
+                    lease_owner=owner,
+                    lease_expires_at=now + self.lease_seconds,
+                    result={"partial": decision.partial},
+                )
+            )
+            return True
+        output, details = agg.combine(spec.aggregate, results)
+        if isinstance(spec.aggregate, MajorityAggregate | ScoreAggregate) and output is None:
+            error = {"type": "no_answer", "message": "no lane gave an answer that could be extracted"}
+            await self._write_final(tx, job_id, "failed", None, error, items, now)
+            return False
+        result = ResultView(output=output, details=details, partial=decision.partial).model_dump()
+        await self._write_final(tx, job_id, "succeeded", result, None, items, now)
+        return False
+
+    async def _write_final(
+        self,
+        tx: Tx,
+        job_id: str,
+        status: str,
+        result: dict[str, Any] | None,
+        error: dict[str, Any] | None,
+        items: list[tuple[str, dict[str, Any]]],
+        now: float,
+    ) -> None:
+        updated = (
+            await tx.conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.status.not_in(TERMINAL_JOB))
+                .values(status=status, result=result, error=error, finished_at=now, lease_owner=None)
+                .returning(jobs.c.prompt_tokens, jobs.c.completion_tokens, jobs.c.total_tokens)
+            )
+        ).first()
+        if updated is None:
+            return
+        usage = {"prompt_tokens": updated[0], "completion_tokens": updated[1], "total_tokens": updated[2]}
+        if status == "succeeded":
+            items.append(("job.succeeded", {"result": result, "usage": usage}))
+        else:
+            items.append(("job.failed", {"error": error, "usage": usage}))
+
+    async def _lane_results(
+        self, conn: AsyncConnection, job_id: str, spec: VotingSpec | SectioningSpec
+    ) -> list[agg.LaneResult]:
+        rows = (
+            await conn.execute(
+                select(lanes.c.idx, lanes.c.name, lanes.c.status, lanes.c.output, lanes.c.answer_key)
+                .where(lanes.c.job_id == job_id)
+                .order_by(lanes.c.idx)
+            )
+        ).all()
+        return [
+            agg.LaneResult(idx, name, status, output, json.loads(key) if key is not None else None)
+            for idx, name, status, output, key in rows
+        ]
+
+    async def lane_results(self, job_id: str) -> tuple[VotingSpec | SectioningSpec, list[agg.LaneResult]]:
+        async with self.db.read() as conn:
+            job = await self._job_row(conn, job_id, None)
+            spec = self.spec_of(job_id, job["spec"])
+            return spec, await self._lane_results(conn, job_id, spec)
+
+    async def finish_reduce(
+        self,
+        job_id: str,
+        owner: str,
+        *,
+        output: str | None,
+        error: dict[str, str] | None,
+        usage: tuple[int, int, int],
+    ) -> bool:
+        """Store the reducer's answer, if this process still holds the job's lease."""
+        now = time.time()
+        async with self.db.transaction() as tx:
+            job = (await self._lock_jobs(tx, [job_id])).get(job_id)
+            if job is None or job["status"] != "aggregating" or job["lease_owner"] != owner:
+                return False
+            prompt, completion, total = usage
+            await tx.conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(
+                    prompt_tokens=jobs.c.prompt_tokens + prompt,
+                    completion_tokens=jobs.c.completion_tokens + completion,
+                    total_tokens=jobs.c.total_tokens + total,
+                )
+            )
+            items: list[tuple[str, dict[str, Any]]] = []
+            if error is not None:
+                await self._write_final(tx, job_id, "failed", None, error, items, now)
+            else:
+                partial = bool((job["result"] or {}).get("partial"))
+                results = await self._lane_results(tx.conn, job_id, self.spec_of(job_id, job["spec"]))
+                details = {"inputs": sum(1 for r in results if r.succeeded)}
+                result = ResultView(output=output, details=details, partial=partial).model_dump()
+                await self._write_final(tx, job_id, "succeeded", result, None, items, now)
+            await self._append(tx, job_id, items, now)
+            return True
+
+    async def reduce_budget_left(self, job_id: str) -> int | None:
+        async with self.db.read() as conn:
+            job = await self._job_row(conn, job_id, None)
+        budget = self.spec_of(job_id, job["spec"]).policy.max_total_tokens
+        return None if budget is None else budget - job["total_tokens"]
+
+    async def take_orphaned_reductions(self, owner: str) -> list[str]:
+        """Aggregating jobs whose reducer's process went away: this process takes them."""
+        now = time.time()
+        async with self.db.transaction() as tx:
+            query = select(jobs.c.id).where(jobs.c.status == "aggregating", jobs.c.lease_expires_at < now)
+            if not self.db.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            ids = list((await tx.conn.execute(query)).scalars().all())
+            if ids:
+                await tx.conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id.in_(ids))
+                    .values(lease_owner=owner, lease_expires_at=now + self.lease_seconds)
+                )
+        return ids
+
+    async def expire_deadlines(self, owner: str) -> list[str]:
+        """Decide every job whose deadline passed; returns jobs that now need a reducer."""
+        now = time.time()
+        query = select(jobs.c.id).where(jobs.c.status.in_(("queued", "running")), jobs.c.deadline_at <= now)
+        async with self.db.read() as conn:
+            due = list((await conn.execute(query)).scalars().all())
+        reduce_jobs = []
+        for job_id in due:
+            async with self.db.transaction() as tx:
+                job = (await self._lock_jobs(tx, [job_id])).get(job_id)
+                if job is None or job["status"] not in ("queued", "running"):
+                    continue
+                spec = self.spec_of(job_id, job["spec"])
+                if await self._decide_and_apply(tx, job_id, spec, now, owner, deadline_passed=True):
+                    reduce_jobs.append(job_id)
+        return reduce_jobs
+
+    async def next_wakeup(self) -> float | None:
+        """When the earliest queued lane becomes claimable (retries wait for backoff)."""
+        async with self.db.read() as conn:
+            return (
+                await conn.execute(select(func.min(lanes.c.available_at)).where(lanes.c.status == "queued"))
+            ).scalar_one_or_none()
+
+
+_OUTCOME_UPDATE = (
+    update(lanes)
+    .where(lanes.c.job_id == bindparam("j"), lanes.c.idx == bindparam("i"))
+    .values(
+        status=bindparam("status"),
+        output=bindparam("output"),
+        answer_key=bindparam("answer_key"),
+        error_type=bindparam("error_type"),
+        error_message=bindparam("error_message"),
+        prompt_tokens=lanes.c.prompt_tokens + bindparam("p"),
+        completion_tokens=lanes.c.completion_tokens + bindparam("c"),
+        total_tokens=lanes.c.total_tokens + bindparam("t"),
+        finished_at=bindparam("finished_at"),
+        available_at=bindparam("available_at"),
+        lease_owner=bindparam("lease_owner"),
+        lease_expires_at=None,
+    )
+)
+
+
+def gate_patterns(spec: VotingSpec | SectioningSpec) -> dict[int, str]:
+    if not isinstance(spec, SectioningSpec):
+        return {}
+    return {i: s.gate.block_if for i, s in enumerate(spec.sections) if s.gate is not None}
+
+
+def answer_for(spec: VotingSpec | SectioningSpec, idx: int, gates: dict[int, str], output: Any) -> Any:
+    """A gate lane's verdict, or the vote/score the aggregate reads from the output."""
+    if idx in gates:
+        return "blocked" if re.search(gates[idx], agg.output_text(output)) else "passed"
+    return agg.lane_answer(spec.aggregate, output)
+
+
+def _gate_blocks(result: agg.LaneResult) -> bool:
+    return result.answer == "blocked" or result.status in ("failed", "timed_out")
+
+
+def spec_lanes(spec: VotingSpec | SectioningSpec) -> list[str]:
+    return [name for name, _task in lane_tasks(spec)]
+
+
+def _usage(row: Any) -> Usage:
+    return Usage(
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        total_tokens=row["total_tokens"],
+    )
+
+
+def encode_cursor(created_at: float, job_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at, job_id]).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return float(created_at), str(job_id)
+    except (ValueError, TypeError) as exc:
+        raise InvalidSpec([{"loc": ["query", "cursor"], "msg": "not a cursor this server gave out"}]) from exc
+
+
+def job_view(job: Any, lane_rows: Sequence[Any]) -> JobView:
+    progress: dict[str, int] = {}
+    lane_views = []
+    for row in lane_rows:
+        progress[row["status"]] = progress.get(row["status"], 0) + 1
+        error = None
+        if row["error_type"] is not None and row["status"] != "succeeded":
+            error = ErrorView(type=row["error_type"], message=row["error_message"] or "")
+        duration = None
+        if row["started_at"] is not None and row["finished_at"] is not None:
+            duration = round(row["finished_at"] - row["started_at"], 4)
+        lane_views.append(
+            LaneView(
+                index=row["idx"],
+                name=row["name"],
+                status=row["status"],
+                attempts=row["attempts"],
+                output=row["output"],
+                answer=json.loads(row["answer_key"]) if row["answer_key"] is not None else None,
+                error=error,
+                usage=_usage(row),
+                queued_at=iso(row["queued_at"]),
+                started_at=iso(row["started_at"]),
+                finished_at=iso(row["finished_at"]),
+                duration_s=duration,
+            )
+        )
+    status = JobStatus(job["status"])
+    result = None
+    if job["result"] is not None and status is JobStatus.SUCCEEDED:
+        result = ResultView(**job["result"])
+    error = ErrorView(**job["error"]) if job["error"] is not None else None
+    return JobView(
+        id=job["id"],
+        status=status,
+        mode=job["mode"],
+        spec=job["spec"],
+        created_at=iso(job["created_at"]) or "",
+        started_at=iso(job["started_at"]),
+        finished_at=iso(job["finished_at"]),
+        progress=progress,
+        lanes=lane_views,
+        result=result,
+        error=error,
+        usage=_usage(job),
+        metadata=job["spec"].get("metadata", {}),
+    )
