@@ -99,7 +99,7 @@ async def job_events(
             ) from None
 
     async def sse() -> AsyncIterator[ServerSentEvent]:
-        async for event in ev.stream(s.hub, job_id, start, s.store.events_after):
+        async for event in ev.stream(s.hub, job_id, start, s.store.events_after, s.store.is_finished):
             yield ServerSentEvent(
                 data=json.dumps(event["data"], separators=(",", ":")),
                 event=event["type"],

@@ -94,6 +94,7 @@ async def stream(
     job_id: str,
     after: int,
     read_after: Callable[[str, int], Awaitable[list[Event]]],
+    is_finished: Callable[[str], Awaitable[bool]],
 ) -> AsyncIterator[Event]:
     """Every event of the job after ``after``, exactly once and in order, then live
     ones until the final event. ``read_after`` reads up to ``PAGE`` stored events and
@@ -102,6 +103,7 @@ async def stream(
     last = after
     try:
         catch_up = True
+        first = True
         while True:
             if catch_up:
                 catch_up = sub.lagged = False
@@ -110,6 +112,11 @@ async def stream(
                     last = event["seq"]
                     if event["type"] in FINAL:
                         return
+                # A finished job's events are all stored: a client already past its
+                # final event (Last-Event-ID) gets nothing more, and the stream closes.
+                if first and await is_finished(job_id):
+                    return
+                first = False
             event = await sub.queue.get()
             seq = event["seq"]
             if sub.lagged or seq > last + 1:

@@ -224,6 +224,9 @@ class Store:
             raise NotFound(f"no job {job_id!r}")
         return status
 
+    async def is_finished(self, job_id: str) -> bool:
+        return await self.job_status(job_id, None) in TERMINAL_JOB
+
     async def list_jobs(
         self, tenant: str | None, *, status: str | None, cursor: str | None, limit: int
     ) -> tuple[list[JobSummary], str | None]:

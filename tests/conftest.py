@@ -1,0 +1,150 @@
+"""Fixtures with real parts: the fake LLM as a process on loopback, real SQLite files,
+a real PostgreSQL, the real app.
+
+PostgreSQL: ``FANOUT_TEST_POSTGRES_URL`` (default: the local server, database
+``test``). Tests on it are skipped, saying so, when it cannot be reached, unless
+``FANOUT_REQUIRE_POSTGRES=1`` (set by ``.ci/run``), which makes that a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from service.app import create_app
+from service.config import Settings
+from service.db import upgrade
+from tests.support import free_port
+
+POSTGRES_URL = os.environ.get(
+    "FANOUT_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+REQUIRE_POSTGRES = os.environ.get("FANOUT_REQUIRE_POSTGRES") == "1"
+T = TypeVar("T")
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to the end on its own thread and loop (fixtures may be called
+    from inside a running loop, where ``asyncio.run`` is refused)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def fake_llm() -> Iterator[str]:
+    """``fanout fake-llm`` on a free loopback port; yields its OpenAI base URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "fake-llm", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session."""
+    name = f"fanout_test_{uuid.uuid4().hex[:8]}"
+    admin_url = POSTGRES_URL
+
+    async def admin(sql: str) -> None:
+        engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text(sql))
+        finally:
+            await engine.dispose()
+
+    try:
+        run_sync(asyncio.wait_for(admin(f'CREATE DATABASE "{name}"'), 10))
+    except Exception as exc:
+        message = f"PostgreSQL not reachable at {POSTGRES_URL}: {type(exc).__name__}: {exc}"
+        if REQUIRE_POSTGRES:
+            pytest.fail(message)
+        pytest.skip(message)
+    url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url)
+    try:
+        yield url
+    finally:
+        run_sync(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _truncate(url: str) -> None:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("TRUNCATE events, lanes, jobs CASCADE"))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> str:
+    """Each test runs on SQLite (a fresh file) and on PostgreSQL (emptied first)."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/fanout.db"
+    url: str = request.getfixturevalue("postgres_database")
+    run_sync(_truncate(url))
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: os.PathLike[str]) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path}/fanout.db"
+
+
+@pytest.fixture
+def settings(database_url: str, fake_llm: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_llm)
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    return Settings(
+        database_url=database_url,
+        poll_interval_s=0.2,
+        lease_seconds=5,
+        retry_base_s=0.05,
+        retry_max_s=0.5,
+        _env_file=None,  # type: ignore[call-arg]
+    )
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The real app (runner included) behind httpx's ASGI transport."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://fanout") as http:
+            yield http

@@ -1,0 +1,80 @@
+"""Helpers the tests share: spec builders, waiting on a job's stream, reading SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def voting(n: int, model: str = "fake", **fields: Any) -> dict[str, Any]:
+    task = {"model": model, "messages": user("What is 17*23? End with 'Answer: N'."), **fields.pop("task", {})}
+    return {"mode": "voting", "n": n, "task": task, **fields}
+
+
+def sectioning(*sections: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {"mode": "sectioning", "sections": list(sections), **fields}
+
+
+def section(name: str, model: str = "fake", text: str = "hello", **fields: Any) -> dict[str, Any]:
+    return {"name": name, "task": {"model": model, "messages": user(text)}, **fields}
+
+
+def parse_sse(body: str) -> list[dict[str, Any]]:
+    """Events of a text/event-stream body: [{"id", "event", "data"}], comments dropped."""
+    events = []
+    for block in body.replace("\r\n", "\n").split("\n\n"):
+        event: dict[str, Any] = {}
+        for line in block.split("\n"):
+            if not line or line.startswith(":"):
+                continue
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            event[field] = json.loads(value) if field == "data" else value
+        if "data" in event:
+            events.append(event)
+    return events
+
+
+async def events_of(client: httpx.AsyncClient, job_id: str, *, last_event_id: int | None = None,
+                    timeout: float = 30) -> list[dict[str, Any]]:
+    """The job's whole event stream (it closes after the final event), within ``timeout``."""
+    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+    async with asyncio.timeout(timeout):
+        response = await client.get(f"/v1/jobs/{job_id}/events", headers=headers)
+    assert response.status_code == 200, response.text
+    return parse_sse(response.text)
+
+
+async def run_job(client: httpx.AsyncClient, spec: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+    """Post a job, wait for its final event, return the stored job."""
+    response = await client.post("/v1/jobs", json=spec)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    await events_of(client, job_id, timeout=timeout)
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    assert job["status"] in ("succeeded", "failed", "cancelled"), job
+    return dict(job)
+
+
+async def fake_stats(fake_url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient() as client:
+        return dict((await client.get(fake_url.removesuffix("/v1") + "/_stats")).json())
+
+
+async def fake_reset(fake_url: str) -> None:
+    async with httpx.AsyncClient() as client:
+        (await client.post(fake_url.removesuffix("/v1") + "/_reset")).raise_for_status()
