@@ -19,9 +19,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .api import router
 from .config import Settings
 from .db import Database, upgrade
-from .errors import FanoutError, PayloadTooLarge
+from .errors import FanoutError
 from .events import EventHub
 from .lanes import Providers
+from .page import router as page_router
 from .runner import Runner
 from .state import AppState
 from .store import Store
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None, *, with_runner: bool = True) ->
         redoc_url=None,
     )
     app.include_router(router)
+    app.include_router(page_router)
     app.add_exception_handler(FanoutError, _fanout_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -102,7 +104,7 @@ async def _fanout_error(_request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [
-        {"loc": _field_path(error["loc"]), "msg": error["msg"], "type": error["type"]}
+        {"loc": _field_path(error), "msg": error["msg"], "type": error["type"]}
         for error in exc.errors()
     ]
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
@@ -118,12 +120,15 @@ _UNION_TAGS = {
 }
 
 
-def _field_path(loc: tuple[int | str, ...]) -> list[int | str]:
+def _field_path(error: Any) -> list[int | str]:
     path: list[int | str] = []
-    for part in loc:
+    for part in error["loc"]:
         if path and isinstance(part, str) and part in _UNION_TAGS.get(str(path[-1]), ()):
             continue
         path.append(part)
+    if error["type"] in ("union_tag_not_found", "union_tag_invalid"):
+        # A missing or unknown `mode` / `kind`: name that field, not its parent.
+        path.append(str(error.get("ctx", {}).get("discriminator", "")).strip("'"))
     return path
 
 
@@ -147,32 +152,47 @@ def _title(status: int) -> str:
 
 
 class BodyLimit:
-    """Refuse request bodies over the cap: by ``Content-Length``, or while streaming in
-    (chunked bodies have none)."""
+    """Refuse request bodies over the cap: by ``Content-Length``, or, for chunked bodies
+    (which have none), by reading them in first, up to the cap."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        detail = f"the request body is over the cap of {self.max_bytes} bytes"
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                response = problem(413, "Payload Too Large", detail)
-                await response(scope, receive, send)
+        too_large = problem(
+            413, "Payload Too Large", f"the request body is over the cap of {self.max_bytes} bytes"
+        )
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                await too_large(scope, receive, send)
                 return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLarge(detail)
-            return message
+            if message["type"] != "http.request":
+                return  # the client left
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        await self.app(scope, limited, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)

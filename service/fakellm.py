@@ -481,8 +481,6 @@ class _ChatCompletions:
 
         messages_key = _encode(request.messages)
         rng = random.Random(self._rng_key(request, messages_key))
-        # Every roll is drawn whether or not it is used, so one parameter never shifts
-        # the draws of another.
         delay = behaviour.latency_s + rng.random() * behaviour.jitter_s
         rate_limit_roll, error_roll, malformed_roll = rng.random(), rng.random(), rng.random()
         content = _reply(behaviour, request, rng)

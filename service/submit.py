@@ -1,65 +1,503 @@
-"""``fanout submit SPEC.json [--watch]``: post a job, optionally follow it live."""
+"""``fanout submit SPEC.json [--watch]``: post a job, optionally follow it live.
+
+Without ``--watch`` the command prints the job's id and page URL and returns. With it,
+the job is followed on its event stream and shown as one row per lane (a live table
+on a terminal; one final table otherwise, so pipes and logs get plain, stable text),
+then its result or error is printed as JSON.
+
+Following a job::
+
+    POST /v1/jobs ──202──► the job and its lanes ──► Board: one row per lane
+                                                       ▲ each event, once
+    GET /v1/jobs/{id}/events ──────────────────────────┘
+        the stream drops → reopen it with Last-Event-ID: <last seq seen> (an event at or
+        below that seq is ignored); after len(RETRY_DELAYS) reconnects in a row that
+        bring no new event, give up
+
+Exit codes: 0 the job succeeded; 1 it failed, was cancelled or was blocked by a gate;
+2 it was not created (the spec was refused or unreadable, or the server unreachable);
+3 the event stream was lost and could not be resumed (the job may still be running);
+130 interrupted (Ctrl-C), after cancelling the job if ``--cancel-on-exit`` was given.
+"""
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+EXIT_SUCCEEDED = 0
+EXIT_FAILED = 1
+EXIT_NOT_CREATED = 2
+EXIT_LOST = 3
+EXIT_INTERRUPTED = 130
+
+# Pauses before each reconnect in a row that brings no new event; then the watch gives up.
+RETRY_DELAYS: tuple[float, ...] = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+# The server sends a keep-alive comment every 15 s: a longer silence is a dead connection.
+STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)
+REQUEST_TIMEOUT = httpx.Timeout(30.0)
+
+FINAL_EVENTS = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
+STATE_STYLES = {
+    "queued": "dim",
+    "running": "cyan",
+    "succeeded": "green",
+    "failed": "bold red",
+    "timed_out": "red",
+    "cancelled": "magenta",
+    "skipped": "dim",
+}
+VERDICT_STYLES = {"passed": "green", "blocked": "bold red"}
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    """One server-sent event. ``id`` is the job's event seq; None for live-only events."""
+
+    id: int | None
+    type: str
+    data: dict[str, Any]
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[ServerEvent]:
+    """Parse the lines of a ``text/event-stream`` body into events (comments dropped)."""
+    event_id: int | None = None
+    kind = "message"
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                try:
+                    payload = json.loads("\n".join(data))
+                except ValueError:
+                    payload = None
+                if isinstance(payload, dict):
+                    yield ServerEvent(event_id, kind, payload)
+            event_id, kind, data = None, "message", []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            kind = value
+        elif field == "data":
+            data.append(value)
+        elif field == "id":
+            event_id = int(value) if value.isdigit() else None
+
+
+def _timestamp(at: Any) -> float | None:
+    if not isinstance(at, str):
+        return None
+    try:
+        return datetime.fromisoformat(at).timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass
+class LaneRow:
+    index: int
+    name: str
+    state: str = "queued"
+    attempts: int = 0
+    started: float | None = None  # server time the first attempt started
+    attempt_started: float | None = None  # ... and the latest one
+    ended: float | None = None
+    answer: Any = None
+    error: str | None = None
+
+
+class Board:
+    """The job as this client has seen it: one row per lane, updated by each event.
+
+    The live display renders it from its own thread, so every read and write holds
+    the lock. Times are the server's (each event's ``at``); between events the clock
+    runs on from the last one by the local monotonic clock, so a skewed local clock
+    never shows in the elapsed times.
+    """
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.job_id: str = job["id"]
+        self.status: str = job.get("status", "queued")
+        spec = job.get("spec") or {}
+        self.answer_title = _answer_title(job.get("mode"), spec)
+        self.rows = [
+            LaneRow(
+                lane["index"], lane["name"], lane.get("status", "queued"), lane.get("attempts", 0)
+            )
+            for lane in job.get("lanes", [])
+        ]
+        self.last_seq = 0
+        self.final: ServerEvent | None = None
+        self.first_at = _timestamp(job.get("created_at"))
+        self._server_time = self.first_at or time.time()
+        self._received = time.monotonic()
+        self._lock = threading.Lock()
+
+    def apply(self, event: ServerEvent) -> bool:
+        """Take one event into account; False when it was seen already (or is live-only)."""
+        if event.id is None or event.id <= self.last_seq:
+            return False
+        with self._lock:
+            self.last_seq = event.id
+            at = _timestamp(event.data.get("at"))
+            if at is not None:
+                self._server_time, self._received = at, time.monotonic()
+                self.first_at = self.first_at or at
+            if event.type.startswith("job."):
+                self.status = event.type[4:]
+                names = event.data.get("lanes")
+                if event.type == "job.queued" and not self.rows and isinstance(names, list):
+                    self.rows = [LaneRow(i, str(name)) for i, name in enumerate(names)]
+                if event.type in FINAL_EVENTS:
+                    self.final = event
+            elif event.type.startswith("lane."):
+                self._apply_lane(event.type[5:], event.data, at)
+        return True
+
+    def _apply_lane(self, kind: str, data: dict[str, Any], at: float | None) -> None:
+        index = data.get("lane")
+        if not isinstance(index, int) or not 0 <= index < len(self.rows):
+            return
+        row = self.rows[index]
+        row.attempts = max(row.attempts, int(data.get("attempt") or 0))
+        if kind == "started":
+            row.state, row.error = "running", None
+            row.attempt_started = at
+            row.started = row.started if row.started is not None else at
+        elif kind == "retrying":
+            row.state, row.error = "queued", str(data.get("error") or "")
+        elif kind in STATE_STYLES:
+            row.state = kind
+            row.ended = at
+            duration = data.get("duration_s")
+            if (
+                row.attempt_started is not None
+                and isinstance(duration, int | float)
+                and at is not None
+            ):
+                # Outcomes are recorded in batches: the attempt's own duration is closer.
+                row.ended = min(at, row.attempt_started + duration)
+            if "answer" in data:
+                row.answer = data["answer"]
+            error = data.get("error")
+            row.error = (
+                f"{error.get('type')}: {error.get('message')}" if isinstance(error, dict) else None
+            )
+
+    def now(self) -> float:
+        """The server's clock, as far as this client can tell."""
+        if self.final is not None:
+            return self._server_time
+        return self._server_time + time.monotonic() - self._received
+
+    def table(self, limit: int | None = None) -> Table:
+        """The lanes as a table; with ``limit``, at most that many rows (the busiest)."""
+        with self._lock:
+            rows = self._visible(limit)
+            now = self.now()
+            table = Table(box=box.SIMPLE, pad_edge=False, show_edge=False)
+            table.add_column("lane", no_wrap=True, overflow="ellipsis")
+            table.add_column("state", no_wrap=True)
+            table.add_column("attempts", justify="right", no_wrap=True)
+            table.add_column("elapsed", justify="right", no_wrap=True)
+            if self.answer_title:
+                table.add_column(self.answer_title, no_wrap=True, max_width=30, overflow="ellipsis")
+            with_errors = any(row.error for row in rows)
+            if with_errors:
+                # The one column that wraps, so the one that gives way on a narrow
+                # screen; its cells do not wrap but end in an ellipsis.
+                table.add_column("error")
+            for row in rows:
+                cells: list[RenderableType] = [
+                    row.name,
+                    Text(row.state, style=STATE_STYLES.get(row.state, "")),
+                    str(row.attempts),
+                    _elapsed(row, now),
+                ]
+                if self.answer_title:
+                    cells.append(_answer_cell(row.answer))
+                if with_errors:
+                    cells.append(Text(row.error or "", "red", no_wrap=True, overflow="ellipsis"))
+                table.add_row(*cells)
+            hidden = len(self.rows) - len(rows)
+            if hidden:
+                table.add_row(Text(f"... {hidden} more", style="dim"))
+            return table
+
+    def _visible(self, limit: int | None) -> list[LaneRow]:
+        if limit is None or len(self.rows) <= limit:
+            return self.rows
+
+        # Running lanes first, then the most recently finished, then the ones waiting.
+        def busy(row: LaneRow) -> tuple[int, float]:
+            if row.state == "running":
+                return (0, 0.0)
+            if row.ended is not None:
+                return (1, -row.ended)
+            return (2, float(row.index))
+
+        chosen = sorted(self.rows, key=busy)[: max(1, limit - 1)]
+        return sorted(chosen, key=lambda row: row.index)
+
+    def summary(self) -> Text:
+        """``job ID STATUS · n succeeded, m skipped · 1.2s [· 123 tokens]``."""
+        with self._lock:
+            counts = Counter(row.state for row in self.rows)
+            parts = [
+                f"job {self.job_id} {self.status}",
+                ", ".join(f"{counts[state]} {state}" for state in STATE_STYLES if counts[state]),
+            ]
+            if self.first_at is not None:
+                parts.append(_seconds(self.now() - self.first_at))
+            usage = self.final.data.get("usage") if self.final is not None else None
+            if isinstance(usage, dict) and usage.get("total_tokens"):
+                parts.append(f"{usage['total_tokens']} tokens")
+            return Text(" · ".join(part for part in parts if part))
+
+    def render(self, limit: int) -> RenderableType:
+        return Group(self.table(limit), self.summary())
+
+
+def _answer_title(mode: Any, spec: dict[str, Any]) -> str | None:
+    """The header of the vote/verdict column, or None when no lane has one."""
+    if mode == "voting":
+        kind = (spec.get("aggregate") or {}).get("kind", "majority")
+        return {"majority": "vote", "score": "score"}.get(kind)
+    sections = spec.get("sections") or []
+    if any(isinstance(s, dict) and s.get("gate") for s in sections):
+        return "verdict"
+    return None
+
+
+def _answer_cell(answer: Any) -> Text:
+    if answer is None:
+        return Text("")
+    if isinstance(answer, str):
+        return Text(answer, style=VERDICT_STYLES.get(answer, ""))
+    return Text(json.dumps(answer, ensure_ascii=False))
+
+
+def _elapsed(row: LaneRow, now: float) -> str:
+    if row.started is None:
+        return "-"
+    end = row.ended
+    if end is None or row.state in ("queued", "running"):
+        end = now
+    return _seconds(end - row.started)
+
+
+def _seconds(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m{rest:02d}s"
+
+
+class StreamLost(Exception):
+    """The event stream could not be (re)opened; the job may still be running."""
+
+
+def follow(client: httpx.Client, board: Board) -> None:
+    """Read the job's events into ``board`` until its final event, reconnecting after
+    the last event seen when the stream drops. Raises :class:`StreamLost`."""
+    failures = 0
+    while board.final is None:
+        headers = {"Last-Event-ID": str(board.last_seq)} if board.last_seq else {}
+        progressed = False
+        try:
+            with client.stream(
+                "GET", f"/v1/jobs/{board.job_id}/events", headers=headers, timeout=STREAM_TIMEOUT
+            ) as response:
+                if response.status_code != 200:
+                    response.read()
+                    problem = _problem_text(response)
+                    if response.status_code < 500:  # not found, unauthorized: retrying won't help
+                        raise StreamLost(problem)
+                    reason = problem
+                else:
+                    reason = "the stream closed before the job finished"
+                    for event in sse_events(response.iter_lines()):
+                        progressed = board.apply(event) or progressed
+                        if board.final is not None:
+                            return
+        except httpx.TransportError as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if progressed:  # a stream that brought news is reopened at once
+            failures = 0
+            continue
+        failures += 1
+        delays = RETRY_DELAYS
+        if failures > len(delays):
+            raise StreamLost(f"{reason} (gave up after {len(delays)} reconnects)")
+        time.sleep(delays[failures - 1])
+
+
+def _problem_text(response: httpx.Response) -> str:
+    """``HTTP 422 Unprocessable Content: detail`` plus one line per failing field."""
+    try:
+        problem = response.json()
+    except ValueError:
+        problem = None
+    if not isinstance(problem, dict):
+        return f"HTTP {response.status_code}: {response.text.strip()[:500]}"
+    title = problem.get("title") or response.reason_phrase
+    lines = [f"HTTP {response.status_code} {title}: {problem.get('detail', '')}".rstrip(": ")]
+    errors = problem.get("errors") or []
+    for error in errors if len(errors) > 1 else []:  # the detail tells of the first
+        if isinstance(error, dict):
+            where = ".".join(str(part) for part in error.get("loc", []) if part != "body")
+            lines.append(f"  {where or '(body)'}: {error.get('msg')}")
+    return "\n".join(lines)
+
+
+def _say(message: str) -> None:
+    """A message for the person, not the pipe: standard error, never wrapped."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Parse a text/event-stream response into (event type, data) pairs."""
-    kind, data = "message", []
-    for line in response.iter_lines():
-        if not line:
-            if data:
-                yield kind, json.loads("\n".join(data))
-            kind, data = "message", []
-        elif line.startswith("event:"):
-            kind = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip())
-
-
-def submit(spec_path: Path, *, url: str, api_key: str | None, watch: bool, cancel_on_exit: bool) -> int:
-    body = sys.stdin.read() if str(spec_path) == "-" else spec_path.read_text()
-    with httpx.Client(base_url=url, headers=_headers(api_key), timeout=30) as client:
-        response = client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"})
-        if response.status_code != 202:
-            print(f"error {response.status_code}: {response.text}", file=sys.stderr)
-            return 2
-        job = response.json()
-        print(f"job {job['id']}  {url.rstrip('/')}/jobs/{job['id']}")
-        if not watch:
-            return 0
+def submit(
+    spec_path: Path,
+    *,
+    url: str,
+    api_key: str | None,
+    watch: bool,
+    cancel_on_exit: bool,
+    transport: httpx.BaseTransport | None = None,
+) -> int:
+    """Post the spec; with ``watch``, follow the job to its end. Returns the exit code."""
+    try:
+        body = sys.stdin.buffer.read() if str(spec_path) == "-" else spec_path.read_bytes()
+    except OSError as exc:
+        _say(f"cannot read the spec: {exc}")
+        return EXIT_NOT_CREATED
+    base = url.rstrip("/")
+    with httpx.Client(
+        base_url=base, headers=_headers(api_key), timeout=REQUEST_TIMEOUT, transport=transport
+    ) as client:
         try:
-            return _watch(client, job["id"])
+            response = client.post(
+                "/v1/jobs", content=body, headers={"Content-Type": "application/json"}
+            )
+        except httpx.TransportError as exc:
+            _say(f"cannot reach {base}: {exc}")
+            return EXIT_NOT_CREATED
         except KeyboardInterrupt:
-            if cancel_on_exit:
-                client.post(f"/v1/jobs/{job['id']}/cancel")
-                print("cancelled", file=sys.stderr)
-            return 130
+            _say("interrupted while posting the job; it may or may not have been created")
+            return EXIT_INTERRUPTED
+        if response.status_code != 202:
+            _say(f"job refused: {_problem_text(response)}")
+            return EXIT_NOT_CREATED
+        job = response.json()
+        console = Console(highlight=False)
+        page = f"{base}/jobs/{job['id']}"
+        if not watch:
+            print(f"job {job['id']} {job.get('status', 'queued')}\n{page}", flush=True)
+            return EXIT_SUCCEEDED
+        return _watch(client, Board(job), console, page, cancel_on_exit=cancel_on_exit)
 
 
-def _watch(client: httpx.Client, job_id: str) -> int:
-    final: dict[str, Any] = {}
-    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as response:
-        for kind, data in sse_events(response):
-            if kind.startswith("lane."):
-                print(f"  {data.get('name', data.get('lane'))}: {kind[5:]}")
-            elif kind.startswith("job."):
-                print(kind)
-                final = data
-    if "result" in final:
-        print(json.dumps(final["result"], indent=2))
-        return 1 if final["result"].get("blocked") else 0
-    print(json.dumps(final.get("error"), indent=2))
-    return 1
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """Let SIGINT stop the watch even when it was started with SIGINT ignored (as a
+    non-interactive shell starts background commands): ``kill -INT`` means stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _watch(
+    client: httpx.Client, board: Board, console: Console, page: str, *, cancel_on_exit: bool
+) -> int:
+    try:
+        with _interruptible():
+            # Printed once Ctrl-C is sure to be handled: a script that waits for this
+            # line may interrupt the watch from then on.
+            print(f"job {board.job_id}  {page}", flush=True)
+            if console.is_terminal:
+                limit = max(3, console.size.height - 6)
+                with Live(
+                    console=console,
+                    get_renderable=lambda: board.render(limit),
+                    transient=True,
+                    refresh_per_second=8,
+                ):
+                    follow(client, board)
+            else:
+                follow(client, board)
+    except KeyboardInterrupt:
+        console.print(board.table())
+        return _interrupted(client, board, cancel_on_exit=cancel_on_exit)
+    except StreamLost as exc:
+        console.print(board.table())
+        _say(
+            f"lost the event stream of job {board.job_id}: {exc}\n"
+            f"the job may still be running: GET /v1/jobs/{board.job_id}"
+        )
+        return EXIT_LOST
+    console.print(board.table())
+    console.print(board.summary(), soft_wrap=True)
+    return _report(board.final, console)
+
+
+def _interrupted(client: httpx.Client, board: Board, *, cancel_on_exit: bool) -> int:
+    if not cancel_on_exit:
+        _say(f"stopped watching; job {board.job_id} goes on")
+        return EXIT_INTERRUPTED
+    try:
+        response = client.post(f"/v1/jobs/{board.job_id}/cancel", timeout=10)
+    except httpx.TransportError as exc:
+        _say(f"could not cancel job {board.job_id}: {exc}")
+    except KeyboardInterrupt:
+        pass
+    else:
+        if response.status_code == 202:
+            _say(f"cancelled job {board.job_id}")
+        else:
+            _say(f"could not cancel job {board.job_id}: {_problem_text(response)}")
+    return EXIT_INTERRUPTED
+
+
+def _report(final: ServerEvent | None, console: Console) -> int:
+    assert final is not None
+    if final.type == "job.succeeded":
+        result = final.data.get("result") or {}
+        console.print_json(data=result)
+        if result.get("blocked"):
+            _say(f"blocked by the gate of section {result.get('blocked_by')!r}")
+            return EXIT_FAILED
+        return EXIT_SUCCEEDED
+    if final.type == "job.failed":
+        console.print_json(data=final.data.get("error"))
+        return EXIT_FAILED
+    _say("the job was cancelled")
+    return EXIT_FAILED

@@ -1,14 +1,154 @@
+"""The HTTP surface: bad input, listing, health, docs, the OpenAPI document."""
+
 from __future__ import annotations
 
-import httpx
+import json
+from pathlib import Path
+from typing import Any
 
-from tests.support import run_job, voting
+import httpx
+import pytest
+
+from service.app import create_app
+from service.config import Settings
+from tests.support import run_job, section, sectioning, voting
+
+NUMBER = {"kind": "majority", "extract": "number"}
+
+
+async def test_create_returns_202_with_location(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/jobs", json=voting(1, "fake"))
+    assert response.status_code == 202
+    job = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] in ("queued", "running", "aggregating", "succeeded")
+    assert job["mode"] == "voting" and len(job["lanes"]) == 1
 
 
 async def test_voting_job_returns_the_majority_answer(client: httpx.AsyncClient) -> None:
-    job = await run_job(client, voting(5, "fake?answers=391:1", task={"seed": 1},
-                                      aggregate={"kind": "majority", "extract": "number",
-                                                                 "early_stop": False}))
+    spec = voting(5, "fake?answers=391:1", task={"seed": 1}, aggregate={**NUMBER, "early_stop": False})
+    job = await run_job(client, spec)
     assert job["status"] == "succeeded"
     assert job["result"]["output"] == 391
     assert job["progress"] == {"succeeded": 5}
+    assert job["usage"]["total_tokens"] == sum(lane["usage"]["total_tokens"] for lane in job["lanes"])
+    assert job["started_at"] and job["finished_at"] and job["created_at"]
+
+
+BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
+    ("unknown field", {**voting(3), "politcy": {}}, "politcy"),
+    ("typo in task", voting(3, task={"temprature": 1}), "task.temprature"),
+    ("n below one", voting(0), "n"),
+    ("n over the cap", voting(1001), "n"),
+    ("no mode", {"n": 3}, "mode"),
+    ("duplicate sections", sectioning(section("a"), section("a")), "sections"),
+    ("quorum over lanes", sectioning(section("a"), policy={"on_failure": "quorum", "quorum": 2}),
+     "policy.quorum"),
+    ("bad gate regex", sectioning(section("a", gate={"block_if": "(unclosed"})),
+     "sections.0.gate.block_if"),
+    ("bad extract regex", voting(2, aggregate={"kind": "majority", "extract": "regex", "pattern": "("}),
+     "aggregate.pattern"),
+    ("regex without pattern", voting(2, aggregate={"kind": "majority", "extract": "regex"}), "aggregate"),
+    ("unknown provider", voting(2, task={"provider": "nope"}), "task.provider"),
+    ("unknown aggregate", voting(2, aggregate={"kind": "average"}), "aggregate"),
+    ("empty messages", voting(2, task={"messages": []}), "task.messages"),
+    ("temperature out of range", voting(2, task={"temperature": 9}), "task.temperature"),
+    ("attempts over the server max", voting(2, policy={"max_attempts": 99}), "policy.max_attempts"),
+    ("concurrency over the process cap", voting(2, policy={"max_concurrency": 100000}),
+     "policy.max_concurrency"),
+]
+
+
+@pytest.mark.parametrize(("case", "spec", "field"), BAD_SPECS, ids=[c[0] for c in BAD_SPECS])
+async def test_bad_spec_is_422_naming_the_field_and_stores_nothing(
+    client: httpx.AsyncClient, case: str, spec: dict[str, Any], field: str
+) -> None:
+    response = await client.post("/v1/jobs", json=spec)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == 422 and problem["title"] and problem["detail"]
+    paths = [".".join(str(p) for p in error["loc"][1:]) for error in problem["errors"]]
+    assert any(path.startswith(field) for path in paths), paths
+    assert "Traceback" not in response.text
+    assert (await client.get("/v1/jobs")).json()["jobs"] == []
+
+
+async def test_cap_is_named_in_the_message(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/jobs", json=voting(1001))
+    assert "1000" in response.json()["detail"]
+
+
+async def test_body_that_is_not_json_is_422(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_body_over_the_cap_is_413(client: httpx.AsyncClient) -> None:
+    spec = voting(1, task={"messages": [{"role": "user", "content": "x" * 1_100_000}]})
+    response = await client.post("/v1/jobs", json=spec)
+    assert response.status_code == 413
+    assert "1048576" in response.json()["detail"]
+
+    async def chunks():  # no Content-Length: counted while it streams in
+        body = json.dumps(spec).encode()
+        for i in range(0, len(body), 65536):
+            yield body[i : i + 65536]
+
+    chunked = await client.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413
+    assert (await client.get("/v1/jobs")).json()["jobs"] == []
+
+
+async def test_unknown_job_is_404_problem(client: httpx.AsyncClient) -> None:
+    for method, path in [("GET", "/v1/jobs/nope"), ("POST", "/v1/jobs/nope/cancel")]:
+        response = await client.request(method, path)
+        assert response.status_code == 404
+        assert response.json()["title"] == "Not Found"
+
+
+async def test_list_is_newest_first_with_cursor_and_status_filter(client: httpx.AsyncClient) -> None:
+    ids = [(await run_job(client, voting(1, "fake")))["id"] for _ in range(5)]
+    failed = (await run_job(client, voting(1, "fake?status=400")))["id"]
+    page = (await client.get("/v1/jobs", params={"limit": 4})).json()
+    assert [job["id"] for job in page["jobs"]] == [failed, *ids[::-1][:3]]
+    rest = (await client.get("/v1/jobs", params={"limit": 4, "cursor": page["next_cursor"]})).json()
+    assert [job["id"] for job in rest["jobs"]] == ids[1::-1]
+    assert rest["next_cursor"] is None
+    only_failed = (await client.get("/v1/jobs", params={"status": "failed"})).json()
+    assert [job["id"] for job in only_failed["jobs"]] == [failed]
+    bad = await client.get("/v1/jobs", params={"cursor": "garbage"})
+    assert bad.status_code == 422
+
+
+async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"status": "ready"}
+
+
+async def test_readiness_fails_without_migrations(sqlite_url: str, fake_llm: str) -> None:
+    settings = Settings(database_url=sqlite_url, run_migrations=False)
+    app = create_app(settings, with_runner=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://fanout") as http:
+            response = await http.get("/readyz")
+    assert response.status_code == 503
+    assert "migrat" in response.json()["detail"]
+
+
+async def test_docs_are_served_without_a_cdn(client: httpx.AsyncClient) -> None:
+    page = await client.get("/docs")
+    assert page.status_code == 200
+    assert "cdn" not in page.text.lower() and "unpkg" not in page.text.lower()
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        src = next(part.split('"')[0] for part in page.text.split('="') if part.split('"')[0].endswith(asset))
+        assert src.startswith("/")
+        assert (await client.get(src)).status_code == 200
+    assert (await client.get("/openapi.json")).json()["info"]["title"] == "Fanout"
+
+
+def test_committed_openapi_document_is_current() -> None:
+    committed = json.loads(Path("openapi/openapi.json").read_text())
+    assert committed == create_app(Settings()).openapi(), "stale: run `make openapi`"
