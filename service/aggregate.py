@@ -6,7 +6,9 @@ by the runner with the messages :func:`reduce_messages` builds.
 
 from __future__ import annotations
 
+import html
 import json
+import math
 import re
 import statistics
 from dataclasses import dataclass
@@ -23,7 +25,11 @@ from .spec import (
     ScoreAggregate,
 )
 
-_NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_NUMBER = re.compile(
+    r"(?:(?<![\w.])[-+])?"  # a sign, but not a dash between words or numbers ("5-10", "gpt-4")
+    r"(?:\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d*)?|\d+\.?\d*|\.\d+)"  # "1,234.5", "391.", ".5"
+    r"(?:[eE][-+]?\d+)?"
+)
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
 
 
@@ -58,7 +64,9 @@ def shortest_number(text: str) -> int | float | None:
         value = Decimal(text.replace(",", "").rstrip("."))
     except InvalidOperation:
         return None
-    if not value.is_finite():
+    # Beyond a float's range is no answer anyone votes on, and int("1e99999999") would
+    # take minutes (and json.dumps refuses ints over 4300 digits).
+    if not value.is_finite() or not math.isfinite(float(value)):
         return None
     if value == value.to_integral_value():
         return int(value)
@@ -72,22 +80,22 @@ def extract(how: Extracting, output: Any) -> Any:
         normalised = " ".join(text.split()).casefold()
         return normalised or None
     if how.extract == "number":
+        # The last number, or none: an out-of-range last number must not fall back to an
+        # earlier one (a step of the working) and vote for it.
         found = _NUMBER.findall(text)
-        for candidate in reversed(found):
-            number = shortest_number(candidate)
-            if number is not None:
-                return number
-        return None
+        return shortest_number(found[-1]) if found else None
     if how.extract == "regex":
         assert how.pattern is not None
         match = re.search(how.pattern, text)
         if match is None:
             return None
         value = match.group(1) if match.re.groups else match.group(0)
-        return value.strip() if value is not None else None
+        return (value or "").strip() or None  # an empty capture is no answer
     assert how.field is not None
     try:
-        document = json.loads(_FENCE.sub("", text.strip()))
+        document = json.loads(
+            _FENCE.sub("", text.strip()), parse_float=_finite, parse_constant=_finite
+        )
     except ValueError:
         return None
     for part in how.field.split("."):
@@ -101,6 +109,14 @@ def extract(how: Extracting, output: Any) -> Any:
         else:
             return None
     return document
+
+
+def _finite(text: str) -> float:
+    """JSON numbers only: NaN, Infinity and overflowing floats cannot be reported as JSON."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
 
 
 def as_score(answer: Any) -> float | int | None:
@@ -175,8 +191,9 @@ def score(lanes: list[LaneResult], pick: str) -> tuple[Any, dict[str, Any]]:
     if not scored:
         return None, details
     if pick == "mean":
-        mean = statistics.fmean(value for _, value in scored)
-        details["score"] = shortest_number(repr(mean)) if mean == mean else None
+        # In decimal, so the mean of 0.1 and 0.2 is 0.15, not 0.15000000000000002.
+        mean = statistics.mean(Decimal(repr(value)) for _, value in scored)
+        details["score"] = shortest_number(str(mean))
         return details["score"], details
     chooser = max if pick == "max" else min
     # max()/min() return the first of equal items: ties go to the earliest lane.
@@ -188,7 +205,7 @@ def score(lanes: list[LaneResult], pick: str) -> tuple[Any, dict[str, Any]]:
 def reduce_messages(task: LlmTask, lanes: list[LaneResult]) -> list[Message]:
     """The reducer's prompt: its own messages, then every lane's output tagged by name."""
     parts = [
-        f'<lane name="{lane.name}">\n{output_text(lane.output)}\n</lane>'
+        f'<lane name="{html.escape(lane.name)}">\n{output_text(lane.output)}\n</lane>'
         for lane in lanes
         if lane.succeeded
     ]

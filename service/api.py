@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from . import events as ev
 from .errors import InvalidSpec
-from .spec import JobPage, JobSpec, JobStatus, JobView, SectioningSpec, VotingSpec, check_against
+from .spec import JobPage, JobStatus, JobView, SectioningSpec, VotingSpec, check_against
 from .state import AppState
 
 router = APIRouter()
 
 PROBLEM = {"content": {"application/problem+json": {}}, "description": "problem details"}
-ERRORS: dict[int | str, dict[str, Any]] = {404: PROBLEM, 409: PROBLEM, 413: PROBLEM, 422: PROBLEM}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: PROBLEM for status in (401, 404, 409, 413, 422, 429)
+}
 
 
 def state(request: Request) -> AppState:
@@ -26,61 +29,102 @@ def state(request: Request) -> AppState:
     return app_state
 
 
-def tenant_of(_request: Request) -> str:
-    """Every caller is the one local tenant until API keys are configured."""
-    return "public"
+def caller(request: Request) -> str:
+    """The caller's tenant, from ``Authorization: Bearer <key>`` (or ``?key=``, for
+    browsers' EventSource, which cannot send headers); also charges its rate limit."""
+    s = state(request)
+    key = None
+    authorization = request.headers.get("authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        key = credentials.strip()
+    elif "key" in request.query_params:
+        key = request.query_params["key"]
+    tenant = s.tenants.tenant_for(key)
+    s.limiter.check(tenant)
+    return tenant
+
+
+Tenant = Annotated[str, Depends(caller)]
 
 
 @router.post("/v1/jobs", status_code=202, response_model=JobView, responses=ERRORS, tags=["jobs"])
 async def create_job(
     request: Request,
     response: Response,
+    tenant: Tenant,
     spec: Annotated[VotingSpec | SectioningSpec, Body(discriminator="mode")],
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobView:
-    """Create a job; it runs at once. ``Location`` names the job."""
+    """Create a job; it runs at once. ``Location`` names the job.
+
+    With ``Idempotency-Key``, the same key and body return the same job (no second
+    one); the same key with another body is a 422. Keys are per tenant.
+    """
     s = state(request)
     check_against(spec, s.settings)
-    job_id = await s.store.create_job(spec, tenant_of(request))
-    if s.runner is not None:
+    idempotency = None
+    if idempotency_key is not None:
+        canonical = spec.model_dump_json(by_alias=True, exclude_none=True)
+        idempotency = (idempotency_key, hashlib.sha256(canonical.encode()).hexdigest())
+    job_id, created = await s.store.create_job(
+        spec,
+        tenant,
+        idempotency=idempotency,
+        max_in_flight=s.settings.max_jobs_in_flight,
+        idempotency_ttl_s=s.settings.idempotency_ttl_s,
+    )
+    if created and s.runner is not None:
         s.runner.wake()
     response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return await s.store.get_job(job_id, tenant_of(request))
+    return await s.store.get_job(job_id, tenant)
 
 
 @router.get("/v1/jobs", response_model=JobPage, responses=ERRORS, tags=["jobs"])
 async def list_jobs(
     request: Request,
+    tenant: Tenant,
     status: JobStatus | None = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobPage:
     """The caller's jobs, newest first. Pass ``next_cursor`` back as ``cursor`` for more."""
     jobs, next_cursor = await state(request).store.list_jobs(
-        tenant_of(request), status=status.value if status else None, cursor=cursor, limit=limit
+        tenant, status=status.value if status else None, cursor=cursor, limit=limit
     )
     return JobPage(jobs=jobs, next_cursor=next_cursor)
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobView, responses=ERRORS, tags=["jobs"])
-async def get_job(request: Request, job_id: str) -> JobView:
-    return await state(request).store.get_job(job_id, tenant_of(request))
+async def get_job(request: Request, tenant: Tenant, job_id: str) -> JobView:
+    return await state(request).store.get_job(job_id, tenant)
 
 
-@router.post("/v1/jobs/{job_id}/cancel", status_code=202, response_model=JobView, responses=ERRORS, tags=["jobs"])
-async def cancel_job(request: Request, job_id: str) -> JobView:
+@router.post(
+    "/v1/jobs/{job_id}/cancel",
+    status_code=202,
+    response_model=JobView,
+    responses=ERRORS,
+    tags=["jobs"],
+)
+async def cancel_job(request: Request, tenant: Tenant, job_id: str) -> JobView:
     """Cancel a job: running lanes are stopped. A finished job is ``409``."""
     s = state(request)
-    await s.store.cancel_job(job_id, tenant_of(request))
-    return await s.store.get_job(job_id, tenant_of(request))
+    await s.store.cancel_job(job_id, tenant)
+    return await s.store.get_job(job_id, tenant)
 
 
 @router.get(
     "/v1/jobs/{job_id}/events",
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "event stream"}},
+    responses={
+        **ERRORS,
+        200: {"content": {"text/event-stream": {}}, "description": "event stream"},
+    },
     tags=["jobs"],
 )
 async def job_events(
     request: Request,
+    tenant: Tenant,
     job_id: str,
     last_event_id: Annotated[str | None, Header()] = None,
     after: Annotated[int | None, Query(ge=0, description="like Last-Event-ID")] = None,
@@ -88,7 +132,7 @@ async def job_events(
     """Server-sent events: every event after ``Last-Event-ID``, then live ones; closes
     after the final ``job.succeeded`` / ``job.failed`` / ``job.cancelled``."""
     s = state(request)
-    await s.store.job_status(job_id, tenant_of(request))  # 404 before the stream starts
+    await s.store.job_status(job_id, tenant)  # 404 before the stream starts
     start = after or 0
     if last_event_id is not None:
         try:
@@ -99,7 +143,9 @@ async def job_events(
             ) from None
 
     async def sse() -> AsyncIterator[ServerSentEvent]:
-        async for event in ev.stream(s.hub, job_id, start, s.store.events_after, s.store.is_finished):
+        async for event in ev.stream(
+            s.hub, job_id, start, s.store.events_after, s.store.is_finished
+        ):
             yield ServerSentEvent(
                 data=json.dumps(event["data"], separators=(",", ":")),
                 event=event["type"],

@@ -20,12 +20,14 @@ from .api import router
 from .config import Settings
 from .db import Database, upgrade
 from .errors import FanoutError
+from .egress import EgressGuard
 from .events import EventHub
 from .lanes import Providers
 from .page import router as page_router
 from .runner import Runner
 from .state import AppState
 from .store import Store
+from .tenants import RateLimiter, Tenants
 
 log = logging.getLogger("fanout")
 PROBLEM_JSON = "application/problem+json"
@@ -41,8 +43,12 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
     db.on_commit = hub.publish
     store = Store(db, lease_seconds=settings.lease_seconds)
     providers = Providers(settings.providers, max_connections=settings.max_concurrency)
-    runner = Runner(store, hub, providers, settings) if with_runner else None
-    state = AppState(settings, db, store, hub, providers, runner)
+    guard = EgressGuard(settings.egress_allow, max_response_bytes=settings.max_response_bytes)
+    http = guard.client(max_connections=settings.max_concurrency)
+    runner = Runner(store, hub, providers, settings, http) if with_runner else None
+    tenants = Tenants(settings.api_keys)
+    limiter = RateLimiter(settings.rate_limit_per_minute)
+    state = AppState(settings, db, store, hub, providers, runner, tenants, limiter)
     supervisor = asyncio.create_task(_supervise(runner)) if runner is not None else None
     try:
         yield state
@@ -52,6 +58,7 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
             with suppress(asyncio.CancelledError):
                 await supervisor
         await providers.close()
+        await http.aclose()
         await db.dispose()
 
 
@@ -98,7 +105,9 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
 
 async def _fanout_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, FanoutError)
-    return JSONResponse(exc.problem(), status_code=exc.status, media_type=PROBLEM_JSON, headers=exc.headers)
+    return JSONResponse(
+        exc.problem(), status_code=exc.status, media_type=PROBLEM_JSON, headers=exc.headers
+    )
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -109,7 +118,12 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     ]
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"] if p != "body")
-    return problem(422, "Unprocessable Content", f"{where}: {first['msg']}" if where else first["msg"], errors=errors)
+    return problem(
+        422,
+        "Unprocessable Content",
+        f"{where}: {first['msg']}" if where else first["msg"],
+        errors=errors,
+    )
 
 
 # Tags of the spec's unions: pydantic puts them in error paths, callers never wrote them.

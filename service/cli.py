@@ -51,11 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "submit":
         from .submit import submit as run_submit
 
-        return run_submit(args.spec, url=args.url, api_key=args.api_key, watch=args.watch,
-                          cancel_on_exit=args.cancel_on_exit)
+        return run_submit(
+            args.spec,
+            url=args.url,
+            api_key=args.api_key,
+            watch=args.watch,
+            cancel_on_exit=args.cancel_on_exit,
+        )
 
     settings = Settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     if args.command == "migrate":
         from .db import upgrade
 

@@ -41,6 +41,16 @@ class Settings(BaseSettings):
     egress_allow: str = ""
     webhook_secret: str | None = None
 
+    # Per-tenant limits.
+    rate_limit_per_minute: int = Field(default=600, ge=0)
+    max_jobs_in_flight: int = Field(default=100, ge=1)
+    idempotency_ttl_s: float = Field(default=86_400.0, gt=0)
+
+    # Outbound calls: http tasks and webhooks.
+    max_response_bytes: int = Field(default=1_048_576, ge=1024)
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+
     # Server-side maxima and defaults of a job's policy.
     max_lane_timeout_s: float = Field(default=600.0, gt=0)
     default_lane_timeout_s: float = Field(default=120.0, gt=0)

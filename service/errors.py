@@ -20,7 +20,12 @@ class FanoutError(Exception):
         self.headers = headers or {}
 
     def problem(self) -> dict[str, Any]:
-        return {"type": self.type, "title": self.title, "status": self.status, "detail": self.detail}
+        return {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
 
 
 class NotFound(FanoutError):

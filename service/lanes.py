@@ -117,11 +117,17 @@ async def run_llm(
                 return await _streamed(client, body, on_delta)
             completion = await client.chat.completions.create(**body)
     except TimeoutError:
-        return Attempt(error_type="timeout", error_message=f"no answer within {timeout:g} s", transient=True)
+        return Attempt(
+            error_type="timeout", error_message=f"no answer within {timeout:g} s", transient=True
+        )
     except openai.APITimeoutError:
-        return Attempt(error_type="timeout", error_message=f"no answer within {timeout:g} s", transient=True)
+        return Attempt(
+            error_type="timeout", error_message=f"no answer within {timeout:g} s", transient=True
+        )
     except openai.APIConnectionError as exc:
-        return Attempt(error_type="upstream_error", error_message=f"connection failed: {exc}", transient=True)
+        return Attempt(
+            error_type="upstream_error", error_message=f"connection failed: {exc}", transient=True
+        )
     except openai.APIStatusError as exc:
         return _status_error(exc)
     except openai.APIResponseValidationError as exc:
@@ -135,7 +141,9 @@ async def run_llm(
     if content is None:
         return Attempt(error_type="invalid_response", error_message="the response has no content")
     usage = completion.usage
-    tokens = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) if usage else (0, 0, 0)
+    tokens = (
+        (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) if usage else (0, 0, 0)
+    )
     return Attempt(output=content, usage=tokens)
 
 
@@ -166,7 +174,19 @@ def _status_error(exc: openai.APIStatusError) -> Attempt:
     message = f"HTTP {status}: {exc.message}"
     if status == 429:
         retry_after = retry_after_seconds(exc.response.headers.get("retry-after"))
-        return Attempt(error_type="rate_limited", error_message=message, transient=True, retry_after=retry_after)
+        return Attempt(
+            error_type="rate_limited",
+            error_message=message,
+            transient=True,
+            retry_after=retry_after,
+        )
     transient = status in TRANSIENT_STATUSES or status >= 500
-    retry_after = retry_after_seconds(exc.response.headers.get("retry-after")) if transient else None
-    return Attempt(error_type="upstream_error", error_message=message, transient=transient, retry_after=retry_after)
+    retry_after = (
+        retry_after_seconds(exc.response.headers.get("retry-after")) if transient else None
+    )
+    return Attempt(
+        error_type="upstream_error",
+        error_message=message,
+        transient=transient,
+        retry_after=retry_after,
+    )

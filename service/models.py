@@ -92,3 +92,41 @@ class Event(Base):
 jobs = Job.__table__
 lanes = Lane.__table__
 events = Event.__table__
+
+
+class IdempotencyKey(Base):
+    """``Idempotency-Key`` of a create request, per tenant: the same key and body give
+    the same job; written in the transaction that creates the job."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"))
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
+class Webhook(Base):
+    """The outbox of a job's webhook: queued in the transaction that ends the job, then
+    delivered at least once by whichever runner claims it."""
+
+    __tablename__ = "webhooks"
+
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    # Each attempt: {"at", "status_code", "error", "duration_s"}.
+    history: Mapped[Any] = mapped_column(JSON)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_webhooks_status_next", "status", "next_attempt_at"),)
+
+
+idempotency_keys = IdempotencyKey.__table__
+webhooks = Webhook.__table__

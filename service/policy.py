@@ -77,7 +77,8 @@ def decide(
         stop_open("cancelled", "cancelled", f"job failed: {message}")
         return Decision(tuple(stops), "fail", {"type": error_type, "message": message})
 
-    if budget_spent and queued:
+    budget_stopped = budget_spent and queued > 0
+    if budget_stopped:
         stops.append(Stop(("queued",), "cancelled", "budget", "the job's token budget is spent"))
         ended_badly += queued
         queued = 0
@@ -89,7 +90,11 @@ def decide(
     if policy is OnFailure.FAIL_FAST and ended_badly:
         if tally.first_failure is not None:
             name, error_type, message = tally.first_failure
-            return fail("lane_failed", f"lane {name!r} ended without a result: {error_type}: {message}")
+            return fail(
+                "lane_failed", f"lane {name!r} ended without a result: {error_type}: {message}"
+            )
+        if budget_stopped:
+            return fail("budget", "the token budget was spent before every lane ran")
         return fail("lane_failed", "a lane ended without a result")
 
     need = quorum_size(spec)
@@ -119,7 +124,9 @@ def decide(
         return Decision(tuple(stops))
 
     if succeeded == 0:
-        return Decision(tuple(stops), "fail", {"type": "no_results", "message": "no lane succeeded"})
+        return Decision(
+            tuple(stops), "fail", {"type": "no_results", "message": "no lane succeeded"}
+        )
     if policy is OnFailure.QUORUM and succeeded < need:
         return Decision(
             tuple(stops),

@@ -24,9 +24,15 @@ import random
 import socket
 import time
 import uuid
+from contextlib import suppress
 from typing import Any
 
+import httpx
+
+from . import webhooks
+from .aggregate import reduce_messages
 from .config import Settings
+from .egress import run_http
 from .events import Event, EventHub
 from .lanes import Attempt, Providers, run_llm
 from .spec import LlmTask, ReduceAggregate
@@ -39,11 +45,19 @@ _JOB_ENDED = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
 
 
 class Runner:
-    def __init__(self, store: Store, hub: EventHub, providers: Providers, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: Store,
+        hub: EventHub,
+        providers: Providers,
+        settings: Settings,
+        http: httpx.AsyncClient,
+    ) -> None:
         self.store = store
         self.hub = hub
         self.providers = providers
         self.settings = settings
+        self.http = http  # through the egress guard: http tasks and webhooks
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.inflight: dict[tuple[str, int], asyncio.Task[None]] = {}
         self.reducing: dict[str, asyncio.Task[None]] = {}
@@ -51,6 +65,7 @@ class Runner:
         self._outcomes: list[Outcome] = []
         self._outcome_ready = asyncio.Event()
         self._wake = asyncio.Event()
+        self._webhooks_due = asyncio.Event()
         self._stopping = False
         hub.add_listener(self._on_events)
 
@@ -67,6 +82,7 @@ class Runner:
                 group.create_task(self._record_loop())
                 group.create_task(self._heartbeat_loop())
                 group.create_task(self._sweep_loop())
+                group.create_task(self._webhook_loop())
         except asyncio.CancelledError:
             await self._shutdown()
             raise
@@ -103,10 +119,8 @@ class Runner:
             due = await self.store.next_wakeup() if claimed == 0 and free > 0 else None
             if due is not None:
                 timeout = min(timeout, max(0.0, due - time.time()) + 0.001)
-            try:
+            with suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
 
     def _start(self, claim: Claim) -> None:
         key = (claim.job_id, claim.idx)
@@ -129,7 +143,9 @@ class Runner:
         if isinstance(task, LlmTask):
             attempt = await run_llm(self.providers.client(task.provider), task, timeout=timeout)
         else:
-            attempt = Attempt(error_type="invalid_request", error_message="http tasks are not enabled")
+            attempt = await run_http(
+                self.http, task, timeout=timeout, max_bytes=self.settings.max_response_bytes
+            )
         self._report(claim, attempt, started)
 
     def _report(self, claim: Claim, attempt: Attempt, started: float) -> None:
@@ -155,7 +171,10 @@ class Runner:
         else:
             kind = "timed_out" if attempt.error_type == "timeout" else "failed"
             outcome = Outcome(
-                kind=kind, error_type=attempt.error_type, error_message=attempt.error_message, **common
+                kind=kind,
+                error_type=attempt.error_type,
+                error_message=attempt.error_message,
+                **common,
             )
         self._outcomes.append(outcome)
         self._outcome_ready.set()
@@ -194,6 +213,7 @@ class Runner:
                     task.cancel()
             elif kind in _JOB_ENDED:
                 job_id = event["job_id"]
+                self._webhooks_due.set()
                 for (task_job, _idx), task in list(self.inflight.items()):
                     if task_job == job_id:
                         task.cancel()
@@ -214,39 +234,87 @@ class Runner:
         """One more LLM call over every lane's output, retried like a lane."""
         spec, results = await self.store.lane_results(job_id)
         assert isinstance(spec.aggregate, ReduceAggregate)
-        from .aggregate import reduce_messages
-
         task = spec.aggregate.task
         messages = reduce_messages(task, results)
         timeout = spec.policy.lane_timeout_s or self.settings.default_lane_timeout_s
-        usage = [0, 0, 0]
-        error: dict[str, str] | None = None
+        usage = (0, 0, 0)
         output: str | None = None
+        error = {"type": "budget", "message": "the token budget was spent before the reducer ran"}
         for attempt_no in range(1, spec.policy.max_attempts + 1):
             left = await self.store.reduce_budget_left(job_id)
             if left is not None and left - usage[2] <= 0:
-                error = {"type": "budget", "message": "the token budget was spent before the reducer ran"}
+                error = {
+                    "type": "budget",
+                    "message": "the token budget was spent before the reducer ran",
+                }
                 break
-            attempt = await run_llm(
-                self.providers.client(task.provider), task, timeout=timeout, messages=messages
+            client = self.providers.client(task.provider)
+            attempt = await run_llm(client, task, timeout=timeout, messages=messages)
+            usage = (
+                usage[0] + attempt.usage[0],
+                usage[1] + attempt.usage[1],
+                usage[2] + attempt.usage[2],
             )
-            usage = [a + b for a, b in zip(usage, attempt.usage, strict=True)]
             if attempt.ok:
                 output = attempt.output
                 break
-            error = {"type": attempt.error_type or "error", "message": f"reducer: {attempt.error_message}"}
-            if not attempt.transient or attempt_no == spec.policy.max_attempts:
+            error = {
+                "type": attempt.error_type or "error",
+                "message": f"reducer: {attempt.error_message}",
+            }
+            if not attempt.transient:
                 break
-            await asyncio.sleep(self._backoff(attempt_no, attempt.retry_after))
-        else:
-            error = error or {"type": "error", "message": "reducer made no attempt"}
+            if attempt_no < spec.policy.max_attempts:
+                await asyncio.sleep(self._backoff(attempt_no, attempt.retry_after))
         await self.store.finish_reduce(
             job_id,
             self.owner,
             output=output,
             error=None if output is not None else error,
-            usage=(usage[0], usage[1], usage[2]),
+            usage=usage,
         )
+
+    # --- webhooks ------------------------------------------------------------------
+
+    async def _webhook_loop(self) -> None:
+        """Deliver due webhooks (queued by the transaction that ended their job)."""
+        secret = self.settings.webhook_secret
+        while True:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._webhooks_due.wait(), self.settings.poll_interval_s)
+            self._webhooks_due.clear()
+            if secret is None:
+                continue
+            due = await self.store.claim_webhooks(self.owner)
+            await asyncio.gather(
+                *(self._deliver(job_id, url, attempts, secret) for job_id, url, attempts in due)
+            )
+
+    async def _deliver(self, job_id: str, url: str, attempts: int, secret: str) -> None:
+        view = await self.store.get_job(job_id, None)
+        view.webhook = None  # the delivery history is not part of what is delivered
+        body = view.model_dump_json().encode()
+        record = await webhooks.deliver(
+            self.http,
+            url,
+            body,
+            job_id=job_id,
+            secret=secret,
+            timeout=self.settings.webhook_timeout_s,
+        )
+        retry_at = None
+        if record.pop("retry") and attempts + 1 < self.settings.webhook_max_attempts:
+            retry_at = time.time() + webhooks.retry_delay(attempts + 1, self.settings.retry_base_s)
+        delivered = record.pop("delivered")
+        if not delivered:
+            log.warning("webhook for job %s failed: %s", job_id, record["error"])
+        await self.store.record_webhook_attempt(
+            job_id, self.owner, attempt=record, delivered=delivered, retry_at=retry_at
+        )
+        if retry_at is not None:
+            asyncio.get_running_loop().call_at(
+                asyncio.get_running_loop().time() + (retry_at - time.time()), self._webhooks_due.set
+            )
 
     # --- housekeeping --------------------------------------------------------------
 

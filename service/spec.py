@@ -249,7 +249,9 @@ def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None
     lanes = lane_count(spec)
     if lanes > settings.max_lanes_per_job:
         where: tuple[str, ...] = ("n",) if isinstance(spec, VotingSpec) else ("sections",)
-        problem(where, f"{lanes} lanes is over the cap of {settings.max_lanes_per_job} lanes per job")
+        problem(
+            where, f"{lanes} lanes is over the cap of {settings.max_lanes_per_job} lanes per job"
+        )
 
     tasks: list[tuple[tuple[str | int, ...], LlmTask | HttpTask]] = []
     if isinstance(spec, VotingSpec):
@@ -270,14 +272,18 @@ def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None
                     f"messages are {size} bytes, over the cap of {settings.max_message_bytes}",
                 )
         else:
-            problem((*loc, "kind"), "http tasks are not enabled on this server")
+            reason = _destination_problem(task.url)
+            if reason:
+                problem((*loc, "url"), reason)
 
     policy = spec.policy
     if policy.quorum is not None:
         if on_failure(spec) is not OnFailure.QUORUM:
             problem(("policy", "quorum"), "quorum is only used with on_failure 'quorum'")
         elif policy.quorum > lanes:
-            problem(("policy", "quorum"), f"quorum {policy.quorum} is larger than the {lanes} lanes")
+            problem(
+                ("policy", "quorum"), f"quorum {policy.quorum} is larger than the {lanes} lanes"
+            )
     if policy.max_attempts > settings.max_attempts:
         problem(("policy", "max_attempts"), f"over the server maximum of {settings.max_attempts}")
     if policy.lane_timeout_s is not None and policy.lane_timeout_s > settings.max_lane_timeout_s:
@@ -293,9 +299,27 @@ def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None
             f"over the server maximum of {settings.max_concurrency} lanes in flight",
         )
     if spec.webhook is not None:
-        problem(("webhook",), "webhooks are not enabled on this server")
+        if not settings.webhook_secret:
+            problem(("webhook",), "this server has no webhook signing secret (FANOUT_WEBHOOK_SECRET)")
+        reason = _destination_problem(spec.webhook.url)
+        if reason:
+            problem(("webhook", "url"), reason)
     if problems:
         raise InvalidSpec(problems)
+
+
+def _destination_problem(url: str) -> str | None:
+    """Early 422 for a URL that can never pass the egress guard (scheme, literal IP).
+    The address actually connected to is checked again at every call."""
+    from .egress import EgressDenied, check_url
+
+    try:
+        check_url(url)
+    except EgressDenied as exc:
+        return f"not an allowed destination: {exc.reason}"
+    except ValueError as exc:
+        return f"not a valid URL: {exc}"
+    return None
 
 
 # --- views -------------------------------------------------------------------------
@@ -362,6 +386,14 @@ class ResultView(BaseModel):
     blocked_by: str | None = None
 
 
+class WebhookView(BaseModel):
+    url: str
+    # waiting (the job is not finished) | pending | delivered | failed
+    status: str
+    # One entry per delivery attempt: at, status_code, error, duration_s.
+    attempts: list[dict[str, Any]] = Field(default_factory=list)
+
+
 class JobView(BaseModel):
     id: str
     status: JobStatus
@@ -376,6 +408,7 @@ class JobView(BaseModel):
     error: ErrorView | None = None
     usage: Usage
     metadata: dict[str, Any] = Field(default_factory=dict)
+    webhook: WebhookView | None = None
 
 
 class JobSummary(BaseModel):

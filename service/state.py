@@ -12,6 +12,7 @@ from .events import EventHub
 from .lanes import Providers
 from .runner import Runner
 from .store import Store
+from .tenants import RateLimiter, Tenants
 
 
 @dataclass
@@ -22,12 +23,16 @@ class AppState:
     hub: EventHub
     providers: Providers
     runner: Runner | None
+    tenants: Tenants
+    limiter: RateLimiter
 
     async def readiness(self) -> str | None:
         """None when ready; otherwise why not (database unreachable, migrations missing)."""
         try:
             async with self.db.read() as conn:
-                current = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+                current = (
+                    await conn.execute(text("SELECT version_num FROM alembic_version"))
+                ).scalar()
         except Exception as exc:
             return f"database not reachable or not migrated: {type(exc).__name__}"
         head = head_revision()

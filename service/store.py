@@ -20,15 +20,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import TypeAdapter
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import aggregate as agg
 from .db import Database, Tx
 from .errors import Conflict, InvalidSpec, NotFound
-from .models import events, jobs, lanes
+from .models import events, idempotency_keys, jobs, lanes, webhooks
 from .policy import OPEN, Decision, Stop, Tally, decide
 from .spec import (
+    CollectAggregate,
     ErrorView,
     JobSpec,
     JobStatus,
@@ -42,6 +44,7 @@ from .spec import (
     SectioningSpec,
     Usage,
     VotingSpec,
+    WebhookView,
     lane_tasks,
 )
 
@@ -150,12 +153,103 @@ class Store:
 
     # --- API side ------------------------------------------------------------------
 
-    async def create_job(self, spec: VotingSpec | SectioningSpec, tenant: str) -> str:
+    async def create_job(
+        self,
+        spec: VotingSpec | SectioningSpec,
+        tenant: str,
+        *,
+        idempotency: tuple[str, str] | None = None,
+        max_in_flight: int | None = None,
+        idempotency_ttl_s: float = 86_400.0,
+    ) -> tuple[str, bool]:
+        """Store a job and its lanes; returns ``(job id, created)``.
+
+        ``idempotency`` is ``(key, request hash)``: a key seen before with the same
+        hash returns that job (``created`` False); with another hash it is a 422.
+        Concurrent requests with one key race on the key's primary key: the losers'
+        transactions roll back, job included, and they return the winner's job.
+        """
+        try:
+            return await self._create_job(
+                spec, tenant, idempotency, max_in_flight, idempotency_ttl_s
+            )
+        except IntegrityError:
+            if idempotency is None:
+                raise
+            existing = await self._idempotent_job(tenant, idempotency)
+            if existing is None:
+                raise
+            return existing, False
+
+    async def _idempotent_job(self, tenant: str, idempotency: tuple[str, str]) -> str | None:
+        key, request_hash = idempotency
+        async with self.db.read() as conn:
+            row = (
+                await conn.execute(
+                    select(idempotency_keys.c.request_hash, idempotency_keys.c.job_id).where(
+                        idempotency_keys.c.tenant == tenant, idempotency_keys.c.key == key
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        if row[0] != request_hash:
+            raise _key_reused()
+        return str(row[1])
+
+    async def _create_job(
+        self,
+        spec: VotingSpec | SectioningSpec,
+        tenant: str,
+        idempotency: tuple[str, str] | None,
+        max_in_flight: int | None,
+        idempotency_ttl_s: float,
+    ) -> tuple[str, bool]:
         now = time.time()
         job_id = new_job_id(now)
         raw = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
         deadline = now + spec.policy.deadline_s if spec.policy.deadline_s else None
         async with self.db.transaction() as tx:
+            if idempotency is not None:
+                key, request_hash = idempotency
+                row = (
+                    (
+                        await tx.conn.execute(
+                            select(idempotency_keys).where(
+                                idempotency_keys.c.tenant == tenant, idempotency_keys.c.key == key
+                            )
+                        )
+                    )
+                    .mappings()
+                    .first()
+                )
+                if row is not None and row["expires_at"] > now:
+                    if row["request_hash"] != request_hash:
+                        raise _key_reused()
+                    return row["job_id"], False
+                if row is not None:
+                    await tx.conn.execute(
+                        delete(idempotency_keys).where(
+                            idempotency_keys.c.tenant == tenant, idempotency_keys.c.key == key
+                        )
+                    )
+            if max_in_flight is not None:
+                in_flight = (
+                    await tx.conn.execute(
+                        select(func.count()).where(
+                            jobs.c.tenant == tenant, jobs.c.status.not_in(TERMINAL_JOB)
+                        )
+                    )
+                ).scalar_one()
+                if in_flight >= max_in_flight:
+                    raise InvalidSpec(
+                        [
+                            {
+                                "loc": ["body"],
+                                "msg": f"{in_flight} jobs in flight: at the cap of {max_in_flight} per tenant",
+                            }
+                        ]
+                    )
             await tx.conn.execute(
                 insert(jobs).values(
                     id=job_id,
@@ -191,9 +285,19 @@ class Store:
                     for i, (name, _task) in enumerate(lane_tasks(spec))
                 ],
             )
+            if idempotency is not None:
+                await tx.conn.execute(
+                    insert(idempotency_keys).values(
+                        tenant=tenant,
+                        key=idempotency[0],
+                        request_hash=idempotency[1],
+                        job_id=job_id,
+                        expires_at=now + idempotency_ttl_s,
+                    )
+                )
             await self._append(tx, job_id, [("job.queued", {"lanes": spec_lanes(spec)})], now)
         self._specs[job_id] = spec
-        return job_id
+        return job_id, True
 
     async def _job_row(self, conn: AsyncConnection, job_id: str, tenant: str | None) -> Any:
         query = select(jobs).where(jobs.c.id == job_id)
@@ -208,11 +312,29 @@ class Store:
         async with self.db.read() as conn:
             job = await self._job_row(conn, job_id, tenant)
             lane_rows = (
-                (await conn.execute(select(lanes).where(lanes.c.job_id == job_id).order_by(lanes.c.idx)))
+                (
+                    await conn.execute(
+                        select(lanes).where(lanes.c.job_id == job_id).order_by(lanes.c.idx)
+                    )
+                )
                 .mappings()
                 .all()
             )
-        return job_view(job, lane_rows)
+            webhook = None
+            if job["spec"].get("webhook"):
+                webhook = (
+                    (await conn.execute(select(webhooks).where(webhooks.c.job_id == job_id)))
+                    .mappings()
+                    .first()
+                )
+        view = job_view(job, lane_rows)
+        if job["spec"].get("webhook"):
+            view.webhook = WebhookView(
+                url=job["spec"]["webhook"]["url"],
+                status=webhook["status"] if webhook else "waiting",
+                attempts=webhook["history"] if webhook else [],
+            )
+        return view
 
     async def job_status(self, job_id: str, tenant: str | None) -> str:
         async with self.db.read() as conn:
@@ -260,10 +382,14 @@ class Store:
             )
             for row in page
         ]
-        next_cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(rows) > limit else None
+        next_cursor = (
+            encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(rows) > limit else None
+        )
         return summaries, next_cursor
 
-    async def _progress(self, conn: AsyncConnection, job_ids: list[str]) -> dict[str, dict[str, int]]:
+    async def _progress(
+        self, conn: AsyncConnection, job_ids: list[str]
+    ) -> dict[str, dict[str, int]]:
         if not job_ids:
             return {}
         query = (
@@ -290,6 +416,7 @@ class Store:
                 tx, job_id, Stop(OPEN, "cancelled", "cancelled", "the job was cancelled"), now
             )
             items.append(("job.cancelled", {"usage": _usage(job).model_dump()}))
+            await self._queue_webhook(tx, job_id, job["spec"], now)
             await tx.conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id)
@@ -302,7 +429,9 @@ class Store:
             )
             await self._append(tx, job_id, items, now)
 
-    async def events_after(self, job_id: str, after: int, limit: int = 1000) -> list[dict[str, Any]]:
+    async def events_after(
+        self, job_id: str, after: int, limit: int = 1000
+    ) -> list[dict[str, Any]]:
         async with self.db.read() as conn:
             rows = (
                 await conn.execute(
@@ -312,7 +441,9 @@ class Store:
                     .limit(limit)
                 )
             ).all()
-        return [{"job_id": job_id, "seq": seq, "type": kind, "data": data} for seq, kind, data in rows]
+        return [
+            {"job_id": job_id, "seq": seq, "type": kind, "data": data} for seq, kind, data in rows
+        ]
 
     # --- runner side: claiming -----------------------------------------------------
 
@@ -332,7 +463,9 @@ class Store:
                 candidates = candidates.where(lanes.c.job_id.not_in(saturated))
             rows = (
                 await tx.conn.execute(
-                    candidates.order_by(lanes.c.available_at, lanes.c.job_id, lanes.c.idx).limit(limit)
+                    candidates.order_by(lanes.c.available_at, lanes.c.job_id, lanes.c.idx).limit(
+                        limit
+                    )
                 )
             ).all()
             if not rows:
@@ -344,7 +477,9 @@ class Store:
             if not self.db.is_sqlite:
                 job_query = job_query.with_for_update(skip_locked=True)
             job_rows = (await tx.conn.execute(job_query)).mappings().all()
-            running = await self._running_counts(tx.conn, [j["id"] for j in job_rows if j["max_concurrency"]])
+            running = await self._running_counts(
+                tx.conn, [j["id"] for j in job_rows if j["max_concurrency"]]
+            )
             claims: list[Claim] = []
             expires = now + self.lease_seconds
             for job in job_rows:
@@ -359,7 +494,11 @@ class Store:
                 claimed = (
                     await tx.conn.execute(
                         update(lanes)
-                        .where(lanes.c.job_id == job_id, lanes.c.idx.in_(idxs), lanes.c.status == "queued")
+                        .where(
+                            lanes.c.job_id == job_id,
+                            lanes.c.idx.in_(idxs),
+                            lanes.c.status == "queued",
+                        )
                         .values(
                             status="running",
                             attempts=lanes.c.attempts + 1,
@@ -377,7 +516,9 @@ class Store:
                 items: list[tuple[str, dict[str, Any]]] = []
                 if job["status"] == "queued":
                     await tx.conn.execute(
-                        update(jobs).where(jobs.c.id == job_id).values(status="running", started_at=now)
+                        update(jobs)
+                        .where(jobs.c.id == job_id)
+                        .values(status="running", started_at=now)
                     )
                     items.append(("job.running", {}))
                 items.extend(
@@ -430,7 +571,9 @@ class Store:
         """Give back every lane this process holds (a graceful stop): they run again."""
         now = time.time()
         async with self.db.transaction() as tx:
-            await self._requeue(tx, and_(lanes.c.lease_owner == owner, lanes.c.status == "running"), now)
+            await self._requeue(
+                tx, and_(lanes.c.lease_owner == owner, lanes.c.status == "running"), now
+            )
             await tx.conn.execute(
                 update(jobs)
                 .where(jobs.c.lease_owner == owner, jobs.c.status == "aggregating")
@@ -449,7 +592,9 @@ class Store:
 
     async def _requeue(self, tx: Tx, where: Any, now: float) -> int:
         rows = (
-            await tx.conn.execute(select(lanes.c.job_id, lanes.c.idx, lanes.c.name, lanes.c.attempts).where(where))
+            await tx.conn.execute(
+                select(lanes.c.job_id, lanes.c.idx, lanes.c.name, lanes.c.attempts).where(where)
+            )
         ).all()
         if not rows:
             return 0
@@ -518,8 +663,15 @@ class Store:
                     for idx, status, attempts, lease_owner, name in (
                         await tx.conn.execute(
                             select(
-                                lanes.c.idx, lanes.c.status, lanes.c.attempts, lanes.c.lease_owner, lanes.c.name
-                            ).where(lanes.c.job_id == job_id, lanes.c.idx.in_([o.idx for o in by_job[job_id]]))
+                                lanes.c.idx,
+                                lanes.c.status,
+                                lanes.c.attempts,
+                                lanes.c.lease_owner,
+                                lanes.c.name,
+                            ).where(
+                                lanes.c.job_id == job_id,
+                                lanes.c.idx.in_([o.idx for o in by_job[job_id]]),
+                            )
                         )
                     ).all()
                 }
@@ -566,7 +718,11 @@ class Store:
                 "available_at": now + outcome.retry_in if outcome.kind == "retry" else now,
                 "lease_owner": None,
             }
-            usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+            usage = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": total,
+            }
             lane = {"lane": outcome.idx, "name": name, "attempt": outcome.attempt}
             duration = round(outcome.finished_at - outcome.started_at, 4)
             if outcome.kind == "succeeded":
@@ -578,10 +734,20 @@ class Store:
                 items.append(("lane.succeeded", fields))
             elif outcome.kind == "retry":
                 error = f"{outcome.error_type}: {outcome.error_message}"
-                items.append(("lane.retrying", {**lane, "error": error, "retry_in_s": round(outcome.retry_in, 3)}))
+                items.append(
+                    (
+                        "lane.retrying",
+                        {**lane, "error": error, "retry_in_s": round(outcome.retry_in, 3)},
+                    )
+                )
             else:
                 error_view = {"type": outcome.error_type, "message": outcome.error_message}
-                items.append((f"lane.{outcome.kind}", {**lane, "error": error_view, "usage": usage, "duration_s": duration}))
+                items.append(
+                    (
+                        f"lane.{outcome.kind}",
+                        {**lane, "error": error_view, "usage": usage, "duration_s": duration},
+                    )
+                )
             rows.append(row)
         await tx.conn.execute(_OUTCOME_UPDATE, rows)
         sums = [sum(o.usage[k] for o, _ in valid) for k in range(3)]
@@ -597,12 +763,16 @@ class Store:
             )
         await self._append(tx, job_id, items, now)
 
-    async def _tally(self, conn: AsyncConnection, job_id: str, spec: VotingSpec | SectioningSpec) -> Tally:
+    async def _tally(
+        self, conn: AsyncConnection, job_id: str, spec: VotingSpec | SectioningSpec
+    ) -> Tally:
         by_status = {
             status: count
             for status, count in (
                 await conn.execute(
-                    select(lanes.c.status, func.count()).where(lanes.c.job_id == job_id).group_by(lanes.c.status)
+                    select(lanes.c.status, func.count())
+                    .where(lanes.c.job_id == job_id)
+                    .group_by(lanes.c.status)
                 )
             ).all()
         }
@@ -617,6 +787,7 @@ class Store:
                             lanes.c.job_id == job_id,
                             lanes.c.status == "succeeded",
                             lanes.c.answer_key.is_not(None),
+                            lanes.c.idx.not_in(list(gate_patterns(spec))),
                         )
                         .group_by(lanes.c.answer_key)
                     )
@@ -633,7 +804,7 @@ class Store:
                 )
             ).all()
             for _idx, name, status, answer in gate_rows:
-                if (status == "succeeded" and answer == '"blocked"') or status in ("failed", "timed_out"):
+                if status not in OPEN and not (status == "succeeded" and answer == '"passed"'):
                     gate_blocked = name
                     break
         first_failure = None
@@ -641,7 +812,10 @@ class Store:
             row = (
                 await conn.execute(
                     select(lanes.c.name, lanes.c.error_type, lanes.c.error_message)
-                    .where(lanes.c.job_id == job_id, lanes.c.status.in_(["failed", "timed_out", "cancelled"]))
+                    .where(
+                        lanes.c.job_id == job_id,
+                        lanes.c.status.in_(["failed", "timed_out", "cancelled"]),
+                    )
                     .order_by(lanes.c.finished_at, lanes.c.idx)
                     .limit(1)
                 )
@@ -667,7 +841,8 @@ class Store:
         decision = decide(
             spec,
             tally,
-            deadline_passed=deadline_passed or (job["deadline_at"] is not None and job["deadline_at"] <= now),
+            deadline_passed=deadline_passed
+            or (job["deadline_at"] is not None and job["deadline_at"] <= now),
             budget_spent=budget is not None and job["total_tokens"] >= budget,
         )
         items: list[tuple[str, dict[str, Any]]] = []
@@ -680,7 +855,9 @@ class Store:
         await self._append(tx, job_id, items, now)
         return needs_reducer
 
-    async def _stop_lanes(self, tx: Tx, job_id: str, stop: Stop, now: float) -> list[tuple[str, dict[str, Any]]]:
+    async def _stop_lanes(
+        self, tx: Tx, job_id: str, stop: Stop, now: float
+    ) -> list[tuple[str, dict[str, Any]]]:
         stopped = (
             await tx.conn.execute(
                 update(lanes)
@@ -739,9 +916,19 @@ class Store:
                 )
             )
             return True
-        output, details = agg.combine(spec.aggregate, results)
+        # Gate verdicts are not votes or scores; collect shows every section.
+        gates = gate_patterns(spec)
+        inputs = (
+            results
+            if isinstance(spec.aggregate, CollectAggregate)
+            else [r for r in results if r.index not in gates]
+        )
+        output, details = agg.combine(spec.aggregate, inputs)
         if isinstance(spec.aggregate, MajorityAggregate | ScoreAggregate) and output is None:
-            error = {"type": "no_answer", "message": "no lane gave an answer that could be extracted"}
+            error = {
+                "type": "no_answer",
+                "message": "no lane gave an answer that could be extracted",
+            }
             await self._write_final(tx, job_id, "failed", None, error, items, now)
             return False
         result = ResultView(output=output, details=details, partial=decision.partial).model_dump()
@@ -762,13 +949,22 @@ class Store:
             await tx.conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.status.not_in(TERMINAL_JOB))
-                .values(status=status, result=result, error=error, finished_at=now, lease_owner=None)
-                .returning(jobs.c.prompt_tokens, jobs.c.completion_tokens, jobs.c.total_tokens)
+                .values(
+                    status=status, result=result, error=error, finished_at=now, lease_owner=None
+                )
+                .returning(
+                    jobs.c.prompt_tokens, jobs.c.completion_tokens, jobs.c.total_tokens, jobs.c.spec
+                )
             )
         ).first()
         if updated is None:
             return
-        usage = {"prompt_tokens": updated[0], "completion_tokens": updated[1], "total_tokens": updated[2]}
+        await self._queue_webhook(tx, job_id, updated[3], now)
+        usage = {
+            "prompt_tokens": updated[0],
+            "completion_tokens": updated[1],
+            "total_tokens": updated[2],
+        }
         if status == "succeeded":
             items.append(("job.succeeded", {"result": result, "usage": usage}))
         else:
@@ -779,7 +975,9 @@ class Store:
     ) -> list[agg.LaneResult]:
         rows = (
             await conn.execute(
-                select(lanes.c.idx, lanes.c.name, lanes.c.status, lanes.c.output, lanes.c.answer_key)
+                select(
+                    lanes.c.idx, lanes.c.name, lanes.c.status, lanes.c.output, lanes.c.answer_key
+                )
                 .where(lanes.c.job_id == job_id)
                 .order_by(lanes.c.idx)
             )
@@ -789,7 +987,9 @@ class Store:
             for idx, name, status, output, key in rows
         ]
 
-    async def lane_results(self, job_id: str) -> tuple[VotingSpec | SectioningSpec, list[agg.LaneResult]]:
+    async def lane_results(
+        self, job_id: str
+    ) -> tuple[VotingSpec | SectioningSpec, list[agg.LaneResult]]:
         async with self.db.read() as conn:
             job = await self._job_row(conn, job_id, None)
             spec = self.spec_of(job_id, job["spec"])
@@ -825,7 +1025,9 @@ class Store:
                 await self._write_final(tx, job_id, "failed", None, error, items, now)
             else:
                 partial = bool((job["result"] or {}).get("partial"))
-                results = await self._lane_results(tx.conn, job_id, self.spec_of(job_id, job["spec"]))
+                results = await self._lane_results(
+                    tx.conn, job_id, self.spec_of(job_id, job["spec"])
+                )
                 details = {"inputs": sum(1 for r in results if r.succeeded)}
                 result = ResultView(output=output, details=details, partial=partial).model_dump()
                 await self._write_final(tx, job_id, "succeeded", result, None, items, now)
@@ -842,7 +1044,9 @@ class Store:
         """Aggregating jobs whose reducer's process went away: this process takes them."""
         now = time.time()
         async with self.db.transaction() as tx:
-            query = select(jobs.c.id).where(jobs.c.status == "aggregating", jobs.c.lease_expires_at < now)
+            query = select(jobs.c.id).where(
+                jobs.c.status == "aggregating", jobs.c.lease_expires_at < now
+            )
             if not self.db.is_sqlite:
                 query = query.with_for_update(skip_locked=True)
             ids = list((await tx.conn.execute(query)).scalars().all())
@@ -857,7 +1061,9 @@ class Store:
     async def expire_deadlines(self, owner: str) -> list[str]:
         """Decide every job whose deadline passed; returns jobs that now need a reducer."""
         now = time.time()
-        query = select(jobs.c.id).where(jobs.c.status.in_(("queued", "running")), jobs.c.deadline_at <= now)
+        query = select(jobs.c.id).where(
+            jobs.c.status.in_(("queued", "running")), jobs.c.deadline_at <= now
+        )
         async with self.db.read() as conn:
             due = list((await conn.execute(query)).scalars().all())
         reduce_jobs = []
@@ -871,11 +1077,89 @@ class Store:
                     reduce_jobs.append(job_id)
         return reduce_jobs
 
+    # --- webhooks ------------------------------------------------------------------
+
+    async def _queue_webhook(
+        self, tx: Tx, job_id: str, raw_spec: dict[str, Any], now: float
+    ) -> None:
+        """In the transaction that ends the job: the delivery cannot be lost."""
+        url = (raw_spec.get("webhook") or {}).get("url")
+        if url:
+            await tx.conn.execute(
+                insert(webhooks).values(
+                    job_id=job_id,
+                    url=url,
+                    status="pending",
+                    attempts=0,
+                    next_attempt_at=now,
+                    history=[],
+                )
+            )
+
+    async def claim_webhooks(self, owner: str, limit: int = 50) -> list[tuple[str, str, int]]:
+        """Due deliveries, leased to this process: ``(job id, url, attempts so far)``."""
+        now = time.time()
+        async with self.db.transaction() as tx:
+            query = (
+                select(webhooks.c.job_id, webhooks.c.url, webhooks.c.attempts)
+                .where(
+                    webhooks.c.status == "pending",
+                    webhooks.c.next_attempt_at <= now,
+                    or_(webhooks.c.lease_expires_at.is_(None), webhooks.c.lease_expires_at < now),
+                )
+                .order_by(webhooks.c.next_attempt_at)
+                .limit(limit)
+            )
+            if not self.db.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            rows = [(str(j), str(u), int(a)) for j, u, a in (await tx.conn.execute(query)).all()]
+            if rows:
+                await tx.conn.execute(
+                    update(webhooks)
+                    .where(webhooks.c.job_id.in_([r[0] for r in rows]))
+                    .values(lease_owner=owner, lease_expires_at=now + self.lease_seconds)
+                )
+        return rows
+
+    async def record_webhook_attempt(
+        self,
+        job_id: str,
+        owner: str,
+        *,
+        attempt: dict[str, Any],
+        delivered: bool,
+        retry_at: float | None,
+    ) -> None:
+        """One delivery attempt: delivered, retried at ``retry_at``, or given up (None)."""
+        async with self.db.transaction() as tx:
+            row = (
+                (await tx.conn.execute(select(webhooks).where(webhooks.c.job_id == job_id)))
+                .mappings()
+                .first()
+            )
+            if row is None or row["lease_owner"] != owner or row["status"] != "pending":
+                return
+            status = "delivered" if delivered else ("pending" if retry_at is not None else "failed")
+            await tx.conn.execute(
+                update(webhooks)
+                .where(webhooks.c.job_id == job_id)
+                .values(
+                    status=status,
+                    attempts=row["attempts"] + 1,
+                    history=[*row["history"], attempt],
+                    next_attempt_at=retry_at if retry_at is not None else row["next_attempt_at"],
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            )
+
     async def next_wakeup(self) -> float | None:
         """When the earliest queued lane becomes claimable (retries wait for backoff)."""
         async with self.db.read() as conn:
             return (
-                await conn.execute(select(func.min(lanes.c.available_at)).where(lanes.c.status == "queued"))
+                await conn.execute(
+                    select(func.min(lanes.c.available_at)).where(lanes.c.status == "queued")
+                )
             ).scalar_one_or_none()
 
 
@@ -905,7 +1189,9 @@ def gate_patterns(spec: VotingSpec | SectioningSpec) -> dict[int, str]:
     return {i: s.gate.block_if for i, s in enumerate(spec.sections) if s.gate is not None}
 
 
-def answer_for(spec: VotingSpec | SectioningSpec, idx: int, gates: dict[int, str], output: Any) -> Any:
+def answer_for(
+    spec: VotingSpec | SectioningSpec, idx: int, gates: dict[int, str], output: Any
+) -> Any:
     """A gate lane's verdict, or the vote/score the aggregate reads from the output."""
     if idx in gates:
         return "blocked" if re.search(gates[idx], agg.output_text(output)) else "passed"
@@ -913,7 +1199,8 @@ def answer_for(spec: VotingSpec | SectioningSpec, idx: int, gates: dict[int, str
 
 
 def _gate_blocks(result: agg.LaneResult) -> bool:
-    return result.answer == "blocked" or result.status in ("failed", "timed_out")
+    """Fail closed: a gate blocks unless it ran and passed."""
+    return not (result.succeeded and result.answer == "passed")
 
 
 def spec_lanes(spec: VotingSpec | SectioningSpec) -> list[str]:
@@ -928,6 +1215,17 @@ def _usage(row: Any) -> Usage:
     )
 
 
+def _key_reused() -> InvalidSpec:
+    return InvalidSpec(
+        [
+            {
+                "loc": ["header", "Idempotency-Key"],
+                "msg": "this key was already used with a different request body",
+            }
+        ]
+    )
+
+
 def encode_cursor(created_at: float, job_id: str) -> str:
     return base64.urlsafe_b64encode(json.dumps([created_at, job_id]).encode()).decode()
 
@@ -937,7 +1235,9 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
         return float(created_at), str(job_id)
     except (ValueError, TypeError) as exc:
-        raise InvalidSpec([{"loc": ["query", "cursor"], "msg": "not a cursor this server gave out"}]) from exc
+        raise InvalidSpec(
+            [{"loc": ["query", "cursor"], "msg": "not a cursor this server gave out"}]
+        ) from exc
 
 
 def job_view(job: Any, lane_rows: Sequence[Any]) -> JobView:

@@ -1,0 +1,71 @@
+"""``GET /jobs/{id}``: one self-contained HTML page that shows a job's lanes live.
+
+The page is a static file (``static/job.html``, inline CSS and JS, no CDN, no build
+step). Its script reads the job id from its own URL, draws the job from
+``GET /v1/jobs/{id}``, then follows ``GET /v1/jobs/{id}/events``; this route only
+checks that the job exists, so an unknown id is a plain 404.
+
+Everything the page shows comes from callers and LLMs, so the page never parses it
+as HTML; the Content-Security-Policy makes that a rule the browser enforces: only the
+page's own inline script and style run (pinned by hash), and Trusted Types make any
+``innerHTML = string`` throw.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from functools import cache
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+router = APIRouter()
+
+PROBLEM = {"content": {"application/problem+json": {}}, "description": "problem details"}
+
+PAGE = Path(__file__).with_name("static") / "job.html"
+
+
+def _hash(source: str) -> str:
+    digest = hashlib.sha256(source.encode()).digest()
+    return f"'sha256-{base64.b64encode(digest).decode()}'"
+
+
+@cache
+def _page() -> tuple[str, str]:
+    """The page and its Content-Security-Policy, read once."""
+    html = PAGE.read_text(encoding="utf-8")
+    scripts = " ".join(_hash(s) for s in re.findall(r"<script>(.*?)</script>", html, re.S))
+    styles = " ".join(_hash(s) for s in re.findall(r"<style>(.*?)</style>", html, re.S))
+    policy = (
+        "default-src 'none'; "
+        f"script-src {scripts}; style-src {styles}; "
+        "connect-src 'self'; img-src data:; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
+        "require-trusted-types-for 'script'"
+    )
+    return html, policy
+
+
+@router.get(
+    "/jobs/{job_id}",
+    response_class=HTMLResponse,
+    responses={404: PROBLEM},
+    tags=["pages"],
+)
+async def job_page(request: Request, job_id: str) -> HTMLResponse:
+    """The job's lanes, votes or gate verdicts, usage and result, live in a browser."""
+    await request.app.state.fanout.store.job_status(job_id, None)  # NotFound → 404
+    html, policy = _page()
+    return HTMLResponse(
+        html,
+        headers={
+            "Content-Security-Policy": policy,
+            "Cache-Control": "no-cache",
+            "Referrer-Policy": "no-referrer",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
