@@ -49,10 +49,20 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
     tenants = Tenants(settings.api_keys)
     limiter = RateLimiter(settings.rate_limit_per_minute)
     state = AppState(settings, db, store, hub, providers, runner, tenants, limiter)
+    from .notify import Listener  # (only running() needs it)
+
+    # PostgreSQL: other processes' events reach this hub, their new work wakes this runner.
+    listener = None
+    if not db.is_sqlite:
+        wake = runner.wake if runner is not None else None
+        listener = Listener(settings.database_url, hub, origin=db.origin, wake=wake)
+        await listener.start()
     supervisor = asyncio.create_task(_supervise(runner)) if runner is not None else None
     try:
         yield state
     finally:
+        if listener is not None:
+            await listener.stop()
         if supervisor is not None:
             supervisor.cancel()
             with suppress(asyncio.CancelledError):

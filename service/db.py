@@ -9,6 +9,10 @@ file lock (and fail with "database is locked" under load), all writes share one
 connection (a pool of size one queues them in order) and open with
 ``BEGIN IMMEDIATE``; reads use their own pool and never block on writes in WAL
 mode. PostgreSQL uses one pool for both.
+
+On PostgreSQL a transaction that appended events also notifies other processes
+(:mod:`service.notify`): the ``pg_notify`` calls run just before the commit, so
+PostgreSQL delivers them exactly when, and only if, the transaction commits.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from . import notify
 
 
 @dataclass
@@ -70,6 +77,8 @@ class Database:
                 url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
             )
             self.reader = self.writer
+        # Names this process in its notifications, so that it can skip its own.
+        self.origin = uuid4().hex[:12]
         self.on_commit: Callable[[list[dict[str, Any]]], None] = lambda _events: None
 
     @asynccontextmanager
@@ -77,6 +86,8 @@ class Database:
         async with self.writer.begin() as conn:
             tx = Tx(conn)
             yield tx
+            if tx.events and not self.is_sqlite:
+                await _notify(conn, notify.notifications(self.origin, tx.events))
         if tx.events:
             self.on_commit(tx.events)
 
@@ -89,6 +100,16 @@ class Database:
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()
+
+
+async def _notify(conn: AsyncConnection, notes: list[tuple[str, str]]) -> None:
+    """Queue the notifications in one round trip; PostgreSQL sends them on commit."""
+    calls = ", ".join(f"pg_notify(:c{i}, :p{i})" for i in range(len(notes)))
+    params: dict[str, str] = {}
+    for i, (channel, payload) in enumerate(notes):
+        params[f"c{i}"] = channel
+        params[f"p{i}"] = payload
+    await conn.execute(text(f"SELECT {calls}"), params)
 
 
 # --- migrations ----------------------------------------------------------------------

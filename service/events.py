@@ -61,6 +61,20 @@ class EventHub:
             for sub in self._subscribers.get(event["job_id"], ()):
                 sub.offer(event)
 
+    def resync(self) -> None:
+        """Make every subscriber re-read its job's log from the table: events may have
+        been committed that never reached this hub (the PostgreSQL listener was down).
+
+        A subscriber waiting on an empty queue is woken by a marker with seq -1, which
+        :func:`stream` never yields: it either finds ``lagged`` set, or, when an earlier
+        item already triggered the re-read, drops it (its seq is never ``last + 1``:
+        ``last`` is at least 1 by then, every job's log starting with ``job.queued``).
+        """
+        for subs in self._subscribers.values():
+            for sub in subs:
+                sub.lagged = True
+                sub.offer({"job_id": sub.job_id, "seq": -1, "type": "hub.resync", "data": {}})
+
     def subscribe(self, job_id: str) -> Subscription:
         sub = Subscription(job_id)
         self._subscribers.setdefault(job_id, set()).add(sub)

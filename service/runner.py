@@ -36,7 +36,7 @@ from .egress import run_http
 from .events import Event, EventHub
 from .lanes import Attempt, Providers, run_llm
 from .spec import LlmTask, ReduceAggregate
-from .store import Claim, Outcome, Store, lane_tasks
+from .store import Claim, Outcome, Store, iso, lane_tasks
 
 log = logging.getLogger("fanout.runner")
 
@@ -141,7 +141,15 @@ class Runner:
             timeout = max(0.001, min(timeout, claim.deadline_at - time.time()))
         started = time.time()
         if isinstance(task, LlmTask):
-            attempt = await run_llm(self.providers.client(task.provider), task, timeout=timeout)
+            client = self.providers.client(task.provider)
+            if task.stream:
+                deltas = DeltaCoalescer(self.hub, claim)
+                try:
+                    attempt = await run_llm(client, task, timeout=timeout, on_delta=deltas.add)
+                finally:
+                    deltas.flush()
+            else:
+                attempt = await run_llm(client, task, timeout=timeout)
         else:
             attempt = await run_http(
                 self.http, task, timeout=timeout, max_bytes=self.settings.max_response_bytes
@@ -333,3 +341,44 @@ class Runner:
             for job_id in await self.store.take_orphaned_reductions(self.owner):
                 self._start_reduce(job_id)
             await asyncio.sleep(min(0.25, self.settings.poll_interval_s))
+
+
+class DeltaCoalescer:
+    """Text chunks of a streaming lane, sent to live subscribers at most ~10 times a
+    second (``lane.delta``, sequence 0: never stored, never replayed)."""
+
+    INTERVAL_S = 0.1
+
+    def __init__(self, hub: EventHub, claim: Claim) -> None:
+        self.hub = hub
+        self.claim = claim
+        self._parts: list[str] = []
+        self._last_sent = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, text: str) -> None:
+        self._parts.append(text)
+        wait = self._last_sent + self.INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(wait, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._parts:
+            return
+        text, self._parts = "".join(self._parts), []
+        self._last_sent = time.monotonic()
+        data = {
+            "job_id": self.claim.job_id,
+            "seq": 0,
+            "at": iso(time.time()),
+            "lane": self.claim.idx,
+            "name": self.claim.name,
+            "attempt": self.claim.attempt,
+            "text": text,
+        }
+        self.hub.publish([{"job_id": self.claim.job_id, "seq": 0, "type": "lane.delta", "data": data}])

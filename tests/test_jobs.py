@@ -371,3 +371,24 @@ async def test_stream_headers_and_unknown_job(client: httpx.AsyncClient) -> None
     missing = await client.get("/v1/jobs/nope/events")
     assert missing.status_code == 404
     assert missing.headers["content-type"] == "application/problem+json"
+
+
+async def test_streaming_lane_sends_coalesced_deltas_live_only(client: httpx.AsyncClient) -> None:
+    spec = sectioning(section("story", model="fake?words=60&chunk_ms=20"))
+    spec["sections"][0]["task"]["stream"] = True
+    response = await client.post("/v1/jobs", json=spec)
+    job_id = response.json()["id"]
+    live = await events_of(client, job_id)
+    deltas = [e for e in live if e["event"] == "lane.delta"]
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    stored_text = job["lanes"][0]["output"]
+    assert stored_text == " ".join(f"w{i}" for i in range(1, 61))
+    assert "".join(d["data"]["text"] for d in deltas) == stored_text
+    # 60 chunks over ~1.2 s, coalesced to about 10 a second.
+    assert 2 <= len(deltas) <= 16
+    assert all("id" not in d for d in deltas)
+    kinds = [e["event"] for e in live]
+    assert kinds.index("lane.started") < kinds.index("lane.delta") < kinds.index("lane.succeeded")
+    replay = await events_of(client, job_id, last_event_id=0)
+    assert not any(e["event"] == "lane.delta" for e in replay)
+    assert job["lanes"][0]["usage"]["completion_tokens"] == 60
