@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from . import events as ev
@@ -175,3 +176,11 @@ async def readyz(request: Request) -> JSONResponse:
         status_code=503,
         media_type="application/problem+json",
     )
+
+
+@router.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+async def metrics(request: Request) -> PlainTextResponse:
+    """Prometheus metrics of this process."""
+    s = state(request)
+    s.metrics.stream_clients.set(s.hub.subscriber_count)
+    return PlainTextResponse(s.metrics.render(), media_type=CONTENT_TYPE_LATEST)

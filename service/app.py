@@ -19,10 +19,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .api import router
 from .config import Settings
 from .db import Database, upgrade
-from .errors import FanoutError
 from .egress import EgressGuard
+from .errors import FanoutError
 from .events import EventHub
 from .lanes import Providers
+from .metrics import Metrics
 from .page import router as page_router
 from .runner import Runner
 from .state import AppState
@@ -40,15 +41,21 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
         await asyncio.to_thread(upgrade, settings.database_url)
     db = Database(settings.database_url, pool_size=settings.db_pool_size)
     hub = EventHub()
-    db.on_commit = hub.publish
+    metrics = Metrics()
+
+    def on_commit(events: list[dict[str, Any]]) -> None:
+        metrics.observe_commit(events)
+        hub.publish(events)
+
+    db.on_commit = on_commit
     store = Store(db, lease_seconds=settings.lease_seconds)
     providers = Providers(settings.providers, max_connections=settings.max_concurrency)
     guard = EgressGuard(settings.egress_allow, max_response_bytes=settings.max_response_bytes)
     http = guard.client(max_connections=settings.max_concurrency)
-    runner = Runner(store, hub, providers, settings, http) if with_runner else None
+    runner = Runner(store, hub, providers, settings, http, metrics) if with_runner else None
     tenants = Tenants(settings.api_keys)
     limiter = RateLimiter(settings.rate_limit_per_minute)
-    state = AppState(settings, db, store, hub, providers, runner, tenants, limiter)
+    state = AppState(settings, db, store, hub, providers, runner, tenants, limiter, metrics)
     from .notify import Listener  # (only running() needs it)
 
     # PostgreSQL: other processes' events reach this hub, their new work wakes this runner.

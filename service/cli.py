@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import Settings
+from .logs import configure as configure_logging
 
 log = logging.getLogger("fanout")
 
@@ -60,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     if args.command == "migrate":
         from .db import upgrade
 

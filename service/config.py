@@ -7,6 +7,7 @@ import tomllib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -66,6 +67,7 @@ class Settings(BaseSettings):
     run_migrations: bool = True
     keepalive_s: float = Field(default=15.0, gt=0)
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
 
     @property
     def is_sqlite(self) -> bool:

@@ -35,6 +35,7 @@ from .config import Settings
 from .egress import run_http
 from .events import Event, EventHub
 from .lanes import Attempt, Providers, run_llm
+from .metrics import Metrics
 from .spec import LlmTask, ReduceAggregate
 from .store import Claim, Outcome, Store, iso, lane_tasks
 
@@ -52,12 +53,15 @@ class Runner:
         providers: Providers,
         settings: Settings,
         http: httpx.AsyncClient,
+        metrics: Metrics,
     ) -> None:
         self.store = store
         self.hub = hub
         self.providers = providers
         self.settings = settings
         self.http = http  # through the egress guard: http tasks and webhooks
+        self.metrics = metrics
+        metrics.inflight.set_function(lambda: len(self.inflight))
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.inflight: dict[tuple[str, int], asyncio.Task[None]] = {}
         self.reducing: dict[str, asyncio.Task[None]] = {}
@@ -111,6 +115,7 @@ class Runner:
                 wanted = min(free, self.settings.claim_batch)
                 claims = await self.store.claim(self.owner, wanted)
                 for claim in claims:
+                    self.metrics.queue_wait.observe(claim.waited_s)
                     self._start(claim)
                 claimed = len(claims)
                 if claimed == wanted:
@@ -154,6 +159,11 @@ class Runner:
             attempt = await run_http(
                 self.http, task, timeout=timeout, max_bytes=self.settings.max_response_bytes
             )
+        provider, model = (
+            (task.provider, task.model) if isinstance(task, LlmTask) else ("http", "-")
+        )
+        outcome = "ok" if attempt.ok else (attempt.error_type or "error")
+        self.metrics.observe_attempt(provider, model, time.time() - started, outcome, attempt.usage)
         self._report(claim, attempt, started)
 
     def _report(self, claim: Claim, attempt: Attempt, started: float) -> None:
@@ -169,6 +179,7 @@ class Runner:
         if attempt.ok:
             outcome = Outcome(kind="succeeded", output=attempt.output, **common)
         elif attempt.transient and claim.attempt < claim.spec.policy.max_attempts:
+            self.metrics.retries.labels(attempt.error_type or "error").inc()
             outcome = Outcome(
                 kind="retry",
                 error_type=attempt.error_type,
@@ -204,6 +215,7 @@ class Runner:
                 continue
             recorded = await self.store.record(self.owner, batch)
             self.rejected_writes += recorded.rejected
+            self.metrics.rejected_writes.inc(recorded.rejected)
             if recorded.rejected:
                 log.warning("rejected %d stale lane writes", recorded.rejected)
             for job_id in recorded.reduce_jobs:
@@ -381,4 +393,6 @@ class DeltaCoalescer:
             "attempt": self.claim.attempt,
             "text": text,
         }
-        self.hub.publish([{"job_id": self.claim.job_id, "seq": 0, "type": "lane.delta", "data": data}])
+        self.hub.publish(
+            [{"job_id": self.claim.job_id, "seq": 0, "type": "lane.delta", "data": data}]
+        )

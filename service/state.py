@@ -10,6 +10,7 @@ from .config import Settings
 from .db import Database, head_revision
 from .events import EventHub
 from .lanes import Providers
+from .metrics import Metrics
 from .runner import Runner
 from .store import Store
 from .tenants import RateLimiter, Tenants
@@ -25,6 +26,7 @@ class AppState:
     runner: Runner | None
     tenants: Tenants
     limiter: RateLimiter
+    metrics: Metrics
 
     async def readiness(self) -> str | None:
         """None when ready; otherwise why not (database unreachable, migrations missing)."""

@@ -75,6 +75,7 @@ class Claim:
     attempt: int
     spec: VotingSpec | SectioningSpec
     deadline_at: float | None
+    waited_s: float = 0.0  # from claimable to claimed
 
 
 @dataclass(frozen=True)
@@ -455,7 +456,7 @@ class Store:
         """
         now = time.time()
         async with self.db.transaction() as tx:
-            candidates = select(lanes.c.job_id, lanes.c.idx).where(
+            candidates = select(lanes.c.job_id, lanes.c.idx, lanes.c.available_at).where(
                 lanes.c.status == "queued", lanes.c.available_at <= now
             )
             saturated = await self._saturated_jobs(tx.conn)
@@ -471,8 +472,10 @@ class Store:
             if not rows:
                 return []
             wanted: dict[str, list[int]] = {}
-            for job_id, idx in rows:
+            available: dict[tuple[str, int], float] = {}
+            for job_id, idx, available_at in rows:
                 wanted.setdefault(job_id, []).append(idx)
+                available[(job_id, idx)] = available_at
             job_query = select(jobs).where(jobs.c.id.in_(sorted(wanted))).order_by(jobs.c.id)
             if not self.db.is_sqlite:
                 job_query = job_query.with_for_update(skip_locked=True)
@@ -527,7 +530,15 @@ class Store:
                 )
                 await self._append(tx, job_id, items, now)
                 claims.extend(
-                    Claim(job_id, idx, name, attempt, spec, job["deadline_at"])
+                    Claim(
+                        job_id,
+                        idx,
+                        name,
+                        attempt,
+                        spec,
+                        job["deadline_at"],
+                        now - available[(job_id, idx)],
+                    )
                     for idx, name, attempt in claimed
                 )
         return claims

@@ -11,7 +11,7 @@ import pytest
 
 from service.app import create_app
 from service.config import Settings
-from tests.support import run_job, section, sectioning, voting
+from tests.support import fake_reset, run_job, section, sectioning, voting
 
 NUMBER = {"kind": "majority", "extract": "number"}
 
@@ -152,3 +152,39 @@ async def test_docs_are_served_without_a_cdn(client: httpx.AsyncClient) -> None:
 def test_committed_openapi_document_is_current() -> None:
     committed = json.loads(Path("openapi/openapi.json").read_text())
     assert committed == create_app(Settings()).openapi(), "stale: run `make openapi`"
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == (f"{name}{{{wanted}}}" if labels else name):
+            return float(value)
+    return 0.0
+
+
+async def test_metrics_count_jobs_lanes_retries_and_tokens(client: httpx.AsyncClient, fake_llm: str) -> None:
+    await fake_reset(fake_llm)
+    job = await run_job(client, voting(3, "fake?answers=4&tokens=5", aggregate={**NUMBER, "early_stop": False}))
+    await run_job(client, sectioning(section("flaky", model="fake?fail_first=1&fail_status=503&tokens=5")))
+    await run_job(client, voting(1, "fake?status=400"))
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert metric(text, "fanout_jobs_total", status="succeeded") == 2
+    assert metric(text, "fanout_jobs_total", status="failed") == 1
+    assert metric(text, "fanout_lanes_total", status="succeeded") == 4
+    assert metric(text, "fanout_lanes_total", status="failed") == 1
+    assert metric(text, "fanout_retries_total", reason="upstream_error") == 1
+    completion = metric(text, "fanout_tokens_total", provider="default",
+                        model="fake?answers=4&tokens=5", kind="completion")
+    assert completion == sum(lane["usage"]["completion_tokens"] for lane in job["lanes"]) == 15
+    ok = 'fanout_attempt_seconds_count{model="fake?answers=4&tokens=5",outcome="ok",provider="default"}'
+    assert f"{ok} 3.0" in text
+    assert metric(text, "fanout_lanes_in_flight") == 0
+    assert "fanout_queue_wait_seconds_count" in text
+    assert "fanout_stream_clients" in text

@@ -1,0 +1,102 @@
+"""Prometheus metrics and one structured log line per job state change.
+
+Counted where the work happens: :func:`observe_commit` sees only this process's
+own commits (not events relayed from other replicas), so summing the series of
+every process counts each job and lane once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+log = logging.getLogger("fanout.jobs")
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """One registry per app, so tests (and several apps in one process) stay apart."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs = Counter(
+            "fanout_jobs", "Jobs that ended, by final state", ["status"], registry=r
+        )
+        self.lanes = Counter(
+            "fanout_lanes", "Lanes that ended, by final state", ["status"], registry=r
+        )
+        self.attempt_seconds = Histogram(
+            "fanout_attempt_seconds",
+            "Duration of one lane attempt",
+            ["provider", "model", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "fanout_retries", "Attempts that will be retried, by reason", ["reason"], registry=r
+        )
+        self.tokens = Counter(
+            "fanout_tokens", "Tokens used", ["provider", "model", "kind"], registry=r
+        )
+        self.queue_wait = Histogram(
+            "fanout_queue_wait_seconds",
+            "Time a lane waited between becoming claimable and being claimed",
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+            registry=r,
+        )
+        self.rejected_writes = Counter(
+            "fanout_rejected_writes", "Late lane writes of a worker that lost its lease", registry=r
+        )
+        self.inflight = Gauge(
+            "fanout_lanes_in_flight", "Lane attempts running in this process", registry=r
+        )
+        self.stream_clients = Gauge(
+            "fanout_stream_clients", "Open event streams in this process", registry=r
+        )
+
+    def observe_commit(self, events: list[dict[str, Any]]) -> None:
+        """Count final states and log job state changes (lane ones at DEBUG)."""
+        for event in events:
+            kind: str = event["type"]
+            group, _, state = kind.partition(".")
+            if group == "job":
+                if state in ("succeeded", "failed", "cancelled"):
+                    self.jobs.labels(state).inc()
+                log.info(
+                    kind, extra={"job_id": event["job_id"], "seq": event["seq"], "event": kind}
+                )
+            elif group == "lane":
+                if state in ("succeeded", "failed", "timed_out", "cancelled", "skipped"):
+                    self.lanes.labels(state).inc()
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        kind,
+                        extra={
+                            "job_id": event["job_id"],
+                            "lane": event["data"].get("lane"),
+                            "event": kind,
+                        },
+                    )
+
+    def observe_attempt(
+        self, provider: str, model: str, seconds: float, outcome: str, usage: tuple[int, int, int]
+    ) -> None:
+        self.attempt_seconds.labels(provider, model, outcome).observe(seconds)
+        prompt, completion, _total = usage
+        if prompt:
+            self.tokens.labels(provider, model, "prompt").inc(prompt)
+        if completion:
+            self.tokens.labels(provider, model, "completion").inc(completion)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
