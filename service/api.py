@@ -19,9 +19,46 @@ from .state import AppState
 
 router = APIRouter()
 
-PROBLEM = {"content": {"application/problem+json": {}}, "description": "problem details"}
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: PROBLEM for status in (401, 404, 409, 413, 422, 429)
+# --- OpenAPI declarations: the error responses of each route (``app`` gives every one
+# the ``Problem`` schema), and the links from a created job to what can be done with it.
+
+PROBLEMS = {
+    401: "no API key, or an unknown one",
+    404: "no such job for this tenant",
+    409: "the job has already finished",
+    413: "the request body is over the cap",
+    422: "the request is invalid or over a cap; `errors` names each failing field",
+    429: "over the tenant's rate limit",
+    503: "not ready: the database is unreachable or not migrated",
+}
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """Declared error responses: the given ones, plus 401 and 429 on every ``/v1`` route."""
+    return {
+        status: {"description": PROBLEMS[status], "content": {"application/problem+json": {}}}
+        for status in sorted({401, *statuses, 429})
+    }
+
+
+def _link(path: str, method: str) -> dict[str, Any]:
+    pointer = path.replace("/", "~1").replace("{", "%7B").replace("}", "%7D")
+    return {"operationRef": f"#/paths/{pointer}/{method}", "parameters": {"job_id": "$response.body#/id"}}
+
+
+JOB_LINKS = {
+    "GetJob": _link("/v1/jobs/{job_id}", "get"),
+    "CancelJob": _link("/v1/jobs/{job_id}/cancel", "post"),
+    "JobEvents": _link("/v1/jobs/{job_id}/events", "get"),
+}
+CREATED: dict[int | str, dict[str, Any]] = {
+    202: {
+        "description": "the job (for a repeated Idempotency-Key, the job it created)",
+        "headers": {
+            "Location": {"required": True, "schema": {"type": "string"}, "description": "the job"}
+        },
+        "links": JOB_LINKS,
+    },
 }
 
 
@@ -49,7 +86,13 @@ def caller(request: Request) -> str:
 Tenant = Annotated[str, Depends(caller)]
 
 
-@router.post("/v1/jobs", status_code=202, response_model=JobView, responses=ERRORS, tags=["jobs"])
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    response_model=JobView,
+    responses={**CREATED, **problems(413, 422)},
+    tags=["jobs"],
+)
 async def create_job(
     request: Request,
     response: Response,
@@ -81,7 +124,7 @@ async def create_job(
     return await s.store.get_job(job_id, tenant)
 
 
-@router.get("/v1/jobs", response_model=JobPage, responses=ERRORS, tags=["jobs"])
+@router.get("/v1/jobs", response_model=JobPage, responses=problems(422), tags=["jobs"])
 async def list_jobs(
     request: Request,
     tenant: Tenant,
@@ -96,7 +139,7 @@ async def list_jobs(
     return JobPage(jobs=jobs, next_cursor=next_cursor)
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobView, responses=ERRORS, tags=["jobs"])
+@router.get("/v1/jobs/{job_id}", response_model=JobView, responses=problems(404), tags=["jobs"])
 async def get_job(request: Request, tenant: Tenant, job_id: str) -> JobView:
     return await state(request).store.get_job(job_id, tenant)
 
@@ -105,7 +148,7 @@ async def get_job(request: Request, tenant: Tenant, job_id: str) -> JobView:
     "/v1/jobs/{job_id}/cancel",
     status_code=202,
     response_model=JobView,
-    responses=ERRORS,
+    responses=problems(404, 409, 413),
     tags=["jobs"],
 )
 async def cancel_job(request: Request, tenant: Tenant, job_id: str) -> JobView:
@@ -117,9 +160,10 @@ async def cancel_job(request: Request, tenant: Tenant, job_id: str) -> JobView:
 
 @router.get(
     "/v1/jobs/{job_id}/events",
+    response_class=EventSourceResponse,
     responses={
-        **ERRORS,
-        200: {"content": {"text/event-stream": {}}, "description": "event stream"},
+        200: {"content": {"text/event-stream": {}}, "description": "the job's events"},
+        **problems(404, 422),
     },
     tags=["jobs"],
 )
@@ -166,7 +210,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["ops"], responses={503: PROBLEM})
+@router.get("/readyz", tags=["ops"], responses={503: {"description": PROBLEMS[503]}})
 async def readyz(request: Request) -> JSONResponse:
     problem = await state(request).readiness()
     if problem is None:

@@ -4,8 +4,9 @@ handler renders every error as problem+json."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -112,7 +113,97 @@ def create_app(settings: Settings | None = None, *, with_runner: bool = True) ->
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.openapi = _document(app)  # type: ignore[method-assign]
     return app
+
+
+# --- the OpenAPI document ---------------------------------------------------------------
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details. A 422 names each failing field in `errors`.",
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer", "minimum": 400, "maximum": 599},
+        "detail": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["loc", "msg"],
+                "properties": {
+                    "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+                    "msg": {"type": "string"},
+                    "type": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+# Headers that come with an error, whichever route refuses.
+ERROR_HEADERS: dict[str, dict[str, Any]] = {
+    "401": {
+        "WWW-Authenticate": {
+            "required": True,
+            "schema": {"type": "string"},
+            "description": "the Bearer challenge",
+        }
+    },
+    "429": {
+        "Retry-After": {
+            "required": True,
+            "schema": {"type": "integer", "minimum": 1},
+            "description": "seconds until the rate limit lets a request through",
+        }
+    },
+}
+SECURITY_SCHEMES: dict[str, Any] = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key from `FANOUT_API_KEYS`; with none configured the service runs"
+        " open (local use only) and ignores it.",
+    },
+    "query-key": {
+        "type": "apiKey",
+        "in": "query",
+        "name": "key",
+        "description": "The same key as `?key=`, for browsers' EventSource (it cannot send headers).",
+    },
+}
+
+
+def _document(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """``app.openapi`` with what FastAPI cannot infer: every error is problem+json with the
+    ``Problem`` schema (and its headers), and ``/v1`` routes need an API key."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            components = document.setdefault("components", {})
+            schemas = components.setdefault("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+            for path, operations in document["paths"].items():
+                for operation in operations.values():
+                    if path.startswith("/v1/"):
+                        operation["security"] = [{"bearer": []}, {"query-key": []}]
+                    for status, response in operation["responses"].items():
+                        if status[0] in "45":
+                            ref = {"$ref": "#/components/schemas/Problem"}
+                            response["content"] = {PROBLEM_JSON: {"schema": ref}}
+                            if status in ERROR_HEADERS:
+                                response["headers"] = copy.deepcopy(ERROR_HEADERS[status])
+            schemas["Problem"] = copy.deepcopy(PROBLEM_SCHEMA)
+            components["securitySchemes"] = copy.deepcopy(SECURITY_SCHEMES)
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    return openapi
 
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:

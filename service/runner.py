@@ -24,6 +24,7 @@ import random
 import socket
 import time
 import uuid
+from collections import Counter
 from contextlib import suppress
 from typing import Any
 
@@ -35,9 +36,10 @@ from .config import Settings
 from .egress import run_http
 from .events import Event, EventHub
 from .lanes import Attempt, Providers, run_llm
+from .limits import ProviderLimits
 from .metrics import Metrics
-from .spec import LlmTask, ReduceAggregate
-from .store import Claim, Outcome, Store, iso, lane_tasks
+from .spec import LlmTask, ReduceAggregate, lane_task
+from .store import Claim, Outcome, Store, iso, provider_of
 
 log = logging.getLogger("fanout.runner")
 
@@ -61,6 +63,7 @@ class Runner:
         self.settings = settings
         self.http = http  # through the egress guard: http tasks and webhooks
         self.metrics = metrics
+        self.limits = ProviderLimits(settings.providers)
         metrics.inflight.set_function(lambda: len(self.inflight))
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.inflight: dict[tuple[str, int], asyncio.Task[None]] = {}
@@ -113,19 +116,46 @@ class Runner:
             claimed = 0
             if free > 0:
                 wanted = min(free, self.settings.claim_batch)
-                claims = await self.store.claim(self.owner, wanted)
+                claims = await self._claim(wanted)
                 for claim in claims:
                     self.metrics.queue_wait.observe(claim.waited_s)
                     self._start(claim)
                 claimed = len(claims)
                 if claimed == wanted:
                     continue
+            # Sleep until woken (a job was created, a lane finished and freed a cap),
+            # a retry's backoff ends, a provider's rate allows another call, or the
+            # poll interval passes (work from other processes without NOTIFY).
             timeout = self.settings.poll_interval_s
+            now = time.time()
             due = await self.store.next_wakeup() if claimed == 0 and free > 0 else None
-            if due is not None:
-                timeout = min(timeout, max(0.0, due - time.time()) + 0.001)
+            if due is not None and due > now:
+                timeout = min(timeout, due - now + 0.001)
+            if self.limits.next_check is not None:
+                timeout = min(timeout, max(0.001, self.limits.next_check - time.monotonic()))
+                self.limits.next_check = None
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _claim(self, wanted: int) -> list[Claim]:
+        """Claim lanes whose provider has capacity; give back slots admitted for lanes
+        that another process claimed first."""
+        admitted: list[str] = []
+
+        def admit(provider: str) -> bool:
+            if self.limits.admit(provider):
+                admitted.append(provider)
+                return True
+            return False
+
+        claims: list[Claim] = []
+        try:
+            claims = await self.store.claim(self.owner, wanted, admit)
+        finally:
+            unused = Counter(admitted) - Counter(provider_of(claim) for claim in claims)
+            for provider in unused.elements():
+                self.limits.release(provider, 0)
+        return claims
 
     def _start(self, claim: Claim) -> None:
         key = (claim.job_id, claim.idx)
@@ -139,7 +169,15 @@ class Runner:
         self._wake.set()
 
     async def _run_lane(self, claim: Claim) -> None:
-        _name, task = lane_tasks(claim.spec)[claim.idx]
+        tokens = 0
+        try:
+            tokens = await self._attempt(claim)
+        finally:
+            self.limits.release(provider_of(claim), tokens)
+
+    async def _attempt(self, claim: Claim) -> int:
+        """Run one attempt and report it; returns the tokens it used."""
+        _name, task = lane_task(claim.spec, claim.idx)
         policy = claim.spec.policy
         timeout = policy.lane_timeout_s or self.settings.default_lane_timeout_s
         if claim.deadline_at is not None:
@@ -165,6 +203,7 @@ class Runner:
         outcome = "ok" if attempt.ok else (attempt.error_type or "error")
         self.metrics.observe_attempt(provider, model, time.time() - started, outcome, attempt.usage)
         self._report(claim, attempt, started)
+        return attempt.usage[2]
 
     def _report(self, claim: Claim, attempt: Attempt, started: float) -> None:
         finished = time.time()

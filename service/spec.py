@@ -223,17 +223,21 @@ def quorum_size(spec: VotingSpec | SectioningSpec) -> int:
     return spec.policy.quorum or lane_count(spec) // 2 + 1
 
 
-def lane_tasks(spec: VotingSpec | SectioningSpec) -> list[tuple[str, LlmTask | HttpTask]]:
-    """Each lane's name and task; voting lane *i* gets ``seed + i`` when a seed is given."""
+def lane_task(spec: VotingSpec | SectioningSpec, i: int) -> tuple[str, LlmTask | HttpTask]:
+    """Lane *i*'s name and task; voting lane *i* gets ``seed + i`` when a seed is given."""
     if isinstance(spec, SectioningSpec):
-        return [(section.name, section.task) for section in spec.sections]
-    lanes: list[tuple[str, LlmTask | HttpTask]] = []
-    for i in range(spec.n):
-        task = spec.task
-        if isinstance(task, LlmTask) and task.seed is not None:
-            task = task.model_copy(update={"seed": task.seed + i})
-        lanes.append((f"lane-{i}", task))
-    return lanes
+        section = spec.sections[i]
+        return section.name, section.task
+    task = spec.task
+    if isinstance(task, LlmTask) and task.seed is not None:
+        task = task.model_copy(update={"seed": task.seed + i})
+    return f"lane-{i}", task
+
+
+def lane_names(spec: VotingSpec | SectioningSpec) -> list[str]:
+    if isinstance(spec, SectioningSpec):
+        return [section.name for section in spec.sections]
+    return [f"lane-{i}" for i in range(spec.n)]
 
 
 def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None:
@@ -300,7 +304,9 @@ def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None
         )
     if spec.webhook is not None:
         if not settings.webhook_secret:
-            problem(("webhook",), "this server has no webhook signing secret (FANOUT_WEBHOOK_SECRET)")
+            problem(
+                ("webhook",), "this server has no webhook signing secret (FANOUT_WEBHOOK_SECRET)"
+            )
         reason = _destination_problem(spec.webhook.url)
         if reason:
             problem(("webhook", "url"), reason)

@@ -14,7 +14,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -45,7 +45,8 @@ from .spec import (
     Usage,
     VotingSpec,
     WebhookView,
-    lane_tasks,
+    lane_names,
+    lane_task,
 )
 
 _spec_adapter: TypeAdapter[VotingSpec | SectioningSpec] = TypeAdapter(JobSpec)
@@ -210,6 +211,7 @@ class Store:
         job_id = new_job_id(now)
         raw = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
         deadline = now + spec.policy.deadline_s if spec.policy.deadline_s else None
+        names = lane_names(spec)
         async with self.db.transaction() as tx:
             if idempotency is not None:
                 key, request_hash = idempotency
@@ -258,7 +260,7 @@ class Store:
                     status="queued",
                     mode=spec.mode,
                     spec=raw,
-                    lanes_total=len(lane_tasks(spec)),
+                    lanes_total=len(names),
                     created_at=now,
                     deadline_at=deadline,
                     max_concurrency=spec.policy.max_concurrency,
@@ -283,7 +285,7 @@ class Store:
                         "queued_at": now,
                         "available_at": now,
                     }
-                    for i, (name, _task) in enumerate(lane_tasks(spec))
+                    for i, name in enumerate(names)
                 ],
             )
             if idempotency is not None:
@@ -296,7 +298,7 @@ class Store:
                         expires_at=now + idempotency_ttl_s,
                     )
                 )
-            await self._append(tx, job_id, [("job.queued", {"lanes": spec_lanes(spec)})], now)
+            await self._append(tx, job_id, [("job.queued", {"lanes": names})], now)
         self._specs[job_id] = spec
         return job_id, True
 
@@ -448,7 +450,9 @@ class Store:
 
     # --- runner side: claiming -----------------------------------------------------
 
-    async def claim(self, owner: str, limit: int) -> list[Claim]:
+    async def claim(
+        self, owner: str, limit: int, admit: Callable[[str], bool] | None = None
+    ) -> list[Claim]:
         """Take up to ``limit`` queued lanes whose time has come, respecting per-job caps.
 
         On PostgreSQL the candidate jobs are locked ``FOR UPDATE SKIP LOCKED``: two
@@ -492,6 +496,10 @@ class Store:
                 idxs = wanted[job_id]
                 if job["max_concurrency"]:
                     idxs = idxs[: max(0, job["max_concurrency"] - running.get(job_id, 0))]
+                spec = self.spec_of(job_id, job["spec"])
+                if admit is not None:
+                    # Lanes whose provider has no capacity now stay queued.
+                    idxs = [i for i in idxs if admit(_provider_of(lane_task(spec, i)[1]))]
                 if not idxs:
                     continue
                 claimed = (
@@ -515,7 +523,6 @@ class Store:
                 if not claimed:
                     continue
                 claimed = sorted(claimed)
-                spec = self.spec_of(job_id, job["spec"])
                 items: list[tuple[str, dict[str, Any]]] = []
                 if job["status"] == "queued":
                     await tx.conn.execute(
@@ -1194,6 +1201,15 @@ _OUTCOME_UPDATE = (
 )
 
 
+def provider_of(claim: Claim) -> str:
+    """The provider a lane calls (``http`` for http tasks), for capacity accounting."""
+    return _provider_of(lane_task(claim.spec, claim.idx)[1])
+
+
+def _provider_of(task: Any) -> str:
+    return str(task.provider) if getattr(task, "kind", "") == "llm" else "http"
+
+
 def gate_patterns(spec: VotingSpec | SectioningSpec) -> dict[int, str]:
     if not isinstance(spec, SectioningSpec):
         return {}
@@ -1212,10 +1228,6 @@ def answer_for(
 def _gate_blocks(result: agg.LaneResult) -> bool:
     """Fail closed: a gate blocks unless it ran and passed."""
     return not (result.succeeded and result.answer == "passed")
-
-
-def spec_lanes(spec: VotingSpec | SectioningSpec) -> list[str]:
-    return [name for name, _task in lane_tasks(spec)]
 
 
 def _usage(row: Any) -> Usage:

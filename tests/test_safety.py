@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,7 +18,7 @@ from aiohttp import web
 
 from service.app import create_app
 from service.config import Settings
-from tests.support import events_of, run_job, section, sectioning, voting
+from tests.support import events_of, fake_reset, fake_stats, run_job, section, sectioning, voting
 
 KEYS = "acme:key-acme,globex:key-globex"
 SECRET = "whsec_" + base64.b64encode(b"fanout-test-secret").decode()
@@ -254,3 +255,58 @@ async def test_cancelled_job_also_sends_its_webhook(settings: Settings) -> None:
             await got.wait()
         await events_of(http, created.json()["id"])
     assert bodies[0]["status"] == "cancelled"
+
+
+# --- provider limits -----------------------------------------------------------------
+
+
+def providers_file(tmp_path: Any, fake_llm: str, **limits: int) -> Any:
+    path = tmp_path / "providers.toml"
+    lines = ["[providers.limited]", f'base_url = "{fake_llm}"', 'api_key_env = "OPENAI_API_KEY"']
+    lines += [f"{name} = {value}" for name, value in limits.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def limited(n: int, model: str) -> dict[str, Any]:
+    return voting(n, model, task={"provider": "limited"},
+                  aggregate={"kind": "majority", "extract": "number", "early_stop": False})
+
+
+async def test_provider_concurrency_cap_keeps_lanes_queued(
+    settings: Settings, fake_llm: str, tmp_path: Any
+) -> None:
+    path = providers_file(tmp_path, fake_llm, max_concurrency=2)
+    await fake_reset(fake_llm)
+    async with app_client(settings, providers_file=path) as http:
+        created = await http.post("/v1/jobs", json=limited(6, "fake?latency_ms=300&answers=1"))
+        job_id = created.json()["id"]
+        seen_waiting = False
+        async with asyncio.timeout(15):
+            while (job := (await http.get(f"/v1/jobs/{job_id}")).json())["status"] != "succeeded":
+                progress = job["progress"]
+                seen_waiting |= progress.get("running", 0) >= 1 and progress.get("queued", 0) >= 1
+                await asyncio.sleep(0.05)
+    assert seen_waiting
+    assert all(lane["attempts"] == 1 for lane in job["lanes"])
+    assert (await fake_stats(fake_llm))["max_in_flight"] == 2
+
+
+async def test_provider_requests_per_minute_pace_the_calls(
+    settings: Settings, fake_llm: str, tmp_path: Any
+) -> None:
+    path = providers_file(tmp_path, fake_llm, rpm=600)  # 10 a second, bursts of 10
+    async with app_client(settings, providers_file=path) as http:
+        started = time.monotonic()
+        job = await run_job(http, limited(20, "fake?answers=1"))
+        elapsed = time.monotonic() - started
+    assert job["status"] == "succeeded"
+    assert elapsed >= 0.9  # the second ten waited for the bucket to refill
+
+
+async def test_rate_limit_storm_never_multiplies_calls(client: httpx.AsyncClient, fake_llm: str) -> None:
+    await fake_reset(fake_llm)
+    job = await run_job(client, voting(5, "fake?rate_limit=1&retry_after=0.05", policy={"max_attempts": 3}))
+    assert job["status"] == "failed"
+    assert all(lane["attempts"] == 3 and lane["error"]["type"] == "rate_limited" for lane in job["lanes"])
+    assert (await fake_stats(fake_llm))["requests"] == 15
