@@ -23,6 +23,7 @@ router = APIRouter()
 # the ``Problem`` schema), and the links from a created job to what can be done with it.
 
 PROBLEMS = {
+    400: "the body cannot be decoded (not UTF-8)",
     401: "no API key, or an unknown one",
     404: "no such job for this tenant",
     409: "the job has already finished",
@@ -50,6 +51,59 @@ JOB_LINKS = {
     "GetJob": _link("/v1/jobs/{job_id}", "get"),
     "CancelJob": _link("/v1/jobs/{job_id}/cancel", "post"),
     "JobEvents": _link("/v1/jobs/{job_id}/events", "get"),
+}
+SPEC_EXAMPLES: dict[str, Any] = {
+    "voting": {
+        "summary": "self-consistency: 5 votes, majority on the number",
+        "value": {
+            "mode": "voting",
+            "n": 5,
+            "task": {
+                "model": "gpt-4o-mini",
+                "temperature": 0.8,
+                "messages": [{"role": "user", "content": "What is 17*23? End with 'Answer: N'."}],
+            },
+            "aggregate": {"kind": "majority", "extract": "number"},
+        },
+    },
+    "sectioning": {
+        "summary": "a draft and a safety check in parallel; the check gates the output",
+        "value": {
+            "mode": "sectioning",
+            "sections": [
+                {
+                    "name": "draft",
+                    "task": {
+                        "model": "gpt-4o-mini",
+                        "messages": [{"role": "user", "content": "Write a haiku about rain."}],
+                    },
+                },
+                {
+                    "name": "safety",
+                    "task": {
+                        "model": "gpt-4o-mini",
+                        "messages": [
+                            {"role": "system", "content": "Answer 'safe' or 'unsafe'."},
+                            {"role": "user", "content": "A haiku about rain."},
+                        ],
+                    },
+                    "gate": {"block_if": "(?i)\\bunsafe\\b"},
+                },
+            ],
+        },
+    },
+    "fake-llm": {
+        "summary": "a vote against the simulator (`fanout fake-llm`)",
+        "value": {
+            "mode": "voting",
+            "n": 3,
+            "task": {
+                "model": "fake?answers=391:2,392:1",
+                "messages": [{"role": "user", "content": "What is 17*23?"}],
+            },
+            "aggregate": {"kind": "majority", "extract": "number"},
+        },
+    },
 }
 CREATED: dict[int | str, dict[str, Any]] = {
     202: {
@@ -90,14 +144,16 @@ Tenant = Annotated[str, Depends(caller)]
     "/v1/jobs",
     status_code=202,
     response_model=JobView,
-    responses={**CREATED, **problems(413, 422)},
+    responses={**CREATED, **problems(400, 413, 422)},
     tags=["jobs"],
 )
 async def create_job(
     request: Request,
     response: Response,
     tenant: Tenant,
-    spec: Annotated[VotingSpec | SectioningSpec, Body(discriminator="mode")],
+    spec: Annotated[
+        VotingSpec | SectioningSpec, Body(discriminator="mode", openapi_examples=SPEC_EXAMPLES)
+    ],
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobView:
     """Create a job; it runs at once. ``Location`` names the job.

@@ -229,7 +229,7 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return problem(
         422,
         "Unprocessable Content",
-        f"{where}: {first['msg']}" if where else first["msg"],
+        f"{where}: {first['msg']}" if where else str(first["msg"]),
         errors=errors,
     )
 

@@ -5,9 +5,9 @@ Times are stored as epoch seconds (float) so both engines compare them the same 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, String, Table, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -89,9 +89,9 @@ class Event(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
-jobs = Job.__table__
-lanes = Lane.__table__
-events = Event.__table__
+jobs = cast(Table, Job.__table__)
+lanes = cast(Table, Lane.__table__)
+events = cast(Table, Event.__table__)
 
 
 class IdempotencyKey(Base):
@@ -128,5 +128,5 @@ class Webhook(Base):
     __table_args__ = (Index("ix_webhooks_status_next", "status", "next_attempt_at"),)
 
 
-idempotency_keys = IdempotencyKey.__table__
-webhooks = Webhook.__table__
+idempotency_keys = cast(Table, IdempotencyKey.__table__)
+webhooks = cast(Table, Webhook.__table__)

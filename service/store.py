@@ -245,14 +245,8 @@ class Store:
                     )
                 ).scalar_one()
                 if in_flight >= max_in_flight:
-                    raise InvalidSpec(
-                        [
-                            {
-                                "loc": ["body"],
-                                "msg": f"{in_flight} jobs in flight: at the cap of {max_in_flight} per tenant",
-                            }
-                        ]
-                    )
+                    cap = f"{in_flight} jobs in flight: at the cap of {max_in_flight} per tenant"
+                    raise InvalidSpec([{"loc": ["body"], "msg": cap}])
             await tx.conn.execute(
                 insert(jobs).values(
                     id=job_id,
@@ -347,7 +341,7 @@ class Store:
             status = (await conn.execute(query)).scalar_one_or_none()
         if status is None:
             raise NotFound(f"no job {job_id!r}")
-        return status
+        return str(status)
 
     async def is_finished(self, job_id: str) -> bool:
         return await self.job_status(job_id, None) in TERMINAL_JOB
@@ -1173,12 +1167,10 @@ class Store:
 
     async def next_wakeup(self) -> float | None:
         """When the earliest queued lane becomes claimable (retries wait for backoff)."""
+        query = select(func.min(lanes.c.available_at)).where(lanes.c.status == "queued")
         async with self.db.read() as conn:
-            return (
-                await conn.execute(
-                    select(func.min(lanes.c.available_at)).where(lanes.c.status == "queued")
-                )
-            ).scalar_one_or_none()
+            due = (await conn.execute(query)).scalar_one_or_none()
+        return None if due is None else float(due)
 
 
 _OUTCOME_UPDATE = (

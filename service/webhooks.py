@@ -60,7 +60,13 @@ async def deliver(
     refused = False
     try:
         response = await fetch(
-            client, "POST", url, content=body, headers=headers, timeout=timeout, follow_redirects=False
+            client,
+            "POST",
+            url,
+            content=body,
+            headers=headers,
+            timeout=timeout,
+            follow_redirects=False,
         )
         record["status_code"] = response.status
         if not 200 <= response.status < 300:
