@@ -429,7 +429,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         self,
         host: str,
         port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        timeout: float | None = None,
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
@@ -458,7 +458,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
     async def connect_unix_socket(
         self,
         path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        timeout: float | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         raise EgressDenied("unix sockets are not an egress destination")
@@ -504,7 +504,7 @@ async def fetch(
     method: str,
     url: httpx.URL | str,
     *,
-    timeout: float,  # noqa: ASYNC109 (the runner's per-attempt bound, like run_llm's)
+    timeout: float,
     headers: Mapping[str, str] | None = None,
     json: Any = None,
     content: bytes | None = None,
@@ -552,7 +552,7 @@ async def run_http(
     client: httpx.AsyncClient,
     task: HttpTask,
     *,
-    timeout: float,  # noqa: ASYNC109 (the runner's per-attempt bound, like run_llm's)
+    timeout: float,
     max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
 ) -> Attempt:
     """One attempt of an http task, whole within ``timeout``; every failure is an Attempt.
