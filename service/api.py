@@ -44,7 +44,10 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def _link(path: str, method: str) -> dict[str, Any]:
     pointer = path.replace("/", "~1").replace("{", "%7B").replace("}", "%7D")
-    return {"operationRef": f"#/paths/{pointer}/{method}", "parameters": {"job_id": "$response.body#/id"}}
+    return {
+        "operationRef": f"#/paths/{pointer}/{method}",
+        "parameters": {"job_id": "$response.body#/id"},
+    }
 
 
 JOB_LINKS = {

@@ -25,6 +25,7 @@ from .errors import FanoutError
 from .events import EventHub
 from .lanes import Providers
 from .metrics import Metrics
+from .notify import Listener
 from .page import router as page_router
 from .runner import Runner
 from .state import AppState
@@ -57,7 +58,6 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
     tenants = Tenants(settings.api_keys)
     limiter = RateLimiter(settings.rate_limit_per_minute)
     state = AppState(settings, db, store, hub, providers, runner, tenants, limiter, metrics)
-    from .notify import Listener  # (only running() needs it)
 
     # PostgreSQL: other processes' events reach this hub, their new work wakes this runner.
     listener = None
@@ -69,6 +69,8 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
     try:
         yield state
     finally:
+        if runner is not None:
+            await runner.drain(settings.drain_seconds)
         if listener is not None:
             await listener.stop()
         if supervisor is not None:
@@ -171,7 +173,7 @@ SECURITY_SCHEMES: dict[str, Any] = {
         "type": "apiKey",
         "in": "query",
         "name": "key",
-        "description": "The same key as `?key=`, for browsers' EventSource (it cannot send headers).",
+        "description": "The same key as `?key=`, for EventSource (it cannot send headers).",
     },
 }
 

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 from .config import Settings
 from .logs import configure as configure_logging
@@ -88,19 +89,36 @@ def _serve(settings: Settings, *, host: str | None, port: int | None, with_runne
 
     if not settings.api_keys:
         log.warning("no API keys configured (FANOUT_API_KEYS): the API is open, for local use only")
-    uvicorn.run(
-        create_app(settings, with_runner=with_runner),
+    app = create_app(settings, with_runner=with_runner)
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT the runner stops claiming at once, not after uvicorn has
+        waited for open connections; the lifespan then drains in-flight lanes."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            state = getattr(app.state, "fanout", None)
+            if state is not None and state.runner is not None:
+                state.runner.stop_claiming()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
         host=host or settings.host,
         port=port or settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
-        timeout_graceful_shutdown=max(5, int(settings.lease_seconds)),
+        timeout_graceful_shutdown=5,
     )
+    DrainingServer(config).run()
     return 0
 
 
 async def _worker(settings: Settings) -> int:
     from .app import running
+
+    if settings.is_sqlite:
+        log.error("fanout worker needs PostgreSQL: SQLite runs one process (use fanout serve)")
+        return 2
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -109,7 +127,7 @@ async def _worker(settings: Settings) -> int:
     async with running(settings) as state:
         log.info("worker %s running", state.runner.owner if state.runner else "?")
         await stop.wait()
-        log.info("stopping: releasing in-flight lanes")
+        log.info("stopping: no new claims, draining in-flight lanes")
     return 0
 
 

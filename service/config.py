@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=262_144, ge=1)
     max_concurrency: int = Field(default=512, ge=1)
     lease_seconds: float = Field(default=30.0, gt=0)
+    drain_seconds: float = Field(default=10.0, ge=0)
     egress_allow: str = ""
     webhook_secret: str | None = None
 

@@ -3,7 +3,7 @@
 The page is a static file (``static/job.html``, inline CSS and JS, no CDN, no build
 step). Its script reads the job id from its own URL, draws the job from
 ``GET /v1/jobs/{id}``, then follows ``GET /v1/jobs/{id}/events``; this route only
-checks that the job exists, so an unknown id is a plain 404.
+checks that the caller's tenant has the job, so an unknown id is a plain 404.
 
 Everything the page shows comes from callers and LLMs, so the page never parses it
 as HTML; the Content-Security-Policy makes that a rule the browser enforces: only the
@@ -22,9 +22,9 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-router = APIRouter()
+from .api import Tenant, problems, state
 
-PROBLEM = {"content": {"application/problem+json": {}}, "description": "problem details"}
+router = APIRouter()
 
 PAGE = Path(__file__).with_name("static") / "job.html"
 
@@ -53,12 +53,15 @@ def _page() -> tuple[str, str]:
 @router.get(
     "/jobs/{job_id}",
     response_class=HTMLResponse,
-    responses={404: PROBLEM},
+    responses=problems(404),
     tags=["pages"],
 )
-async def job_page(request: Request, job_id: str) -> HTMLResponse:
-    """The job's lanes, votes or gate verdicts, usage and result, live in a browser."""
-    await request.app.state.fanout.store.job_status(job_id, None)  # NotFound → 404
+async def job_page(request: Request, tenant: Tenant, job_id: str) -> HTMLResponse:
+    """The job's lanes, votes or gate verdicts, usage and result, live in a browser.
+
+    With API keys configured, open it as ``/jobs/{id}?key=...``: the page passes the
+    key on to the API (EventSource cannot send an ``Authorization`` header)."""
+    await state(request).store.job_status(job_id, tenant)  # another tenant's job: 404
     html, policy = _page()
     return HTMLResponse(
         html,

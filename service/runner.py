@@ -25,8 +25,9 @@ import socket
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Coroutine
 from contextlib import suppress
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -42,6 +43,7 @@ from .spec import LlmTask, ReduceAggregate, lane_task
 from .store import Claim, Outcome, Store, iso, provider_of
 
 log = logging.getLogger("fanout.runner")
+T = TypeVar("T")
 
 _STOPPING_EVENTS = frozenset({"lane.skipped", "lane.cancelled", "lane.timed_out"})
 _JOB_ENDED = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
@@ -74,7 +76,23 @@ class Runner:
         self._wake = asyncio.Event()
         self._webhooks_due = asyncio.Event()
         self._stopping = False
+        self._recording = 0
+        self._writes: set[asyncio.Future[Any]] = set()
+        self.draining = False
         hub.add_listener(self._on_events)
+
+    def stop_claiming(self) -> None:
+        """Take no new lanes (the first step of a graceful stop)."""
+        self.draining = True
+
+    async def drain(self, timeout: float) -> None:
+        """Stop claiming and wait up to ``timeout`` for in-flight lanes and reducers to
+        finish; their outcomes are recorded, and whatever is still running is released,
+        when the runner stops."""
+        self.draining = True
+        tasks = [*self.inflight.values(), *self.reducing.values()]
+        if tasks and timeout > 0:
+            await asyncio.wait(tasks, timeout=timeout)
 
     def wake(self) -> None:
         """New work may be claimable (a job was created, a lane requeued)."""
@@ -94,12 +112,27 @@ class Runner:
             await self._shutdown()
             raise
 
+    def _write(self, work: Coroutine[Any, Any, T]) -> Awaitable[T]:
+        """Run a database write to its end even if the caller is cancelled.
+
+        Cancelling a coroutine in the middle of a transaction can abandon the
+        connection with the transaction still open (on SQLite, holding the write lock
+        that the next connection then waits on). Shielded, the write finishes or fails
+        on its own, and :meth:`_shutdown` waits for it before releasing leases.
+        """
+        task = asyncio.ensure_future(work)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return asyncio.shield(task)
+
     async def _shutdown(self) -> None:
         self._stopping = True
         tasks = [*self.inflight.values(), *self.reducing.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._writes:
+            await asyncio.wait(set(self._writes), timeout=30)
         try:
             if self._outcomes:
                 await self.store.record(self.owner, self._outcomes)
@@ -112,7 +145,9 @@ class Runner:
     async def _claim_loop(self) -> None:
         while True:
             self._wake.clear()
-            free = self.settings.max_concurrency - len(self.inflight)
+            # Lanes whose call returned still hold their slot until they are recorded.
+            busy = len(self.inflight) + len(self._outcomes) + self._recording
+            free = 0 if self.draining else self.settings.max_concurrency - busy
             claimed = 0
             if free > 0:
                 wanted = min(free, self.settings.claim_batch)
@@ -150,7 +185,7 @@ class Runner:
 
         claims: list[Claim] = []
         try:
-            claims = await self.store.claim(self.owner, wanted, admit)
+            claims = await self._write(self.store.claim(self.owner, wanted, admit))
         finally:
             unused = Counter(admitted) - Counter(provider_of(claim) for claim in claims)
             for provider in unused.elements():
@@ -238,7 +273,8 @@ class Runner:
         self._outcome_ready.set()
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential backoff with full jitter, never sooner than ``Retry-After``."""
+        """Exponential backoff with jitter (half to all of the step), never sooner than
+        ``Retry-After``."""
         ceiling = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** (attempt - 1))
         delay = random.uniform(ceiling / 2, ceiling)
         return max(delay, retry_after or 0.0)
@@ -252,15 +288,23 @@ class Runner:
             batch, self._outcomes = self._outcomes, []
             if not batch:
                 continue
-            recorded = await self.store.record(self.owner, batch)
+            self._recording = len(batch)
+            try:
+                recorded = await self._write(self.store.record(self.owner, batch))
+            except BaseException:
+                # Not written: keep the outcomes for the next try (or the shutdown).
+                self._outcomes[:0] = batch
+                raise
+            finally:
+                self._recording = 0
             self.rejected_writes += recorded.rejected
             self.metrics.rejected_writes.inc(recorded.rejected)
             if recorded.rejected:
                 log.warning("rejected %d stale lane writes", recorded.rejected)
             for job_id in recorded.reduce_jobs:
                 self._start_reduce(job_id)
-            if any(o.kind == "retry" for o in batch):
-                self._wake.set()
+            # A recorded outcome frees a slot under its job's cap, or requeues a lane.
+            self._wake.set()
 
     def _on_events(self, events: list[Event]) -> None:
         """Stop in-flight attempts whose lane (or job) another decision just ended."""
@@ -325,12 +369,14 @@ class Runner:
                 break
             if attempt_no < spec.policy.max_attempts:
                 await asyncio.sleep(self._backoff(attempt_no, attempt.retry_after))
-        await self.store.finish_reduce(
-            job_id,
-            self.owner,
-            output=output,
-            error=None if output is not None else error,
-            usage=usage,
+        await self._write(
+            self.store.finish_reduce(
+                job_id,
+                self.owner,
+                output=output,
+                error=None if output is not None else error,
+                usage=usage,
+            )
         )
 
     # --- webhooks ------------------------------------------------------------------
@@ -344,7 +390,7 @@ class Runner:
             self._webhooks_due.clear()
             if secret is None:
                 continue
-            due = await self.store.claim_webhooks(self.owner)
+            due = await self._write(self.store.claim_webhooks(self.owner))
             await asyncio.gather(
                 *(self._deliver(job_id, url, attempts, secret) for job_id, url, attempts in due)
             )
@@ -367,8 +413,10 @@ class Runner:
         delivered = record.pop("delivered")
         if not delivered:
             log.warning("webhook for job %s failed: %s", job_id, record["error"])
-        await self.store.record_webhook_attempt(
-            job_id, self.owner, attempt=record, delivered=delivered, retry_at=retry_at
+        await self._write(
+            self.store.record_webhook_attempt(
+                job_id, self.owner, attempt=record, delivered=delivered, retry_at=retry_at
+            )
         )
         if retry_at is not None:
             asyncio.get_running_loop().call_at(
@@ -380,18 +428,30 @@ class Runner:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
-            if self.inflight or self.reducing:
-                await self.store.renew_leases(self.owner)
+            if self.inflight or self.reducing or self._outcomes or self._recording:
+                await _logged(self._write(self.store.renew_leases(self.owner)), "renewing leases")
 
     async def _sweep_loop(self) -> None:
         while True:
-            for job_id in await self.store.expire_deadlines(self.owner):
-                self._start_reduce(job_id)
-            if await self.store.reclaim_expired():
-                self._wake.set()
-            for job_id in await self.store.take_orphaned_reductions(self.owner):
-                self._start_reduce(job_id)
+            await _logged(self._write(self._sweep()), "sweeping")
             await asyncio.sleep(min(0.25, self.settings.poll_interval_s))
+
+    async def _sweep(self) -> None:
+        for job_id in await self.store.expire_deadlines(self.owner):
+            self._start_reduce(job_id)
+        if await self.store.reclaim_expired():
+            self._wake.set()
+        for job_id in await self.store.take_orphaned_reductions(self.owner):
+            self._start_reduce(job_id)
+
+
+async def _logged(work: Awaitable[object], doing: str) -> None:
+    """Housekeeping that fails (a lost connection, a deadlock victim) is logged and
+    tried again next round, rather than stopping the runner's other loops."""
+    try:
+        await work
+    except Exception:
+        log.exception("failed %s; trying again next round", doing)
 
 
 class DeltaCoalescer:

@@ -315,8 +315,8 @@ def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None
 
 
 def _destination_problem(url: str) -> str | None:
-    """Early 422 for a URL that can never pass the egress guard (scheme, literal IP).
-    The address actually connected to is checked again at every call."""
+    """Early 422 for a URL that can never pass the egress guard (its scheme or form).
+    Addresses are checked at every call, on the IP actually connected to."""
     from .egress import EgressDenied, check_url
 
     try:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import TypeAdapter
-from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -566,17 +566,31 @@ class Store:
         return {job_id: count for job_id, count in (await conn.execute(query)).all()}
 
     async def renew_leases(self, owner: str) -> None:
+        """Extend this process's leases (the heartbeat).
+
+        Rows another transaction holds are skipped, not waited for: every other writer
+        locks a job before its lanes, and this one locks no job, so waiting could close
+        a lock cycle. A skipped lane is being recorded or taken away; if not, the next
+        beat renews it.
+        """
         expires = time.time() + self.lease_seconds
+        held = select(lanes.c.job_id, lanes.c.idx).where(
+            lanes.c.lease_owner == owner, lanes.c.status == "running"
+        )
+        reducing = select(jobs.c.id).where(
+            jobs.c.lease_owner == owner, jobs.c.status == "aggregating"
+        )
+        if not self.db.is_sqlite:
+            held = held.with_for_update(skip_locked=True)
+            reducing = reducing.with_for_update(skip_locked=True)
         async with self.db.transaction() as tx:
             await tx.conn.execute(
                 update(lanes)
-                .where(lanes.c.lease_owner == owner, lanes.c.status == "running")
+                .where(tuple_(lanes.c.job_id, lanes.c.idx).in_(held))
                 .values(lease_expires_at=expires)
             )
             await tx.conn.execute(
-                update(jobs)
-                .where(jobs.c.lease_owner == owner, jobs.c.status == "aggregating")
-                .values(lease_expires_at=expires)
+                update(jobs).where(jobs.c.id.in_(reducing)).values(lease_expires_at=expires)
             )
 
     async def release(self, owner: str) -> None:

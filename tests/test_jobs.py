@@ -374,7 +374,8 @@ async def test_stream_headers_and_unknown_job(client: httpx.AsyncClient) -> None
 
 
 async def test_streaming_lane_sends_coalesced_deltas_live_only(client: httpx.AsyncClient) -> None:
-    spec = sectioning(section("story", model="fake?words=60&chunk_ms=20"))
+    # The latency lets the stream subscribe before the first chunk (deltas are live only).
+    spec = sectioning(section("story", model="fake?latency_ms=500&words=60&chunk_ms=20"))
     spec["sections"][0]["task"]["stream"] = True
     response = await client.post("/v1/jobs", json=spec)
     job_id = response.json()["id"]

@@ -1,0 +1,359 @@
+"""The job page ``GET /jobs/{id}``: served right, and end to end in headless Chromium.
+
+Browser tests run the real app (runner included) under uvicorn on a loopback port, since
+EventSource needs real HTTP, and drive Debian's ``chromium`` (``/usr/bin/chromium``)
+with Playwright; Playwright's own browser download is never used. Without either they
+are skipped, saying so, unless ``FANOUT_REQUIRE_BROWSER=1`` (set by CI), which makes
+that a failure. They run on SQLite only: the page does not care about the database,
+and the stream's resume is tested on both in the API tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from service.app import create_app
+from service.config import Settings
+from tests.support import events_of, free_port, section, sectioning, voting
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser, ConsoleMessage, Page
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium's own connections get refused here.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+REQUIRE_BROWSER = os.environ.get("FANOUT_REQUIRE_BROWSER") == "1"
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+def _browser_missing() -> str | None:
+    if not os.path.exists(CHROMIUM):
+        return f"{CHROMIUM} not found (apt-get install chromium)"
+    if importlib.util.find_spec("playwright") is None:
+        return "playwright is not installed (pip install playwright; never `playwright install`)"
+    return None
+
+
+BROWSER_MISSING = _browser_missing()
+needs_browser = pytest.mark.skipif(
+    BROWSER_MISSING is not None and not REQUIRE_BROWSER,
+    reason=f"browser tests need Chromium and Playwright: {BROWSER_MISSING}",
+)
+
+
+# --- fixtures ------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    """The app on a real loopback port."""
+
+    url: str
+    app: FastAPI
+    server: uvicorn.Server
+    http: httpx.AsyncClient
+
+    def drop_connections(self) -> None:
+        """Cut every open connection, as a proxy or a flaky network would."""
+        for connection in list(self.server.server_state.connections):
+            connection.transport.close()
+
+
+@pytest.fixture
+def page_settings(sqlite_url: str, fake_llm: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_llm)
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    return Settings(
+        database_url=sqlite_url,
+        poll_interval_s=0.2,
+        lease_seconds=5,
+        retry_base_s=0.05,
+        retry_max_s=0.5,
+        _env_file=None,
+    )
+
+
+@asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[Served]:
+    """The real app under uvicorn, in this test's event loop: EventSource needs real HTTP."""
+    app = create_app(settings)
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(20):
+            while not server.started:
+                if task.done():
+                    task.result()  # raises what stopped it
+                    raise RuntimeError("uvicorn exited before it started")
+                await asyncio.sleep(0.02)
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            yield Served(url, app, server, http)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+@pytest.fixture
+async def served(page_settings: Settings) -> AsyncIterator[Served]:
+    async with serve(page_settings) as served:
+        yield served
+
+
+@dataclass
+class Pages:
+    """A browser context; every page it opens must raise no script or CSP error."""
+
+    browser: Browser
+    errors: list[str] = field(default_factory=list)
+
+    async def open(self, url: str) -> Page:
+        context = await self.browser.new_context(viewport={"width": 1280, "height": 860})
+        page = await context.new_page()
+        page.on("pageerror", lambda exc: self.errors.append(f"page error: {exc}"))
+        page.on("console", self._console)
+        await page.goto(url)
+        return page
+
+    def _console(self, message: ConsoleMessage) -> None:
+        # Failed requests are logged as errors too (a dropped stream is one): only a
+        # refused script, style or HTML sink is the page's fault.
+        if message.type == "error" and any(
+            word in message.text for word in ("Content Security Policy", "Trusted")
+        ):
+            self.errors.append(f"console: {message.text}")
+
+
+@pytest.fixture
+async def pages() -> AsyncIterator[Pages]:
+    if BROWSER_MISSING is not None:
+        pytest.fail(f"FANOUT_REQUIRE_BROWSER=1 but {BROWSER_MISSING}")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        pages = Pages(browser)
+        try:
+            yield pages
+        finally:
+            await browser.close()
+    assert pages.errors == []
+
+
+async def post_job(served: Served, spec: dict[str, Any]) -> str:
+    response = await served.http.post("/v1/jobs", json=spec)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+# --- the route -----------------------------------------------------------------------
+
+
+async def test_page_of_a_job_is_html_under_a_strict_content_security_policy(
+    client: httpx.AsyncClient,
+) -> None:
+    job_id = (await client.post("/v1/jobs", json=voting(1))).json()["id"]
+    response = await client.get(f"/jobs/{job_id}")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    policy = response.headers["content-security-policy"]
+    assert "default-src 'none'" in policy
+    assert "script-src 'sha256-" in policy
+    assert "require-trusted-types-for 'script'" in policy
+    assert "<script>" in response.text
+    assert "innerHTML" not in response.text
+    await events_of(client, job_id)  # let it finish before the app stops
+
+
+async def test_page_of_an_unknown_job_is_404(client: httpx.AsyncClient) -> None:
+    response = await client.get("/jobs/no-such-job")
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["status"] == 404
+
+
+# --- in the browser ------------------------------------------------------------------
+
+
+@needs_browser
+async def test_page_shows_a_running_job_live_until_its_result(served: Served, pages: Pages) -> None:
+    from playwright.async_api import expect
+
+    spec = voting(
+        5,
+        "fake?latency_ms=500&jitter_ms=200&answers=391:3,392:1",
+        task={"seed": 7},
+        aggregate={"kind": "majority", "extract": "number", "early_stop": False},
+        policy={"max_concurrency": 1},
+    )
+    job_id = await post_job(served, spec)
+    page = await pages.open(f"{served.url}/jobs/{job_id}")
+
+    await expect(page.locator("#job-id")).to_have_text(job_id)
+    await expect(page.locator("#lanes tr[data-status=running]").first).to_be_visible()
+    await expect(page.locator("body")).to_have_attribute(
+        "data-job-status", "succeeded", timeout=20_000
+    )
+
+    job = (await served.http.get(f"/v1/jobs/{job_id}")).json()
+    await expect(page.locator("#lanes tr[data-status=succeeded]")).to_have_count(5)
+    await expect(page.locator("#result-output")).to_have_text(str(job["result"]["output"]))
+    await expect(page.locator("#usage-total")).to_have_text(f"{job['usage']['total_tokens']:,}")
+    await expect(page.locator("body")).to_have_attribute("data-stream", "done")
+    votes = {
+        answer: len([lane for lane in job["lanes"] if lane["answer"] == answer])
+        for answer in {lane["answer"] for lane in job["lanes"]}
+    }
+    for answer, count in votes.items():
+        await expect(page.locator(f'#votes li[data-answer="{answer}"] .count')).to_have_text(
+            f"{count} / 5"
+        )
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(
+        path=str(ARTIFACTS / "job-page.png"), full_page=True, animations="disabled"
+    )
+
+    missing = await page.goto(f"{served.url}/jobs/no-such-job")
+    assert missing is not None and missing.status == 404
+
+
+@needs_browser
+async def test_page_resumes_after_a_dropped_stream(served: Served, pages: Pages) -> None:
+    from playwright.async_api import expect
+
+    spec = voting(
+        5,
+        "fake?latency_ms=500&answers=7",
+        aggregate={"kind": "majority", "extract": "number", "early_stop": False},
+        policy={"max_concurrency": 1},
+    )
+    job_id = await post_job(served, spec)
+    page = await pages.open(f"{served.url}/jobs/{job_id}")
+    await expect(page.locator("body")).to_have_attribute("data-stream", "live")
+    await expect(page.locator("#lanes tr[data-status=running]")).to_have_count(1)
+
+    # Cut the stream, and keep the browser off the network until the job has finished,
+    # so the page has certainly missed events when it comes back.
+    await page.context.set_offline(True)
+    served.drop_connections()
+    await expect(page.locator("body")).to_have_attribute("data-stream", "reconnecting")
+    final = int((await events_of(served.http, job_id))[-1]["id"])
+    await expect(page.locator("body")).to_have_attribute("data-job-status", "running")
+
+    await page.context.set_offline(False)
+    await expect(page.locator("body")).to_have_attribute(
+        "data-job-status", "succeeded", timeout=20_000
+    )
+    shown = await page.locator("#lanes tr").evaluate_all("rows => rows.map(r => r.dataset.lane)")
+    assert shown == ["0", "1", "2", "3", "4"]
+    await expect(page.locator("#lanes tr[data-status=succeeded]")).to_have_count(5)
+    await expect(page.locator("#result-output")).to_have_text("7")
+    await expect(page.locator("#votes li[data-answer='7'] .count")).to_have_text("5 / 5")
+    seen = await page.evaluate("window.fanoutJob")
+    assert seen["connections"] >= 2
+    # Every stored event arrived exactly once and in order, over both streams.
+    assert seen["seqs"] == list(range(1, final + 1))
+
+
+@needs_browser
+async def test_page_shows_untrusted_text_as_text(served: Served, pages: Pages) -> None:
+    from playwright.async_api import expect
+
+    name = '<img src=x onerror="window.pwned=1">'
+    text = "<script>window.pwned=2</script><b>bold</b> is not unsafe"
+    spec = sectioning(
+        section(name, text=text),
+        section("safety", text="this is unsafe", gate={"block_if": "(?i)\\bunsafe\\b"}),
+    )
+    job_id = await post_job(served, spec)
+    page = await pages.open(f"{served.url}/jobs/{job_id}")
+    await expect(page.locator("body")).to_have_attribute(
+        "data-job-status", "succeeded", timeout=20_000
+    )
+
+    await expect(page.locator("#lanes tr[data-lane='0'] td.name")).to_have_text(name)
+    await expect(page.locator("#lanes tr[data-lane='0'] td.preview")).to_have_text(f"Echo: {text}")
+    await expect(page.locator("#gates li[data-gate=safety] .badge")).to_have_text("blocked")
+    await expect(page.locator("#result")).to_contain_text("blocked by safety")
+    injected = ", ".join(
+        f"{where} {tag}" for where in ("#lanes", "#result") for tag in ("img", "b", "script")
+    )
+    await expect(page.locator(injected)).to_have_count(0)
+    assert await page.evaluate("window.pwned") is None
+
+
+@needs_browser
+async def test_page_shows_streamed_text_live_and_ends_on_cancel(
+    served: Served, pages: Pages
+) -> None:
+    from playwright.async_api import expect
+
+    spec = voting(2, "fake?words=400&chunk_ms=40", task={"stream": True})
+    job_id = await post_job(served, spec)
+    page = await pages.open(f"{served.url}/jobs/{job_id}")
+    # lane.delta chunks grow the preview of a lane that is still running. They are live
+    # only, so the page shows the text from when it connected: some words, not all.
+    await page.wait_for_function(
+        """() => [...document.querySelectorAll("#lanes tr[data-status=running]")]
+                 .some(row => /w\\d+ w\\d+ w\\d+/.test(row.cells[7].textContent))""",
+        timeout=10_000,
+    )
+
+    response = await served.http.post(f"/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 202
+    await expect(page.locator("body")).to_have_attribute("data-job-status", "cancelled")
+    await expect(page.locator("#lanes tr[data-status=cancelled]")).to_have_count(2)
+    await expect(page.locator("#result")).to_contain_text("cancelled")
+    await expect(page.locator("body")).to_have_attribute("data-stream", "done")
+
+
+@needs_browser
+async def test_page_carries_its_key_to_the_api(page_settings: Settings, pages: Pages) -> None:
+    from playwright.async_api import expect
+
+    keyed = page_settings.model_copy(update={"api_keys": "acme:key-acme"})
+    async with serve(keyed) as served:
+        spec = voting(2, "fake?latency_ms=300&answers=5")
+        response = await served.http.post(
+            "/v1/jobs", json=spec, headers={"Authorization": "Bearer key-acme"}
+        )
+        job_id = response.json()["id"]
+        page = await pages.open(f"{served.url}/jobs/{job_id}?key=key-acme")
+        await expect(page.locator("body")).to_have_attribute(
+            "data-job-status", "succeeded", timeout=20_000
+        )
+        await expect(page.locator("#lanes tr[data-status=succeeded]")).to_have_count(2)
+
+        assert (await served.http.get(f"/jobs/{job_id}")).status_code == 401
+        assert (await served.http.get(f"/jobs/{job_id}?key=wrong")).status_code == 401
