@@ -126,9 +126,12 @@ async def stream(
                     last = event["seq"]
                     if event["type"] in FINAL:
                         return
-                # A finished job's events are all stored: a client already past its
-                # final event (Last-Event-ID) gets nothing more, and the stream closes.
+                # A finished job's events are all stored: read what was committed since
+                # the replay above (it ends with the final event); a client already past
+                # the final event (Last-Event-ID) gets nothing more. Either way, close.
                 if first and await is_finished(job_id):
+                    async for event in _stored(read_after, job_id, last):
+                        yield event
                     return
                 first = False
             event = await sub.queue.get()

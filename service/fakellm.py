@@ -709,6 +709,8 @@ def serve(host: str = "127.0.0.1", port: int = 8001) -> None:
         proxy_headers=False,  # loopback only; saves a middleware on every request
         # Hung requests would otherwise hold shutdown until their clients give up.
         timeout_graceful_shutdown=1,
+        # Like hosted providers, keep idle connections well past clients' own expiry.
+        timeout_keep_alive=75,
     )
 
 

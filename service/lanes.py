@@ -71,7 +71,11 @@ class Providers:
             provider = self.providers[name]
             limit = provider.max_concurrency or self.max_connections
             http_client = openai.DefaultAioHttpClient(
-                limits=httpx2.Limits(max_connections=limit, max_keepalive_connections=limit),
+                # Idle connections are dropped before the usual server-side 5 s, so a
+                # request never goes out on a connection the server is closing.
+                limits=httpx2.Limits(
+                    max_connections=limit, max_keepalive_connections=limit, keepalive_expiry=4.0
+                ),
                 timeout=httpx2.Timeout(None),
             )
             client = openai.AsyncOpenAI(

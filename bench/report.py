@@ -1,0 +1,308 @@
+# ruff: noqa: RUF001
+"""The results as markdown: tables with the issue's targets beside each row."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+DB_NAMES = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
+LABELS = {"limit": "limit", "raw": "(reference) bare aiohttp, no SDK"}
+PASS, MISS = "✓ pass", "✗ miss"
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _m(samples: list[dict[str, Any]], key: str) -> float:
+    return _median([s[key] for s in samples])
+
+
+def _mark(ok: bool) -> str:
+    return PASS if ok else MISS
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "—" if value != value else f"{value:.{digits}f}"  # NaN check
+
+
+class Targets:
+    """Each target the issue sets, with what was measured and whether it held."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str]] = []
+
+    def check(self, short: str, what: str, measured: str, ok: bool) -> str:
+        """Record a target; return the short form for a table cell."""
+        self.rows.append((what, measured, _mark(ok)))
+        return f"{short} {_mark(ok)}"
+
+
+def _voting_targets(
+    sc: dict[str, Any], db: str, ratio: float, rate_share: float, mem_ratio: float, targets: Targets
+) -> list[str]:
+    n, latency = sc["n"], sc["latency_ms"]
+    where = f"N={n:,} @ {latency} ms on {DB_NAMES[db]}"
+    marks = []
+    if latency == 200 and n == 1000:
+        bound = 1.10 if db == "sqlite" else 1.20
+        what = f"{where}: ≤ {bound:.2f}× the limit"
+        marks.append(targets.check(f"≤ {bound:.2f}×", what, f"{ratio:.2f}×", ratio <= bound))
+        marks.append(f"stretch < 1.00× {_mark(ratio < 1.0)}")
+    if latency == 200 and n == 100:
+        what = f"{where}: ≤ 1.05× the limit"
+        marks.append(targets.check("≤ 1.05×", what, f"{ratio:.2f}×", ratio <= 1.05))
+    if latency == 0 and n == 1000:
+        what = f"{where}: ≥ 90 % of the limit's lanes/s"
+        measured = f"{100 * rate_share:.0f} %"
+        marks.append(targets.check("≥ 90 % of its lanes/s", what, measured, rate_share >= 0.90))
+    if n == 1000:
+        what = f"peak memory, {where}: ≤ 1.5× the limit's"
+        marks.append(targets.check("peak ≤ 1.5×", what, f"{mem_ratio:.2f}×", mem_ratio <= 1.5))
+    return marks
+
+
+def voting_table(scenarios: list[dict[str, Any]], targets: Targets) -> list[str]:
+    lines = [
+        "| upstream | N | who | wall s | × limit | lanes/s | CPU s | peak MB | in flight "
+        "| targets |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for sc in scenarios:
+        n, latency = sc["n"], sc["latency_ms"]
+        limit = sc["samples"]["limit"]
+        limit_wall = _m(limit, "wall_s")
+        limit_peak = sc["peak_mb"]["limit"]
+        for who, samples in sc["samples"].items():
+            wall = _m(samples, "wall_s")
+            ratio = wall / limit_wall
+            label = LABELS.get(who) or f"Fanout · {DB_NAMES[who]}"
+            marks = []
+            if who in DB_NAMES:
+                marks = _voting_targets(
+                    sc, who, ratio, limit_wall / wall, sc["peak_mb"][who] / limit_peak, targets
+                )
+            lines.append(
+                f"| {latency} ms | {n:,} | {label} | {_fmt(wall)} | {ratio:.2f} | {n / wall:,.0f} "
+                f"| {_fmt(_m(samples, 'cpu_s'), 2)} | {sc['peak_mb'][who]:.0f} "
+                f"| {int(_m(samples, 'in_flight'))} | {'; '.join(marks)} |"
+            )
+    return lines
+
+
+PHASES = ("create_s", "claim_s", "lanes_s", "decide_s", "deliver_s")
+
+
+def phases_table(scenarios: list[dict[str, Any]], small: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| upstream | N | database | POST → job stored | → first lane claimed "
+        "| → last attempt ended | → job decided | → caller has the final event | wall |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for sc in scenarios:
+        for who, samples in sc["samples"].items():
+            if who not in DB_NAMES or not all(p in samples[0]["extra"] for p in PHASES):
+                continue
+            cells = [f"{1000 * _median([s['extra'][p] for s in samples]):,.0f}" for p in PHASES]
+            wall = 1000 * _m(samples, "wall_s")
+            lines.append(
+                f"| {sc['latency_ms']} ms | {sc['n']:,} | {DB_NAMES[who]} | {' | '.join(cells)} "
+                f"| {wall:,.0f} |"
+            )
+    for sc in small:
+        db = next(iter(sc["peak_mb"]))
+        many = sc["samples"]["many"]
+        if not all(p in many[0]["extra"] for p in PHASES):
+            continue
+        cells = [f"{1000 * _median([s['extra'][p] for s in many]):,.0f}" for p in PHASES]
+        wall = 1000 * _median([s["extra"]["job_p50_s"] for s in many])
+        lines.append(
+            f"| {sc['latency_ms']} ms | 5 (one of many at once) | {DB_NAMES[db]} "
+            f"| {' | '.join(cells)} | {wall:,.0f} |"
+        )
+    return lines
+
+
+def small_table(
+    scenarios: list[dict[str, Any]], targets: Targets, jobs: int, limit_1000: float
+) -> list[str]:
+    lines = [
+        f"| database | one 5-lane job s | {jobs} jobs at once s (every final event) | × one job "
+        "| × the limit's 1,000 calls | median job s | slowest job s | CPU s | peak MB "
+        "| in flight | streams closed early | target ≤ 1.5× one job |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for sc in scenarios:
+        db = next(k for k in sc["peak_mb"])
+        single, many = sc["samples"]["single"], sc["samples"]["many"]
+        one, all_done = _m(single, "wall_s"), _m(many, "wall_s")
+        ratio = all_done / one
+        what = f"{jobs} jobs of 5 lanes at once on {DB_NAMES[db]}: ≤ 1.5× one job"
+        mark = targets.check("", what, f"{ratio:.2f}×", ratio <= 1.5).strip()
+        extra = [s["extra"] for s in many]
+        lines.append(
+            f"| {DB_NAMES[db]} | {_fmt(one)} | {_fmt(all_done)} | {ratio:.2f} "
+            f"| {_fmt(all_done / limit_1000, 2)} "
+            f"| {_fmt(_median([e['job_p50_s'] for e in extra]))} "
+            f"| {_fmt(_median([e['job_max_s'] for e in extra]))} | {_fmt(_m(many, 'cpu_s'), 2)} "
+            f"| {sc['peak_mb'][db]:.0f} | {int(_m(many, 'in_flight'))} "
+            f"| {sum(e.get('reconnects', 0) for e in extra)} | {mark} |"
+        )
+    return lines
+
+
+def stream_table(results: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| database | job | clients | events per client | deliveries measured | p50 ms | p99 ms "
+        "| max ms | server CPU s | job wall s | connected within s "
+        "| failed / closed early |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        runs = r["runs"]
+        lines.append(
+            f"| {DB_NAMES[r['db']]} | {r['n']:,} lanes @ {r['latency_ms']} ms | {r['clients']} "
+            f"| {int(_median([x['events_per_client'] for x in runs])):,} "
+            f"| {int(_median([x['deliveries_measured'] for x in runs])):,} "
+            f"| {_fmt(r['p50_ms'], 1)} | {_fmt(r['p99_ms'], 1)} | {_fmt(r['max_ms'], 1)} "
+            f"| {_fmt(r['cpu_s'], 2)} | {_fmt(r['wall_s'], 2)} | {_fmt(r['connect_s'], 1)} "
+            f"| {r['errors']} / {r['unfinished']} |"
+        )
+    return lines
+
+
+def _limit_1000(results: dict[str, Any]) -> float:
+    """The limit's time for 1,000 calls at 200 ms (the small jobs' total work), if measured."""
+    for sc in results.get("voting") or []:
+        if sc["n"] == 1000 and sc["latency_ms"] == 200:
+            return _m(sc["samples"]["limit"], "wall_s")
+    return float("nan")
+
+
+def write_report(results: dict[str, Any], args: argparse.Namespace) -> str:
+    facts = results["facts"]
+    targets = Targets()
+    body: list[str] = []
+    if results.get("voting"):
+        body += [
+            "## Voting jobs against the limit",
+            "",
+            "The limit is a bare `asyncio.gather` of the same N calls (same `openai` client on "
+            "its aiohttp transport, same fake LLM, no database) in a process of its own. "
+            "Fanout's wall time is a caller's: `POST /v1/jobs` to the final event on the "
+            "job's stream. `× limit` is the median over the median; lanes/s is N ÷ wall; "
+            "CPU s is the process's user + system time over the run; peak MB is its VmHWM "
+            "during the scenario (the limit's client or the whole service); in flight is the "
+            "fake LLM's peak of concurrent requests. The *(reference)* row makes the same calls "
+            "on bare aiohttp without the SDK (`bench/limit.py --client raw`): what a lean call "
+            "path could reach; `--no-raw` skips it.",
+            "",
+            *voting_table(results["voting"], targets),
+            "",
+            "### Where Fanout's time goes",
+            "",
+            "Milliseconds, medians; from the job's stored timestamps (millisecond "
+            "resolution, one clock): the POST until the job is stored, until its first "
+            "lane is claimed, until its last attempt ended (this includes the upstream "
+            "latency), until the transaction that decided the job, until the caller "
+            "received the final event.",
+            "",
+            *phases_table(results["voting"], results.get("small") or []),
+            "",
+        ]
+    if results.get("small"):
+        body += [
+            "## Many small jobs at once",
+            "",
+            f"{args.small_jobs} voting jobs of 5 lanes at 200 ms, each posted and followed on its "
+            "own stream, all at once; the time until every job's final event, against one "
+            "such job alone, and against the limit's time for the same 1,000 calls at once "
+            "(from the voting section).",
+            "",
+            *small_table(results["small"], targets, args.small_jobs, _limit_1000(results)),
+            "",
+        ]
+    if results.get("stream"):
+        body += [
+            "## Stream delay",
+            "",
+            f"One 1,000-lane job followed by {args.stream_clients} stream clients that connect "
+            "right after the POST. Delay = receipt by a client − the event's `at` (the time "
+            "its recording transaction began, so the delay includes that transaction and its "
+            "commit; `at` has millisecond resolution). A client's delays count the events "
+            "stamped after its stream opened; earlier ones are history it replays. "
+            "*Connected within* is the time from the POST's answer until the last client's "
+            "stream opened; *failed* counts clients refused (an error status), *closed early* "
+            "streams that ended before the job's final event.",
+            "",
+            *stream_table(results["stream"]),
+            "",
+        ]
+    head = [
+        "# Fanout benchmark results",
+        "",
+        f"Run on {facts['date']} with `{' '.join(['python -m bench.run', *_argv(args)])}` "
+        f"({results['duration_s']:.0f} s).",
+        "",
+        f"Service: commit {facts['service']}. "
+        f"Machine: {facts['nproc']} CPUs ({facts['cpu']}), Linux {facts['kernel']}, "
+        f"Python {facts['python']}, openai {facts['openai']}, aiohttp {facts['aiohttp']}, "
+        f"uvloop {facts['uvloop']} (the service, the limit and the bench client all run on it). "
+        f"Load average before {facts['load_before']}, after {facts.get('load_after')}.",
+        "",
+        f"Medians of {args.reps} repetition(s) after {args.warmup} warm-up. In a scenario each "
+        "contender runs its warm-up and repetitions back to back, so its upstream connections "
+        "stay warm (pools drop them after 5 idle seconds); who goes first rotates. The fake "
+        "LLM keeps idle connections 75 s. Service "
+        "settings: `FANOUT_MAX_CONCURRENCY=2000`, `FANOUT_MAX_LANES_PER_JOB=1000`, "
+        "`FANOUT_LOG_LEVEL=WARNING`, per-tenant caps off (`FANOUT_RATE_LIMIT_PER_MINUTE=0`, "
+        "`FANOUT_MAX_JOBS_IN_FLIGHT=100000`); jobs: `fake?latency_ms=L&answers=391:1`, majority "
+        "vote on the number, `early_stop: false`, `max_concurrency: N`.",
+        "",
+    ]
+    idle = results.get("idle_mb")
+    if idle:
+        named = ", ".join(
+            f"{LABELS[who] if who in LABELS else DB_NAMES[who] + ' service'} {mb:.0f} MB"
+            for who, mb in idle.items()
+        )
+        head += [f"Resident memory of each process before any work: {named}.", ""]
+    closed_early = sum(
+        sample["extra"].get("reconnects", 0)
+        for section in ("voting", "small")
+        for sc in results.get(section) or []
+        for samples in sc["samples"].values()
+        for sample in samples
+    )
+    if closed_early:
+        head += [
+            f"> {closed_early} event stream(s) closed before their job's final event; the "
+            "client connected again, as an EventSource does, and the time includes that. "
+            "This is a service bug (see the stream section).",
+            "",
+        ]
+    for note in results.get("notes", []):
+        head += [f"> {note}", ""]
+    if targets.rows:
+        head += ["## Targets (issue 6)", "", "| target | measured | |", "|---|---:|---|"]
+        head += [f"| {what} | {measured} | {mark} |" for what, measured, mark in targets.rows]
+        head += [""]
+    return "\n".join(head + body)
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    out = []
+    if args.quick:
+        out.append("--quick")
+    if args.reps != (1 if args.quick else 3):
+        out.append(f"--reps {args.reps}")
+    if args.only != ["voting", "small", "stream"]:
+        out.append(f"--only {','.join(args.only)}")
+    if args.dbs != ["sqlite", "postgres"]:
+        out.append(f"--db {','.join(args.dbs)}")
+    if args.tree.resolve() != Path(__file__).resolve().parent.parent:
+        out.append(f"--tree {args.tree}")
+    return out

@@ -1,0 +1,710 @@
+"""``make bench``: Fanout side by side with the limit, in one run, on the same work.
+
+Starts the fake LLM (``fanout fake-llm``), the limit (:mod:`bench.limit`, plus its
+no-SDK reference) and one ``fanout serve`` per database as real processes on loopback,
+then measures:
+
+- **voting**: jobs of N = 10, 100, 1,000 lanes at 200 ms and 0 ms upstream latency,
+  all lanes running (no early stop), against a bare ``asyncio.gather`` of the same N
+  calls. Fanout's time is a caller's: from ``POST /v1/jobs`` to the final event on
+  the job's stream. In a scenario each contender (the limit, each database) runs
+  its warm-up and repetitions back to back, so its upstream connections stay warm
+  (the client's pool drops them after 5 idle seconds); who goes first rotates.
+- **small jobs**: 200 jobs of 5 lanes posted at once; the time until every job's
+  final event against the time of one such job alone.
+- **stream delay**: one 1,000-lane job followed by 100 stream clients; the delay
+  from each state change (the event's ``at``) to its receipt by each client.
+
+Medians over repetitions; CPU seconds per process from ``/proc/<pid>/stat``; peak
+memory from ``VmHWM``, reset before each scenario. Writes ``bench/results.md``
+(and the raw numbers to ``bench/results.json``) and prints the table.
+
+    python -m bench.run [--quick] [--reps 3] [--only voting,small,stream] [--db sqlite]
+                        [--tree ../other-checkout] [--keep-logs]   (--help for all)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from . import client as fc
+from .procs import REPO, Proc, free_port, python_argv, raise_fd_limit
+from .report import write_report
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+SECTIONS = ("voting", "small", "stream")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# --- the processes ---------------------------------------------------------------
+
+
+class Limit:
+    """The limit process, driven one JSON line at a time."""
+
+    def __init__(self, fake_url: str, logs: Path, client: str = "sdk") -> None:
+        argv = ["--base-url", fake_url, "--max-connections", "2000", "--client", client]
+        self.proc = Proc(
+            f"limit ({client})",
+            python_argv("-m", "bench.limit", *argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            log=logs / f"limit-{client}.log",
+        )
+
+    def _call(self, command: dict[str, Any]) -> dict[str, Any]:
+        popen = self.proc.popen
+        assert popen.stdin is not None and popen.stdout is not None
+        popen.stdin.write((json.dumps(command) + "\n").encode())
+        popen.stdin.flush()
+        line = popen.stdout.readline()
+        if not line:
+            self.proc.check_alive()
+            raise RuntimeError("the limit process closed its output")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    async def run(self, n: int, model: str) -> dict[str, Any]:
+        cpu = self.proc.cpu_s()
+        reply = await asyncio.to_thread(self._call, {"cmd": "run", "n": n, "model": model})
+        reply["cpu_s"] = self.proc.cpu_s() - cpu
+        if reply.get("errors"):
+            raise RuntimeError(
+                f"the limit had {reply['errors']} failed calls: {reply['first_error']}"
+            )
+        return reply
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, RuntimeError, ValueError):
+            self._call({"cmd": "quit"})
+        self.proc.stop()
+
+
+@dataclass
+class Service:
+    db: str  # sqlite | postgres
+    url: str  # the service's base URL
+    proc: Proc
+    cleanup: Any = None
+
+
+def service_env(database_url: str, fake_url: str, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FANOUT_", "OPENAI_"))}
+    env.update(
+        FANOUT_DATABASE_URL=database_url,
+        FANOUT_PORT=str(port),
+        FANOUT_MAX_CONCURRENCY="2000",
+        FANOUT_MAX_LANES_PER_JOB="1000",
+        FANOUT_LOG_LEVEL="WARNING",
+        # One tenant does the work of many here: its per-tenant caps must not bind.
+        FANOUT_RATE_LIMIT_PER_MINUTE="0",
+        FANOUT_MAX_JOBS_IN_FLIGHT="100000",
+        OPENAI_BASE_URL=fake_url,
+        OPENAI_API_KEY="bench",
+    )
+    return env
+
+
+def start_service(
+    db: str, database_url: str, fake_url: str, logs: Path, tree: Path = REPO
+) -> Service:
+    port = free_port()
+    proc = Proc(
+        f"fanout serve ({db})",
+        python_argv("-m", "service.cli", "serve", "--port", str(port)),
+        env=service_env(database_url, fake_url, port),
+        log=logs / f"serve-{db}.log",
+        tree=tree,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_http(f"{url}/readyz", timeout=60)
+    except BaseException:
+        proc.stop()
+        raise
+    return Service(db, url, proc)
+
+
+async def postgres_admin(admin_url: str, sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncio.wait_for(asyncpg.connect(admin_url), 10)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@dataclass
+class Fake:
+    proc: Proc
+    url: str  # the OpenAI base URL (…/v1)
+
+    @property
+    def root(self) -> str:
+        return self.url.removesuffix("/v1")
+
+    async def reset(self, http: aiohttp.ClientSession) -> None:
+        async with http.post(f"{self.root}/_reset") as response:
+            response.raise_for_status()
+
+    async def stats(self, http: aiohttp.ClientSession) -> dict[str, Any]:
+        async with http.get(f"{self.root}/_stats") as response:
+            stats: dict[str, Any] = await response.json()
+            return stats
+
+
+# --- measuring ------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One measured run of one contender."""
+
+    wall_s: float
+    cpu_s: float
+    fake_cpu_s: float
+    in_flight: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Scenario:
+    name: str
+    n: int
+    latency_ms: int
+    samples: dict[str, list[Sample]] = field(default_factory=dict)
+    peak_mb: dict[str, float] = field(default_factory=dict)
+    base_mb: dict[str, float] = field(default_factory=dict)
+
+    def add(self, who: str, sample: Sample) -> None:
+        self.samples.setdefault(who, []).append(sample)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "n": self.n,
+            "latency_ms": self.latency_ms,
+            "peak_mb": self.peak_mb,
+            "base_mb": self.base_mb,
+            "samples": {
+                who: [s.__dict__ for s in samples] for who, samples in self.samples.items()
+            },
+        }
+
+
+def model_for(latency_ms: int) -> str:
+    return f"fake?latency_ms={latency_ms}&answers=391:1"
+
+
+class Bench:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        fake: Fake,
+        limits: dict[str, Limit],
+        services: dict[str, Service],
+        http: aiohttp.ClientSession,
+    ) -> None:
+        self.args = args
+        self.fake = fake
+        self.limits = limits  # "limit" (the SDK) and, with --raw, "raw"
+        self.services = services
+        self.http = http
+        self.rotation = -1
+        self.notes: list[str] = []  # findings worth a line in the report
+        # Quick runs skip the small jobs' warm-up: each burst takes seconds.
+        self.small_warmup = 0 if args.quick else args.warmup
+
+    async def measure_limit(self, limit: Limit, n: int, latency_ms: int) -> Sample:
+        await self.fake.reset(self.http)
+        fake_cpu = self.fake.proc.cpu_s()
+        reply = await limit.run(n, model_for(latency_ms))
+        fake_cpu = self.fake.proc.cpu_s() - fake_cpu
+        stats = await self.fake.stats(self.http)
+        return Sample(reply["wall_s"], reply["cpu_s"], fake_cpu, stats["max_in_flight"])
+
+    async def measure_job(self, service: Service, n: int, latency_ms: int) -> Sample:
+        await self.fake.reset(self.http)
+        cpu, fake_cpu = service.proc.cpu_s(), self.fake.proc.cpu_s()
+        run = await fc.run_job(self.http, service.url, fc.voting_spec(n, latency_ms))
+        cpu, fake_cpu = service.proc.cpu_s() - cpu, self.fake.proc.cpu_s() - fake_cpu
+        fc.check_voting(run, n)
+        stats = await self.fake.stats(self.http)
+        if stats["requests"] != n:  # retries or re-runs: a finding, not a harness error
+            self.notes.append(
+                f"{service.db}, N={n} @ {latency_ms} ms: {stats['requests']} upstream calls for "
+                f"{n} lanes (retried or re-run lanes; see the service log)"
+            )
+            log(self.notes[-1])
+        extra = {
+            "upstream_calls": stats["requests"],
+            "post_s": run.posted_s,
+            "reconnects": run.reconnects,
+            **await fc.phases(self.http, service.url, run),
+        }
+        return Sample(run.wall_s, cpu, fake_cpu, stats["max_in_flight"], extra)
+
+    async def settle(self) -> None:
+        """Let the last run's stragglers (closing streams, idle sweeps) pass."""
+        await asyncio.sleep(self.args.pause)
+
+    # --- voting: N lanes against the limit --------------------------------------
+
+    async def voting(self) -> list[Scenario]:
+        scenarios = []
+        for latency_ms in self.args.latencies:
+            for n in self.args.ns:
+                scenarios.append(await self.voting_scenario(n, latency_ms))
+        return scenarios
+
+    async def voting_scenario(self, n: int, latency_ms: int) -> Scenario:
+        scenario = Scenario(f"voting N={n} @ {latency_ms} ms", n, latency_ms)
+        contenders: list[str] = [*self.limits, *self.services]
+        procs = {
+            **{who: limit.proc for who, limit in self.limits.items()},
+            **{db: service.proc for db, service in self.services.items()},
+        }
+        for who, proc in procs.items():
+            proc.reset_peak()
+            scenario.base_mb[who] = proc.rss_mb()
+        # Each contender's runs go back to back, warm-up first: both ends of the upstream
+        # connections drop them after 5 idle seconds, and reconnecting 1,000 of them costs
+        # more than the difference being measured. Who goes first rotates by scenario.
+        self.rotation += 1
+        shift = self.rotation % len(contenders)
+        for who in contenders[shift:] + contenders[:shift]:
+            for rep in range(-self.args.warmup, self.args.reps):
+                if who in self.limits:
+                    sample = await self.measure_limit(self.limits[who], n, latency_ms)
+                else:
+                    sample = await self.measure_job(self.services[who], n, latency_ms)
+                if rep >= 0:
+                    scenario.add(who, sample)
+                await self.settle()
+        for who, proc in procs.items():
+            scenario.peak_mb[who] = proc.peak_mb()
+        line = "  ".join(
+            f"{who} {median([s.wall_s for s in scenario.samples[who]]):.3f}s" for who in contenders
+        )
+        log(f"{scenario.name:<24} {line}")
+        return scenario
+
+    # --- many small jobs at once ------------------------------------------------
+
+    async def small_jobs(self) -> list[Scenario]:
+        scenarios = []
+        jobs, lanes, latency_ms = self.args.small_jobs, 5, 200
+        for db, service in self.services.items():
+            scenario = Scenario(f"{jobs} jobs x {lanes} lanes ({db})", lanes, latency_ms)
+            scenario.base_mb[db] = service.proc.rss_mb()
+            service.proc.reset_peak()
+            spec = fc.voting_spec(lanes, latency_ms)
+            for rep in range(-self.small_warmup, self.args.reps):
+                single = await self.measure_job(service, lanes, latency_ms)
+                await self.settle()
+                await self.fake.reset(self.http)
+                cpu, fake_cpu = service.proc.cpu_s(), self.fake.proc.cpu_s()
+                started = time.perf_counter()
+                runs = await asyncio.gather(
+                    *(fc.run_job(self.http, service.url, spec) for _ in range(jobs))
+                )
+                wall = time.perf_counter() - started
+                cpu, fake_cpu = service.proc.cpu_s() - cpu, self.fake.proc.cpu_s() - fake_cpu
+                for run in runs:
+                    fc.check_voting(run, lanes)
+                stats = await self.fake.stats(self.http)
+                job_walls = sorted(run.wall_s for run in runs)
+                # Each phase's median over the jobs (read after the clock stopped).
+                phases = [await fc.phases(self.http, service.url, run) for run in runs]
+                phase_medians = {key: median([p[key] for p in phases]) for key in phases[0]}
+                if rep >= 0:
+                    scenario.add("single", single)
+                    scenario.add(
+                        "many",
+                        Sample(
+                            wall,
+                            cpu,
+                            fake_cpu,
+                            stats["max_in_flight"],
+                            {
+                                "job_p50_s": job_walls[len(job_walls) // 2],
+                                "job_max_s": job_walls[-1],
+                                "post_max_s": max(run.posted_s for run in runs),
+                                "reconnects": sum(run.reconnects for run in runs),
+                                **phase_medians,
+                            },
+                        ),
+                    )
+                await self.settle()
+            scenario.peak_mb[db] = service.proc.peak_mb()
+            one = median([s.wall_s for s in scenario.samples["single"]])
+            every = median([s.wall_s for s in scenario.samples["many"]])
+            log(f"{scenario.name:<24} one {one:.3f}s  all {every:.3f}s")
+            scenarios.append(scenario)
+        return scenarios
+
+    # --- stream delay -------------------------------------------------------------
+
+    async def stream_delay(self) -> list[dict[str, Any]]:
+        results = []
+        services = list(self.services.items())
+        for db, service in services[:1] if self.args.quick else services:
+            runs = [await self.stream_run(service) for _ in range(self.args.stream_reps)]
+            result: dict[str, Any] = {
+                "db": db,
+                "n": 1000,
+                "clients": self.args.stream_clients,
+                "latency_ms": self.args.stream_latency_ms,
+                "runs": runs,
+            }
+            for key in ("wall_s", "cpu_s", "p50_ms", "p99_ms", "max_ms", "connect_s"):
+                result[key] = median([r[key] for r in runs])
+            result["unfinished"] = sum(r["unfinished"] for r in runs)
+            result["errors"] = sum(r["errors"] for r in runs)
+            log(
+                f"stream delay ({db}): p50 {result['p50_ms']:.1f} ms  p99 {result['p99_ms']:.1f} ms"
+                f"  cpu {result['cpu_s']:.2f}s  closed early {result['unfinished']}"
+                f"  failed {result['errors']}"
+            )
+            results.append(result)
+        return results
+
+    async def stream_run(self, service: Service) -> dict[str, Any]:
+        """One 1,000-lane job and its followers. A client's delays count the events
+        stamped after its stream opened: earlier ones are history it replays."""
+        clients, latency_ms = self.args.stream_clients, self.args.stream_latency_ms
+        await self.fake.reset(self.http)
+        cpu = service.proc.cpu_s()
+        started = time.perf_counter()
+        job_id = await fc.post_job(self.http, service.url, fc.voting_spec(1000, latency_ms))
+        posted = time.time()
+        watches = [fc.StreamWatch() for _ in range(clients)]
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(
+                *(fc.watch(self.http, service.url, job_id, w) for w in watches),
+                return_exceptions=True,
+            ),
+            self.args.stream_timeout,
+        )
+        wall = time.perf_counter() - started
+        cpu = service.proc.cpu_s() - cpu
+        # A client the service failed (a 500, a reset) is a finding, not a harness error.
+        errors = [repr(o) for o in outcomes if isinstance(o, BaseException)]
+        delays = sorted(
+            received - at
+            for w in watches
+            for _kind, _seq, at, received in w.receipts
+            if at >= w.connected_at
+        )
+        # A stream that closes before the job's final event is a service bug: say so.
+        unfinished = [
+            w
+            for w, outcome in zip(watches, outcomes, strict=True)
+            if not isinstance(outcome, BaseException)
+            and (not w.receipts or w.receipts[-1][0] not in fc.FINAL_TYPES)
+        ]
+        await self.settle()
+        return {
+            "job_id": job_id,
+            "wall_s": wall,
+            "cpu_s": cpu,
+            # From the POST's answer until the last client had its stream open.
+            "connect_s": max((w.connected_at for w in watches if w.connected_at), default=posted)
+            - posted,
+            "events_per_client": median([len(w.receipts) for w in watches]),
+            "deliveries_measured": len(delays),
+            "p50_ms": 1000 * delays[len(delays) // 2] if delays else float("nan"),
+            "p99_ms": 1000 * delays[int(len(delays) * 0.99)] if delays else float("nan"),
+            "max_ms": 1000 * delays[-1] if delays else float("nan"),
+            "errors": len(errors),
+            "first_error": errors[0] if errors else None,
+            "unfinished": len(unfinished),
+            "unfinished_examples": [
+                {"events": len(w.receipts), "last": repr(w.receipts[-1]) if w.receipts else None}
+                for w in unfinished[:3]
+            ],
+        }
+
+
+# --- the run ---------------------------------------------------------------------
+
+
+def dead(services: dict[str, Service], notes: list[str]) -> bool:
+    """Note any service process that is gone (crashed, or killed from outside)."""
+    gone = False
+    for service in services.values():
+        try:
+            service.proc.check_alive()
+        except RuntimeError as exc:
+            notes.append(f"stopped early: {exc}")
+            log(notes[-1])
+            gone = True
+    return gone
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one repetition; the stream section on SQLite only",
+    )
+    parser.add_argument(
+        "--reps", type=int, help="measured repetitions per scenario (default 3, quick 1)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="unmeasured repetitions first (default 1)"
+    )
+    parser.add_argument("--only", default=",".join(SECTIONS), help="sections: voting,small,stream")
+    parser.add_argument("--db", default="sqlite,postgres", help="databases: sqlite,postgres")
+    parser.add_argument("--ns", default="10,100,1000", help="lanes per voting job")
+    parser.add_argument("--latencies", default="200,0", help="upstream latencies in ms")
+    parser.add_argument(
+        "--small-jobs", type=int, default=200, help="jobs in the small-jobs section"
+    )
+    parser.add_argument("--stream-clients", type=int, default=100)
+    parser.add_argument(
+        "--stream-latency-ms",
+        type=int,
+        default=2000,
+        help="upstream latency in the stream section (clients connect meanwhile)",
+    )
+    parser.add_argument("--stream-reps", type=int, help="default 2, quick 1")
+    parser.add_argument(
+        "--stream-timeout", type=float, default=300, help="seconds for one stream run"
+    )
+    parser.add_argument("--pause", type=float, default=0.3, help="seconds between runs")
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("FANOUT_BENCH_POSTGRES_URL", DEFAULT_POSTGRES),
+        help="an admin connection; the bench creates and drops its own database",
+    )
+    parser.add_argument(
+        "--tree",
+        type=Path,
+        default=REPO,
+        help="the checkout whose service runs (default: this one), e.g. a `git worktree`",
+    )
+    parser.add_argument(
+        "--no-raw",
+        dest="raw",
+        action="store_false",
+        help="skip the reference row: the same calls on bare aiohttp, without the SDK",
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "results.md")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
+    args = parser.parse_args(argv)
+    args.reps = args.reps if args.reps is not None else (1 if args.quick else 3)
+    args.stream_reps = (
+        args.stream_reps if args.stream_reps is not None else (1 if args.quick else 2)
+    )
+    args.only = [s for s in args.only.split(",") if s]
+    args.dbs = [d for d in args.db.split(",") if d]
+    args.ns = [int(x) for x in args.ns.split(",")]
+    args.latencies = [int(x) for x in args.latencies.split(",")]
+    unknown = set(args.only) - set(SECTIONS) or set(args.dbs) - {"sqlite", "postgres"}
+    if unknown:
+        parser.error(f"unknown: {', '.join(sorted(unknown))}")
+    return args
+
+
+def tree_version(tree: Path) -> str:
+    """The service's commit, marked ``+dirty`` when its files differ from it."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(tree), "status", "--porcelain", "--", "service", "migrations"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + ("+dirty" if dirty else "")
+
+
+def machine_facts() -> dict[str, Any]:
+    import aiohttp as aiohttp_mod
+    import openai
+
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import uvloop
+
+        uvloop_version = uvloop.__version__
+    except ImportError:
+        uvloop_version = "not installed"
+    load = os.getloadavg()
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "openai": openai.__version__,
+        "aiohttp": aiohttp_mod.__version__,
+        "uvloop": uvloop_version,
+        "load_before": [round(x, 2) for x in load],
+    }
+
+
+async def amain(args: argparse.Namespace) -> int:
+    raise_fd_limit()
+    facts = machine_facts()
+    facts["service"] = tree_version(args.tree)
+    logs = Path(tempfile.mkdtemp(prefix="fanout-bench-"))
+    started = time.perf_counter()
+    log(
+        f"logs in {logs}; reps {args.reps} (+{args.warmup} warm-up); "
+        f"sections {','.join(args.only)}; databases {','.join(args.dbs)}"
+    )
+    fake_port = free_port()
+    fake = Fake(
+        Proc(
+            "fake-llm",
+            python_argv("-m", "service.cli", "fake-llm", "--port", str(fake_port)),
+            log=logs / "fake-llm.log",
+            tree=args.tree,
+        ),
+        f"http://127.0.0.1:{fake_port}/v1",
+    )
+    limits: dict[str, Limit] = {}
+    services: dict[str, Service] = {}
+    notes: list[str] = []
+    pg_database: str | None = None
+    results: dict[str, Any] = {"facts": facts, "args": {k: str(v) for k, v in vars(args).items()}}
+    try:
+        fake.proc.wait_http(f"{fake.root}/healthz")
+        limits["limit"] = Limit(fake.url, logs)
+        if args.raw:
+            limits["raw"] = Limit(fake.url, logs, client="raw")
+        if "sqlite" in args.dbs:
+            services["sqlite"] = start_service(
+                "sqlite", f"sqlite+aiosqlite:///{logs}/bench.db", fake.url, logs, args.tree
+            )
+        if "postgres" in args.dbs:
+            pg_database = f"fanout_bench_{os.getpid()}_{int(time.time())}"
+            try:
+                await postgres_admin(args.postgres_url, f'CREATE DATABASE "{pg_database}"')
+            except Exception as exc:  # unreachable, refused, no rights: say so, go on
+                notes.append(
+                    f"PostgreSQL rows skipped: {args.postgres_url} not usable "
+                    f"({type(exc).__name__}: {exc})"
+                )
+                log(notes[-1])
+                pg_database = None
+            else:
+                base = args.postgres_url.rsplit("/", 1)[0].replace(
+                    "postgresql://", "postgresql+asyncpg://"
+                )
+                services["postgres"] = start_service(
+                    "postgres", f"{base}/{pg_database}", fake.url, logs, args.tree
+                )
+        for limit in limits.values():  # imports done, client built
+            await asyncio.to_thread(limit._call, {"cmd": "ping"})
+        results["idle_mb"] = {
+            **{who: limit.proc.rss_mb() for who, limit in limits.items()},
+            **{db: service.proc.rss_mb() for db, service in services.items()},
+        }
+        async with fc.session() as http:
+            bench = Bench(args, fake, limits, services, http)
+            sections = {
+                "voting": lambda: bench.voting(),
+                "small": lambda: bench.small_jobs(),
+                "stream": lambda: bench.stream_delay(),
+            }
+            for section in args.only:
+                try:
+                    found = await sections[section]()
+                except Exception as exc:  # one broken section must not lose the others
+                    notes.extend(bench.notes)
+                    bench.notes.clear()
+                    notes.append(f"section {section!r} failed: {type(exc).__name__}: {exc}")
+                    log(notes[-1])
+                    if dead(services, notes):
+                        break
+                    continue
+                results[section] = [x.to_json() if isinstance(x, Scenario) else x for x in found]
+                notes.extend(bench.notes)
+                bench.notes.clear()
+                if dead(services, notes):
+                    break
+    finally:
+        for service in services.values():
+            service.proc.stop()
+        for limit in limits.values():
+            limit.stop()
+        fake.proc.stop()
+        if pg_database is not None:
+            try:
+                await postgres_admin(
+                    args.postgres_url, f'DROP DATABASE IF EXISTS "{pg_database}" WITH (FORCE)'
+                )
+            except Exception as exc:
+                log(f"could not drop {pg_database}: {exc}")
+    results["notes"] = notes
+    results["duration_s"] = time.perf_counter() - started
+    facts["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    markdown = write_report(results, args)
+    args.out.write_text(markdown)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(markdown)
+    log(
+        f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out} "
+        f"in {results['duration_s']:.0f} s"
+    )
+    if not args.keep_logs:
+        shutil.rmtree(logs, ignore_errors=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(amain(args))
+    return uvloop.run(amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
