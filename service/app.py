@@ -72,11 +72,12 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
         if runner is not None:
             await runner.drain(settings.drain_seconds)
         if listener is not None:
-            await listener.stop()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(listener.stop(), 10)
         if supervisor is not None:
             supervisor.cancel()
-            with suppress(asyncio.CancelledError):
-                await supervisor
+            with suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(supervisor, 45)
         await providers.close()
         await http.aclose()
         await db.dispose()

@@ -65,6 +65,9 @@ def _sqlite_engine(url: str, *, pool_size: int, begin: str) -> AsyncEngine:
     return engine
 
 
+POSTGRES_SESSION = {"lock_timeout": "15s", "idle_in_transaction_session_timeout": "60s"}
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = url
@@ -74,7 +77,13 @@ class Database:
             self.reader = _sqlite_engine(url, pool_size=pool_size, begin="BEGIN")
         else:
             self.writer = create_async_engine(
-                url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+                url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_pre_ping=True,
+                # A transaction left open (a stuck or vanished client) never blocks the
+                # others for long: lock waits and idle transactions are bounded.
+                connect_args={"server_settings": POSTGRES_SESSION},
             )
             self.reader = self.writer
         # Names this process in its notifications, so that it can skip its own.

@@ -134,10 +134,11 @@ class Runner:
         if self._writes:
             await asyncio.wait(set(self._writes), timeout=30)
         try:
-            if self._outcomes:
-                await self.store.record(self.owner, self._outcomes)
-            await self.store.release(self.owner)
-        except Exception:  # the database may be gone already; leases expire anyway
+            async with asyncio.timeout(10):
+                if self._outcomes:
+                    await self.store.record(self.owner, self._outcomes)
+                await self.store.release(self.owner)
+        except Exception:  # the database may be gone or stuck; leases expire anyway
             log.exception("could not release leases on shutdown")
 
     # --- claiming ------------------------------------------------------------------

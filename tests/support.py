@@ -5,9 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from service.app import create_app
+from service.config import Settings
 
 
 def free_port() -> int:
@@ -21,7 +29,11 @@ def user(text: str) -> list[dict[str, str]]:
 
 
 def voting(n: int, model: str = "fake", **fields: Any) -> dict[str, Any]:
-    task = {"model": model, "messages": user("What is 17*23? End with 'Answer: N'."), **fields.pop("task", {})}
+    task = {
+        "model": model,
+        "messages": user("What is 17*23? End with 'Answer: N'."),
+        **fields.pop("task", {}),
+    }
     return {"mode": "voting", "n": n, "task": task, **fields}
 
 
@@ -49,8 +61,9 @@ def parse_sse(body: str) -> list[dict[str, Any]]:
     return events
 
 
-async def events_of(client: httpx.AsyncClient, job_id: str, *, last_event_id: int | None = None,
-                    timeout: float = 30) -> list[dict[str, Any]]:
+async def events_of(
+    client: httpx.AsyncClient, job_id: str, *, last_event_id: int | None = None, timeout: float = 30
+) -> list[dict[str, Any]]:
     """The job's whole event stream (it closes after the final event), within ``timeout``."""
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
     async with asyncio.timeout(timeout):
@@ -59,7 +72,9 @@ async def events_of(client: httpx.AsyncClient, job_id: str, *, last_event_id: in
     return parse_sse(response.text)
 
 
-async def run_job(client: httpx.AsyncClient, spec: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+async def run_job(
+    client: httpx.AsyncClient, spec: dict[str, Any], timeout: float = 30
+) -> dict[str, Any]:
     """Post a job, wait for its final event, return the stored job."""
     response = await client.post("/v1/jobs", json=spec)
     assert response.status_code == 202, response.text
@@ -78,3 +93,51 @@ async def fake_stats(fake_url: str) -> dict[str, Any]:
 async def fake_reset(fake_url: str) -> None:
     async with httpx.AsyncClient() as client:
         (await client.post(fake_url.removesuffix("/v1") + "/_reset")).raise_for_status()
+
+
+# --- a real server on loopback ----------------------------------------------------
+
+
+@dataclass
+class Served:
+    """The app on a real loopback port."""
+
+    url: str
+    app: FastAPI
+    server: uvicorn.Server
+    http: httpx.AsyncClient
+
+    def drop_connections(self) -> None:
+        """Cut every open connection, as a proxy or a flaky network would."""
+        for connection in list(self.server.server_state.connections):
+            connection.transport.close()
+
+
+@asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[Served]:
+    """The real app under uvicorn, in this test's event loop: EventSource needs real HTTP."""
+    app = create_app(settings)
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(20):
+            while not server.started:
+                if task.done():
+                    task.result()  # raises what stopped it
+                    raise RuntimeError("uvicorn exited before it started")
+                await asyncio.sleep(0.02)
+        url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            yield Served(url, app, server, http)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)

@@ -10,23 +10,18 @@ and the stream's resume is tested on both in the API tests.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
-from service.app import create_app
 from service.config import Settings
-from tests.support import events_of, free_port, section, sectioning, voting
+from tests.support import Served, events_of, section, sectioning, serve, voting
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, ConsoleMessage, Page
@@ -65,21 +60,6 @@ needs_browser = pytest.mark.skipif(
 # --- fixtures ------------------------------------------------------------------------
 
 
-@dataclass
-class Served:
-    """The app on a real loopback port."""
-
-    url: str
-    app: FastAPI
-    server: uvicorn.Server
-    http: httpx.AsyncClient
-
-    def drop_connections(self) -> None:
-        """Cut every open connection, as a proxy or a flaky network would."""
-        for connection in list(self.server.server_state.connections):
-            connection.transport.close()
-
-
 @pytest.fixture
 def page_settings(sqlite_url: str, fake_llm: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.setenv("OPENAI_BASE_URL", fake_llm)
@@ -92,36 +72,6 @@ def page_settings(sqlite_url: str, fake_llm: str, monkeypatch: pytest.MonkeyPatc
         retry_max_s=0.5,
         _env_file=None,
     )
-
-
-@asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[Served]:
-    """The real app under uvicorn, in this test's event loop: EventSource needs real HTTP."""
-    app = create_app(settings)
-    port = free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(20):
-            while not server.started:
-                if task.done():
-                    task.result()  # raises what stopped it
-                    raise RuntimeError("uvicorn exited before it started")
-                await asyncio.sleep(0.02)
-        url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-            yield Served(url, app, server, http)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
 
 
 @pytest.fixture
