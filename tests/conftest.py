@@ -136,6 +136,7 @@ def settings(database_url: str, fake_llm: str, monkeypatch: pytest.MonkeyPatch) 
         lease_seconds=5,
         retry_base_s=0.05,
         retry_max_s=0.5,
+        drain_seconds=0.5,  # hung lanes in a test need not hold its teardown
         _env_file=None,  # type: ignore[call-arg]
     )
 

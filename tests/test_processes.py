@@ -447,3 +447,38 @@ async def test_an_event_stream_on_one_replica_sees_every_event_of_a_job_run_by_a
         f"replica-1 streamed {len(seen)} of {len(stored)} events "
         f"(last: {seen[-1][:2] if seen else None}; stored: {[e['type'] for e in stored]})"
     )
+
+
+@pytest.mark.postgres
+async def test_sigterm_drains_a_worker_then_releases_what_is_still_running(
+    pg_fleet: Fleet, replicas: list[Process]
+) -> None:
+    # Lanes outlast the drain: the worker stops claiming, waits FANOUT_DRAIN_SECONDS,
+    # then gives the rest back, and exits; another worker finishes them.
+    draining = pg_fleet.worker("draining", drain_seconds="1", lease_seconds="30")
+    spec = voting(3, "fake?latency_ms=4000&answers=7", aggregate=MAJORITY_ALL_LANES)
+    async with httpx.AsyncClient(base_url=replicas[0].url, timeout=10) as api:
+        await started(draining)
+        job_id = await post(api, spec)
+
+        async def running() -> dict[str, Any] | None:
+            job = await get(api, job_id)
+            return job if job["progress"].get("running") == 3 else None
+
+        await poll(running, within=20, what="three lanes running")
+        draining.send(signal.SIGTERM)
+        await poll(
+            lambda: asyncio.sleep(0, draining.proc.poll() is not None),
+            within=15,
+            what="the worker exited after its drain",
+        )
+        released = await get(api, job_id)
+        # Released at once, not after the 30 s lease: queued for any worker.
+        assert {lane["status"] for lane in released["lanes"]} == {"queued"}
+        assert first_traceback(draining.log()) is None, draining.log()
+        finisher = pg_fleet.worker("finisher")
+        await started(finisher)
+        done = await poll(lambda: all_finished(api, [job_id]), within=30, what="the job finished")
+    job = done[job_id]
+    assert job["status"] == "succeeded" and job["result"]["output"] == 7
+    assert [lane["attempts"] for lane in job["lanes"]] == [2, 2, 2]
