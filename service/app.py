@@ -259,7 +259,9 @@ def _field_path(error: Any) -> list[int | str]:
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    return problem(exc.status_code, _title(exc.status_code), str(exc.detail))
+    response = problem(exc.status_code, _title(exc.status_code), str(exc.detail))
+    response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+    return response
 
 
 async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -188,3 +188,10 @@ async def test_metrics_count_jobs_lanes_retries_and_tokens(client: httpx.AsyncCl
     assert metric(text, "fanout_lanes_in_flight") == 0
     assert "fanout_queue_wait_seconds_count" in text
     assert "fanout_stream_clients" in text
+
+
+async def test_unsupported_method_is_405_problem_with_allow(client: httpx.AsyncClient) -> None:
+    response = await client.request("TRACE", "/healthz")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET"
+    assert response.headers["content-type"] == "application/problem+json"
