@@ -18,6 +18,7 @@ from .spec import JobPage, JobStatus, JobView, SectioningSpec, VotingSpec, check
 from .state import AppState
 
 router = APIRouter()
+MAX_EVENT_ID = 2**31 - 1  # event sequence numbers are 32-bit integers in the table
 
 # --- OpenAPI declarations: the error responses of each route (``app`` gives every one
 # the ``Problem`` schema), and the links from a created job to what can be done with it.
@@ -157,7 +158,9 @@ async def create_job(
     spec: Annotated[
         VotingSpec | SectioningSpec, Body(discriminator="mode", openapi_examples=SPEC_EXAMPLES)
     ],
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: Annotated[
+        str | None, Header(max_length=255, pattern=r"^[\x20-\x7e]+$")
+    ] = None,
 ) -> JobView:
     """Create a job; it runs at once. ``Location`` names the job.
 
@@ -231,7 +234,9 @@ async def job_events(
     tenant: Tenant,
     job_id: str,
     last_event_id: Annotated[str | None, Header()] = None,
-    after: Annotated[int | None, Query(ge=0, description="like Last-Event-ID")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_EVENT_ID, description="like Last-Event-ID")
+    ] = None,
 ) -> EventSourceResponse:
     """Server-sent events: every event after ``Last-Event-ID``, then live ones; closes
     after the final ``job.succeeded`` / ``job.failed`` / ``job.cancelled``."""
@@ -239,12 +244,11 @@ async def job_events(
     await s.store.job_status(job_id, tenant)  # 404 before the stream starts
     start = after or 0
     if last_event_id is not None:
-        try:
-            start = int(last_event_id)
-        except ValueError:
+        start = int(last_event_id) if last_event_id.isdigit() else -1
+        if not 0 <= start <= MAX_EVENT_ID:
             raise InvalidSpec(
                 [{"loc": ["header", "Last-Event-ID"], "msg": "must be an event id (an integer)"}]
-            ) from None
+            )
 
     async def sse() -> AsyncIterator[ServerSentEvent]:
         async for event in ev.stream(

@@ -13,8 +13,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api import router
@@ -73,11 +75,13 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
             await runner.drain(settings.drain_seconds)
         if listener is not None:
             with suppress(TimeoutError):
-                await asyncio.wait_for(listener.stop(), 10)
+                async with asyncio.timeout(10):
+                    await listener.stop()
         if supervisor is not None:
             supervisor.cancel()
             with suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(supervisor, 45)
+                async with asyncio.timeout(45):
+                    await supervisor
         await providers.close()
         await http.aclose()
         await db.dispose()
@@ -257,11 +261,24 @@ def _field_path(error: Any) -> list[int | str]:
     return path
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     response = problem(exc.status_code, _title(exc.status_code), str(exc.detail))
-    response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405 and (methods := _allowed_methods(request.scope)):
+        response.headers["Allow"] = ", ".join(sorted(methods))
     return response
+
+
+def _allowed_methods(scope: Scope) -> set[str]:
+    """Every method some route serves at this path (Starlette names only the first
+    matching route's, and GET and POST /v1/jobs are two routes)."""
+    methods: set[str] = set()
+    for route in (*router.routes, *page_router.routes):
+        match, _ = route.matches(scope)
+        if match is not Match.NONE and isinstance(route, APIRoute):
+            methods |= route.methods or set()
+    return methods
 
 
 async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:

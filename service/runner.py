@@ -170,8 +170,11 @@ class Runner:
             if self.limits.next_check is not None:
                 timeout = min(timeout, max(0.001, self.limits.next_check - time.monotonic()))
                 self.limits.next_check = None
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel
+            # that lands as the wait ends, and the runner would never stop.
             with suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def _claim(self, wanted: int) -> list[Claim]:
         """Claim lanes whose provider has capacity; give back slots admitted for lanes
@@ -387,7 +390,8 @@ class Runner:
         secret = self.settings.webhook_secret
         while True:
             with suppress(TimeoutError):
-                await asyncio.wait_for(self._webhooks_due.wait(), self.settings.poll_interval_s)
+                async with asyncio.timeout(self.settings.poll_interval_s):
+                    await self._webhooks_due.wait()
             self._webhooks_due.clear()
             if secret is None:
                 continue

@@ -170,7 +170,7 @@ class Gate(Strict):
 
 
 class Section(Strict):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
     task: Task
     gate: Gate | None = None
 

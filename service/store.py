@@ -297,6 +297,7 @@ class Store:
         return job_id, True
 
     async def _job_row(self, conn: AsyncConnection, job_id: str, tenant: str | None) -> Any:
+        _known_form(job_id)
         query = select(jobs).where(jobs.c.id == job_id)
         if tenant is not None:
             query = query.where(jobs.c.tenant == tenant)
@@ -334,6 +335,7 @@ class Store:
         return view
 
     async def job_status(self, job_id: str, tenant: str | None) -> str:
+        _known_form(job_id)
         async with self.db.read() as conn:
             query = select(jobs.c.status).where(jobs.c.id == job_id)
             if tenant is not None:
@@ -736,7 +738,9 @@ class Store:
                 "output": outcome.output,
                 "answer_key": None,
                 "error_type": outcome.error_type,
-                "error_message": outcome.error_message,
+                # Upstream text may hold NUL, which PostgreSQL text refuses.
+                "error_message": outcome.error_message
+                and outcome.error_message.replace("\x00", ""),
                 "p": prompt,
                 "c": completion,
                 "t": total,
@@ -1242,6 +1246,16 @@ def _usage(row: Any) -> Usage:
         completion_tokens=row["completion_tokens"],
         total_tokens=row["total_tokens"],
     )
+
+
+def _known_form(job_id: str) -> None:
+    """Job ids are UUIDs: anything else is no job (and never reaches the database)."""
+    try:
+        if str(uuid.UUID(job_id)) == job_id:
+            return
+    except ValueError:
+        pass
+    raise NotFound(f"no job {job_id[:64]!r}")
 
 
 def _key_reused() -> InvalidSpec:

@@ -126,19 +126,32 @@ def sqlite_url(tmp_path: os.PathLike[str]) -> str:
     return f"sqlite+aiosqlite:///{tmp_path}/fanout.db"
 
 
-@pytest.fixture
-def settings(database_url: str, fake_llm: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+def make_settings(
+    database_url: str, fake_llm: str, monkeypatch: pytest.MonkeyPatch, **overrides: Any
+) -> Settings:
+    """Settings for a test app: the fake LLM as default provider, quick polls and retries."""
     monkeypatch.setenv("OPENAI_BASE_URL", fake_llm)
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    return Settings(
-        database_url=database_url,
-        poll_interval_s=0.2,
-        lease_seconds=5,
-        retry_base_s=0.05,
-        retry_max_s=0.5,
-        drain_seconds=0.5,  # hung lanes in a test need not hold its teardown
-        _env_file=None,  # type: ignore[call-arg]
-    )
+    fields: dict[str, Any] = {
+        "poll_interval_s": 0.2,
+        "lease_seconds": 5,
+        "retry_base_s": 0.05,
+        "retry_max_s": 0.5,
+        "drain_seconds": 0.5,  # hung lanes in a test need not hold its teardown
+        **overrides,
+    }
+    return Settings(database_url=database_url, _env_file=None, **fields)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def settings(database_url: str, fake_llm: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    return make_settings(database_url, fake_llm, monkeypatch)
+
+
+@pytest.fixture
+def sqlite_settings(sqlite_url: str, fake_llm: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """As ``settings``, on SQLite only (tests that serve on a real port)."""
+    return make_settings(sqlite_url, fake_llm, monkeypatch)
 
 
 @pytest.fixture

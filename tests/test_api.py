@@ -195,3 +195,22 @@ async def test_unsupported_method_is_405_problem_with_allow(client: httpx.AsyncC
     assert response.status_code == 405
     assert response.headers["allow"] == "GET"
     assert response.headers["content-type"] == "application/problem+json"
+
+
+async def test_405_names_every_method_of_the_path(client: httpx.AsyncClient) -> None:
+    response = await client.request("DELETE", "/v1/jobs")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, POST"
+
+
+async def test_malformed_ids_and_event_ids_are_refused_not_crashed(client: httpx.AsyncClient) -> None:
+    for path in ["/v1/jobs/%00", "/v1/jobs/%00/events", "/jobs/not-a-uuid"]:
+        assert (await client.get(path)).status_code == 404, path
+    assert (await client.post("/v1/jobs/%00/cancel")).status_code == 404
+    job = await run_job(client, voting(1, "fake"))
+    huge = 100_000_000_000_000_000_000
+    assert (await client.get(f"/v1/jobs/{job['id']}/events", params={"after": huge})).status_code == 422
+    header = {"Last-Event-ID": str(huge)}
+    assert (await client.get(f"/v1/jobs/{job['id']}/events", headers=header)).status_code == 422
+    bad_name = sectioning(section("a\x00b"))
+    assert (await client.post("/v1/jobs", json=bad_name)).status_code == 422

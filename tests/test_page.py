@@ -61,17 +61,8 @@ needs_browser = pytest.mark.skipif(
 
 
 @pytest.fixture
-def page_settings(sqlite_url: str, fake_llm: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setenv("OPENAI_BASE_URL", fake_llm)
-    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    return Settings(
-        database_url=sqlite_url,
-        poll_interval_s=0.2,
-        lease_seconds=5,
-        retry_base_s=0.05,
-        retry_max_s=0.5,
-        _env_file=None,
-    )
+def page_settings(sqlite_settings: Settings) -> Settings:
+    return sqlite_settings
 
 
 @pytest.fixture

@@ -16,10 +16,8 @@ CLIENTS = 200
 
 
 @pytest.fixture
-def stream_settings(sqlite_url: str, fake_llm: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setenv("OPENAI_BASE_URL", fake_llm)
-    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    return Settings(database_url=sqlite_url, poll_interval_s=0.2, keepalive_s=1, _env_file=None)  # type: ignore[call-arg]
+def stream_settings(sqlite_settings: Settings) -> Settings:
+    return sqlite_settings.model_copy(update={"keepalive_s": 1})
 
 
 def open_streams(served: Served) -> int:
