@@ -26,12 +26,16 @@ async def test_create_returns_202_with_location(client: httpx.AsyncClient) -> No
 
 
 async def test_voting_job_returns_the_majority_answer(client: httpx.AsyncClient) -> None:
-    spec = voting(5, "fake?answers=391:1", task={"seed": 1}, aggregate={**NUMBER, "early_stop": False})
+    spec = voting(
+        5, "fake?answers=391:1", task={"seed": 1}, aggregate={**NUMBER, "early_stop": False}
+    )
     job = await run_job(client, spec)
     assert job["status"] == "succeeded"
     assert job["result"]["output"] == 391
     assert job["progress"] == {"succeeded": 5}
-    assert job["usage"]["total_tokens"] == sum(lane["usage"]["total_tokens"] for lane in job["lanes"])
+    assert job["usage"]["total_tokens"] == sum(
+        lane["usage"]["total_tokens"] for lane in job["lanes"]
+    )
     assert job["started_at"] and job["finished_at"] and job["created_at"]
 
 
@@ -42,20 +46,36 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("n over the cap", voting(1001), "n"),
     ("no mode", {"n": 3}, "mode"),
     ("duplicate sections", sectioning(section("a"), section("a")), "sections"),
-    ("quorum over lanes", sectioning(section("a"), policy={"on_failure": "quorum", "quorum": 2}),
-     "policy.quorum"),
-    ("bad gate regex", sectioning(section("a", gate={"block_if": "(unclosed"})),
-     "sections.0.gate.block_if"),
-    ("bad extract regex", voting(2, aggregate={"kind": "majority", "extract": "regex", "pattern": "("}),
-     "aggregate.pattern"),
-    ("regex without pattern", voting(2, aggregate={"kind": "majority", "extract": "regex"}), "aggregate"),
+    (
+        "quorum over lanes",
+        sectioning(section("a"), policy={"on_failure": "quorum", "quorum": 2}),
+        "policy.quorum",
+    ),
+    (
+        "bad gate regex",
+        sectioning(section("a", gate={"block_if": "(unclosed"})),
+        "sections.0.gate.block_if",
+    ),
+    (
+        "bad extract regex",
+        voting(2, aggregate={"kind": "majority", "extract": "regex", "pattern": "("}),
+        "aggregate.pattern",
+    ),
+    (
+        "regex without pattern",
+        voting(2, aggregate={"kind": "majority", "extract": "regex"}),
+        "aggregate",
+    ),
     ("unknown provider", voting(2, task={"provider": "nope"}), "task.provider"),
     ("unknown aggregate", voting(2, aggregate={"kind": "average"}), "aggregate"),
     ("empty messages", voting(2, task={"messages": []}), "task.messages"),
     ("temperature out of range", voting(2, task={"temperature": 9}), "task.temperature"),
     ("attempts over the server max", voting(2, policy={"max_attempts": 99}), "policy.max_attempts"),
-    ("concurrency over the process cap", voting(2, policy={"max_concurrency": 100000}),
-     "policy.max_concurrency"),
+    (
+        "concurrency over the process cap",
+        voting(2, policy={"max_concurrency": 100000}),
+        "policy.max_concurrency",
+    ),
 ]
 
 
@@ -80,7 +100,9 @@ async def test_cap_is_named_in_the_message(client: httpx.AsyncClient) -> None:
 
 
 async def test_body_that_is_not_json_is_422(client: httpx.AsyncClient) -> None:
-    response = await client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    response = await client.post(
+        "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/problem+json"
 
@@ -96,7 +118,9 @@ async def test_body_over_the_cap_is_413(client: httpx.AsyncClient) -> None:
         for i in range(0, len(body), 65536):
             yield body[i : i + 65536]
 
-    chunked = await client.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+    chunked = await client.post(
+        "/v1/jobs", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert chunked.status_code == 413
     assert (await client.get("/v1/jobs")).json()["jobs"] == []
 
@@ -108,7 +132,9 @@ async def test_unknown_job_is_404_problem(client: httpx.AsyncClient) -> None:
         assert response.json()["title"] == "Not Found"
 
 
-async def test_list_is_newest_first_with_cursor_and_status_filter(client: httpx.AsyncClient) -> None:
+async def test_list_is_newest_first_with_cursor_and_status_filter(
+    client: httpx.AsyncClient,
+) -> None:
     ids = [(await run_job(client, voting(1, "fake")))["id"] for _ in range(5)]
     failed = (await run_job(client, voting(1, "fake?status=400")))["id"]
     page = (await client.get("/v1/jobs", params={"limit": 4})).json()
@@ -143,7 +169,11 @@ async def test_docs_are_served_without_a_cdn(client: httpx.AsyncClient) -> None:
     assert page.status_code == 200
     assert "cdn" not in page.text.lower() and "unpkg" not in page.text.lower()
     for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
-        src = next(part.split('"')[0] for part in page.text.split('="') if part.split('"')[0].endswith(asset))
+        src = next(
+            part.split('"')[0]
+            for part in page.text.split('="')
+            if part.split('"')[0].endswith(asset)
+        )
         assert src.startswith("/")
         assert (await client.get(src)).status_code == 200
     assert (await client.get("/openapi.json")).json()["info"]["title"] == "Fanout"
@@ -166,10 +196,16 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-async def test_metrics_count_jobs_lanes_retries_and_tokens(client: httpx.AsyncClient, fake_llm: str) -> None:
+async def test_metrics_count_jobs_lanes_retries_and_tokens(
+    client: httpx.AsyncClient, fake_llm: str
+) -> None:
     await fake_reset(fake_llm)
-    job = await run_job(client, voting(3, "fake?answers=4&tokens=5", aggregate={**NUMBER, "early_stop": False}))
-    await run_job(client, sectioning(section("flaky", model="fake?fail_first=1&fail_status=503&tokens=5")))
+    job = await run_job(
+        client, voting(3, "fake?answers=4&tokens=5", aggregate={**NUMBER, "early_stop": False})
+    )
+    await run_job(
+        client, sectioning(section("flaky", model="fake?fail_first=1&fail_status=503&tokens=5"))
+    )
     await run_job(client, voting(1, "fake?status=400"))
     response = await client.get("/metrics")
     assert response.status_code == 200
@@ -180,10 +216,18 @@ async def test_metrics_count_jobs_lanes_retries_and_tokens(client: httpx.AsyncCl
     assert metric(text, "fanout_lanes_total", status="succeeded") == 4
     assert metric(text, "fanout_lanes_total", status="failed") == 1
     assert metric(text, "fanout_retries_total", reason="upstream_error") == 1
-    completion = metric(text, "fanout_tokens_total", provider="default",
-                        model="fake?answers=4&tokens=5", kind="completion")
+    completion = metric(
+        text,
+        "fanout_tokens_total",
+        provider="default",
+        model="fake?answers=4&tokens=5",
+        kind="completion",
+    )
     assert completion == sum(lane["usage"]["completion_tokens"] for lane in job["lanes"]) == 15
-    ok = 'fanout_attempt_seconds_count{model="fake?answers=4&tokens=5",outcome="ok",provider="default"}'
+    ok = (
+        "fanout_attempt_seconds_count"
+        '{model="fake?answers=4&tokens=5",outcome="ok",provider="default"}'
+    )
     assert f"{ok} 3.0" in text
     assert metric(text, "fanout_lanes_in_flight") == 0
     assert "fanout_queue_wait_seconds_count" in text
@@ -203,13 +247,17 @@ async def test_405_names_every_method_of_the_path(client: httpx.AsyncClient) -> 
     assert response.headers["allow"] == "GET, POST"
 
 
-async def test_malformed_ids_and_event_ids_are_refused_not_crashed(client: httpx.AsyncClient) -> None:
+async def test_malformed_ids_and_event_ids_are_refused_not_crashed(
+    client: httpx.AsyncClient,
+) -> None:
     for path in ["/v1/jobs/%00", "/v1/jobs/%00/events", "/jobs/not-a-uuid"]:
         assert (await client.get(path)).status_code == 404, path
     assert (await client.post("/v1/jobs/%00/cancel")).status_code == 404
     job = await run_job(client, voting(1, "fake"))
     huge = 100_000_000_000_000_000_000
-    assert (await client.get(f"/v1/jobs/{job['id']}/events", params={"after": huge})).status_code == 422
+    assert (
+        await client.get(f"/v1/jobs/{job['id']}/events", params={"after": huge})
+    ).status_code == 422
     header = {"Last-Event-ID": str(huge)}
     assert (await client.get(f"/v1/jobs/{job['id']}/events", headers=header)).status_code == 422
     bad_name = sectioning(section("a\x00b"))

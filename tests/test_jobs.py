@@ -54,18 +54,35 @@ async def test_majority_reports_the_winner_votes_and_agreement(client: httpx.Asy
 
 
 async def test_seeded_voting_lanes_get_seed_plus_index(client: httpx.AsyncClient) -> None:
-    first = await run_job(client, voting(6, "fake?answers=1,2,3,4,5,6", task={"seed": 100},
-                                         aggregate={**NUMBER, "early_stop": False}))
-    again = await run_job(client, voting(6, "fake?answers=1,2,3,4,5,6", task={"seed": 100},
-                                         aggregate={**NUMBER, "early_stop": False}))
+    first = await run_job(
+        client,
+        voting(
+            6,
+            "fake?answers=1,2,3,4,5,6",
+            task={"seed": 100},
+            aggregate={**NUMBER, "early_stop": False},
+        ),
+    )
+    again = await run_job(
+        client,
+        voting(
+            6,
+            "fake?answers=1,2,3,4,5,6",
+            task={"seed": 100},
+            aggregate={**NUMBER, "early_stop": False},
+        ),
+    )
     answers = [lane["answer"] for lane in first["lanes"]]
     assert answers == [lane["answer"] for lane in again["lanes"]]
     assert len(set(answers)) > 1  # seed + i differs per lane
 
 
-async def test_majority_treats_unextractable_answers_as_abstentions(client: httpx.AsyncClient) -> None:
-    spec = voting(4, "fake?answers=391,no%20idea", task={"seed": 3},
-                  aggregate={**NUMBER, "early_stop": False})
+async def test_majority_treats_unextractable_answers_as_abstentions(
+    client: httpx.AsyncClient,
+) -> None:
+    spec = voting(
+        4, "fake?answers=391,no%20idea", task={"seed": 3}, aggregate={**NUMBER, "early_stop": False}
+    )
     job = await run_job(client, spec)
     abstained = sum(lane["answer"] is None for lane in job["lanes"])
     assert job["result"]["details"]["abstained"] == abstained
@@ -73,8 +90,12 @@ async def test_majority_treats_unextractable_answers_as_abstentions(client: http
 
 
 async def test_score_max_picks_the_best_lane_output(client: httpx.AsyncClient) -> None:
-    spec = voting(5, "fake?answers=3,9,5&template=score%20{answer}", task={"seed": 1},
-                  aggregate={"kind": "score", "pick": "max"})
+    spec = voting(
+        5,
+        "fake?answers=3,9,5&template=score%20{answer}",
+        task={"seed": 1},
+        aggregate={"kind": "score", "pick": "max"},
+    )
     job = await run_job(client, spec)
     scores = {lane["name"]: lane["answer"] for lane in job["lanes"]}
     best = max(scores.values())
@@ -83,8 +104,12 @@ async def test_score_max_picks_the_best_lane_output(client: httpx.AsyncClient) -
 
 
 async def test_score_mean_is_the_mean_of_lane_scores(client: httpx.AsyncClient) -> None:
-    spec = voting(4, "fake?answers=2,4,8&template={answer}", task={"seed": 5},
-                  aggregate={"kind": "score", "pick": "mean"})
+    spec = voting(
+        4,
+        "fake?answers=2,4,8&template={answer}",
+        task={"seed": 5},
+        aggregate={"kind": "score", "pick": "mean"},
+    )
     job = await run_job(client, spec)
     scores = [lane["answer"] for lane in job["lanes"]]
     assert job["result"]["output"] == sum(scores) / len(scores)
@@ -92,16 +117,25 @@ async def test_score_mean_is_the_mean_of_lane_scores(client: httpx.AsyncClient) 
 
 async def test_score_min_with_json_extraction(client: httpx.AsyncClient) -> None:
     template = "%7B%22grade%22%3A%20{answer}%7D"  # {"grade": N}
-    spec = voting(3, f"fake?answers=7,3&template={template}", task={"seed": 2},
-                  aggregate={"kind": "score", "pick": "min", "extract": "json", "field": "grade"})
+    spec = voting(
+        3,
+        f"fake?answers=7,3&template={template}",
+        task={"seed": 2},
+        aggregate={"kind": "score", "pick": "min", "extract": "json", "field": "grade"},
+    )
     job = await run_job(client, spec)
     assert job["result"]["details"]["score"] == min(lane["answer"] for lane in job["lanes"])
 
 
-async def test_reduce_receives_every_lane_output_tagged_in_lane_order(client: httpx.AsyncClient) -> None:
+async def test_reduce_receives_every_lane_output_tagged_in_lane_order(
+    client: httpx.AsyncClient,
+) -> None:
     reducer = {"model": "fake", "messages": [{"role": "system", "content": "Synthesise."}]}
-    spec = sectioning(section("skeptic", text="risky"), section("optimist", text="great"),
-                      aggregate={"kind": "reduce", "task": reducer})
+    spec = sectioning(
+        section("skeptic", text="risky"),
+        section("optimist", text="great"),
+        aggregate={"kind": "reduce", "task": reducer},
+    )
     job = await run_job(client, spec)
     assert job["status"] == "succeeded"
     # The fake echoes the last user message: the reducer's input, lanes tagged by name.
@@ -117,8 +151,9 @@ async def test_reduce_receives_every_lane_output_tagged_in_lane_order(client: ht
 
 
 async def test_fail_fast_fails_the_job_and_cancels_the_rest(client: httpx.AsyncClient) -> None:
-    spec = sectioning(section("broken", model="fake?status=400"),
-                      section("slow", model="fake?latency_ms=5000"))
+    spec = sectioning(
+        section("broken", model="fake?status=400"), section("slow", model="fake?latency_ms=5000")
+    )
     started = time.monotonic()
     job = await run_job(client, spec)
     assert time.monotonic() - started < 4
@@ -131,8 +166,11 @@ async def test_fail_fast_fails_the_job_and_cancels_the_rest(client: httpx.AsyncC
 
 
 async def test_best_effort_aggregates_what_succeeded(client: httpx.AsyncClient) -> None:
-    spec = sectioning(section("ok"), section("broken", model="fake?status=400"),
-                      policy={"on_failure": "best_effort"})
+    spec = sectioning(
+        section("ok"),
+        section("broken", model="fake?status=400"),
+        policy={"on_failure": "best_effort"},
+    )
     job = await run_job(client, spec)
     assert job["status"] == "succeeded"
     assert job["result"]["partial"] is True
@@ -146,17 +184,24 @@ async def test_best_effort_fails_when_nothing_succeeded(client: httpx.AsyncClien
 
 
 async def test_quorum_succeeds_with_enough_lanes(client: httpx.AsyncClient) -> None:
-    spec = sectioning(section("a"), section("b"), section("c", model="fake?status=400"),
-                      policy={"on_failure": "quorum", "quorum": 2})
+    spec = sectioning(
+        section("a"),
+        section("b"),
+        section("c", model="fake?status=400"),
+        policy={"on_failure": "quorum", "quorum": 2},
+    )
     job = await run_job(client, spec)
     assert job["status"] == "succeeded"
     assert job["result"]["partial"] is True
 
 
 async def test_quorum_fails_as_soon_as_it_is_out_of_reach(client: httpx.AsyncClient) -> None:
-    spec = sectioning(section("a", model="fake?status=400"), section("b", model="fake?status=400"),
-                      section("c", model="fake?latency_ms=5000"),
-                      policy={"on_failure": "quorum"})  # default quorum: 2 of 3
+    spec = sectioning(
+        section("a", model="fake?status=400"),
+        section("b", model="fake?status=400"),
+        section("c", model="fake?latency_ms=5000"),
+        policy={"on_failure": "quorum"},
+    )  # default quorum: 2 of 3
     started = time.monotonic()
     job = await run_job(client, spec)
     assert time.monotonic() - started < 4
@@ -165,8 +210,11 @@ async def test_quorum_fails_as_soon_as_it_is_out_of_reach(client: httpx.AsyncCli
 
 
 async def test_deadline_gives_a_partial_result_under_best_effort(client: httpx.AsyncClient) -> None:
-    spec = sectioning(section("quick"), section("stuck", model="fake?hang=1"),
-                      policy={"on_failure": "best_effort", "deadline_s": 1})
+    spec = sectioning(
+        section("quick"),
+        section("stuck", model="fake?hang=1"),
+        policy={"on_failure": "best_effort", "deadline_s": 1},
+    )
     job = await run_job(client, spec)
     assert job["status"] == "succeeded"
     assert job["result"]["partial"] is True
@@ -183,8 +231,9 @@ async def test_deadline_fails_a_fail_fast_job(client: httpx.AsyncClient) -> None
 
 
 async def test_lane_timeout_bounds_each_attempt_and_is_retried(client: httpx.AsyncClient) -> None:
-    spec = sectioning(section("stuck", model="fake?hang=1"),
-                      policy={"lane_timeout_s": 0.3, "max_attempts": 2})
+    spec = sectioning(
+        section("stuck", model="fake?hang=1"), policy={"lane_timeout_s": 0.3, "max_attempts": 2}
+    )
     job = await run_job(client, spec)
     lane = job["lanes"][0]
     assert lane["status"] == "timed_out"
@@ -216,10 +265,13 @@ async def test_retries_transient_errors_and_honors_retry_after(
     assert (await fake_stats(fake_llm))["requests"] == 3
 
 
-async def test_non_transient_errors_are_not_retried(client: httpx.AsyncClient, fake_llm: str) -> None:
+async def test_non_transient_errors_are_not_retried(
+    client: httpx.AsyncClient, fake_llm: str
+) -> None:
     await fake_reset(fake_llm)
-    job = await run_job(client, sectioning(section("bad", model="fake?status=401"),
-                                           policy={"max_attempts": 3}))
+    job = await run_job(
+        client, sectioning(section("bad", model="fake?status=401"), policy={"max_attempts": 3})
+    )
     assert job["lanes"][0]["attempts"] == 1
     assert job["lanes"][0]["error"]["type"] == "upstream_error"
     assert (await fake_stats(fake_llm))["requests"] == 1
@@ -227,8 +279,9 @@ async def test_non_transient_errors_are_not_retried(client: httpx.AsyncClient, f
 
 async def test_retries_stop_at_max_attempts(client: httpx.AsyncClient, fake_llm: str) -> None:
     await fake_reset(fake_llm)
-    job = await run_job(client, sectioning(section("down", model="fake?status=503"),
-                                           policy={"max_attempts": 2}))
+    job = await run_job(
+        client, sectioning(section("down", model="fake?status=503"), policy={"max_attempts": 2})
+    )
     assert job["lanes"][0]["status"] == "failed"
     assert job["lanes"][0]["attempts"] == 2
     assert (await fake_stats(fake_llm))["requests"] == 2
@@ -244,8 +297,12 @@ async def test_malformed_response_fails_the_lane_as_invalid(client: httpx.AsyncC
 
 async def test_token_budget_stops_new_attempts(client: httpx.AsyncClient, fake_llm: str) -> None:
     await fake_reset(fake_llm)
-    spec = voting(10, "fake?answers=7&tokens=100", aggregate={**NUMBER, "early_stop": False},
-                  policy={"max_concurrency": 2, "max_total_tokens": 250})
+    spec = voting(
+        10,
+        "fake?answers=7&tokens=100",
+        aggregate={**NUMBER, "early_stop": False},
+        policy={"max_concurrency": 2, "max_total_tokens": 250},
+    )
     job = await run_job(client, spec)
     statuses = [lane["status"] for lane in job["lanes"]]
     cancelled = [lane for lane in job["lanes"] if lane["status"] == "cancelled"]
@@ -264,7 +321,9 @@ async def test_early_stop_makes_fewer_calls_for_the_same_answer(
     model = "fake?answers=391:9,392:1"
     base = {"task": {"seed": 11}, "policy": {"max_concurrency": 2}}
     await fake_reset(fake_llm)
-    full = await run_job(client, voting(15, model, aggregate={**NUMBER, "early_stop": False}, **base))
+    full = await run_job(
+        client, voting(15, model, aggregate={**NUMBER, "early_stop": False}, **base)
+    )
     all_calls = (await fake_stats(fake_llm))["requests"]
     await fake_reset(fake_llm)
     stopped = await run_job(client, voting(15, model, aggregate=NUMBER, **base))
@@ -304,8 +363,10 @@ async def test_cancel_stops_running_lanes_and_closes_upstream_requests(
 
 
 async def test_gate_that_matches_blocks_the_output(client: httpx.AsyncClient) -> None:
-    spec = sectioning(section("draft", text="a story"),
-                      section("safety", text="this is UNSAFE", gate={"block_if": "(?i)\\bunsafe\\b"}))
+    spec = sectioning(
+        section("draft", text="a story"),
+        section("safety", text="this is UNSAFE", gate={"block_if": "(?i)\\bunsafe\\b"}),
+    )
     job = await run_job(client, spec)
     assert job["status"] == "succeeded"
     assert job["result"]["blocked"] is True
@@ -314,16 +375,20 @@ async def test_gate_that_matches_blocks_the_output(client: httpx.AsyncClient) ->
 
 
 async def test_gate_that_passes_lets_the_output_through(client: httpx.AsyncClient) -> None:
-    spec = sectioning(section("draft", text="a story"),
-                      section("safety", text="all fine", gate={"block_if": "(?i)\\bunsafe\\b"}))
+    spec = sectioning(
+        section("draft", text="a story"),
+        section("safety", text="all fine", gate={"block_if": "(?i)\\bunsafe\\b"}),
+    )
     job = await run_job(client, spec)
     assert job["result"]["blocked"] is False
     assert job["result"]["output"]["draft"] == "Echo: a story"
 
 
 async def test_gate_lane_that_fails_blocks_fail_closed(client: httpx.AsyncClient) -> None:
-    spec = sectioning(section("draft", model="fake?latency_ms=3000"),
-                      section("safety", model="fake?status=400", gate={"block_if": "unsafe"}))
+    spec = sectioning(
+        section("draft", model="fake?latency_ms=3000"),
+        section("safety", model="fake?status=400", gate={"block_if": "unsafe"}),
+    )
     job = await run_job(client, spec)
     assert job["status"] == "succeeded"
     assert job["result"]["blocked"] is True and job["result"]["blocked_by"] == "safety"
@@ -334,8 +399,10 @@ async def test_gate_lane_that_fails_blocks_fail_closed(client: httpx.AsyncClient
 
 
 async def test_event_stream_is_ordered_and_complete(client: httpx.AsyncClient) -> None:
-    response = await client.post("/v1/jobs", json=voting(5, "fake?latency_ms=50&answers=1",
-                                                         aggregate={**NUMBER, "early_stop": False}))
+    response = await client.post(
+        "/v1/jobs",
+        json=voting(5, "fake?latency_ms=50&answers=1", aggregate={**NUMBER, "early_stop": False}),
+    )
     job_id = response.json()["id"]
     events = await events_of(client, job_id)
     assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1))

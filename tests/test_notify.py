@@ -173,7 +173,7 @@ async def stored_log(where: Instance, job_id: str) -> list[tuple[int, str, dict[
 async def until(check: Callable[[], Awaitable[bool]], within: float = 10) -> None:
     """For state that no event announces (the fake LLM's in-flight gauge)."""
     async with asyncio.timeout(within):
-        while not await check():  # noqa: ASYNC110 - another process's gauge: nothing to await
+        while not await check():
             await asyncio.sleep(0.02)
 
 

@@ -58,9 +58,16 @@ async def receiver(handler: Any) -> AsyncIterator[str]:
 
 async def test_every_v1_route_needs_a_key_when_keys_are_configured(settings: Settings) -> None:
     async with app_client(settings, api_keys=KEYS) as http:
-        for method, path in [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/x"),
-                             ("GET", "/v1/jobs/x/events"), ("POST", "/v1/jobs/x/cancel")]:
-            response = await http.request(method, path, json=voting(1) if method == "POST" else None)
+        for method, path in [
+            ("GET", "/v1/jobs"),
+            ("POST", "/v1/jobs"),
+            ("GET", "/v1/jobs/x"),
+            ("GET", "/v1/jobs/x/events"),
+            ("POST", "/v1/jobs/x/cancel"),
+        ]:
+            response = await http.request(
+                method, path, json=voting(1) if method == "POST" else None
+            )
             assert response.status_code == 401, (method, path)
             assert response.headers["www-authenticate"].startswith("Bearer")
             assert response.headers["content-type"] == "application/problem+json"
@@ -74,12 +81,18 @@ async def test_a_tenant_sees_only_its_own_jobs(settings: Settings) -> None:
         acme, globex = bearer("key-acme"), bearer("key-globex")
         created = await http.post("/v1/jobs", json=voting(1, "fake?latency_ms=2000"), headers=acme)
         job_id = created.json()["id"]
-        for method, path in [("GET", f"/v1/jobs/{job_id}"), ("GET", f"/v1/jobs/{job_id}/events"),
-                             ("POST", f"/v1/jobs/{job_id}/cancel"), ("GET", f"/jobs/{job_id}")]:
+        for method, path in [
+            ("GET", f"/v1/jobs/{job_id}"),
+            ("GET", f"/v1/jobs/{job_id}/events"),
+            ("POST", f"/v1/jobs/{job_id}/cancel"),
+            ("GET", f"/jobs/{job_id}"),
+        ]:
             response = await http.request(method, path, headers=globex)
             assert response.status_code == 404, (method, path, response.text)
         assert (await http.get("/v1/jobs", headers=globex)).json()["jobs"] == []
-        assert [j["id"] for j in (await http.get("/v1/jobs", headers=acme)).json()["jobs"]] == [job_id]
+        assert [j["id"] for j in (await http.get("/v1/jobs", headers=acme)).json()["jobs"]] == [
+            job_id
+        ]
         # The key may come as ?key= (EventSource cannot send headers).
         assert (await http.get(f"/v1/jobs/{job_id}?key=key-acme")).status_code == 200
         assert (await http.post(f"/v1/jobs/{job_id}/cancel", headers=acme)).status_code == 202
@@ -87,7 +100,9 @@ async def test_a_tenant_sees_only_its_own_jobs(settings: Settings) -> None:
 
 async def test_rate_limit_is_429_with_retry_after(settings: Settings) -> None:
     async with app_client(settings, api_keys=KEYS, rate_limit_per_minute=3) as http:
-        codes = [(await http.get("/v1/jobs", headers=bearer("key-acme"))).status_code for _ in range(4)]
+        codes = [
+            (await http.get("/v1/jobs", headers=bearer("key-acme"))).status_code for _ in range(4)
+        ]
         assert codes == [200, 200, 200, 429]
         limited = await http.get("/v1/jobs", headers=bearer("key-acme"))
         assert int(limited.headers["retry-after"]) >= 1
@@ -112,7 +127,9 @@ async def test_jobs_in_flight_per_tenant_are_capped(settings: Settings) -> None:
 async def test_same_idempotency_key_and_body_give_one_job(client: httpx.AsyncClient) -> None:
     headers = {"Idempotency-Key": "order-17"}
     spec = voting(2, "fake?latency_ms=100")
-    responses = await asyncio.gather(*(client.post("/v1/jobs", json=spec, headers=headers) for _ in range(50)))
+    responses = await asyncio.gather(
+        *(client.post("/v1/jobs", json=spec, headers=headers) for _ in range(50))
+    )
     assert {r.status_code for r in responses} == {202}
     assert len({r.json()["id"] for r in responses}) == 1
     assert len((await client.get("/v1/jobs")).json()["jobs"]) == 1
@@ -152,8 +169,9 @@ async def test_http_task_calls_an_allowed_destination(settings: Settings) -> Non
         return web.json_response({"symbol": request.path.rsplit("/", 1)[-1], "price": 42.5})
 
     async with receiver(quote) as url, app_client(settings, egress_allow="127.0.0.1") as http:
-        spec = sectioning({"name": "stock", "task": {"kind": "http", "url": f"{url}/api/ACME"}},
-                          section("draft"))
+        spec = sectioning(
+            {"name": "stock", "task": {"kind": "http", "url": f"{url}/api/ACME"}}, section("draft")
+        )
         job = await run_job(http, spec)
     assert job["status"] == "succeeded"
     stock = job["result"]["output"]["stock"]
@@ -170,7 +188,9 @@ async def test_http_task_to_a_private_address_is_refused(settings: Settings) -> 
         return web.Response(text="should never be reached")
 
     async with receiver(canary) as url, app_client(settings) as http:  # nothing allowed
-        job = await run_job(http, sectioning({"name": "probe", "task": {"kind": "http", "url": url}}))
+        job = await run_job(
+            http, sectioning({"name": "probe", "task": {"kind": "http", "url": url}})
+        )
     assert job["status"] == "failed"
     assert job["lanes"][0]["error"]["type"] == "egress_denied"
     assert hits == 0
@@ -190,7 +210,9 @@ def verify(secret: str, headers: Any, body: bytes) -> bool:
     key = base64.b64decode(secret.removeprefix("whsec_"))
     signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
     expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-    return any(hmac.compare_digest(f"v1,{expected}", sig) for sig in headers["webhook-signature"].split())
+    return any(
+        hmac.compare_digest(f"v1,{expected}", sig) for sig in headers["webhook-signature"].split()
+    )
 
 
 async def test_webhook_is_signed_retried_and_recorded(settings: Settings) -> None:
@@ -204,14 +226,26 @@ async def test_webhook_is_signed_retried_and_recorded(settings: Settings) -> Non
         done.set()
         return web.Response(status=204)
 
-    async with receiver(hook) as url, app_client(
-        settings, egress_allow="127.0.0.1", webhook_secret=SECRET, retry_base_s=0.05
-    ) as http:
-        job = await run_job(http, voting(2, "fake?answers=5", webhook={"url": f"{url}/hooks/fanout"},
-                                         aggregate={"kind": "majority", "extract": "number"}))
+    async with (
+        receiver(hook) as url,
+        app_client(
+            settings, egress_allow="127.0.0.1", webhook_secret=SECRET, retry_base_s=0.05
+        ) as http,
+    ):
+        job = await run_job(
+            http,
+            voting(
+                2,
+                "fake?answers=5",
+                webhook={"url": f"{url}/hooks/fanout"},
+                aggregate={"kind": "majority", "extract": "number"},
+            ),
+        )
         async with asyncio.timeout(15):
             await done.wait()
-            while (view := (await http.get(f"/v1/jobs/{job['id']}")).json())["webhook"]["status"] != "delivered":
+            while (view := (await http.get(f"/v1/jobs/{job['id']}")).json())["webhook"][
+                "status"
+            ] != "delivered":
                 await asyncio.sleep(0.02)
     assert len(received) == 3
     assert len({headers["webhook-id"] for headers, _ in received}) == 1
@@ -226,7 +260,9 @@ async def test_webhook_is_signed_retried_and_recorded(settings: Settings) -> Non
 
 
 async def test_webhook_needs_a_server_secret(client: httpx.AsyncClient) -> None:
-    response = await client.post("/v1/jobs", json=voting(1, webhook={"url": "https://example.com/h"}))
+    response = await client.post(
+        "/v1/jobs", json=voting(1, webhook={"url": "https://example.com/h"})
+    )
     assert response.status_code == 422
     assert "FANOUT_WEBHOOK_SECRET" in response.json()["detail"]
 
@@ -248,7 +284,10 @@ async def test_cancelled_job_also_sends_its_webhook(settings: Settings) -> None:
         got.set()
         return web.Response(status=200)
 
-    async with receiver(hook) as url, app_client(settings, egress_allow="127.0.0.1", webhook_secret=SECRET) as http:
+    async with (
+        receiver(hook) as url,
+        app_client(settings, egress_allow="127.0.0.1", webhook_secret=SECRET) as http,
+    ):
         created = await http.post("/v1/jobs", json=voting(1, "fake?hang=1", webhook={"url": url}))
         await http.post(f"/v1/jobs/{created.json()['id']}/cancel")
         async with asyncio.timeout(10):
@@ -269,8 +308,12 @@ def providers_file(tmp_path: Any, fake_llm: str, **limits: int) -> Any:
 
 
 def limited(n: int, model: str) -> dict[str, Any]:
-    return voting(n, model, task={"provider": "limited"},
-                  aggregate={"kind": "majority", "extract": "number", "early_stop": False})
+    return voting(
+        n,
+        model,
+        task={"provider": "limited"},
+        aggregate={"kind": "majority", "extract": "number", "early_stop": False},
+    )
 
 
 async def test_provider_concurrency_cap_keeps_lanes_queued(
@@ -304,9 +347,15 @@ async def test_provider_requests_per_minute_pace_the_calls(
     assert elapsed >= 0.9  # the second ten waited for the bucket to refill
 
 
-async def test_rate_limit_storm_never_multiplies_calls(client: httpx.AsyncClient, fake_llm: str) -> None:
+async def test_rate_limit_storm_never_multiplies_calls(
+    client: httpx.AsyncClient, fake_llm: str
+) -> None:
     await fake_reset(fake_llm)
-    job = await run_job(client, voting(5, "fake?rate_limit=1&retry_after=0.05", policy={"max_attempts": 3}))
+    job = await run_job(
+        client, voting(5, "fake?rate_limit=1&retry_after=0.05", policy={"max_attempts": 3})
+    )
     assert job["status"] == "failed"
-    assert all(lane["attempts"] == 3 and lane["error"]["type"] == "rate_limited" for lane in job["lanes"])
+    assert all(
+        lane["attempts"] == 3 and lane["error"]["type"] == "rate_limited" for lane in job["lanes"]
+    )
     assert (await fake_stats(fake_llm))["requests"] == 15

@@ -38,7 +38,7 @@ async def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20
     try:
         async with asyncio.timeout(timeout):
             # Polled: these are server-side counters, with no event to wait on.
-            while not condition():  # noqa: ASYNC110
+            while not condition():
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"not within {timeout} s: {what}") from None
@@ -72,7 +72,7 @@ async def test_dropped_clients_leave_no_subscription_task_or_connection_behind(
             return int(job["progress"].get("running", 0))
 
         async with asyncio.timeout(10):
-            while await running() < 2:  # noqa: ASYNC110 (polling the API, no event to wait on)
+            while await running() < 2:
                 await asyncio.sleep(0.02)
         baseline_tasks = len(asyncio.all_tasks())
         baseline_sockets = open_sockets()
