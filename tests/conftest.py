@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from service.app import create_app
 from service.config import Settings
 from service.db import upgrade
-from tests.support import free_port
+from tests.support import free_port, make_settings, truncate
 
 POSTGRES_URL = os.environ.get(
     "FANOUT_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -102,45 +102,19 @@ def postgres_database() -> Iterator[str]:
         run_sync(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-async def _truncate(url: str) -> None:
-    engine = create_async_engine(url)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text("TRUNCATE events, lanes, jobs CASCADE"))
-    finally:
-        await engine.dispose()
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> str:
     """Each test runs on SQLite (a fresh file) and on PostgreSQL (emptied first)."""
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path}/fanout.db"
     url: str = request.getfixturevalue("postgres_database")
-    run_sync(_truncate(url))
+    run_sync(truncate(url))
     return url
 
 
 @pytest.fixture
 def sqlite_url(tmp_path: os.PathLike[str]) -> str:
     return f"sqlite+aiosqlite:///{tmp_path}/fanout.db"
-
-
-def make_settings(
-    database_url: str, fake_llm: str, monkeypatch: pytest.MonkeyPatch, **overrides: Any
-) -> Settings:
-    """Settings for a test app: the fake LLM as default provider, quick polls and retries."""
-    monkeypatch.setenv("OPENAI_BASE_URL", fake_llm)
-    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    fields: dict[str, Any] = {
-        "poll_interval_s": 0.2,
-        "lease_seconds": 5,
-        "retry_base_s": 0.05,
-        "retry_max_s": 0.5,
-        "drain_seconds": 0.5,  # hung lanes in a test need not hold its teardown
-        **overrides,
-    }
-    return Settings(database_url=database_url, _env_file=None, **fields)  # type: ignore[call-arg]
 
 
 @pytest.fixture

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.app import create_app
 from service.config import Settings
@@ -141,3 +144,33 @@ async def serve(settings: Settings) -> AsyncIterator[Served]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 15)
+
+
+# --- settings and databases ---------------------------------------------------------
+
+
+def make_settings(
+    database_url: str, fake_llm: str, monkeypatch: pytest.MonkeyPatch, **overrides: Any
+) -> Settings:
+    """Settings for a test app: the fake LLM as default provider, quick polls and retries."""
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_llm)
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    fields: dict[str, Any] = {
+        "poll_interval_s": 0.2,
+        "lease_seconds": 5,
+        "retry_base_s": 0.05,
+        "retry_max_s": 0.5,
+        "drain_seconds": 0.5,  # hung lanes in a test need not hold its teardown
+        **overrides,
+    }
+    return Settings(database_url=database_url, _env_file=None, **fields)  # type: ignore[call-arg]
+
+
+async def truncate(url: str) -> None:
+    """Empty the tables of a PostgreSQL test database (dependent tables cascade)."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("TRUNCATE events, lanes, jobs CASCADE"))
+    finally:
+        await engine.dispose()

@@ -17,8 +17,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from service import events as ev
 from service.app import create_app
@@ -33,7 +31,7 @@ from service.notify import (
     notifications,
 )
 from service.state import AppState
-from tests.support import events_of, fake_stats, voting
+from tests.support import events_of, fake_stats, make_settings, truncate, voting
 
 FINAL = {"job.succeeded", "job.failed", "job.cancelled"}
 SLOW = "fake?latency_ms=100&jitter_ms=1000"  # lanes end spread over a second
@@ -78,22 +76,10 @@ postgres = pytest.mark.postgres
 async def pg_settings(
     postgres_database: str, fake_llm: str, monkeypatch: pytest.MonkeyPatch
 ) -> Settings:
-    engine = create_async_engine(postgres_database)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text("TRUNCATE events, lanes, jobs CASCADE"))
-    finally:
-        await engine.dispose()
-    monkeypatch.setenv("OPENAI_BASE_URL", fake_llm)
-    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    return Settings(
-        database_url=postgres_database,
-        poll_interval_s=30,  # nothing below may wait for a poll
-        lease_seconds=5,
-        retry_base_s=0.05,
-        retry_max_s=0.5,
-        run_migrations=False,
-        _env_file=None,  # type: ignore[call-arg]
+    await truncate(postgres_database)
+    # poll_interval_s: nothing below may wait for a poll.
+    return make_settings(
+        postgres_database, fake_llm, monkeypatch, poll_interval_s=30, run_migrations=False
     )
 
 
