@@ -12,7 +12,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from service.app import create_app
 from service.config import Settings
 from service.db import upgrade
-from tests.support import free_port, make_settings, truncate
+from tests.support import free_port, make_settings, truncate, wait_http
 
 POSTGRES_URL = os.environ.get(
     "FANOUT_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -40,20 +39,6 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     from inside a running loop, where ``asyncio.run`` is refused)."""
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result()
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
 @pytest.fixture(scope="session")

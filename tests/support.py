@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +28,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_http(
+    url: str,
+    proc: subprocess.Popen[bytes] | None = None,
+    *,
+    log: Path | None = None,
+    timeout: float = 20,
+) -> None:
+    """Poll ``url`` until it answers 200; fail at once if ``proc`` exits, and after
+    ``timeout`` seconds otherwise, showing ``log`` (the process's output) if given."""
+    output = (lambda: "\n" + log.read_text(errors="replace")) if log else (lambda: "")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{proc.args} exited with {proc.returncode}{output()}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{url} did not answer within {timeout} s{output()}")
 
 
 def user(text: str) -> list[dict[str, str]]:

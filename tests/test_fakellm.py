@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 from openai.types.chat import ChatCompletion
 
 from service.fakellm import Behaviour, RequestError, parse_model
+from tests.support import free_port, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -31,30 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 READY_WITHIN_S = 15.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_until_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + READY_WITHIN_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"fakellm exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    pytest.fail(f"fakellm not ready within {READY_WITHIN_S}s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("fakellm") / "server.log"
     code = f"from service.fakellm import serve; serve(port={port})"
     with log.open("wb") as out:
@@ -63,7 +42,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait_until_ready(url, process, log)
+            wait_http(f"{url}/healthz", process, log=log, timeout=READY_WITHIN_S)
             yield url
         finally:
             process.terminate()

@@ -19,7 +19,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from pydantic import TypeAdapter
 from service.app import create_app
 from service.config import Settings, load_providers
 from service.spec import JobSpec, check_against
-from tests.support import free_port
+from tests.support import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -78,20 +77,6 @@ def table_rows(text: str) -> list[list[str]]:
 
 
 # --- processes --------------------------------------------------------------------
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{url} did not answer within {timeout} s:\n{log.read_text()}")
 
 
 def _clean_env() -> dict[str, str]:
@@ -142,7 +127,7 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuickStart]
             procs.append(proc)
             waits.append((f"{url}/healthz", proc, log))
         for url, proc, log in waits:
-            _wait_http(url, proc, log)
+            wait_http(url, proc, log=log, timeout=60)
         yield QuickStart(api_url, fake_url, tmp, env)
     finally:
         for proc in reversed(procs):

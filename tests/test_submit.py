@@ -22,8 +22,7 @@ import pytest
 
 from service import submit as submit_module
 from service.submit import submit
-from tests.conftest import wait_http
-from tests.support import free_port, section, sectioning, voting
+from tests.support import free_port, section, sectioning, voting, wait_http
 
 CLI = [sys.executable, "-m", "service.cli"]
 # Variables that would change what the CLI or the server does if the caller's shell set them.
