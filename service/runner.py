@@ -70,7 +70,6 @@ class Runner:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.inflight: dict[tuple[str, int], asyncio.Task[None]] = {}
         self.reducing: dict[str, asyncio.Task[None]] = {}
-        self.rejected_writes = 0
         self._outcomes: list[Outcome] = []
         self._outcome_ready = asyncio.Event()
         self._wake = asyncio.Event()
@@ -301,7 +300,6 @@ class Runner:
                 raise
             finally:
                 self._recording = 0
-            self.rejected_writes += recorded.rejected
             self.metrics.rejected_writes.inc(recorded.rejected)
             if recorded.rejected:
                 log.warning("rejected %d stale lane writes", recorded.rejected)
