@@ -796,6 +796,7 @@ class Store:
     async def _tally(
         self, conn: AsyncConnection, job_id: str, spec: VotingSpec | SectioningSpec
     ) -> Tally:
+        gates = gate_patterns(spec)
         by_status = {
             status: count
             for status, count in (
@@ -817,14 +818,13 @@ class Store:
                             lanes.c.job_id == job_id,
                             lanes.c.status == "succeeded",
                             lanes.c.answer_key.is_not(None),
-                            lanes.c.idx.not_in(list(gate_patterns(spec))),
+                            lanes.c.idx.not_in(list(gates)),
                         )
                         .group_by(lanes.c.answer_key)
                     )
                 ).all()
             ]
         gate_blocked = None
-        gates = gate_patterns(spec)
         if gates:
             gate_rows = (
                 await conn.execute(
@@ -927,9 +927,8 @@ class Store:
             await self._write_final(tx, job_id, "failed", None, decision.error, items, now)
             return False
         results = await self._lane_results(tx.conn, job_id, spec)
-        blocked_by = next(
-            (r.name for r in results if r.index in gate_patterns(spec) and _gate_blocks(r)), None
-        )
+        gates = gate_patterns(spec)
+        blocked_by = next((r.name for r in results if r.index in gates and _gate_blocks(r)), None)
         if blocked_by is not None:
             result = ResultView(output=None, blocked=True, blocked_by=blocked_by).model_dump()
             await self._write_final(tx, job_id, "succeeded", result, None, items, now)
@@ -947,7 +946,6 @@ class Store:
             )
             return True
         # Gate verdicts are not votes or scores; collect shows every section.
-        gates = gate_patterns(spec)
         inputs = (
             results
             if isinstance(spec.aggregate, CollectAggregate)
