@@ -303,17 +303,18 @@ class BodyLimit:
         self.app = app
         self.max_bytes = max_bytes
 
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"the request body is over the cap of {self.max_bytes} bytes"
+        await problem(413, "Payload Too Large", detail)(scope, receive, send)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        too_large = problem(
-            413, "Payload Too Large", f"the request body is over the cap of {self.max_bytes} bytes"
-        )
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             if not length.isdigit() or int(length) > self.max_bytes:
-                await too_large(scope, receive, send)
+                await self._too_large(scope, receive, send)
                 return
             await self.app(scope, receive, send)
             return
@@ -326,7 +327,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                await too_large(scope, receive, send)
+                await self._too_large(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break
