@@ -53,7 +53,9 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
 
     db.on_commit = on_commit
     store = Store(db, lease_seconds=settings.lease_seconds)
-    providers = Providers(settings.providers, max_connections=settings.max_concurrency)
+    providers = Providers(
+        settings.providers, max_connections=settings.max_concurrency, kind=settings.llm_client
+    )
     guard = EgressGuard(settings.egress_allow, max_response_bytes=settings.max_response_bytes)
     http = guard.client(max_connections=settings.max_concurrency)
     runner = Runner(store, hub, providers, settings, http, metrics) if with_runner else None

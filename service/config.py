@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(default=10.0, ge=0)
     egress_allow: str = ""
     webhook_secret: str | None = None
+    # How lanes call providers: ``lean`` (aiohttp, plain dicts) or ``sdk`` (the openai
+    # client, the reference; same requests, errors and results, more CPU per call).
+    llm_client: Literal["lean", "sdk"] = "lean"
 
     # Per-tenant limits.
     rate_limit_per_minute: int = Field(default=600, ge=0)

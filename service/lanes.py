@@ -2,25 +2,41 @@
 
 A failed attempt is data (:class:`Attempt` with an ``error_type``), never an
 exception left to fly: the runner decides from it whether to retry.
+
+Two clients make the chat-completion call, chosen by ``FANOUT_LLM_CLIENT``:
+
+- :class:`LeanClient` (the default): one aiohttp session per provider that posts the
+  request body as JSON and reads the response as plain dicts. Most of a call's CPU in
+  the ``openai`` SDK goes to building its request and response objects; this path
+  keeps the same wire format (any OpenAI-compatible provider), the same errors and
+  the same :class:`Attempt`, without that cost.
+- :class:`SdkClient`: the official ``openai`` client, kept as the reference. The test
+  suite runs the same lane tests on both (``tests/test_lanes.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 
-import httpx2
-import openai
+import aiohttp
 
 from .config import Provider
 from .spec import LlmTask, Message
 
 # Statuses worth another attempt: the request may well succeed if sent again.
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# Idle upstream connections are dropped before the usual server-side 5 s, so a request
+# never goes out on a connection the server is closing.
+KEEPALIVE_S = 4.0
+
+OnDelta = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -52,38 +68,35 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
+class LlmClient(Protocol):
+    """One provider's chat-completion endpoint. ``complete`` turns every failure but a
+    timeout (which :func:`run_llm` bounds) into an :class:`Attempt`."""
+
+    async def complete(self, body: dict[str, Any], on_delta: OnDelta | None) -> Attempt: ...
+
+    async def close(self) -> None: ...
+
+
+ClientKind = Literal["lean", "sdk"]
+
+
 class Providers:
-    """One ``openai`` client per configured provider, built on first use.
+    """One client per configured provider, built on first use (inside the running loop)."""
 
-    The SDK's own retries are off (the runner retries, so attempts are not
-    multiplied), and it runs on the aiohttp transport: the default httpx2 pool
-    scans every connection per request, which is slow with hundreds in flight.
-    """
-
-    def __init__(self, providers: dict[str, Provider], *, max_connections: int) -> None:
+    def __init__(
+        self, providers: dict[str, Provider], *, max_connections: int, kind: ClientKind = "lean"
+    ) -> None:
         self.providers = providers
         self.max_connections = max_connections
-        self._clients: dict[str, openai.AsyncOpenAI] = {}
+        self.kind = kind
+        self._clients: dict[str, LlmClient] = {}
 
-    def client(self, name: str) -> openai.AsyncOpenAI:
+    def client(self, name: str) -> LlmClient:
         client = self._clients.get(name)
         if client is None:
             provider = self.providers[name]
             limit = provider.max_concurrency or self.max_connections
-            http_client = openai.DefaultAioHttpClient(
-                # Idle connections are dropped before the usual server-side 5 s, so a
-                # request never goes out on a connection the server is closing.
-                limits=httpx2.Limits(
-                    max_connections=limit, max_keepalive_connections=limit, keepalive_expiry=4.0
-                ),
-                timeout=httpx2.Timeout(None),
-            )
-            client = openai.AsyncOpenAI(
-                base_url=provider.base_url,
-                api_key=provider.api_key or "unused",
-                max_retries=0,
-                http_client=http_client,
-            )
+            client = (SdkClient if self.kind == "sdk" else LeanClient)(provider, limit)
             self._clients[name] = client
         return client
 
@@ -106,91 +119,272 @@ def _request(task: LlmTask, messages: list[Message]) -> dict[str, Any]:
 
 
 async def run_llm(
-    client: openai.AsyncOpenAI,
+    client: LlmClient,
     task: LlmTask,
     *,
     timeout: float,
     messages: list[Message] | None = None,
-    on_delta: Callable[[str], None] | None = None,
+    on_delta: OnDelta | None = None,
 ) -> Attempt:
     """One chat completion, bounded by ``timeout``; every failure becomes an Attempt."""
     body = _request(task, messages or task.messages)
+    if task.stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
     try:
         async with asyncio.timeout(timeout):
-            if task.stream:
-                return await _streamed(client, body, on_delta)
-            completion = await client.chat.completions.create(**body)
+            return await client.complete(body, on_delta)
     except TimeoutError:
-        return Attempt(
-            error_type="timeout", error_message=f"no answer within {timeout:g} s", transient=True
-        )
-    except openai.APITimeoutError:
-        return Attempt(
-            error_type="timeout", error_message=f"no answer within {timeout:g} s", transient=True
-        )
-    except openai.APIConnectionError as exc:
-        return Attempt(
-            error_type="upstream_error", error_message=f"connection failed: {exc}", transient=True
-        )
-    except openai.APIStatusError as exc:
-        return _status_error(exc)
-    except openai.APIResponseValidationError as exc:
-        return Attempt(error_type="invalid_response", error_message=str(exc))
-    except (ValueError, TypeError, KeyError) as exc:
-        # A body the SDK could not parse (malformed JSON and the like).
-        return Attempt(error_type="invalid_response", error_message=f"unreadable response: {exc}")
-    if not completion.choices:
-        return Attempt(error_type="invalid_response", error_message="the response has no choices")
-    content = completion.choices[0].message.content
-    if content is None:
-        return Attempt(error_type="invalid_response", error_message="the response has no content")
-    usage = completion.usage
-    tokens = (
-        (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) if usage else (0, 0, 0)
-    )
-    return Attempt(output=content, usage=tokens)
+        return _timed_out(timeout)
 
 
-async def _streamed(
-    client: openai.AsyncOpenAI, body: dict[str, Any], on_delta: Callable[[str], None] | None
-) -> Attempt:
-    stream = await client.chat.completions.create(
-        **body, stream=True, stream_options={"include_usage": True}
-    )
-    parts: list[str] = []
-    tokens = (0, 0, 0)
-    async with stream:
-        async for chunk in stream:
-            if chunk.usage is not None:
-                u = chunk.usage
-                tokens = (u.prompt_tokens, u.completion_tokens, u.total_tokens)
-            for choice in chunk.choices:
-                text = choice.delta.content
-                if text:
-                    parts.append(text)
-                    if on_delta is not None:
-                        on_delta(text)
-    return Attempt(output="".join(parts), usage=tokens)
-
-
-def _status_error(exc: openai.APIStatusError) -> Attempt:
-    status = exc.status_code
-    message = f"HTTP {status}: {exc.message}"
-    if status == 429:
-        retry_after = retry_after_seconds(exc.response.headers.get("retry-after"))
-        return Attempt(
-            error_type="rate_limited",
-            error_message=message,
-            transient=True,
-            retry_after=retry_after,
-        )
-    transient = status in TRANSIENT_STATUSES or status >= 500
-    retry_after = (
-        retry_after_seconds(exc.response.headers.get("retry-after")) if transient else None
-    )
+def _timed_out(timeout: float) -> Attempt:
     return Attempt(
-        error_type="upstream_error",
+        error_type="timeout", error_message=f"no answer within {timeout:g} s", transient=True
+    )
+
+
+# --- what both clients share: reading a completion, mapping an error status -----------
+
+
+def _usage(usage: Any) -> tuple[int, int, int]:
+    if not isinstance(usage, Mapping):
+        return (0, 0, 0)
+    counts = tuple(usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
+    if not all(isinstance(c, int) for c in counts):
+        return (0, 0, 0)
+    return counts  # type: ignore[return-value]
+
+
+def _invalid(message: str) -> Attempt:
+    return Attempt(error_type="invalid_response", error_message=message)
+
+
+def completion_attempt(completion: Any) -> Attempt:
+    """A chat completion (the JSON object) read into an Attempt: the first choice's
+    text and the usage; anything else in its place is an ``invalid_response``."""
+    if not isinstance(completion, Mapping):
+        return _invalid("unreadable response: not a JSON object")
+    if isinstance(completion.get("error"), Mapping):
+        return error_event(completion)
+    choices = completion.get("choices")
+    if not isinstance(choices, list):
+        return _invalid("unreadable response: no choices list")
+    if not choices:
+        return _invalid("the response has no choices")
+    message = choices[0].get("message") if isinstance(choices[0], Mapping) else None
+    content = message.get("content") if isinstance(message, Mapping) else None
+    if content is None:
+        return _invalid("the response has no content")
+    if not isinstance(content, str):
+        return _invalid("unreadable response: the content is not text")
+    return Attempt(output=content, usage=_usage(completion.get("usage")))
+
+
+def error_event(body: Mapping[str, Any]) -> Attempt:
+    """An ``{"error": ...}`` object sent with a success status (mid-stream, say)."""
+    return Attempt(
+        error_type="upstream_error", error_message=f"the provider sent an error: {_detail(body)}"
+    )
+
+
+def _detail(body: Any) -> str:
+    """What an error body says: its ``error.message`` when it has one, else its text."""
+    error = body.get("error", body) if isinstance(body, Mapping) else None
+    message = error.get("message") if isinstance(error, Mapping) else None
+    if isinstance(message, str) and message:
+        return message
+    text = body if isinstance(body, str) else json.dumps(body)
+    return text.strip()[:500] or "(no body)"
+
+
+def status_attempt(status: int, body: Any, retry_after: str | None) -> Attempt:
+    """A non-2xx answer: 408, 409, 429 and 5xx are worth retrying (after
+    ``Retry-After`` when given), the rest fail the lane at once."""
+    message = f"HTTP {status}: {_detail(body)}"
+    transient = status in TRANSIENT_STATUSES or status >= 500
+    return Attempt(
+        error_type="rate_limited" if status == 429 else "upstream_error",
         error_message=message,
         transient=transient,
-        retry_after=retry_after,
+        retry_after=retry_after_seconds(retry_after) if transient else None,
     )
+
+
+def _connection_failed(exc: BaseException) -> Attempt:
+    return Attempt(
+        error_type="upstream_error", error_message=f"connection failed: {exc}", transient=True
+    )
+
+
+def _parse(raw: bytes | str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        return raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+
+
+# --- the lean client --------------------------------------------------------------------
+
+
+class LeanClient:
+    """``POST {base_url}/chat/completions`` on one aiohttp session: the request body as
+    JSON, the response read as dicts. Redirects are followed, as the SDK does."""
+
+    def __init__(self, provider: Provider, limit: int) -> None:
+        self.url = (provider.base_url or DEFAULT_BASE_URL).rstrip("/") + "/chat/completions"
+        self.headers = {
+            "Authorization": f"Bearer {provider.api_key or 'unused'}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": "fanout",
+        }
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=KEEPALIVE_S),
+            timeout=aiohttp.ClientTimeout(total=None),
+            raise_for_status=False,
+        )
+        self._encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+    async def complete(self, body: dict[str, Any], on_delta: OnDelta | None) -> Attempt:
+        data = self._encode(body).encode()
+        try:
+            async with self.session.post(self.url, data=data, headers=self.headers) as response:
+                if not 200 <= response.status < 300:
+                    return status_attempt(
+                        response.status,
+                        _parse(await response.read()),
+                        response.headers.get("retry-after"),
+                    )
+                if body.get("stream"):
+                    return await _read_stream(response.content, on_delta)
+                raw = await response.read()
+        except aiohttp.ClientError as exc:
+            return _connection_failed(exc)
+        try:
+            completion = json.loads(raw)
+        except ValueError as exc:
+            return _invalid(f"unreadable response: {exc}")
+        return completion_attempt(completion)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+async def _read_stream(content: aiohttp.StreamReader, on_delta: OnDelta | None) -> Attempt:
+    """Server-sent chunks until ``data: [DONE]``: the text of choice 0, and the usage
+    (``stream_options.include_usage`` puts it in the last chunk)."""
+    parts: list[str] = []
+    usage = (0, 0, 0)
+    data: list[str] = []
+    async for raw in content:
+        line = raw.decode().rstrip("\r\n")
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+            continue
+        if line or not data:
+            continue  # another field (event:, id:, a comment), or a stray blank line
+        payload, data = "\n".join(data), []
+        if payload == "[DONE]":
+            break
+        try:
+            chunk = json.loads(payload)
+        except ValueError as exc:
+            return _invalid(f"unreadable stream chunk: {exc}")
+        if not isinstance(chunk, Mapping):
+            return _invalid("unreadable stream chunk: not a JSON object")
+        if isinstance(chunk.get("error"), Mapping):
+            return error_event(chunk)
+        if chunk.get("usage") is not None:
+            usage = _usage(chunk["usage"])
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, Mapping) else None
+            text = delta.get("content") if isinstance(delta, Mapping) else None
+            if isinstance(text, str) and text:
+                parts.append(text)
+                if on_delta is not None:
+                    on_delta(text)
+    return Attempt(output="".join(parts), usage=usage)
+
+
+# --- the reference client: the openai SDK ----------------------------------------------
+
+
+class SdkClient:
+    """The official ``openai`` client, on its aiohttp transport (the default httpx2
+    pool scans every connection per request, which is slow with hundreds in flight).
+    Its own retries are off: the runner retries, so attempts are not multiplied.
+    Imported on first use: the SDK costs about 45 MB of memory that the lean path
+    does without."""
+
+    def __init__(self, provider: Provider, limit: int) -> None:
+        import httpx2
+        import openai
+
+        self.openai = openai
+        http_client = openai.DefaultAioHttpClient(
+            limits=httpx2.Limits(
+                max_connections=limit, max_keepalive_connections=limit, keepalive_expiry=KEEPALIVE_S
+            ),
+            timeout=httpx2.Timeout(None),
+        )
+        self.client = openai.AsyncOpenAI(
+            base_url=provider.base_url,
+            api_key=provider.api_key or "unused",
+            max_retries=0,
+            http_client=http_client,
+        )
+
+    async def complete(self, body: dict[str, Any], on_delta: OnDelta | None) -> Attempt:
+        openai = self.openai
+        try:
+            if body.get("stream"):
+                return await self._streamed(body, on_delta)
+            completion = await self.client.chat.completions.create(**body)
+        except openai.APIConnectionError as exc:
+            # Its own timeouts are off (run_llm bounds the attempt): a "timeout" here is
+            # the transport's name for a refused or failed connection.
+            return _connection_failed(exc.__cause__ or exc)
+        except openai.APIStatusError as exc:
+            return status_attempt(
+                exc.status_code, exc.body, exc.response.headers.get("retry-after")
+            )
+        except openai.APIResponseValidationError as exc:
+            return _invalid(str(exc))
+        except openai.APIError as exc:  # an error object in a stream
+            return error_event({"error": exc.body if isinstance(exc.body, Mapping) else {}})
+        except (ValueError, TypeError, KeyError) as exc:
+            # A body the SDK could not parse (malformed JSON and the like).
+            return _invalid(f"unreadable response: {exc}")
+        if not completion.choices:
+            return _invalid("the response has no choices")
+        content = completion.choices[0].message.content
+        if content is None:
+            return _invalid("the response has no content")
+        usage = completion.usage
+        tokens = (
+            (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+            if usage
+            else (0, 0, 0)
+        )
+        return Attempt(output=content, usage=tokens)
+
+    async def _streamed(self, body: dict[str, Any], on_delta: OnDelta | None) -> Attempt:
+        stream = await self.client.chat.completions.create(**body)
+        parts: list[str] = []
+        tokens = (0, 0, 0)
+        async with stream:
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    u = chunk.usage
+                    tokens = (u.prompt_tokens, u.completion_tokens, u.total_tokens)
+                for choice in chunk.choices:
+                    text = choice.delta.content
+                    if text:
+                        parts.append(text)
+                        if on_delta is not None:
+                            on_delta(text)
+        return Attempt(output="".join(parts), usage=tokens)
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,271 @@
+"""One lane attempt through each call path: the lean client and the openai SDK.
+
+Every test runs on both clients and expects the same :class:`Attempt`: the lean path
+is only worth having if a lane cannot tell them apart. Most cases use the fake LLM;
+what it cannot send (a null content, an error object mid-stream, a redirect) comes
+from a small server on loopback that answers with fixed bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from service.config import Provider
+from service.lanes import Attempt, LlmClient, Providers, run_llm
+from service.spec import LlmTask
+from tests.support import fake_reset, free_port, user
+
+KINDS = ["lean", "sdk"]
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def client_for(kind: str) -> AsyncIterator[Callable[[str], LlmClient]]:
+    """``client_for(base_url)``: a client of this test's kind for a provider there."""
+    made: list[Providers] = []
+
+    def client_for(base_url: str) -> LlmClient:
+        provider = Provider(name="default", base_url=base_url, api_key="test-key")
+        providers = Providers({"default": provider}, max_connections=16, kind=kind)  # type: ignore[arg-type]
+        made.append(providers)
+        return providers.client("default")
+
+    yield client_for
+    for providers in made:
+        await providers.close()
+
+
+@pytest.fixture
+async def fake(fake_llm: str, client_for: Callable[[str], LlmClient]) -> LlmClient:
+    await fake_reset(fake_llm)
+    return client_for(fake_llm)
+
+
+def task(model: str = "fake", text: str = "What is 17*23?", **fields: Any) -> LlmTask:
+    return LlmTask.model_validate({"model": model, "messages": user(text), **fields})
+
+
+# --- answers -----------------------------------------------------------------------
+
+
+async def test_a_completion_gives_the_text_and_the_usage(fake: LlmClient) -> None:
+    attempt = await run_llm(fake, task(text="hello there"), timeout=10)
+    assert attempt.ok
+    assert attempt.output == "Echo: hello there"
+    prompt, completion, total = attempt.usage
+    assert prompt > 0 and completion > 0 and total == prompt + completion
+
+
+async def test_sampling_fields_reach_the_provider(fake: LlmClient) -> None:
+    """The seed reaches the fake, whose draw depends on it: same seed, same answer."""
+    spec = task("fake?answers=1:1,2:1,3:1,4:1,5:1,6:1,7:1,8:1", seed=11, temperature=0.5)
+    answers = {(await run_llm(fake, spec, timeout=10)).output for _ in range(4)}
+    assert len(answers) == 1
+
+
+async def test_a_streamed_completion_sends_each_chunk_and_the_same_text(fake: LlmClient) -> None:
+    model = "fake?words=12&chunk_ms=1"
+    whole = await run_llm(fake, task(model), timeout=10)
+    chunks: list[str] = []
+    streamed = await run_llm(fake, task(model, stream=True), timeout=10, on_delta=chunks.append)
+    assert streamed.ok and streamed.output == whole.output
+    assert len(chunks) > 1 and "".join(chunks) == whole.output
+    assert streamed.usage == whole.usage != (0, 0, 0)
+
+
+async def test_messages_override_the_tasks_own(fake: LlmClient) -> None:
+    """The reducer's call: the task's model with messages built from the lanes."""
+    attempt = await run_llm(fake, task(), timeout=10, messages=task(text="reduce me").messages)
+    assert attempt.output == "Echo: reduce me"
+
+
+# --- failures ----------------------------------------------------------------------
+
+
+async def test_429_is_rate_limited_and_carries_retry_after(fake: LlmClient) -> None:
+    attempt = await run_llm(fake, task("fake?rate_limit=1&retry_after=0.25"), timeout=10)
+    assert attempt.error_type == "rate_limited"
+    assert attempt.transient and attempt.retry_after == 0.25
+    assert (attempt.error_message or "").startswith("HTTP 429: ")
+
+
+@pytest.mark.parametrize("status", [408, 409, 500, 502, 503])
+async def test_transient_statuses_are_worth_retrying(fake: LlmClient, status: int) -> None:
+    attempt = await run_llm(fake, task(f"fake?status={status}"), timeout=10)
+    assert attempt == Attempt(
+        error_type="upstream_error",
+        error_message=attempt.error_message,
+        transient=True,
+    )
+    assert (attempt.error_message or "").startswith(f"HTTP {status}: ")
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 422])
+async def test_other_client_errors_fail_at_once(fake: LlmClient, status: int) -> None:
+    attempt = await run_llm(fake, task(f"fake?status={status}"), timeout=10)
+    assert attempt.error_type == "upstream_error" and not attempt.transient
+    assert attempt.retry_after is None
+
+
+async def test_the_providers_error_message_is_kept(fake: LlmClient) -> None:
+    attempt = await run_llm(fake, task("nonesuch"), timeout=10)
+    assert attempt.error_type == "upstream_error" and not attempt.transient
+    assert (attempt.error_message or "").startswith("HTTP 404: The model 'nonesuch' does not exist")
+
+
+async def test_a_body_that_is_not_json_is_an_invalid_response(fake: LlmClient) -> None:
+    attempt = await run_llm(fake, task("fake?malformed=1"), timeout=10)
+    assert attempt.error_type == "invalid_response" and not attempt.transient
+    assert (attempt.error_message or "").startswith("unreadable response")
+
+
+async def test_no_choices_is_an_invalid_response(fake: LlmClient) -> None:
+    attempt = await run_llm(fake, task("fake?empty=1"), timeout=10)
+    assert attempt == Attempt(
+        error_type="invalid_response", error_message="the response has no choices"
+    )
+
+
+async def test_an_attempt_that_hangs_times_out(fake: LlmClient, fake_llm: str) -> None:
+    attempt = await run_llm(fake, task("fake?hang=1"), timeout=0.3)
+    assert attempt == Attempt(
+        error_type="timeout", error_message="no answer within 0.3 s", transient=True
+    )
+
+
+async def test_a_refused_connection_is_transient(client_for: Callable[[str], LlmClient]) -> None:
+    client = client_for(f"http://127.0.0.1:{free_port()}/v1")  # nothing listens there
+    attempt = await run_llm(client, task(), timeout=10)
+    assert attempt.error_type == "upstream_error" and attempt.transient
+    assert (attempt.error_message or "").startswith("connection failed: Cannot connect to host")
+
+
+# --- what only a hand-made server sends ---------------------------------------------
+
+
+Reply = tuple[int, dict[str, str], bytes]
+
+
+@pytest.fixture
+async def canned() -> AsyncIterator[Callable[[Reply], str]]:
+    """``canned((status, headers, body))``: a base URL whose chat endpoint answers so."""
+    replies: dict[str, Reply] = {}
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        status, headers, body = replies[request.match_info["case"]]
+        return web.Response(status=status, headers=headers, body=body)
+
+    app = web.Application()
+    app.router.add_post("/{case}/chat/completions", handle)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    def canned(reply: Reply) -> str:
+        case = f"c{len(replies)}"
+        replies[case] = reply
+        return f"http://127.0.0.1:{port}/{case}"
+
+    yield canned
+    await runner.cleanup()
+
+
+def completion(message: dict[str, Any], **fields: Any) -> bytes:
+    body = {"id": "x", "object": "chat.completion", "created": 0, "model": "m", **fields}
+    body["choices"] = [{"index": 0, "finish_reason": "stop", "message": message}]
+    return json.dumps(body).encode()
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+async def test_a_null_content_is_an_invalid_response(
+    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
+) -> None:
+    url = canned((200, JSON, completion({"role": "assistant", "content": None})))
+    attempt = await run_llm(client_for(url), task(), timeout=10)
+    assert attempt == Attempt(
+        error_type="invalid_response", error_message="the response has no content"
+    )
+
+
+async def test_a_completion_without_usage_counts_no_tokens(
+    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
+) -> None:
+    url = canned((200, JSON, completion({"role": "assistant", "content": "391"})))
+    attempt = await run_llm(client_for(url), task(), timeout=10)
+    assert attempt == Attempt(output="391", usage=(0, 0, 0))
+
+
+async def test_a_redirect_is_followed(
+    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
+) -> None:
+    """Providers are the operator's own configuration: a moved endpoint still answers."""
+    target = canned((200, JSON, completion({"role": "assistant", "content": "moved"})))
+    url = canned((307, {"Location": f"{target}/chat/completions"}, b""))
+    attempt = await run_llm(client_for(url), task(), timeout=10)
+    assert attempt == Attempt(output="moved")
+
+
+async def test_an_error_object_in_a_stream_fails_the_lane(
+    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
+) -> None:
+    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+    first = {**chunk, "choices": [{"index": 0, "delta": {"content": "part"}}]}
+    body = (
+        f"data: {json.dumps(first)}\n\n"
+        f"data: {json.dumps({'error': {'message': 'overloaded', 'type': 'server_error'}})}\n\n"
+    ).encode()
+    url = canned((200, {"Content-Type": "text/event-stream"}, body))
+    chunks: list[str] = []
+    attempt = await run_llm(client_for(url), task(stream=True), timeout=10, on_delta=chunks.append)
+    assert attempt == Attempt(
+        error_type="upstream_error", error_message="the provider sent an error: overloaded"
+    )
+    assert chunks == ["part"]
+
+
+async def test_retry_after_as_an_http_date(
+    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
+) -> None:
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    error = json.dumps({"error": {"message": "slow down", "type": "rate_limit_error"}})
+    url = canned((429, {**JSON, "Retry-After": when}, error.encode()))
+    attempt = await run_llm(client_for(url), task(), timeout=10)
+    assert attempt.error_type == "rate_limited" and attempt.transient
+    assert attempt.error_message == "HTTP 429: slow down"
+    assert attempt.retry_after is not None and 25 < attempt.retry_after <= 30
+
+
+async def test_a_500_without_a_json_body_keeps_its_text(
+    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
+) -> None:
+    url = canned((502, {"Content-Type": "text/plain", "Retry-After": "3"}, b"bad gateway\n"))
+    attempt = await run_llm(client_for(url), task(), timeout=10)
+    assert attempt == Attempt(
+        error_type="upstream_error",
+        error_message="HTTP 502: bad gateway",
+        transient=True,
+        retry_after=3.0,
+    )
+
+
+async def test_many_attempts_at_once_share_the_pool(fake: LlmClient, fake_llm: str) -> None:
+    """Two hundred concurrent attempts through one client all succeed."""
+    attempts = await asyncio.gather(
+        *(run_llm(fake, task("fake?latency_ms=20"), timeout=30) for _ in range(200))
+    )
+    assert all(a.ok for a in attempts)
