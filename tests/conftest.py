@@ -103,8 +103,16 @@ def sqlite_url(tmp_path: os.PathLike[str]) -> str:
 
 
 @pytest.fixture
-def settings(database_url: str, fake_llm: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    return make_settings(database_url, fake_llm, monkeypatch)
+def llm_client() -> str:
+    """How lanes call the LLM; ``tests/test_jobs.py`` runs on both paths."""
+    return "lean"
+
+
+@pytest.fixture
+def settings(
+    database_url: str, fake_llm: str, llm_client: str, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    return make_settings(database_url, fake_llm, monkeypatch, llm_client=llm_client)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Jobs end to end: the real app and runner, the fake LLM on loopback, SQLite and PostgreSQL."""
+"""Jobs end to end: the real app and runner, the fake LLM on loopback, SQLite and PostgreSQL,
+each through both of the lanes' call paths (the lean client and the openai SDK)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import time
 
 import httpx
+import pytest
 
 from tests.support import (
     events_of,
@@ -18,6 +20,11 @@ from tests.support import (
 )
 
 NUMBER = {"kind": "majority", "extract": "number"}
+
+
+@pytest.fixture(params=["lean", "sdk"])
+def llm_client(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def lane_events(events: list[dict], kind: str) -> list[dict]:
