@@ -1,26 +1,30 @@
 """``make bench``: Fanout side by side with the limit, in one run, on the same work.
 
 Starts the fake LLM (``fanout fake-llm``), the limit (:mod:`bench.limit`, plus its
-no-SDK reference) and one ``fanout serve`` per database as real processes on loopback,
-then measures:
+no-SDK reference) and one ``fanout serve`` per database and lane call path
+(``FANOUT_LLM_CLIENT``: ``lean``, the default, and ``sdk``, the openai client kept as
+the reference) as real processes on loopback, then measures:
 
 - **voting**: jobs of N = 10, 100, 1,000 lanes at 200 ms and 0 ms upstream latency,
   all lanes running (no early stop), against a bare ``asyncio.gather`` of the same N
-  calls. Fanout's time is a caller's: from ``POST /v1/jobs`` to the final event on
-  the job's stream. In a scenario each contender (the limit, each database) runs
-  its warm-up and repetitions back to back, so its upstream connections stay warm
-  (the client's pool drops them after 5 idle seconds); who goes first rotates.
+  calls, on both call paths. Fanout's time is a caller's: from ``POST /v1/jobs`` to
+  the final event on the job's stream. In a scenario each contender (the limit, each
+  service) runs its warm-up and repetitions back to back, so its upstream connections
+  stay warm (the client's pool drops them after 5 idle seconds); who goes first
+  rotates.
 - **small jobs**: 200 jobs of 5 lanes posted at once; the time until every job's
-  final event against the time of one such job alone.
+  final event against the time of one such job alone. Lean services only.
 - **stream delay**: one 1,000-lane job followed by 100 stream clients; the delay
-  from each state change (the event's ``at``) to its receipt by each client.
+  from each state change (the event's ``at``) to its receipt by each client. Lean
+  services only.
 
 Medians over repetitions; CPU seconds per process from ``/proc/<pid>/stat``; peak
 memory from ``VmHWM``, reset before each scenario. Writes ``bench/results.md``
 (and the raw numbers to ``bench/results.json``) and prints the table.
 
     python -m bench.run [--quick] [--reps 3] [--only voting,small,stream] [--db sqlite]
-                        [--tree ../other-checkout] [--keep-logs]   (--help for all)
+                        [--clients lean] [--tree ../other-checkout] [--keep-logs]
+                        (--help for all)
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from .report import write_report
 HERE = Path(__file__).resolve().parent
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 SECTIONS = ("voting", "small", "stream")
+CLIENTS = ("lean", "sdk")  # FANOUT_LLM_CLIENT; lean is the service's default
 
 
 def log(message: str) -> None:
@@ -107,12 +112,22 @@ class Limit:
 @dataclass
 class Service:
     db: str  # sqlite | postgres
+    client: str  # the lane call path: lean | sdk
     url: str  # the service's base URL
     proc: Proc
     cleanup: Any = None
 
+    @property
+    def key(self) -> str:
+        """Its name in the results: ``sqlite``, ``postgres-sdk``..."""
+        return service_key(self.db, self.client)
 
-def service_env(database_url: str, fake_url: str, port: int) -> dict[str, str]:
+
+def service_key(db: str, client: str) -> str:
+    return db if client == "lean" else f"{db}-{client}"
+
+
+def service_env(database_url: str, fake_url: str, port: int, client: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FANOUT_", "OPENAI_"))}
     env.update(
         FANOUT_DATABASE_URL=database_url,
@@ -120,6 +135,7 @@ def service_env(database_url: str, fake_url: str, port: int) -> dict[str, str]:
         FANOUT_MAX_CONCURRENCY="2000",
         FANOUT_MAX_LANES_PER_JOB="1000",
         FANOUT_LOG_LEVEL="WARNING",
+        FANOUT_LLM_CLIENT=client,
         # One tenant does the work of many here: its per-tenant caps must not bind.
         FANOUT_RATE_LIMIT_PER_MINUTE="0",
         FANOUT_MAX_JOBS_IN_FLIGHT="100000",
@@ -130,14 +146,15 @@ def service_env(database_url: str, fake_url: str, port: int) -> dict[str, str]:
 
 
 def start_service(
-    db: str, database_url: str, fake_url: str, logs: Path, tree: Path = REPO
+    db: str, client: str, database_url: str, fake_url: str, logs: Path, tree: Path = REPO
 ) -> Service:
     port = free_port()
+    key = service_key(db, client)
     proc = Proc(
-        f"fanout serve ({db})",
+        f"fanout serve ({db}, {client})",
         python_argv("-m", "service.cli", "serve", "--port", str(port)),
-        env=service_env(database_url, fake_url, port),
-        log=logs / f"serve-{db}.log",
+        env=service_env(database_url, fake_url, port, client),
+        log=logs / f"serve-{key}.log",
         tree=tree,
     )
     url = f"http://127.0.0.1:{port}"
@@ -146,7 +163,7 @@ def start_service(
     except BaseException:
         proc.stop()
         raise
-    return Service(db, url, proc)
+    return Service(db, client, url, proc)
 
 
 async def postgres_admin(admin_url: str, sql: str) -> None:
@@ -233,7 +250,11 @@ class Bench:
         self.args = args
         self.fake = fake
         self.limits = limits  # "limit" (the SDK) and, with --raw, "raw"
-        self.services = services
+        self.services = services  # every service: the voting section's contenders
+        # The small-jobs and stream sections run on the default (lean) path only, to keep
+        # the bench's time bounded; on the SDK services when those are all there is.
+        lean = {key: s for key, s in services.items() if s.client == "lean"}
+        self.main_services = lean or services
         self.http = http
         self.rotation = -1
         self.notes: list[str] = []  # findings worth a line in the report
@@ -257,7 +278,7 @@ class Bench:
         stats = await self.fake.stats(self.http)
         if stats["requests"] != n:  # retries or re-runs: a finding, not a harness error
             self.notes.append(
-                f"{service.db}, N={n} @ {latency_ms} ms: {stats['requests']} upstream calls for "
+                f"{service.key}, N={n} @ {latency_ms} ms: {stats['requests']} upstream calls for "
                 f"{n} lanes (retried or re-run lanes; see the service log)"
             )
             log(self.notes[-1])
@@ -287,7 +308,7 @@ class Bench:
         contenders: list[str] = [*self.limits, *self.services]
         procs = {
             **{who: limit.proc for who, limit in self.limits.items()},
-            **{db: service.proc for db, service in self.services.items()},
+            **{key: service.proc for key, service in self.services.items()},
         }
         for who, proc in procs.items():
             proc.reset_peak()
@@ -319,9 +340,9 @@ class Bench:
     async def small_jobs(self) -> list[Scenario]:
         scenarios = []
         jobs, lanes, latency_ms = self.args.small_jobs, 5, 200
-        for db, service in self.services.items():
-            scenario = Scenario(f"{jobs} jobs x {lanes} lanes ({db})", lanes, latency_ms)
-            scenario.base_mb[db] = service.proc.rss_mb()
+        for key, service in self.main_services.items():
+            scenario = Scenario(f"{jobs} jobs x {lanes} lanes ({key})", lanes, latency_ms)
+            scenario.base_mb[key] = service.proc.rss_mb()
             service.proc.reset_peak()
             spec = fc.voting_spec(lanes, latency_ms)
             for rep in range(-self.small_warmup, self.args.reps):
@@ -361,7 +382,7 @@ class Bench:
                         ),
                     )
                 await self.settle()
-            scenario.peak_mb[db] = service.proc.peak_mb()
+            scenario.peak_mb[key] = service.proc.peak_mb()
             one = median([s.wall_s for s in scenario.samples["single"]])
             every = median([s.wall_s for s in scenario.samples["many"]])
             log(f"{scenario.name:<24} one {one:.3f}s  all {every:.3f}s")
@@ -372,11 +393,11 @@ class Bench:
 
     async def stream_delay(self) -> list[dict[str, Any]]:
         results = []
-        services = list(self.services.items())
+        services = list(self.main_services.items())
         for db, service in services[:1] if self.args.quick else services:
             runs = [await self.stream_run(service) for _ in range(self.args.stream_reps)]
             result: dict[str, Any] = {
-                "db": db,
+                "db": db,  # the service's key: sqlite, postgres (or sqlite-sdk...)
                 "n": 1000,
                 "clients": self.args.stream_clients,
                 "latency_ms": self.args.stream_latency_ms,
@@ -484,6 +505,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--only", default=",".join(SECTIONS), help="sections: voting,small,stream")
     parser.add_argument("--db", default="sqlite,postgres", help="databases: sqlite,postgres")
+    parser.add_argument(
+        "--clients",
+        default=",".join(CLIENTS),
+        help="lane call paths (FANOUT_LLM_CLIENT): lean,sdk; the sdk services join the "
+        "voting section only",
+    )
     parser.add_argument("--ns", default="10,100,1000", help="lanes per voting job")
     parser.add_argument("--latencies", default="200,0", help="upstream latencies in ms")
     parser.add_argument(
@@ -527,9 +554,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args.only = [s for s in args.only.split(",") if s]
     args.dbs = [d for d in args.db.split(",") if d]
+    args.clients = [c for c in args.clients.split(",") if c]
     args.ns = [int(x) for x in args.ns.split(",")]
     args.latencies = [int(x) for x in args.latencies.split(",")]
-    unknown = set(args.only) - set(SECTIONS) or set(args.dbs) - {"sqlite", "postgres"}
+    unknown = (
+        set(args.only) - set(SECTIONS)
+        or set(args.dbs) - {"sqlite", "postgres"}
+        or set(args.clients) - set(CLIENTS)
+    )
     if unknown:
         parser.error(f"unknown: {', '.join(sorted(unknown))}")
     return args
@@ -595,7 +627,8 @@ async def amain(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     log(
         f"logs in {logs}; reps {args.reps} (+{args.warmup} warm-up); "
-        f"sections {','.join(args.only)}; databases {','.join(args.dbs)}"
+        f"sections {','.join(args.only)}; databases {','.join(args.dbs)}; "
+        f"call paths {','.join(args.clients)}"
     )
     fake_port = free_port()
     fake = Fake(
@@ -610,7 +643,7 @@ async def amain(args: argparse.Namespace) -> int:
     limits: dict[str, Limit] = {}
     services: dict[str, Service] = {}
     notes: list[str] = []
-    pg_database: str | None = None
+    pg_databases: list[str] = []
     results: dict[str, Any] = {"facts": facts, "args": {k: str(v) for k, v in vars(args).items()}}
     try:
         fake.proc.wait_http(f"{fake.root}/healthz")
@@ -618,32 +651,40 @@ async def amain(args: argparse.Namespace) -> int:
         if args.raw:
             limits["raw"] = Limit(fake.url, logs, client="raw")
         if "sqlite" in args.dbs:
-            services["sqlite"] = start_service(
-                "sqlite", f"sqlite+aiosqlite:///{logs}/bench.db", fake.url, logs, args.tree
-            )
+            for client in args.clients:  # a database file per service: no shared writer
+                services[service_key("sqlite", client)] = start_service(
+                    "sqlite",
+                    client,
+                    f"sqlite+aiosqlite:///{logs}/bench-{client}.db",
+                    fake.url,
+                    logs,
+                    args.tree,
+                )
         if "postgres" in args.dbs:
-            pg_database = f"fanout_bench_{os.getpid()}_{int(time.time())}"
-            try:
-                await postgres_admin(args.postgres_url, f'CREATE DATABASE "{pg_database}"')
-            except Exception as exc:  # unreachable, refused, no rights: say so, go on
-                notes.append(
-                    f"PostgreSQL rows skipped: {args.postgres_url} not usable "
-                    f"({type(exc).__name__}: {exc})"
-                )
-                log(notes[-1])
-                pg_database = None
-            else:
-                base = args.postgres_url.rsplit("/", 1)[0].replace(
-                    "postgresql://", "postgresql+asyncpg://"
-                )
-                services["postgres"] = start_service(
-                    "postgres", f"{base}/{pg_database}", fake.url, logs, args.tree
+            stamp = f"fanout_bench_{os.getpid()}_{int(time.time())}"
+            base = args.postgres_url.rsplit("/", 1)[0].replace(
+                "postgresql://", "postgresql+asyncpg://"
+            )
+            for client in args.clients:  # a database per service, like SQLite's files
+                database = f"{stamp}_{client}"
+                try:
+                    await postgres_admin(args.postgres_url, f'CREATE DATABASE "{database}"')
+                except Exception as exc:  # unreachable, refused, no rights: say so, go on
+                    notes.append(
+                        f"PostgreSQL rows skipped: {args.postgres_url} not usable "
+                        f"({type(exc).__name__}: {exc})"
+                    )
+                    log(notes[-1])
+                    break
+                pg_databases.append(database)
+                services[service_key("postgres", client)] = start_service(
+                    "postgres", client, f"{base}/{database}", fake.url, logs, args.tree
                 )
         for limit in limits.values():  # imports done, client built
             await asyncio.to_thread(limit._call, {"cmd": "ping"})
         results["idle_mb"] = {
             **{who: limit.proc.rss_mb() for who, limit in limits.items()},
-            **{db: service.proc.rss_mb() for db, service in services.items()},
+            **{key: service.proc.rss_mb() for key, service in services.items()},
         }
         async with fc.session() as http:
             bench = Bench(args, fake, limits, services, http)
@@ -674,13 +715,13 @@ async def amain(args: argparse.Namespace) -> int:
         for limit in limits.values():
             limit.stop()
         fake.proc.stop()
-        if pg_database is not None:
+        for database in pg_databases:
             try:
                 await postgres_admin(
-                    args.postgres_url, f'DROP DATABASE IF EXISTS "{pg_database}" WITH (FORCE)'
+                    args.postgres_url, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'
                 )
             except Exception as exc:
-                log(f"could not drop {pg_database}: {exc}")
+                log(f"could not drop {database}: {exc}")
     results["notes"] = notes
     results["duration_s"] = time.perf_counter() - started
     facts["load_after"] = [round(x, 2) for x in os.getloadavg()]
