@@ -10,6 +10,13 @@ connection (a pool of size one queues them in order) and open with
 ``BEGIN IMMEDIATE``; reads use their own pool and never block on writes in WAL
 mode. PostgreSQL uses one pool for both.
 
+SQLite statements run on the event loop's own thread (:class:`InlineSqlite`), not on
+aiosqlite's worker thread: a statement on a local file takes tens of microseconds,
+and handing each one to a thread and back cost about seven times that (measured:
+210 µs against 28 µs per indexed select). Nothing here waits on a lock either: the
+process is SQLite's only writer and WAL readers never block. What can still stall
+the loop is a WAL checkpoint's sync, a few milliseconds every thousand pages.
+
 On PostgreSQL a transaction that appended events also notifies other processes
 (:mod:`service.notify`): the ``pg_notify`` calls run just before the commit, so
 PostgreSQL delivers them exactly when, and only if, the transaction commits.
@@ -17,17 +24,20 @@ PostgreSQL delivers them exactly when, and only if, the transaction commits.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import aiosqlite
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import event, text
+from sqlalchemy import event, make_url, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -42,9 +52,39 @@ class Tx:
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
+class InlineSqlite(aiosqlite.Connection):
+    """aiosqlite's connection without the thread hop: each ``sqlite3`` call runs at once
+    on the calling (event loop) thread. The worker thread still opens and closes the
+    connection; ``check_same_thread`` is off, as SQLAlchemy sets it for aiosqlite."""
+
+    async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not self._running or not self._connection:
+            raise ValueError("Connection closed")
+        return fn(*args, **kwargs)
+
+
+def _inline_sqlite(url: str) -> Callable[[], InlineSqlite]:
+    """An ``async_creator`` that opens the database ``url`` names as SQLAlchemy would."""
+    parsed = make_url(url)
+    args, kwargs = parsed.get_dialect()().create_connect_args(parsed)
+    kwargs["check_same_thread"] = False
+
+    def creator() -> InlineSqlite:
+        connection = InlineSqlite(partial(sqlite3.connect, *args, **kwargs), iter_chunk_size=64)
+        connection._thread.daemon = True  # as SQLAlchemy does for aiosqlite's own
+        return connection
+
+    return creator
+
+
 def _sqlite_engine(url: str, *, pool_size: int, begin: str) -> AsyncEngine:
     engine = create_async_engine(
-        url, pool_size=pool_size, max_overflow=0, pool_timeout=120, pool_pre_ping=False
+        url,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_timeout=120,
+        pool_pre_ping=False,
+        async_creator=_inline_sqlite(url),
     )
 
     @event.listens_for(engine.sync_engine, "connect")
