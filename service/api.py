@@ -173,7 +173,7 @@ async def create_job(
     if idempotency_key is not None:
         canonical = spec.model_dump_json(by_alias=True, exclude_none=True)
         idempotency = (idempotency_key, hashlib.sha256(canonical.encode()).hexdigest())
-    job_id, created = await s.store.create_job(
+    job, created = await s.store.create_job(
         spec,
         tenant,
         idempotency=idempotency,
@@ -182,8 +182,8 @@ async def create_job(
     )
     if created and s.runner is not None:
         s.runner.wake()
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return await s.store.get_job(job_id, tenant)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job
 
 
 @router.get("/v1/jobs", response_model=JobPage, responses=problems(422), tags=["jobs"])

@@ -51,6 +51,7 @@ from .spec import (
 
 _spec_adapter: TypeAdapter[VotingSpec | SectioningSpec] = TypeAdapter(JobSpec)
 TERMINAL_JOB = ("succeeded", "failed", "cancelled")
+OPEN_JOB = ("queued", "running", "aggregating")
 FINAL_EVENTS = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
 
 
@@ -129,12 +130,7 @@ class Store:
         if not items:
             return
         last = (
-            await tx.conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id)
-                .values(last_seq=jobs.c.last_seq + len(items))
-                .returning(jobs.c.last_seq)
-            )
+            await tx.conn.execute(_BUMP_SEQ, {"job_id": job_id, "count": len(items)})
         ).scalar_one()
         at = iso(now)
         rows = []
@@ -142,7 +138,7 @@ class Store:
             seq = last - len(items) + 1 + offset
             data = {"job_id": job_id, "seq": seq, "at": at, **fields}
             rows.append({"job_id": job_id, "seq": seq, "type": kind, "data": data})
-        await tx.conn.execute(insert(events), rows)
+        await tx.conn.execute(_INSERT_EVENTS, rows)
         tx.events.extend(rows)
 
     async def _lock_jobs(self, tx: Tx, job_ids: Iterable[str]) -> dict[str, Any]:
@@ -163,16 +159,16 @@ class Store:
         idempotency: tuple[str, str] | None = None,
         max_in_flight: int | None = None,
         idempotency_ttl_s: float = 86_400.0,
-    ) -> tuple[str, bool]:
-        """Store a job and its lanes; returns ``(job id, created)``.
+    ) -> tuple[JobView, bool]:
+        """Store a job and its lanes; returns ``(the job as created, True)``.
 
         ``idempotency`` is ``(key, request hash)``: a key seen before with the same
-        hash returns that job (``created`` False); with another hash it is a 422.
+        hash returns that job as it is now (and False); with another hash it is a 422.
         Concurrent requests with one key race on the key's primary key: the losers'
         transactions roll back, job included, and they return the winner's job.
         """
         try:
-            return await self._create_job(
+            created = await self._create_job(
                 spec, tenant, idempotency, max_in_flight, idempotency_ttl_s
             )
         except IntegrityError:
@@ -181,7 +177,10 @@ class Store:
             existing = await self._idempotent_job(tenant, idempotency)
             if existing is None:
                 raise
-            return existing, False
+            created = existing
+        if isinstance(created, str):
+            return await self.get_job(created, tenant), False
+        return created, True
 
     async def _idempotent_job(self, tenant: str, idempotency: tuple[str, str]) -> str | None:
         key, request_hash = idempotency
@@ -206,12 +205,44 @@ class Store:
         idempotency: tuple[str, str] | None,
         max_in_flight: int | None,
         idempotency_ttl_s: float,
-    ) -> tuple[str, bool]:
+    ) -> JobView | str:
+        """The new job's view (built from what was written, not read back), or the id
+        of the job an Idempotency-Key already names."""
         now = time.time()
         job_id = new_job_id(now)
         raw = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
         deadline = now + spec.policy.deadline_s if spec.policy.deadline_s else None
         names = lane_names(spec)
+        job = {
+            "id": job_id,
+            "tenant": tenant,
+            "status": "queued",
+            "mode": spec.mode,
+            "spec": raw,
+            "lanes_total": len(names),
+            "created_at": now,
+            "deadline_at": deadline,
+            "max_concurrency": spec.policy.max_concurrency,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "total_tokens": 0,
+            "last_seq": 0,
+        }
+        lane_rows = [
+            {
+                "job_id": job_id,
+                "idx": i,
+                "name": name,
+                "status": "queued",
+                "attempts": 0,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "total_tokens": 0,
+                "queued_at": now,
+                "available_at": now,
+            }
+            for i, name in enumerate(names)
+        ]
         async with self.db.transaction() as tx:
             if idempotency is not None:
                 key, request_hash = idempotency
@@ -229,7 +260,7 @@ class Store:
                 if row is not None and row["expires_at"] > now:
                     if row["request_hash"] != request_hash:
                         raise _key_reused()
-                    return row["job_id"], False
+                    return str(row["job_id"])
                 if row is not None:
                     await tx.conn.execute(
                         delete(idempotency_keys).where(
@@ -240,48 +271,15 @@ class Store:
                 in_flight = (
                     await tx.conn.execute(
                         select(func.count()).where(
-                            jobs.c.tenant == tenant, jobs.c.status.not_in(TERMINAL_JOB)
+                            jobs.c.tenant == tenant, jobs.c.status.in_(OPEN_JOB)
                         )
                     )
                 ).scalar_one()
                 if in_flight >= max_in_flight:
                     cap = f"{in_flight} jobs in flight: at the cap of {max_in_flight} per tenant"
                     raise InvalidSpec([{"loc": ["body"], "msg": cap}])
-            await tx.conn.execute(
-                insert(jobs).values(
-                    id=job_id,
-                    tenant=tenant,
-                    status="queued",
-                    mode=spec.mode,
-                    spec=raw,
-                    lanes_total=len(names),
-                    created_at=now,
-                    deadline_at=deadline,
-                    max_concurrency=spec.policy.max_concurrency,
-                    prompt_tokens=0,
-                    completion_tokens=0,
-                    total_tokens=0,
-                    last_seq=0,
-                )
-            )
-            await tx.conn.execute(
-                insert(lanes),
-                [
-                    {
-                        "job_id": job_id,
-                        "idx": i,
-                        "name": name,
-                        "status": "queued",
-                        "attempts": 0,
-                        "prompt_tokens": 0,
-                        "completion_tokens": 0,
-                        "total_tokens": 0,
-                        "queued_at": now,
-                        "available_at": now,
-                    }
-                    for i, name in enumerate(names)
-                ],
-            )
+            await tx.conn.execute(insert(jobs).values(job))
+            await tx.conn.execute(insert(lanes), lane_rows)
             if idempotency is not None:
                 await tx.conn.execute(
                     insert(idempotency_keys).values(
@@ -294,7 +292,14 @@ class Store:
                 )
             await self._append(tx, job_id, [("job.queued", {"lanes": names})], now)
         self._specs[job_id] = spec
-        return job_id, True
+        # The columns written as NULL (not started, no result...) read back as None.
+        view = job_view(
+            dict.fromkeys(jobs.c.keys()) | job,
+            [dict.fromkeys(lanes.c.keys()) | row for row in lane_rows],
+        )
+        if spec.webhook is not None:
+            view.webhook = WebhookView(url=raw["webhook"]["url"], status="waiting", attempts=[])
+        return view
 
     async def _job_row(self, conn: AsyncConnection, job_id: str, tenant: str | None) -> Any:
         _known_form(job_id)
@@ -337,10 +342,11 @@ class Store:
     async def job_status(self, job_id: str, tenant: str | None) -> str:
         _known_form(job_id)
         async with self.db.read() as conn:
-            query = select(jobs.c.status).where(jobs.c.id == job_id)
-            if tenant is not None:
-                query = query.where(jobs.c.tenant == tenant)
-            status = (await conn.execute(query)).scalar_one_or_none()
+            if tenant is None:
+                found = await conn.execute(_JOB_STATUS, {"job_id": job_id})
+            else:
+                found = await conn.execute(_TENANT_JOB_STATUS, {"job_id": job_id, "tenant": tenant})
+            status = found.scalar_one_or_none()
         if status is None:
             raise NotFound(f"no job {job_id!r}")
         return str(status)
@@ -434,10 +440,7 @@ class Store:
         async with self.db.read() as conn:
             rows = (
                 await conn.execute(
-                    select(events.c.seq, events.c.type, events.c.data)
-                    .where(events.c.job_id == job_id, events.c.seq > after)
-                    .order_by(events.c.seq)
-                    .limit(limit)
+                    _EVENTS_AFTER, {"job_id": job_id, "after": after, "limit": limit}
                 )
             ).all()
         return [
@@ -1188,6 +1191,23 @@ class Store:
             due = (await conn.execute(query)).scalar_one_or_none()
         return None if due is None else float(due)
 
+
+# Hot statements, built once: SQLAlchemy then reuses their cache keys and compiled SQL.
+_BUMP_SEQ = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("job_id"))
+    .values(last_seq=jobs.c.last_seq + bindparam("count"))
+    .returning(jobs.c.last_seq)
+)
+_INSERT_EVENTS = insert(events)
+_JOB_STATUS = select(jobs.c.status).where(jobs.c.id == bindparam("job_id"))
+_TENANT_JOB_STATUS = _JOB_STATUS.where(jobs.c.tenant == bindparam("tenant"))
+_EVENTS_AFTER = (
+    select(events.c.seq, events.c.type, events.c.data)
+    .where(events.c.job_id == bindparam("job_id"), events.c.seq > bindparam("after"))
+    .order_by(events.c.seq)
+    .limit(bindparam("limit"))
+)
 
 _OUTCOME_UPDATE = (
     update(lanes)

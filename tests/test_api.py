@@ -25,6 +25,32 @@ async def test_create_returns_202_with_location(client: httpx.AsyncClient) -> No
     assert job["mode"] == "voting" and len(job["lanes"]) == 1
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        voting(3, "fake", metadata={"request_id": "abc"}, policy={"deadline_s": 60}),
+        sectioning(section("draft"), section("safety", gate={"block_if": "unsafe"})),
+    ],
+    ids=["voting", "sectioning"],
+)
+async def test_create_returns_the_job_exactly_as_stored(
+    settings: Settings, spec: dict[str, Any]
+) -> None:
+    """The 202 body is built without reading the job back: with no runner to move it
+    on, a GET right after must show the very same job."""
+    app = create_app(settings, with_runner=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://fanout") as http:
+            created = await http.post("/v1/jobs", json=spec)
+            assert created.status_code == 202
+            stored = await http.get(created.headers["location"])
+    assert created.json() == stored.json()
+    job = created.json()
+    assert job["status"] == "queued" and job["progress"] == {"queued": len(job["lanes"])}
+    assert all(lane["attempts"] == 0 and lane["queued_at"] for lane in job["lanes"])
+
+
 async def test_voting_job_returns_the_majority_answer(client: httpx.AsyncClient) -> None:
     spec = voting(
         5, "fake?answers=391:1", task={"seed": 1}, aggregate={**NUMBER, "early_stop": False}
