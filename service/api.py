@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 
 from . import events as ev
 from .errors import InvalidSpec
@@ -250,15 +249,13 @@ async def job_events(
                 [{"loc": ["header", "Last-Event-ID"], "msg": "must be an event id (an integer)"}]
             )
 
-    async def sse() -> AsyncIterator[ServerSentEvent]:
-        async for event in ev.stream(
+    async def sse() -> AsyncIterator[bytes]:
+        # Frames are encoded once for every client, and sse-starlette sends bytes as
+        # they are: one write per batch, whatever the number of events in it.
+        async for batch in ev.batches(
             s.hub, job_id, start, s.store.events_after, s.store.is_finished
         ):
-            yield ServerSentEvent(
-                data=json.dumps(event["data"], separators=(",", ":")),
-                event=event["type"],
-                id=str(event["seq"]) if event["seq"] else None,
-            )
+            yield b"".join(frame.body for frame in batch)
 
     return EventSourceResponse(
         sse(),

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
-from service.events import EventHub, stream
+import pytest
+from sse_starlette import ServerSentEvent
+
+from service.events import EventHub, Frame, batches, stream
 
 
 def event(seq: int, kind: str = "lane.started") -> dict[str, Any]:
@@ -66,3 +70,105 @@ async def test_live_events_follow_the_replay_without_gaps_or_duplicates() -> Non
         await task
     assert seqs == [1, 2, 3, 4, 5]
     assert hub.subscriber_count == 0
+
+
+def test_a_frame_is_what_sse_starlette_writes_for_the_event() -> None:
+    data = {"job_id": "j", "seq": 7, "at": "t", "output": "two\nlines\r\né ☃", "n": 1.5}
+    stored = {"job_id": "j", "seq": 7, "type": "lane.succeeded", "data": data}
+    delta = {"job_id": "j", "seq": 0, "type": "lane.delta", "data": {"text": "hi"}}
+    for item in (stored, delta):
+        expected = ServerSentEvent(
+            data=json.dumps(item["data"], separators=(",", ":")),
+            event=item["type"],
+            id=str(item["seq"]) if item["seq"] else None,
+        ).encode()
+        frame = Frame.encode(item)
+        assert frame.body == expected
+        assert frame.event("j") == item
+
+
+def test_frame_cache_stays_within_its_bound_and_forgets_a_job_nobody_follows() -> None:
+    hub = EventHub(frame_cache_bytes=2000)
+    subs = [hub.subscribe("a"), hub.subscribe("b")]
+    for seq in range(1, 101):
+        hub.publish([event(seq) | {"job_id": "a"}, event(seq) | {"job_id": "b"}])
+        assert hub.frames.size <= 2000
+    assert 0 < len(hub.frames) < 200
+    assert hub.frames.get("a", 100) is not None  # the most recent are kept
+    assert hub.frames.get("a", 1) is None
+    hub.unsubscribe(subs[0])
+    assert hub.frames.get("a", 100) is None
+    assert hub.frames.get("b", 100) is not None
+    hub.unsubscribe(subs[1])
+    assert len(hub.frames) == 0
+    assert hub.frames.size == 0
+
+
+async def test_every_client_sends_the_same_frame_and_replays_from_the_cache() -> None:
+    hub = EventHub()
+    stored: list[dict[str, Any]] = []
+    reads: list[int] = []
+
+    async def read_after(_job: str, last: int) -> list[dict[str, Any]]:
+        reads.append(last)
+        return [e for e in stored if e["seq"] > last]
+
+    async def is_finished(_job: str) -> bool:
+        return False
+
+    first = batches(hub, "j", 0, read_after, is_finished)
+    stored.append(event(1, "job.queued"))
+    assert [f.seq for f in await anext(first)] == [1]
+    stored.extend([event(2), event(3)])
+    hub.publish(stored[1:])
+    live = await anext(first)
+    assert [f.seq for f in live] == [2, 3]  # both were queued: one batch, one write
+
+    reads.clear()
+    second = batches(hub, "j", 1, read_after, is_finished)  # Last-Event-ID: 1
+    replay = await anext(second)
+    assert [f.seq for f in replay] == [2, 3]
+    assert all(a is b for a, b in zip(replay, live, strict=True))  # encoded once
+    assert reads == []  # from the cache
+
+    delta = {"job_id": "j", "seq": 0, "type": "lane.delta", "data": {"text": "x"}}
+    stored.append(event(4, "job.succeeded"))
+    hub.publish([delta, stored[-1]])
+    live_end, replay_end = await anext(first), await anext(second)
+    assert [f.seq for f in live_end] == [0, 4]
+    # The second client, still replaying, reads the table once (after what the cache
+    # held), finds the final event there, and sends the frame the hub encoded for it.
+    assert reads == [3]
+    assert [f.seq for f in replay_end] == [4]
+    assert replay_end[0] is live_end[1]
+    for source in (first, second):
+        with pytest.raises(StopAsyncIteration):
+            await anext(source)
+    assert hub.subscriber_count == 0
+    assert len(hub.frames) == 0
+
+
+async def test_a_replay_reads_the_table_where_the_cached_run_breaks() -> None:
+    size = len(Frame.encode(event(1)).body)
+    hub = EventHub(frame_cache_bytes=6 * size)
+    follower = hub.subscribe("j")  # keeps the job's frames cached
+    log = [event(1, "job.queued"), *(event(seq) for seq in range(2, 9)), event(9, "job.succeeded")]
+    hub.publish(log[:6])
+    for seq in (1, 2, 3):
+        hub.frames.get("j", seq)  # recently used: 4, 5 and 6 go first
+    hub.publish(log[6:])
+    assert [seq for seq in range(1, 10) if hub.frames.get("j", seq)] == [1, 2, 3, 7, 8, 9]
+    reads: list[int] = []
+
+    async def read_after(_job: str, last: int) -> list[dict[str, Any]]:
+        reads.append(last)
+        return [e for e in log if e["seq"] > last]
+
+    async def is_finished(_job: str) -> bool:
+        return True
+
+    async with asyncio.timeout(5):
+        seqs = [e["seq"] async for e in stream(hub, "j", 0, read_after, is_finished)]
+    assert seqs == list(range(1, 10))
+    assert reads == [3]
+    hub.unsubscribe(follower)
