@@ -337,3 +337,48 @@ async def test_notifications_are_sent_on_commit_and_never_for_a_rollback(
             assert received.empty()
         finally:
             await db.dispose()
+
+
+@postgres
+async def test_requests_go_on_after_postgres_drops_every_pooled_connection(
+    worker: Instance, pg_settings: Settings
+) -> None:
+    """No ping per checkout: a connection whose server side went away is replaced
+    when it is next taken from the pool, so no request or lane sees it."""
+    url = pg_settings.database_url
+    await worker.http.get("/v1/jobs")  # the pool holds connections now
+    async with admin(url) as conn:
+        killed = await conn.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND application_name NOT LIKE 'fanout listener%'"
+        )
+    assert killed and all(row[0] for row in killed)
+    await asyncio.sleep(0.1)  # let asyncpg read the closed sockets
+    listing = await worker.http.get("/v1/jobs")
+    assert listing.status_code == 200
+    job_id = await post(worker, voting(3, "fake"))
+    assert (await events_of(worker.http, job_id, timeout=10))[-1]["event"] == "job.succeeded"
+
+
+@postgres
+async def test_an_idle_connection_is_pinged_and_replaced_if_it_is_gone(
+    pg_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``PING_AFTER_IDLE_S`` (here at once) a pooled connection is pinged before
+    use: one whose backend was terminated a moment ago, before its client could
+    notice, fails the ping and gives way to a new connection."""
+    import service.db as db_module
+
+    monkeypatch.setattr(db_module, "PING_AFTER_IDLE_S", 0.0)
+    db = Database(pg_settings.database_url, pool_size=1)
+    try:
+        async with db.read() as conn:
+            first = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+        async with admin(pg_settings.database_url) as other:
+            assert await other.fetchval("SELECT pg_terminate_backend($1)", first)
+        async with db.read() as conn:
+            second = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+        assert second != first
+    finally:
+        await db.dispose()
