@@ -15,6 +15,7 @@ from . import events as ev
 from .errors import InvalidSpec
 from .spec import JobPage, JobStatus, JobView, SectioningSpec, VotingSpec, check_against
 from .state import AppState
+from .store import TERMINAL_JOB
 
 router = APIRouter()
 MAX_EVENT_ID = 2**31 - 1  # event sequence numbers are 32-bit integers in the table
@@ -240,7 +241,15 @@ async def job_events(
     """Server-sent events: every event after ``Last-Event-ID``, then live ones; closes
     after the final ``job.succeeded`` / ``job.failed`` / ``job.cancelled``."""
     s = state(request)
-    await s.store.job_status(job_id, tenant)  # 404 before the stream starts
+    # 404 before the stream starts. The status also answers the stream's one question
+    # about the job's end without another read: a job that had not finished now has its
+    # final event still to come, after the stream's subscription, so the replay or the
+    # live events deliver it; a finished one stays finished.
+    finished = await s.store.job_status(job_id, tenant) in TERMINAL_JOB
+
+    async def is_finished(_job_id: str) -> bool:
+        return finished
+
     start = after or 0
     if last_event_id is not None:
         start = int(last_event_id) if last_event_id.isdigit() else -1
@@ -252,9 +261,7 @@ async def job_events(
     async def sse() -> AsyncIterator[bytes]:
         # Frames are encoded once for every client, and sse-starlette sends bytes as
         # they are: one write per batch, whatever the number of events in it.
-        async for batch in ev.batches(
-            s.hub, job_id, start, s.store.events_after, s.store.is_finished
-        ):
+        async for batch in ev.batches(s.hub, job_id, start, s.store.events_after, is_finished):
             yield b"".join(frame.body for frame in batch)
 
     return EventSourceResponse(
