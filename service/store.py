@@ -715,8 +715,9 @@ class Store:
                         valid.append((outcome, state[3]))
                 if not valid:
                     continue
-                await self._write_outcomes(tx, job, spec, valid, now)
-                if await self._decide_and_apply(tx, job_id, spec, now, owner):
+                items, tokens = await self._write_outcomes(tx, job, spec, valid, now)
+                job = {**job, "total_tokens": job["total_tokens"] + tokens}
+                if await self._decide_and_apply(tx, job, spec, now, owner, items=items):
                     recorded.reduce_jobs.append(job_id)
         return recorded
 
@@ -727,7 +728,9 @@ class Store:
         spec: VotingSpec | SectioningSpec,
         valid: list[tuple[Outcome, str]],
         now: float,
-    ) -> None:
+    ) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+        """Write the outcomes; returns their events (appended with the decision's, in
+        one go) and the tokens they add to the job's total."""
         job_id = job["id"]
         rows = []
         items: list[tuple[str, dict[str, Any]]] = []
@@ -794,7 +797,7 @@ class Store:
                     total_tokens=jobs.c.total_tokens + sums[2],
                 )
             )
-        await self._append(tx, job_id, items, now)
+        return items, sums[2]
 
     async def _tally(
         self, conn: AsyncConnection, job_id: str, spec: VotingSpec | SectioningSpec
@@ -860,15 +863,19 @@ class Store:
     async def _decide_and_apply(
         self,
         tx: Tx,
-        job_id: str,
+        job: Any,
         spec: VotingSpec | SectioningSpec,
         now: float,
         owner: str,
         *,
+        items: Sequence[tuple[str, dict[str, Any]]] = (),
         deadline_passed: bool = False,
     ) -> bool:
-        """Decide what the job does next and do it. True when a reducer call must run."""
-        job = (await tx.conn.execute(select(jobs).where(jobs.c.id == job_id))).mappings().one()
+        """Decide what the job does next and do it; ``job`` is its row, locked by this
+        transaction (with its current token total). ``items`` are events this
+        transaction already made for the job: they are appended first, with the
+        decision's. True when a reducer call must run."""
+        job_id = job["id"]
         budget = spec.policy.max_total_tokens
         tally = await self._tally(tx.conn, job_id, spec)
         decision = decide(
@@ -878,7 +885,7 @@ class Store:
             or (job["deadline_at"] is not None and job["deadline_at"] <= now),
             budget_spent=budget is not None and job["total_tokens"] >= budget,
         )
-        items: list[tuple[str, dict[str, Any]]] = []
+        items = list(items)
         for stop in decision.stops:
             items.extend(await self._stop_lanes(tx, job_id, stop, now))
         needs_reducer = False
@@ -1104,7 +1111,7 @@ class Store:
                 if job is None or job["status"] not in ("queued", "running"):
                     continue
                 spec = self.spec_of(job_id, job["spec"])
-                if await self._decide_and_apply(tx, job_id, spec, now, owner, deadline_passed=True):
+                if await self._decide_and_apply(tx, job, spec, now, owner, deadline_passed=True):
                     reduce_jobs.append(job_id)
         return reduce_jobs
 
