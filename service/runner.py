@@ -40,7 +40,7 @@ from .lanes import Attempt, Providers, run_llm
 from .limits import ProviderLimits
 from .metrics import Metrics
 from .spec import LlmTask, ReduceAggregate, lane_task
-from .store import Claim, Outcome, Store, iso, provider_of
+from .store import Claim, Claimed, Outcome, Store, iso, provider_of
 
 log = logging.getLogger("fanout.runner")
 T = TypeVar("T")
@@ -73,6 +73,9 @@ class Runner:
         self._outcomes: list[Outcome] = []
         self._outcome_ready = asyncio.Event()
         self._wake = asyncio.Event()
+        # Whether the last claim left claimable lanes behind (or the process was full):
+        # only then can a lane that ends (and frees a cap or a slot) let another start.
+        self._held_back = True
         self._webhooks_due = asyncio.Event()
         self._stopping = False
         self._recording = 0
@@ -149,13 +152,15 @@ class Runner:
             busy = len(self.inflight) + len(self._outcomes) + self._recording
             free = 0 if self.draining else self.settings.max_concurrency - busy
             claimed = 0
+            self._held_back = True
             if free > 0:
                 wanted = min(free, self.settings.claim_batch)
-                claims = await self._claim(wanted)
-                for claim in claims:
+                result = await self._claim(wanted)
+                for claim in result.claims:
                     self.metrics.queue_wait.observe(claim.waited_s)
                     self._start(claim)
-                claimed = len(claims)
+                claimed = len(result.claims)
+                self._held_back = result.held_back
                 if claimed == wanted:
                     continue
             # Sleep until woken (a job was created, a lane finished and freed a cap),
@@ -175,7 +180,7 @@ class Runner:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
 
-    async def _claim(self, wanted: int) -> list[Claim]:
+    async def _claim(self, wanted: int) -> Claimed:
         """Claim lanes whose provider has capacity; give back slots admitted for lanes
         that another process claimed first."""
         admitted: list[str] = []
@@ -186,14 +191,14 @@ class Runner:
                 return True
             return False
 
-        claims: list[Claim] = []
+        result = Claimed([], held_back=True)
         try:
-            claims = await self._write(self.store.claim(self.owner, wanted, admit))
+            result = await self._write(self.store.claim(self.owner, wanted, admit))
         finally:
-            unused = Counter(admitted) - Counter(provider_of(claim) for claim in claims)
+            unused = Counter(admitted) - Counter(provider_of(claim) for claim in result.claims)
             for provider in unused.elements():
                 self.limits.release(provider, 0)
-        return claims
+        return result
 
     def _start(self, claim: Claim) -> None:
         key = (claim.job_id, claim.idx)
@@ -204,7 +209,8 @@ class Runner:
     def _lane_done(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
         if self.inflight.get(key) is task:
             del self.inflight[key]
-        self._wake.set()
+        if self._held_back:
+            self._wake.set()
 
     async def _run_lane(self, claim: Claim) -> None:
         tokens = 0
@@ -305,8 +311,11 @@ class Runner:
                 log.warning("rejected %d stale lane writes", recorded.rejected)
             for job_id in recorded.reduce_jobs:
                 self._start_reduce(job_id)
-            # A recorded outcome frees a slot under its job's cap, or requeues a lane.
-            self._wake.set()
+            # A recorded outcome frees a slot (under its job's cap, or the process's):
+            # worth a claim if the last one left lanes behind. A retry requeued a lane
+            # whose backoff the claim loop must time.
+            if self._held_back or any(outcome.kind == "retry" for outcome in batch):
+                self._wake.set()
 
     def _on_events(self, events: list[Event]) -> None:
         """Stop in-flight attempts whose lane (or job) another decision just ended."""

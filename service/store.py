@@ -81,6 +81,15 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Claimed:
+    """What a claim took, and whether it left claimable lanes behind: lanes that a
+    job's cap, a provider's limit, the batch size or another process kept from it."""
+
+    claims: list[Claim]
+    held_back: bool
+
+
+@dataclass(frozen=True)
 class Outcome:
     """How one attempt ended, as the runner reports it."""
 
@@ -451,7 +460,7 @@ class Store:
 
     async def claim(
         self, owner: str, limit: int, admit: Callable[[str], bool] | None = None
-    ) -> list[Claim]:
+    ) -> Claimed:
         """Take up to ``limit`` queued lanes whose time has come, respecting per-job caps.
 
         On PostgreSQL the candidate jobs are locked ``FOR UPDATE SKIP LOCKED``: two
@@ -463,6 +472,8 @@ class Store:
                 lanes.c.status == "queued", lanes.c.available_at <= now
             )
             saturated = await self._saturated_jobs(tx.conn)
+            # Lanes that a job's cap keeps queued become claimable as its lanes end.
+            held_back = bool(saturated) and await self._any_queued(tx.conn, saturated)
             if saturated:
                 candidates = candidates.where(lanes.c.job_id.not_in(saturated))
             rows = (
@@ -473,7 +484,10 @@ class Store:
                 )
             ).all()
             if not rows:
-                return []
+                return Claimed([], held_back)
+            # A full page may have left more behind; so may jobs that another process
+            # holds (skipped), caps and provider limits (below).
+            held_back = held_back or len(rows) >= limit
             wanted: dict[str, list[int]] = {}
             available: dict[tuple[str, int], float] = {}
             for job_id, idx, available_at in rows:
@@ -483,6 +497,7 @@ class Store:
             if not self.db.is_sqlite:
                 job_query = job_query.with_for_update(skip_locked=True)
             job_rows = (await tx.conn.execute(job_query)).mappings().all()
+            held_back = held_back or len(job_rows) < len(wanted)
             running = await self._running_counts(
                 tx.conn, [j["id"] for j in job_rows if j["max_concurrency"]]
             )
@@ -499,6 +514,7 @@ class Store:
                 if admit is not None:
                     # Lanes whose provider has no capacity now stay queued.
                     idxs = [i for i in idxs if admit(_provider_of(lane_task(spec, i)[1]))]
+                held_back = held_back or len(idxs) < len(wanted[job_id])
                 if not idxs:
                     continue
                 claimed = (
@@ -547,7 +563,11 @@ class Store:
                     )
                     for idx, name, attempt in claimed
                 )
-        return claims
+        return Claimed(claims, held_back)
+
+    async def _any_queued(self, conn: AsyncConnection, job_ids: list[str]) -> bool:
+        query = select(lanes.c.idx).where(lanes.c.job_id.in_(job_ids), lanes.c.status == "queued")
+        return (await conn.execute(query.limit(1))).first() is not None
 
     async def _saturated_jobs(self, conn: AsyncConnection) -> list[str]:
         """Jobs with a concurrency cap that already have that many lanes running."""

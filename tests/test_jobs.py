@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import httpx
 import pytest
+
+from service.app import create_app
+from service.config import Settings
 
 from tests.support import (
     events_of,
@@ -467,3 +471,33 @@ async def test_streaming_lane_sends_coalesced_deltas_live_only(client: httpx.Asy
     replay = await events_of(client, job_id, last_event_id=0)
     assert not any(e["event"] == "lane.delta" for e in replay)
     assert job["lanes"][0]["usage"]["completion_tokens"] == 60
+
+
+# --- claiming without polling ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("llm_client", ["lean"])
+@pytest.mark.parametrize(
+    "caps",
+    [
+        {"policy": {"max_concurrency": 2}},  # the job's own cap
+        {"process": 2},  # the process's cap (FANOUT_MAX_CONCURRENCY)
+    ],
+    ids=["job cap", "process cap"],
+)
+async def test_lanes_held_back_by_a_cap_start_as_others_end_without_a_poll(
+    settings: Settings, caps: dict[str, Any]
+) -> None:
+    """Three waves of two lanes: each wave must start as the last one ends, not at the
+    next poll (30 s here)."""
+    settings = settings.model_copy(
+        update={"poll_interval_s": 30, "max_concurrency": caps.get("process", 512)}
+    )
+    spec = voting(6, "fake?latency_ms=50", aggregate={**NUMBER, "early_stop": False})
+    spec.update({k: v for k, v in caps.items() if k == "policy"})
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://fanout") as http:
+            job = await run_job(http, spec, timeout=10)
+    assert job["progress"] == {"succeeded": 6}
