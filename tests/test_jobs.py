@@ -12,7 +12,6 @@ import pytest
 
 from service.app import create_app
 from service.config import Settings
-
 from tests.support import (
     events_of,
     fake_reset,
