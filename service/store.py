@@ -277,18 +277,12 @@ class Store:
                         )
                     )
             if max_in_flight is not None:
-                in_flight = (
-                    await tx.conn.execute(
-                        select(func.count()).where(
-                            jobs.c.tenant == tenant, jobs.c.status.in_(OPEN_JOB)
-                        )
-                    )
-                ).scalar_one()
+                in_flight = (await tx.conn.execute(_IN_FLIGHT, {"tenant": tenant})).scalar_one()
                 if in_flight >= max_in_flight:
                     cap = f"{in_flight} jobs in flight: at the cap of {max_in_flight} per tenant"
                     raise InvalidSpec([{"loc": ["body"], "msg": cap}])
-            await tx.conn.execute(insert(jobs).values(job))
-            await tx.conn.execute(insert(lanes), lane_rows)
+            await tx.conn.execute(_INSERT_JOB, job)
+            await tx.conn.execute(_INSERT_LANES, lane_rows)
             if idempotency is not None:
                 await tx.conn.execute(
                     insert(idempotency_keys).values(
@@ -519,20 +513,8 @@ class Store:
                     continue
                 claimed = (
                     await tx.conn.execute(
-                        update(lanes)
-                        .where(
-                            lanes.c.job_id == job_id,
-                            lanes.c.idx.in_(idxs),
-                            lanes.c.status == "queued",
-                        )
-                        .values(
-                            status="running",
-                            attempts=lanes.c.attempts + 1,
-                            started_at=func.coalesce(lanes.c.started_at, now),
-                            lease_owner=owner,
-                            lease_expires_at=expires,
-                        )
-                        .returning(lanes.c.idx, lanes.c.name, lanes.c.attempts)
+                        _CLAIM_LANES,
+                        {"j": job_id, "idxs": idxs, "now": now, "owner": owner, "expires": expires},
                     )
                 ).all()
                 if not claimed:
@@ -540,11 +522,7 @@ class Store:
                 claimed = sorted(claimed)
                 items: list[tuple[str, dict[str, Any]]] = []
                 if job["status"] == "queued":
-                    await tx.conn.execute(
-                        update(jobs)
-                        .where(jobs.c.id == job_id)
-                        .values(status="running", started_at=now)
-                    )
+                    await tx.conn.execute(_START_JOB, {"j": job_id, "now": now})
                     items.append(("job.running", {}))
                 items.extend(
                     ("lane.started", {"lane": idx, "name": name, "attempt": attempt})
@@ -1227,6 +1205,33 @@ _BUMP_SEQ = (
     .returning(jobs.c.last_seq)
 )
 _INSERT_EVENTS = insert(events)
+_INSERT_JOB = insert(jobs)
+_INSERT_LANES = insert(lanes)
+_IN_FLIGHT = select(func.count()).where(
+    jobs.c.tenant == bindparam("tenant"), jobs.c.status.in_(OPEN_JOB)
+)
+# (Bound names must differ from the updated table's columns: "j", not "job_id".)
+_CLAIM_LANES = (
+    update(lanes)
+    .where(
+        lanes.c.job_id == bindparam("j"),
+        lanes.c.idx.in_(bindparam("idxs", expanding=True)),
+        lanes.c.status == "queued",
+    )
+    .values(
+        status="running",
+        attempts=lanes.c.attempts + 1,
+        started_at=func.coalesce(lanes.c.started_at, bindparam("now")),
+        lease_owner=bindparam("owner"),
+        lease_expires_at=bindparam("expires"),
+    )
+    .returning(lanes.c.idx, lanes.c.name, lanes.c.attempts)
+)
+_START_JOB = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("j"))
+    .values(status="running", started_at=bindparam("now"))
+)
 _JOB_STATUS = select(jobs.c.status).where(jobs.c.id == bindparam("job_id"))
 _TENANT_JOB_STATUS = _JOB_STATUS.where(jobs.c.tenant == bindparam("tenant"))
 _EVENTS_AFTER = (
