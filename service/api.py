@@ -125,9 +125,13 @@ def state(request: Request) -> AppState:
     return app_state
 
 
-def caller(request: Request) -> str:
+async def caller(request: Request) -> str:
     """The caller's tenant, from ``Authorization: Bearer <key>`` (or ``?key=``, for
-    browsers' EventSource, which cannot send headers); also charges its rate limit."""
+    browsers' EventSource, which cannot send headers); also charges its rate limit.
+
+    ``async`` although it never waits: FastAPI runs a plain ``def`` dependency on a
+    worker thread, a hop per request (and the rate limiter's buckets would then be
+    updated from several threads at once)."""
     s = state(request)
     key = None
     authorization = request.headers.get("authorization", "")
