@@ -20,9 +20,11 @@ import asyncio
 import email.utils
 import json
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -229,7 +231,9 @@ def _parse(raw: bytes | str) -> Any:
 
 class LeanClient:
     """``POST {base_url}/chat/completions`` on one aiohttp session: the request body as
-    JSON, the response read as dicts. Redirects are followed, as the SDK does."""
+    JSON, the response read as dicts. Redirects are followed and the proxy variables
+    (``HTTPS_PROXY``, ``NO_PROXY``...) obeyed, as the SDK does; the proxy is looked up
+    once, not per call."""
 
     def __init__(self, provider: Provider, limit: int) -> None:
         self.url = (provider.base_url or DEFAULT_BASE_URL).rstrip("/") + "/chat/completions"
@@ -243,6 +247,7 @@ class LeanClient:
             connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(total=None),
             raise_for_status=False,
+            proxy=env_proxy(self.url),
         )
         self._encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -269,6 +274,15 @@ class LeanClient:
 
     async def close(self) -> None:
         await self.session.close()
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url``, as urllib (and httpx) read it."""
+    parts = urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parts.scheme) or proxies.get("all")
 
 
 async def _read_stream(content: aiohttp.StreamReader, on_delta: OnDelta | None) -> Attempt:

@@ -269,3 +269,22 @@ async def test_many_attempts_at_once_share_the_pool(fake: LlmClient, fake_llm: s
         *(run_llm(fake, task("fake?latency_ms=20"), timeout=30) for _ in range(200))
     )
     assert all(a.ok for a in attempts)
+
+
+async def test_the_proxy_variables_are_obeyed(
+    canned: Callable[[Reply], str],
+    client_for: Callable[[str], LlmClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A provider behind an HTTP proxy, as a company network has it: the request goes
+    to the proxy, which here answers it itself (the provider's host does not exist)."""
+    url = canned((200, JSON, completion({"role": "assistant", "content": "via proxy"})))
+    proxy, _, case = url.rpartition("/")
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    attempt = await run_llm(client_for(f"http://provider.invalid/{case}"), task(), timeout=10)
+    assert attempt == Attempt(output="via proxy")
+    monkeypatch.setenv("NO_PROXY", "provider.invalid")
+    attempt = await run_llm(client_for(f"http://provider.invalid/{case}"), task(), timeout=10)
+    assert attempt.error_type == "upstream_error" and attempt.transient  # no such host
