@@ -328,7 +328,7 @@ class SdkClient:
     """The official ``openai`` client, on its aiohttp transport (the default httpx2
     pool scans every connection per request, which is slow with hundreds in flight).
     Its own retries are off: the runner retries, so attempts are not multiplied.
-    Imported on first use: the SDK costs about 45 MB of memory that the lean path
+    Imported on first use: the SDK costs about 40 MB of memory that the lean path
     does without."""
 
     def __init__(self, provider: Provider, limit: int) -> None:
