@@ -54,15 +54,39 @@ class Tx:
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
+# How long a statement waits for another process's lock (on the worker thread).
+BUSY_TIMEOUT_MS = 30_000
+
+
 class InlineSqlite(aiosqlite.Connection):
     """aiosqlite's connection without the thread hop: each ``sqlite3`` call runs at once
     on the calling (event loop) thread. The worker thread still opens and closes the
-    connection; ``check_same_thread`` is off, as SQLAlchemy sets it for aiosqlite."""
+    connection; ``check_same_thread`` is off, as SQLAlchemy sets it for aiosqlite.
+
+    The connection's own busy timeout is 0, so a call never waits for a lock on the
+    loop's thread. The lock only another process can hold (``fanout migrate``, a
+    ``sqlite3`` shell; this process has one writer) makes the call fail at once with
+    "database is locked": it is then made again on the worker thread, which waits up
+    to ``BUSY_TIMEOUT_MS`` while the loop serves everything else.
+    """
 
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not self._running or not self._connection:
             raise ValueError("Connection closed")
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                raise
+        return await super()._execute(self._waiting, fn, *args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def _waiting(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        connection = self._conn
+        connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            connection.execute("PRAGMA busy_timeout=0")
 
 
 def _inline_sqlite(url: str) -> Callable[[], InlineSqlite]:
@@ -96,7 +120,7 @@ def _sqlite_engine(url: str, *, pool_size: int, begin: str) -> AsyncEngine:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA busy_timeout=0")  # never wait on the loop: InlineSqlite
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
