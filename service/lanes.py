@@ -149,13 +149,22 @@ def _timed_out(timeout: float) -> Attempt:
 # --- what both clients share: reading a completion, mapping an error status -----------
 
 
+def _field(value: Any, name: str) -> Any:
+    """A field of a JSON object: a dict (the lean path) or the SDK's model of one,
+    which keeps whatever the provider sent, unchecked. None when there is none."""
+    if isinstance(value, Mapping):
+        return value.get(name)
+    return None if isinstance(value, str | list) else getattr(value, name, None)
+
+
 def _usage(usage: Any) -> tuple[int, int, int]:
-    if not isinstance(usage, Mapping):
-        return (0, 0, 0)
-    counts = tuple(usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
-    if not all(isinstance(c, int) for c in counts):
-        return (0, 0, 0)
-    return counts  # type: ignore[return-value]
+    """Prompt, completion and total tokens; none counted unless all three are given."""
+    prompt, completion, total = (
+        _field(usage, k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+    )
+    if isinstance(prompt, int) and isinstance(completion, int) and isinstance(total, int):
+        return (prompt, completion, total)
+    return (0, 0, 0)
 
 
 def _invalid(message: str) -> Attempt:
@@ -163,24 +172,22 @@ def _invalid(message: str) -> Attempt:
 
 
 def completion_attempt(completion: Any) -> Attempt:
-    """A chat completion (the JSON object) read into an Attempt: the first choice's
-    text and the usage; anything else in its place is an ``invalid_response``."""
-    if not isinstance(completion, Mapping):
-        return _invalid("unreadable response: not a JSON object")
-    if isinstance(completion.get("error"), Mapping):
-        return error_event(completion)
-    choices = completion.get("choices")
+    """A chat completion read into an Attempt: the first choice's text and the usage;
+    an error object, or anything else in its place, fails the lane."""
+    error = _field(completion, "error")
+    if isinstance(error, Mapping):
+        return error_event({"error": error})
+    choices = _field(completion, "choices")
     if not isinstance(choices, list):
         return _invalid("unreadable response: no choices list")
     if not choices:
         return _invalid("the response has no choices")
-    message = choices[0].get("message") if isinstance(choices[0], Mapping) else None
-    content = message.get("content") if isinstance(message, Mapping) else None
+    content = _field(_field(choices[0], "message"), "content")
     if content is None:
         return _invalid("the response has no content")
     if not isinstance(content, str):
         return _invalid("unreadable response: the content is not text")
-    return Attempt(output=content, usage=_usage(completion.get("usage")))
+    return Attempt(output=content, usage=_usage(_field(completion, "usage")))
 
 
 def error_event(body: Mapping[str, Any]) -> Attempt:
@@ -286,10 +293,8 @@ def env_proxy(url: str) -> str | None:
 
 
 async def _read_stream(content: aiohttp.StreamReader, on_delta: OnDelta | None) -> Attempt:
-    """Server-sent chunks until ``data: [DONE]``: the text of choice 0, and the usage
-    (``stream_options.include_usage`` puts it in the last chunk)."""
-    parts: list[str] = []
-    usage = (0, 0, 0)
+    """Server-sent chunks until ``data: [DONE]``, read by :class:`Streamed`."""
+    streamed = Streamed(on_delta)
     data: list[str] = []
     async for raw in content:
         line = raw.decode().rstrip("\r\n")
@@ -307,18 +312,40 @@ async def _read_stream(content: aiohttp.StreamReader, on_delta: OnDelta | None) 
             return _invalid(f"unreadable stream chunk: {exc}")
         if not isinstance(chunk, Mapping):
             return _invalid("unreadable stream chunk: not a JSON object")
-        if isinstance(chunk.get("error"), Mapping):
-            return error_event(chunk)
-        if chunk.get("usage") is not None:
-            usage = _usage(chunk["usage"])
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") if isinstance(choice, Mapping) else None
-            text = delta.get("content") if isinstance(delta, Mapping) else None
+        failed = streamed.add(chunk)
+        if failed is not None:
+            return failed
+    return streamed.attempt()
+
+
+class Streamed:
+    """The chunks of a streamed completion, read as they come (dicts or the SDK's
+    models): the text of its choices, each piece passed on to ``on_delta``, and the
+    usage (``stream_options.include_usage`` puts it in the last chunk)."""
+
+    def __init__(self, on_delta: OnDelta | None) -> None:
+        self.on_delta = on_delta
+        self.parts: list[str] = []
+        self.usage = (0, 0, 0)
+
+    def add(self, chunk: Any) -> Attempt | None:
+        """Take one chunk; an Attempt when it ends the lane (an error object)."""
+        error = _field(chunk, "error")
+        if isinstance(error, Mapping):
+            return error_event({"error": error})
+        usage = _field(chunk, "usage")
+        if usage is not None:
+            self.usage = _usage(usage)
+        for choice in _field(chunk, "choices") or ():
+            text = _field(_field(choice, "delta"), "content")
             if isinstance(text, str) and text:
-                parts.append(text)
-                if on_delta is not None:
-                    on_delta(text)
-    return Attempt(output="".join(parts), usage=usage)
+                self.parts.append(text)
+                if self.on_delta is not None:
+                    self.on_delta(text)
+        return None
+
+    def attempt(self) -> Attempt:
+        return Attempt(output="".join(self.parts), usage=self.usage)
 
 
 # --- the reference client: the openai SDK ----------------------------------------------
@@ -370,35 +397,17 @@ class SdkClient:
         except (ValueError, TypeError, KeyError) as exc:
             # A body the SDK could not parse (malformed JSON and the like).
             return _invalid(f"unreadable response: {exc}")
-        if not completion.choices:
-            return _invalid("the response has no choices")
-        content = completion.choices[0].message.content
-        if content is None:
-            return _invalid("the response has no content")
-        usage = completion.usage
-        tokens = (
-            (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
-            if usage
-            else (0, 0, 0)
-        )
-        return Attempt(output=content, usage=tokens)
+        return completion_attempt(completion)
 
     async def _streamed(self, body: dict[str, Any], on_delta: OnDelta | None) -> Attempt:
         stream = await self.client.chat.completions.create(**body)
-        parts: list[str] = []
-        tokens = (0, 0, 0)
+        streamed = Streamed(on_delta)
         async with stream:
             async for chunk in stream:
-                if chunk.usage is not None:
-                    u = chunk.usage
-                    tokens = (u.prompt_tokens, u.completion_tokens, u.total_tokens)
-                for choice in chunk.choices:
-                    text = choice.delta.content
-                    if text:
-                        parts.append(text)
-                        if on_delta is not None:
-                            on_delta(text)
-        return Attempt(output="".join(parts), usage=tokens)
+                failed = streamed.add(chunk)
+                if failed is not None:
+                    return failed
+        return streamed.attempt()
 
     async def close(self) -> None:
         await self.client.close()

@@ -288,3 +288,41 @@ async def test_the_proxy_variables_are_obeyed(
     monkeypatch.setenv("NO_PROXY", "provider.invalid")
     attempt = await run_llm(client_for(f"http://provider.invalid/{case}"), task(), timeout=10)
     assert attempt.error_type == "upstream_error" and attempt.transient  # no such host
+
+
+async def test_an_error_object_with_a_200_fails_the_lane(
+    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
+) -> None:
+    """Some gateways answer 200 with an error object instead of a completion."""
+    body = json.dumps({"error": {"message": "upstream timed out", "type": "server_error"}})
+    url = canned((200, JSON, body.encode()))
+    attempt = await run_llm(client_for(url), task(), timeout=10)
+    assert attempt == Attempt(
+        error_type="upstream_error", error_message="the provider sent an error: upstream timed out"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"choices": "none"}, "unreadable response: no choices list"),
+        ([], "unreadable response: no choices list"),
+        ({"choices": [{"index": 0}]}, "the response has no content"),
+        (
+            {"choices": [{"index": 0, "message": {"role": "assistant", "content": 5}}]},
+            "unreadable response: the content is not text",
+        ),
+    ],
+    ids=["choices not a list", "not an object", "no message", "content not text"],
+)
+async def test_a_malformed_completion_is_an_invalid_response(
+    canned: Callable[[Reply], str],
+    client_for: Callable[[str], LlmClient],
+    body: Any,
+    message: str,
+) -> None:
+    """Valid JSON in the wrong shape fails the lane as invalid (the SDK reads it into
+    its models unchecked, so both paths check the fields they use)."""
+    url = canned((200, JSON, json.dumps(body).encode()))
+    attempt = await run_llm(client_for(url), task(), timeout=10)
+    assert attempt == Attempt(error_type="invalid_response", error_message=message)
