@@ -297,7 +297,7 @@ async def _read_stream(content: aiohttp.StreamReader, on_delta: OnDelta | None) 
     streamed = Streamed(on_delta)
     data: list[str] = []
     async for raw in content:
-        line = raw.decode().rstrip("\r\n")
+        line = raw.decode(errors="replace").rstrip("\r\n")  # bad bytes fail the JSON below
         if line.startswith("data:"):
             data.append(line[5:].removeprefix(" "))
             continue

@@ -39,7 +39,7 @@ from .events import Event, EventHub
 from .lanes import Attempt, Providers, run_llm
 from .limits import ProviderLimits
 from .metrics import Metrics
-from .spec import LlmTask, ReduceAggregate, lane_task
+from .spec import HttpTask, LlmTask, ReduceAggregate, lane_task
 from .store import Claim, Claimed, Outcome, Store, iso, provider_of
 
 log = logging.getLogger("fanout.runner")
@@ -227,19 +227,14 @@ class Runner:
         if claim.deadline_at is not None:
             timeout = max(0.001, min(timeout, claim.deadline_at - time.time()))
         started = time.time()
-        if isinstance(task, LlmTask):
-            client = self.providers.client(task.provider)
-            if task.stream:
-                deltas = DeltaCoalescer(self.hub, claim)
-                try:
-                    attempt = await run_llm(client, task, timeout=timeout, on_delta=deltas.add)
-                finally:
-                    deltas.flush()
-            else:
-                attempt = await run_llm(client, task, timeout=timeout)
-        else:
-            attempt = await run_http(
-                self.http, task, timeout=timeout, max_bytes=self.settings.max_response_bytes
+        try:
+            attempt = await self._call(claim, task, timeout)
+        except Exception as exc:
+            # A defect, not an answer. The lane must still end: one that never reports
+            # stays running under this process's lease, which its heartbeat renews.
+            log.exception("lane %s/%s: the attempt raised", claim.job_id, claim.idx)
+            attempt = Attempt(
+                error_type="internal_error", error_message=f"{type(exc).__name__}: {exc}"
             )
         provider, model = (
             (task.provider, task.model) if isinstance(task, LlmTask) else ("http", "-")
@@ -248,6 +243,20 @@ class Runner:
         self.metrics.observe_attempt(provider, model, time.time() - started, outcome, attempt.usage)
         self._report(claim, attempt, started)
         return attempt.usage[2]
+
+    async def _call(self, claim: Claim, task: LlmTask | HttpTask, timeout: float) -> Attempt:
+        if isinstance(task, HttpTask):
+            return await run_http(
+                self.http, task, timeout=timeout, max_bytes=self.settings.max_response_bytes
+            )
+        client = self.providers.client(task.provider)
+        if not task.stream:
+            return await run_llm(client, task, timeout=timeout)
+        deltas = DeltaCoalescer(self.hub, claim)
+        try:
+            return await run_llm(client, task, timeout=timeout, on_delta=deltas.add)
+        finally:
+            deltas.flush()
 
     def _report(self, claim: Claim, attempt: Attempt, started: float) -> None:
         finished = time.time()

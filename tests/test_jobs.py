@@ -500,3 +500,23 @@ async def test_lanes_held_back_by_a_cap_start_as_others_end_without_a_poll(
         async with httpx.AsyncClient(transport=transport, base_url="http://fanout") as http:
             job = await run_job(http, spec, timeout=10)
     assert job["progress"] == {"succeeded": 6}
+
+
+@pytest.mark.parametrize("llm_client", ["lean"])
+async def test_an_attempt_that_raises_fails_its_lane_and_the_job_still_ends(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A defect in a call path (injected here) is no answer, but the lane must end: one
+    that never reported would stay running under a lease its heartbeat keeps renewing."""
+
+    async def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("injected defect")
+
+    monkeypatch.setattr("service.runner.run_llm", broken)
+    job = await run_job(client, voting(2, "fake"), timeout=10)
+    assert job["status"] == "failed"
+    assert [lane["status"] for lane in job["lanes"]] == ["failed", "failed"]
+    assert job["lanes"][0]["error"] == {
+        "type": "internal_error",
+        "message": "RuntimeError: injected defect",
+    }

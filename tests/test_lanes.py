@@ -326,3 +326,14 @@ async def test_a_malformed_completion_is_an_invalid_response(
     url = canned((200, JSON, json.dumps(body).encode()))
     attempt = await run_llm(client_for(url), task(), timeout=10)
     assert attempt == Attempt(error_type="invalid_response", error_message=message)
+
+
+async def test_a_stream_that_is_not_utf8_fails_the_lane(
+    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
+) -> None:
+    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+    first = {**chunk, "choices": [{"index": 0, "delta": {"content": "part"}}]}
+    body = f"data: {json.dumps(first)}\n\n".encode() + b'data: {"choices": \xff\xfe}\n\n'
+    url = canned((200, {"Content-Type": "text/event-stream"}, body))
+    attempt = await run_llm(client_for(url), task(stream=True), timeout=10)
+    assert attempt.error_type == "invalid_response" and not attempt.transient
