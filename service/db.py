@@ -24,6 +24,7 @@ PostgreSQL delivers them exactly when, and only if, the transaction commits.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -67,24 +68,43 @@ class InlineSqlite(aiosqlite.Connection):
     loop's thread. The lock only another process can hold (``fanout migrate``, a
     ``sqlite3`` shell; this process has one writer) makes the call fail at once with
     "database is locked": it is then made again on the worker thread, which waits up
-    to ``BUSY_TIMEOUT_MS`` while the loop serves everything else.
+    to ``BUSY_TIMEOUT_MS`` while the loop serves everything else. Until the worker is
+    done with it (even if its caller was cancelled meanwhile), every later call on
+    the connection queues behind it on the worker too: ``sqlite3`` must never be in
+    two threads at once on one connection.
     """
+
+    _on_worker = 0  # calls handed to the worker thread and not finished yet
 
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not self._running or not self._connection:
             raise ValueError("Connection closed")
-        try:
-            return fn(*args, **kwargs)
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
-                raise
-        return await super()._execute(self._waiting, fn, *args, **kwargs)  # type: ignore[no-untyped-call]
+        call = partial(fn, *args, **kwargs)
+        if not self._on_worker:
+            try:
+                return call()
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+            call = partial(self._waiting, call)
+        self._on_worker += 1
+        loop = asyncio.get_running_loop()
+        return await super()._execute(self._on_the_worker, loop, call)  # type: ignore[no-untyped-call]
 
-    def _waiting(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _on_the_worker(self, loop: asyncio.AbstractEventLoop, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        finally:
+            loop.call_soon_threadsafe(self._worker_done)  # counted on the loop's thread
+
+    def _worker_done(self) -> None:
+        self._on_worker -= 1
+
+    def _waiting(self, call: Callable[[], Any]) -> Any:
         connection = self._conn
         connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         try:
-            return fn(*args, **kwargs)
+            return call()
         finally:
             connection.execute("PRAGMA busy_timeout=0")
 

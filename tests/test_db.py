@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import threading
 
+import pytest
 from sqlalchemy import text
 
 from service.db import Database
@@ -78,3 +79,47 @@ async def test_statements_run_on_the_loops_thread(sqlite_url: str) -> None:
     finally:
         await db.dispose()
     assert threads == [threading.get_ident()]
+
+
+async def test_a_write_cancelled_while_it_waits_for_the_lock_leaves_the_connection_sound(
+    sqlite_url: str,
+) -> None:
+    """Cancelling a write that waits on the worker thread must not let the connection's
+    cleanup run on the loop's thread while the worker still uses it (that crashes
+    sqlite3): the cleanup queues behind, and the next write works."""
+    db = Database(sqlite_url)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_write_lock() -> None:
+        other = sqlite3.connect(sqlite_url.split(":///", 1)[1], isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        locked.set()
+        release.wait(5)
+        other.execute("COMMIT")
+        other.close()
+
+    async def write(value: int) -> None:
+        async with db.transaction() as tx:
+            await tx.conn.execute(text("INSERT INTO t VALUES (:v)"), {"v": value})
+
+    holder = threading.Thread(target=hold_the_write_lock)
+    try:
+        async with db.transaction() as tx:
+            await tx.conn.execute(text("CREATE TABLE t (v INTEGER)"))
+        holder.start()
+        assert locked.wait(5)
+        waiting = asyncio.create_task(write(1))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        waiting.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(waiting, 10)
+        await write(2)
+        async with db.read() as conn:
+            assert (await conn.execute(text("SELECT v FROM t"))).scalars().all() == [2]
+    finally:
+        release.set()
+        if holder.is_alive():
+            holder.join(10)
+        await db.dispose()
