@@ -256,7 +256,8 @@ async def job_events(
 
     start = after or 0
     if last_event_id is not None:
-        start = int(last_event_id) if last_event_id.isdigit() else -1
+        digits = last_event_id.isascii() and last_event_id.isdigit()  # not "²" nor "٣"
+        start = int(last_event_id) if digits else -1
         if not 0 <= start <= MAX_EVENT_ID:
             raise InvalidSpec(
                 [{"loc": ["header", "Last-Event-ID"], "msg": "must be an event id (an integer)"}]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import os
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -37,6 +38,8 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Idle upstream connections are dropped before the usual server-side 5 s, so a request
 # never goes out on a connection the server is closing.
 KEEPALIVE_S = 4.0
+# Headers the openai SDK sends when these variables are set.
+SDK_HEADERS = {"OpenAI-Organization": "OPENAI_ORG_ID", "OpenAI-Project": "OPENAI_PROJECT_ID"}
 
 OnDelta = Callable[[str], None]
 
@@ -175,7 +178,7 @@ def completion_attempt(completion: Any) -> Attempt:
     """A chat completion read into an Attempt: the first choice's text and the usage;
     an error object, or anything else in its place, fails the lane."""
     error = _field(completion, "error")
-    if isinstance(error, Mapping):
+    if error:
         return error_event({"error": error})
     choices = _field(completion, "choices")
     if not isinstance(choices, list):
@@ -191,20 +194,20 @@ def completion_attempt(completion: Any) -> Attempt:
 
 
 def error_event(body: Mapping[str, Any]) -> Attempt:
-    """An ``{"error": ...}`` object sent with a success status (mid-stream, say)."""
+    """An ``{"error": ...}`` sent with a success status (mid-stream, say)."""
     return Attempt(
         error_type="upstream_error", error_message=f"the provider sent an error: {_detail(body)}"
     )
 
 
 def _detail(body: Any) -> str:
-    """What an error body says: its ``error.message`` when it has one, else its text."""
-    error = body.get("error", body) if isinstance(body, Mapping) else None
-    message = error.get("message") if isinstance(error, Mapping) else None
-    if isinstance(message, str) and message:
-        return message
-    text = body if isinstance(body, str) else json.dumps(body)
-    return text.strip()[:500] or "(no body)"
+    """What an error body says: its ``error.message``, or its ``error`` when that is
+    text, else the body's text."""
+    error = body.get("error", body) if isinstance(body, Mapping) else body
+    message = error.get("message") if isinstance(error, Mapping) else error
+    if isinstance(message, str) and message.strip():
+        return message.strip()[:500]
+    return json.dumps(body)[:500] if body else "(no body)"
 
 
 def status_attempt(status: int, body: Any, retry_after: str | None) -> Attempt:
@@ -243,13 +246,19 @@ class LeanClient:
     once, not per call."""
 
     def __init__(self, provider: Provider, limit: int) -> None:
-        self.url = (provider.base_url or DEFAULT_BASE_URL).rstrip("/") + "/chat/completions"
+        # What the SDK falls back on when a provider names no base URL; likewise it
+        # sends the organization and project of OPENAI_ORG_ID / OPENAI_PROJECT_ID.
+        base_url = provider.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        self.url = base_url.rstrip("/") + "/chat/completions"
         self.headers = {
             "Authorization": f"Bearer {provider.api_key or 'unused'}",
             "Content-Type": "application/json",
             "Accept": "application/json",
             "User-Agent": "fanout",
         }
+        for header, variable in SDK_HEADERS.items():
+            if os.environ.get(variable):
+                self.headers[header] = os.environ[variable]
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=limit, keepalive_timeout=KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(total=None),
@@ -310,9 +319,7 @@ async def _read_stream(content: aiohttp.StreamReader, on_delta: OnDelta | None) 
             chunk = json.loads(payload)
         except ValueError as exc:
             return _invalid(f"unreadable stream chunk: {exc}")
-        if not isinstance(chunk, Mapping):
-            return _invalid("unreadable stream chunk: not a JSON object")
-        failed = streamed.add(chunk)
+        failed = streamed.add(chunk)  # a chunk that is no object has nothing to add
         if failed is not None:
             return failed
     return streamed.attempt()
@@ -331,7 +338,7 @@ class Streamed:
     def add(self, chunk: Any) -> Attempt | None:
         """Take one chunk; an Attempt when it ends the lane (an error object)."""
         error = _field(chunk, "error")
-        if isinstance(error, Mapping):
+        if error:
             return error_event({"error": error})
         usage = _field(chunk, "usage")
         if usage is not None:
@@ -392,8 +399,8 @@ class SdkClient:
             )
         except openai.APIResponseValidationError as exc:
             return _invalid(str(exc))
-        except openai.APIError as exc:  # an error object in a stream
-            return error_event({"error": exc.body if isinstance(exc.body, Mapping) else {}})
+        except openai.APIError as exc:  # an error in a stream
+            return error_event({"error": exc.body or exc.message})
         except (ValueError, TypeError, KeyError) as exc:
             # A body the SDK could not parse (malformed JSON and the like).
             return _invalid(f"unreadable response: {exc}")

@@ -227,15 +227,9 @@ class Runner:
         if claim.deadline_at is not None:
             timeout = max(0.001, min(timeout, claim.deadline_at - time.time()))
         started = time.time()
-        try:
-            attempt = await self._call(claim, task, timeout)
-        except Exception as exc:
-            # A defect, not an answer. The lane must still end: one that never reports
-            # stays running under this process's lease, which its heartbeat renews.
-            log.exception("lane %s/%s: the attempt raised", claim.job_id, claim.idx)
-            attempt = Attempt(
-                error_type="internal_error", error_message=f"{type(exc).__name__}: {exc}"
-            )
+        attempt = await _guarded(
+            self._call(claim, task, timeout), f"lane {claim.job_id}/{claim.idx}"
+        )
         provider, model = (
             (task.provider, task.model) if isinstance(task, LlmTask) else ("http", "-")
         )
@@ -372,7 +366,9 @@ class Runner:
                 }
                 break
             client = self.providers.client(task.provider)
-            attempt = await run_llm(client, task, timeout=timeout, messages=messages)
+            attempt = await _guarded(
+                run_llm(client, task, timeout=timeout, messages=messages), f"reducer of {job_id}"
+            )
             usage = (
                 usage[0] + attempt.usage[0],
                 usage[1] + attempt.usage[1],
@@ -464,6 +460,17 @@ class Runner:
             self._wake.set()
         for job_id in await self.store.take_orphaned_reductions(self.owner):
             self._start_reduce(job_id)
+
+
+async def _guarded(call: Awaitable[Attempt], what: str) -> Attempt:
+    """An attempt that raises is a defect, not an answer, but it must still end: a lane
+    (or reducer) that never reports stays running under this process's lease, which its
+    heartbeat renews for as long as the process lives."""
+    try:
+        return await call
+    except Exception as exc:
+        log.exception("%s: the attempt raised", what)
+        return Attempt(error_type="internal_error", error_message=f"{type(exc).__name__}: {exc}")
 
 
 async def _logged(work: Awaitable[object], doing: str) -> None:

@@ -520,3 +520,26 @@ async def test_an_attempt_that_raises_fails_its_lane_and_the_job_still_ends(
         "type": "internal_error",
         "message": "RuntimeError: injected defect",
     }
+
+
+@pytest.mark.parametrize("llm_client", ["lean"])
+async def test_a_reducer_that_raises_fails_the_job_instead_of_holding_it(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Likewise for the reducer: the job ends failed, not aggregating for ever."""
+    from service import runner
+
+    real = runner.run_llm
+
+    async def reducer_broken(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("messages") is not None:  # only the reducer passes its own messages
+            raise RuntimeError("injected defect")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_llm", reducer_broken)
+    reducer = {"model": "fake", "messages": [{"role": "system", "content": "Synthesise."}]}
+    spec = sectioning(section("a"), section("b"), aggregate={"kind": "reduce", "task": reducer})
+    job = await run_job(client, spec, timeout=10)
+    assert job["status"] == "failed"
+    assert job["error"]["type"] == "internal_error"
+    assert [lane["status"] for lane in job["lanes"]] == ["succeeded", "succeeded"]

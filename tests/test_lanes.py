@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from service.config import Provider
 from service.lanes import Attempt, LlmClient, Providers, run_llm
@@ -24,6 +25,7 @@ from service.spec import LlmTask
 from tests.support import fake_reset, free_port, user
 
 KINDS = ["lean", "sdk"]
+ClientFor = Callable[[str | None], LlmClient]  # a client of the test's kind for a base URL
 
 
 @pytest.fixture(params=KINDS)
@@ -32,11 +34,11 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def client_for(kind: str) -> AsyncIterator[Callable[[str], LlmClient]]:
+async def client_for(kind: str) -> AsyncIterator[ClientFor]:
     """``client_for(base_url)``: a client of this test's kind for a provider there."""
     made: list[Providers] = []
 
-    def client_for(base_url: str) -> LlmClient:
+    def client_for(base_url: str | None) -> LlmClient:
         provider = Provider(name="default", base_url=base_url, api_key="test-key")
         providers = Providers({"default": provider}, max_connections=16, kind=kind)  # type: ignore[arg-type]
         made.append(providers)
@@ -48,7 +50,7 @@ async def client_for(kind: str) -> AsyncIterator[Callable[[str], LlmClient]]:
 
 
 @pytest.fixture
-async def fake(fake_llm: str, client_for: Callable[[str], LlmClient]) -> LlmClient:
+async def fake(fake_llm: str, client_for: ClientFor) -> LlmClient:
     await fake_reset(fake_llm)
     return client_for(fake_llm)
 
@@ -145,7 +147,9 @@ async def test_an_attempt_that_hangs_times_out(fake: LlmClient, fake_llm: str) -
     )
 
 
-async def test_a_refused_connection_is_transient(client_for: Callable[[str], LlmClient]) -> None:
+async def test_a_refused_connection_is_transient(
+    client_for: ClientFor,
+) -> None:
     client = client_for(f"http://127.0.0.1:{free_port()}/v1")  # nothing listens there
     attempt = await run_llm(client, task(), timeout=10)
     assert attempt.error_type == "upstream_error" and attempt.transient
@@ -156,15 +160,20 @@ async def test_a_refused_connection_is_transient(client_for: Callable[[str], Llm
 
 
 Reply = tuple[int, dict[str, str], bytes]
+# The headers of the last request each canned case received.
+RECEIVED: dict[str, CIMultiDict[str]] = {}
 
 
 @pytest.fixture
 async def canned() -> AsyncIterator[Callable[[Reply], str]]:
-    """``canned((status, headers, body))``: a base URL whose chat endpoint answers so."""
+    """``canned((status, headers, body))``: a base URL whose chat endpoint answers so;
+    what the request carried is in ``RECEIVED[case]``."""
     replies: dict[str, Reply] = {}
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        status, headers, body = replies[request.match_info["case"]]
+        case = request.match_info["case"]
+        RECEIVED[case] = CIMultiDict(request.headers)
+        status, headers, body = replies[case]
         return web.Response(status=status, headers=headers, body=body)
 
     app = web.Application()
@@ -193,7 +202,7 @@ JSON = {"Content-Type": "application/json"}
 
 
 async def test_a_null_content_is_an_invalid_response(
-    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
+    canned: Callable[[Reply], str], client_for: ClientFor
 ) -> None:
     url = canned((200, JSON, completion({"role": "assistant", "content": None})))
     attempt = await run_llm(client_for(url), task(), timeout=10)
@@ -203,7 +212,7 @@ async def test_a_null_content_is_an_invalid_response(
 
 
 async def test_a_completion_without_usage_counts_no_tokens(
-    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
+    canned: Callable[[Reply], str], client_for: ClientFor
 ) -> None:
     url = canned((200, JSON, completion({"role": "assistant", "content": "391"})))
     attempt = await run_llm(client_for(url), task(), timeout=10)
@@ -211,7 +220,7 @@ async def test_a_completion_without_usage_counts_no_tokens(
 
 
 async def test_a_redirect_is_followed(
-    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
+    canned: Callable[[Reply], str], client_for: ClientFor
 ) -> None:
     """Providers are the operator's own configuration: a moved endpoint still answers."""
     target = canned((200, JSON, completion({"role": "assistant", "content": "moved"})))
@@ -221,7 +230,7 @@ async def test_a_redirect_is_followed(
 
 
 async def test_an_error_object_in_a_stream_fails_the_lane(
-    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
+    canned: Callable[[Reply], str], client_for: ClientFor
 ) -> None:
     chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m"}
     first = {**chunk, "choices": [{"index": 0, "delta": {"content": "part"}}]}
@@ -239,7 +248,7 @@ async def test_an_error_object_in_a_stream_fails_the_lane(
 
 
 async def test_retry_after_as_an_http_date(
-    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
+    canned: Callable[[Reply], str], client_for: ClientFor
 ) -> None:
     when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     error = json.dumps({"error": {"message": "slow down", "type": "rate_limit_error"}})
@@ -251,7 +260,7 @@ async def test_retry_after_as_an_http_date(
 
 
 async def test_a_500_without_a_json_body_keeps_its_text(
-    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
+    canned: Callable[[Reply], str], client_for: ClientFor
 ) -> None:
     url = canned((502, {"Content-Type": "text/plain", "Retry-After": "3"}, b"bad gateway\n"))
     attempt = await run_llm(client_for(url), task(), timeout=10)
@@ -273,7 +282,7 @@ async def test_many_attempts_at_once_share_the_pool(fake: LlmClient, fake_llm: s
 
 async def test_the_proxy_variables_are_obeyed(
     canned: Callable[[Reply], str],
-    client_for: Callable[[str], LlmClient],
+    client_for: ClientFor,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A provider behind an HTTP proxy, as a company network has it: the request goes
@@ -288,18 +297,6 @@ async def test_the_proxy_variables_are_obeyed(
     monkeypatch.setenv("NO_PROXY", "provider.invalid")
     attempt = await run_llm(client_for(f"http://provider.invalid/{case}"), task(), timeout=10)
     assert attempt.error_type == "upstream_error" and attempt.transient  # no such host
-
-
-async def test_an_error_object_with_a_200_fails_the_lane(
-    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
-) -> None:
-    """Some gateways answer 200 with an error object instead of a completion."""
-    body = json.dumps({"error": {"message": "upstream timed out", "type": "server_error"}})
-    url = canned((200, JSON, body.encode()))
-    attempt = await run_llm(client_for(url), task(), timeout=10)
-    assert attempt == Attempt(
-        error_type="upstream_error", error_message="the provider sent an error: upstream timed out"
-    )
 
 
 @pytest.mark.parametrize(
@@ -317,7 +314,7 @@ async def test_an_error_object_with_a_200_fails_the_lane(
 )
 async def test_a_malformed_completion_is_an_invalid_response(
     canned: Callable[[Reply], str],
-    client_for: Callable[[str], LlmClient],
+    client_for: ClientFor,
     body: Any,
     message: str,
 ) -> None:
@@ -329,7 +326,7 @@ async def test_a_malformed_completion_is_an_invalid_response(
 
 
 async def test_a_stream_that_is_not_utf8_fails_the_lane(
-    canned: Callable[[Reply], str], client_for: Callable[[str], LlmClient]
+    canned: Callable[[Reply], str], client_for: ClientFor
 ) -> None:
     chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m"}
     first = {**chunk, "choices": [{"index": 0, "delta": {"content": "part"}}]}
@@ -337,3 +334,56 @@ async def test_a_stream_that_is_not_utf8_fails_the_lane(
     url = canned((200, {"Content-Type": "text/event-stream"}, body))
     attempt = await run_llm(client_for(url), task(stream=True), timeout=10)
     assert attempt.error_type == "invalid_response" and not attempt.transient
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [({"message": "overloaded", "type": "server_error"}, "overloaded"), ("boom", "boom")],
+    ids=["object", "text"],
+)
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+async def test_an_error_sent_with_a_200_fails_the_lane_with_its_message(
+    canned: Callable[[Reply], str],
+    client_for: ClientFor,
+    error: Any,
+    message: str,
+    streamed: bool,
+) -> None:
+    """Some gateways answer 200 with an error instead of a completion, whole or as a
+    chunk of a stream; its message is kept whether it is an object or text."""
+    body = json.dumps({"error": error})
+    if streamed:
+        reply: Reply = (200, {"Content-Type": "text/event-stream"}, f"data: {body}\n\n".encode())
+    else:
+        reply = (200, JSON, body.encode())
+    attempt = await run_llm(client_for(canned(reply)), task(stream=streamed), timeout=10)
+    assert attempt == Attempt(
+        error_type="upstream_error", error_message=f"the provider sent an error: {message}"
+    )
+
+
+async def test_an_error_status_with_an_error_text_keeps_the_text(
+    canned: Callable[[Reply], str], client_for: ClientFor
+) -> None:
+    url = canned((400, JSON, json.dumps({"error": "no such model"}).encode()))
+    attempt = await run_llm(client_for(url), task(), timeout=10)
+    assert attempt.error_message == "HTTP 400: no such model" and not attempt.transient
+
+
+async def test_the_sdks_environment_applies_to_both_paths(
+    canned: Callable[[Reply], str],
+    client_for: ClientFor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A provider with no base URL of its own calls OPENAI_BASE_URL; OPENAI_ORG_ID and
+    OPENAI_PROJECT_ID become the headers OpenAI reads."""
+    url = canned((200, JSON, completion({"role": "assistant", "content": "here"})))
+    monkeypatch.setenv("OPENAI_BASE_URL", url)
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-123")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-456")
+    attempt = await run_llm(client_for(None), task(), timeout=10)
+    assert attempt == Attempt(output="here")
+    received = RECEIVED[url.rpartition("/")[2]]
+    assert received["OpenAI-Organization"] == "org-123"
+    assert received["OpenAI-Project"] == "proj-456"
+    assert received["Authorization"] == "Bearer test-key"
