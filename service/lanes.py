@@ -207,7 +207,7 @@ def _detail(body: Any) -> str:
     message = error.get("message") if isinstance(error, Mapping) else error
     if isinstance(message, str) and message.strip():
         return message.strip()[:500]
-    return json.dumps(body)[:500] if body else "(no body)"
+    return json.dumps(body, default=str)[:500] if body else "(no body)"
 
 
 def status_attempt(status: int, body: Any, retry_after: str | None) -> Attempt:
