@@ -114,6 +114,7 @@ def _inline_sqlite(url: str) -> Callable[[], InlineSqlite]:
     parsed = make_url(url)
     args, kwargs = parsed.get_dialect()().create_connect_args(parsed)
     kwargs["check_same_thread"] = False
+    kwargs["timeout"] = 0  # the busy timeout: never wait on the loop (see InlineSqlite)
 
     def creator() -> InlineSqlite:
         connection = InlineSqlite(partial(sqlite3.connect, *args, **kwargs), iter_chunk_size=64)
@@ -140,7 +141,6 @@ def _sqlite_engine(url: str, *, pool_size: int, begin: str) -> AsyncEngine:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=0")  # never wait on the loop: InlineSqlite
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
