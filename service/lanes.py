@@ -314,6 +314,7 @@ async def _read_stream(content: aiohttp.StreamReader, on_delta: OnDelta | None) 
             continue  # another field (event:, id:, a comment), or a stray blank line
         payload, data = "\n".join(data), []
         if payload == "[DONE]":
+            streamed.whole = True
             break
         try:
             chunk = json.loads(payload)
@@ -328,12 +329,17 @@ async def _read_stream(content: aiohttp.StreamReader, on_delta: OnDelta | None) 
 class Streamed:
     """The chunks of a streamed completion, read as they come (dicts or the SDK's
     models): the text of its choices, each piece passed on to ``on_delta``, and the
-    usage (``stream_options.include_usage`` puts it in the last chunk)."""
+    usage (``stream_options.include_usage`` puts it in the last chunk).
+
+    A stream is whole once a choice gave its ``finish_reason`` (or, where the reader
+    sees it, ``data: [DONE]`` came); one cut off before that, by a connection closed
+    mid-answer, is a transient failure, not a shorter answer."""
 
     def __init__(self, on_delta: OnDelta | None) -> None:
         self.on_delta = on_delta
         self.parts: list[str] = []
         self.usage = (0, 0, 0)
+        self.whole = False
 
     def add(self, chunk: Any) -> Attempt | None:
         """Take one chunk; an Attempt when it ends the lane (an error object)."""
@@ -349,9 +355,17 @@ class Streamed:
                 self.parts.append(text)
                 if self.on_delta is not None:
                     self.on_delta(text)
+            if _field(choice, "finish_reason"):
+                self.whole = True
         return None
 
     def attempt(self) -> Attempt:
+        if not self.whole:
+            return Attempt(
+                error_type="upstream_error",
+                error_message="the stream ended before the answer was complete",
+                transient=True,
+            )
         return Attempt(output="".join(self.parts), usage=self.usage)
 
 

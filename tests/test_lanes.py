@@ -387,3 +387,23 @@ async def test_the_sdks_environment_applies_to_both_paths(
     assert received["OpenAI-Organization"] == "org-123"
     assert received["OpenAI-Project"] == "proj-456"
     assert received["Authorization"] == "Bearer test-key"
+
+
+async def test_a_stream_cut_off_before_its_end_is_a_transient_failure(
+    canned: Callable[[Reply], str], client_for: ClientFor
+) -> None:
+    """A connection that closes mid-answer leaves text but no finish_reason (and no
+    [DONE]): that is no shorter answer, but an attempt worth making again."""
+    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+    first = {**chunk, "choices": [{"index": 0, "delta": {"content": "half an"}}]}
+    url = canned(
+        (200, {"Content-Type": "text/event-stream"}, f"data: {json.dumps(first)}\n\n".encode())
+    )
+    chunks: list[str] = []
+    attempt = await run_llm(client_for(url), task(stream=True), timeout=10, on_delta=chunks.append)
+    assert attempt == Attempt(
+        error_type="upstream_error",
+        error_message="the stream ended before the answer was complete",
+        transient=True,
+    )
+    assert chunks == ["half an"]  # what did arrive was passed on live
