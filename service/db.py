@@ -61,8 +61,9 @@ BUSY_TIMEOUT_MS = 30_000
 
 class InlineSqlite(aiosqlite.Connection):
     """aiosqlite's connection without the thread hop: each ``sqlite3`` call runs at once
-    on the calling (event loop) thread. The worker thread still opens and closes the
-    connection; ``check_same_thread`` is off, as SQLAlchemy sets it for aiosqlite.
+    on the calling (event loop) thread. The worker thread still opens the connection,
+    and waits on locks (below); ``check_same_thread`` is off, as SQLAlchemy sets it
+    for aiosqlite.
 
     The connection's own busy timeout is 0, so a call never waits for a lock on the
     loop's thread. The lock only another process can hold (``fanout migrate``, a
@@ -79,14 +80,15 @@ class InlineSqlite(aiosqlite.Connection):
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not self._running or not self._connection:
             raise ValueError("Connection closed")
-        call = partial(fn, *args, **kwargs)
-        if not self._on_worker:
+        if self._on_worker:
+            call = partial(fn, *args, **kwargs)
+        else:
             try:
-                return call()
+                return fn(*args, **kwargs)
             except sqlite3.OperationalError as exc:
                 if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
                     raise
-            call = partial(self._waiting, call)
+            call = partial(self._waiting, partial(fn, *args, **kwargs))
         self._on_worker += 1
         loop = asyncio.get_running_loop()
         return await super()._execute(self._on_the_worker, loop, call)  # type: ignore[no-untyped-call]
