@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import and_, func, select, tuple_, update
+from sqlalchemy import and_, exists, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..db import Tx
@@ -36,7 +36,7 @@ class LaneQueue(DecisionStore):
             )
             saturated = await self._saturated_jobs(tx.conn)
             # Lanes that a job's cap keeps queued become claimable as its lanes end.
-            held_back = bool(saturated) and await self._any_queued(tx.conn, saturated)
+            held_back = bool(saturated)
             if saturated:
                 candidates = candidates.where(lanes.c.job_id.not_in(saturated))
             rows = (
@@ -112,16 +112,18 @@ class LaneQueue(DecisionStore):
                 )
         return Claimed(claims, held_back)
 
-    async def _any_queued(self, conn: AsyncConnection, job_ids: list[str]) -> bool:
-        query = select(lanes.c.idx).where(lanes.c.job_id.in_(job_ids), lanes.c.status == "queued")
-        return (await conn.execute(query.limit(1))).first() is not None
-
     async def _saturated_jobs(self, conn: AsyncConnection) -> list[str]:
-        """Jobs with a concurrency cap that already have that many lanes running."""
+        """Jobs with queued lanes and a concurrency cap that already have that many
+        lanes running: their queued lanes wait for running ones to end."""
+        waiting = lanes.alias("waiting")
         query = (
             select(lanes.c.job_id)
             .join(jobs, jobs.c.id == lanes.c.job_id)
-            .where(lanes.c.status == "running", jobs.c.max_concurrency.is_not(None))
+            .where(
+                lanes.c.status == "running",
+                jobs.c.max_concurrency.is_not(None),
+                exists().where(waiting.c.job_id == lanes.c.job_id, waiting.c.status == "queued"),
+            )
             .group_by(lanes.c.job_id, jobs.c.max_concurrency)
             .having(func.count() >= jobs.c.max_concurrency)
         )
