@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 
 from . import events as ev
+from . import jsonsafe
 from .errors import InvalidSpec
 from .spec import JobPage, JobStatus, JobView, SectioningSpec, VotingSpec, check_against
 from .state import AppState
@@ -172,6 +173,7 @@ async def create_job(
     one); the same key with another body is a 422. Keys are per tenant.
     """
     s = state(request)
+    refuse_unstorable(await request.json())
     check_against(spec, s.settings)
     idempotency = None
     if idempotency_key is not None:
@@ -188,6 +190,20 @@ async def create_job(
         s.runner.wake()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job
+
+
+def unstorable(body: Any) -> list[dict[str, Any]]:
+    """Field errors for the strings and numbers of a JSON body that JSON cannot carry
+    back out (see :mod:`service.jsonsafe`)."""
+    return [
+        {"loc": ["body", *loc], "msg": msg, "type": "unstorable"}
+        for loc, msg in jsonsafe.problems(body)
+    ]
+
+
+def refuse_unstorable(body: Any) -> None:
+    if errors := unstorable(body):
+        raise InvalidSpec(errors)
 
 
 @router.get("/v1/jobs", response_model=JobPage, responses=problems(422), tags=["jobs"])

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .api import router
+from .api import router, unstorable
 from .config import Settings
 from .db import Database, upgrade
 from .egress import EgressGuard
@@ -233,6 +233,9 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
         {"loc": _field_path(error), "msg": error["msg"], "type": error["type"]}
         for error in exc.errors()
     ]
+    # Every failing field at once: text and numbers JSON cannot carry too.
+    if isinstance(exc.body, dict | list):
+        errors.extend(unstorable(exc.body))
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"] if p != "body")
     return problem(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -12,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import aggregate as agg
 from ..db import Tx
+from ..jsonsafe import scrub
 from ..models import jobs, lanes
 from ..policy import OPEN, Decision, Stop, Tally, decide
 from ..spec import (
@@ -100,6 +102,12 @@ class DecisionStore(WebhookStore):
         gates = gate_patterns(spec)
         for outcome, name in valid:
             prompt, completion, total = outcome.usage
+            # What a provider or an http task sent, made storable (see jsonsafe).
+            outcome = replace(
+                outcome,
+                output=scrub(outcome.output),
+                error_message=outcome.error_message and scrub(outcome.error_message),
+            )
             row = {
                 "j": job_id,
                 "i": outcome.idx,
@@ -422,7 +430,9 @@ class DecisionStore(WebhookStore):
                 )
             )
             items: list[tuple[str, dict[str, Any]]] = []
+            output = scrub(output)
             if error is not None:
+                error = scrub(error)
                 await self._write_final(tx, job_id, "failed", None, error, items, now)
             else:
                 partial = bool((job["result"] or {}).get("partial"))

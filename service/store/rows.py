@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import uuid
 from collections.abc import Sequence
@@ -152,13 +153,16 @@ def encode_cursor(created_at: float, job_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The (created_at, id) a cursor names; anything else, whatever it decodes to (text
+    that is not Unicode, an infinite time, deep nesting), is no cursor of ours."""
     try:
         created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return float(created_at), str(job_id)
-    except (ValueError, TypeError) as exc:
-        raise InvalidSpec(
-            [{"loc": ["query", "cursor"], "msg": "not a cursor this server gave out"}]
-        ) from exc
+        created = float(created_at)
+        if math.isfinite(created) and str(uuid.UUID(job_id)) == job_id:
+            return created, job_id
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        pass
+    raise InvalidSpec([{"loc": ["query", "cursor"], "msg": "not a cursor this server gave out"}])
 
 
 def job_view(job: Any, lane_rows: Sequence[Any]) -> JobView:
