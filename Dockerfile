@@ -18,11 +18,11 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY migrations ./migrations
 # The wheel carries migrations/ as service/migrations (hatch force-include), and
-# service.db.migrations_dir() must find them there, not in a source tree: checked from /,
+# service.store.db.migrations_dir() must find them there, not in a source tree: checked from /,
 # so that /src is not on sys.path.
 RUN /opt/fanout/bin/pip install --upgrade pip \
     && /opt/fanout/bin/pip install . \
-    && cd / && /opt/fanout/bin/python -c "from service.db import migrations_dir; d = migrations_dir(); assert '/site-packages/' in str(d) and any((d / 'versions').glob('*.py')), d"
+    && cd / && /opt/fanout/bin/python -c "from service.store.db import migrations_dir; d = migrations_dir(); assert '/site-packages/' in str(d) and any((d / 'versions').glob('*.py')), d"
 
 # --- final: the virtual environment on a slim Python, as a non-root user ---------------
 FROM ${PYTHON_IMAGE}

@@ -1,7 +1,7 @@
 """The limit: a bare ``asyncio.gather`` of N chat completions, nothing else.
 
 Same ``openai`` client and transport as the service's providers
-(:class:`service.lanes.Providers`: ``max_retries=0``, the aiohttp transport, a pool
+(:class:`service.attempts.llm.Providers`: ``max_retries=0``, the aiohttp transport, a pool
 as large as the service's process cap), same fake LLM, same request; no database,
 no HTTP API, no events. It runs in a process of its own, driven over stdin/stdout
 with one JSON object per line, so its CPU and peak memory are read apart from the

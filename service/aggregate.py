@@ -1,7 +1,8 @@
-"""Fan-in: reading answers out of lane outputs and combining lanes into one result.
+"""Fan-in: reading answers out of lane outputs, gates, and how a job concludes.
 
-Pure functions over values; no database, no network. The reducer's LLM call is made
-by the runner with the messages :func:`reduce_messages` builds.
+Pure functions over values; no database, no network. The store calls :func:`conclude`
+in the transaction that decided a job has every lane it will get; the reducer's LLM
+call is made by the runner with the messages :func:`reduce_messages` builds.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ from .spec import (
     Message,
     ReduceAggregate,
     ScoreAggregate,
+    SectioningSpec,
+    VotingSpec,
 )
+from .states import ErrorType, JobStatus, LaneStatus
+from .views import ResultView
 
 _NUMBER = re.compile(
     r"(?:(?<![\w.])[-+])?"  # a sign, but not a dash between words or numbers ("5-10", "gpt-4")
@@ -41,11 +46,11 @@ class LaneResult:
     name: str
     status: str
     output: Any
-    answer: Any = None  # extracted vote or score; None is an abstention
+    answer: Any = None  # extracted vote or score (a gate's verdict); None is an abstention
 
     @property
     def succeeded(self) -> bool:
-        return self.status == "succeeded"
+        return self.status == LaneStatus.SUCCEEDED
 
 
 def output_text(output: Any) -> str:
@@ -136,13 +141,38 @@ def answer_key(answer: Any) -> str | None:
     return json.dumps(answer, sort_keys=True, separators=(",", ":"))
 
 
-def lane_answer(aggregate: Any, output: Any) -> Any:
-    """The vote or score stored with a succeeded lane, or None when the aggregate has none."""
-    if isinstance(aggregate, ScoreAggregate):
-        return as_score(extract(aggregate, output))
-    if isinstance(aggregate, MajorityAggregate):
-        return extract(aggregate, output)
+def lane_answer(spec: VotingSpec | SectioningSpec, idx: int, output: Any) -> Any:
+    """What a succeeded lane's output says: a gate's verdict, or the vote or score the
+    aggregate reads from it (None: the aggregate reads none, or the lane abstains)."""
+    pattern = gates(spec).get(idx)
+    if pattern is not None:
+        return gate_verdict(pattern, output)
+    if isinstance(spec.aggregate, ScoreAggregate):
+        return as_score(extract(spec.aggregate, output))
+    if isinstance(spec.aggregate, MajorityAggregate):
+        return extract(spec.aggregate, output)
     return None
+
+
+# --- gates ---------------------------------------------------------------------------
+
+BLOCKED, PASSED = "blocked", "passed"
+
+
+def gates(spec: VotingSpec | SectioningSpec) -> dict[int, str]:
+    """``{lane index: block_if}`` of the sections that gate the job."""
+    if not isinstance(spec, SectioningSpec):
+        return {}
+    return {i: s.gate.block_if for i, s in enumerate(spec.sections) if s.gate is not None}
+
+
+def gate_verdict(pattern: str, output: Any) -> str:
+    return BLOCKED if re.search(pattern, output_text(output)) else PASSED
+
+
+def gate_blocks(status: str, verdict: Any) -> bool:
+    """Fail closed: a gate that ended blocks unless it ran and passed."""
+    return not (status == LaneStatus.SUCCEEDED and verdict == PASSED)
 
 
 # --- aggregates --------------------------------------------------------------------
@@ -224,3 +254,52 @@ def combine(aggregate: Any, lanes: list[LaneResult]) -> tuple[Any, dict[str, Any
     if isinstance(aggregate, ReduceAggregate):
         raise TypeError("reduce is combined by the runner's reducer call")
     raise TypeError(f"unknown aggregate {aggregate!r}")
+
+
+# --- how a job concludes ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Conclusion:
+    """How a job ends once its lanes are done: ``succeeded`` with ``result``, ``failed``
+    with ``error``, or ``aggregating``: a reducer call must run first (``result`` then
+    holds what the reducer's result keeps: ``partial``)."""
+
+    status: JobStatus
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+def conclude(
+    spec: VotingSpec | SectioningSpec, lanes: list[LaneResult], *, partial: bool
+) -> Conclusion:
+    """The job's result from its lanes (all of them, in lane order): withheld when a gate
+    blocks, left to a reducer, or combined; a vote or score with no answer fails."""
+    gated = gates(spec)
+    for lane in lanes:
+        if lane.index in gated and gate_blocks(lane.status, lane.answer):
+            blocked = ResultView(output=None, blocked=True, blocked_by=lane.name)
+            return Conclusion(JobStatus.SUCCEEDED, result=blocked.model_dump())
+    if isinstance(spec.aggregate, ReduceAggregate):
+        return Conclusion(JobStatus.AGGREGATING, result={"partial": partial})
+    # Gate verdicts are not votes or scores; collect shows every section.
+    inputs = (
+        lanes
+        if isinstance(spec.aggregate, CollectAggregate)
+        else [lane for lane in lanes if lane.index not in gated]
+    )
+    output, details = combine(spec.aggregate, inputs)
+    if isinstance(spec.aggregate, MajorityAggregate | ScoreAggregate) and output is None:
+        error = {
+            "type": ErrorType.NO_ANSWER,
+            "message": "no lane gave an answer that could be extracted",
+        }
+        return Conclusion(JobStatus.FAILED, error=error)
+    result = ResultView(output=output, details=details, partial=partial)
+    return Conclusion(JobStatus.SUCCEEDED, result=result.model_dump())
+
+
+def reduced(output: str, lanes: list[LaneResult], *, partial: bool) -> dict[str, Any]:
+    """The result of a job whose reducer answered ``output``."""
+    details = {"inputs": sum(1 for lane in lanes if lane.succeeded)}
+    return ResultView(output=output, details=details, partial=partial).model_dump()

@@ -47,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "fake-llm":
-        from .fakellm import serve as serve_fake
+        from .tools.fakellm import serve as serve_fake
 
         serve_fake(host=args.host, port=args.port)
         return 0
     if args.command == "submit":
-        from .submit import submit as run_submit
+        from .tools.submit import submit as run_submit
 
         return run_submit(
             args.spec,
@@ -65,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "migrate":
-        from .db import upgrade
+        from .store.db import upgrade
 
         upgrade(settings.database_url)
         print("migrations applied")
         return 0
     if args.command == "openapi":
-        from .app import create_app
+        from .http import create_app
 
         document = create_app(settings).openapi()
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(settings: Settings, *, host: str | None, port: int | None, with_runner: bool) -> int:
     import uvicorn
 
-    from .app import create_app
+    from .http import create_app
 
     if not settings.api_keys:
         log.warning("no API keys configured (FANOUT_API_KEYS): the API is open, for local use only")
@@ -137,7 +137,7 @@ def freeze_the_heap() -> None:
 
 
 async def _worker(settings: Settings) -> int:
-    from .app import running
+    from .process import running
 
     if settings.is_sqlite:
         log.error("fanout worker needs PostgreSQL: SQLite runs one process (use fanout serve)")

@@ -29,7 +29,6 @@ import asyncio
 import codecs
 import http.cookiejar
 import ipaddress
-import json
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -39,9 +38,6 @@ from typing import Any
 import httpcore
 import httpx
 
-from .lanes import TRANSIENT_STATUSES, Attempt, retry_after_seconds
-from .spec import HttpTask
-
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
@@ -50,23 +46,6 @@ Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 DEFAULT_MAX_RESPONSE_BYTES = 1_048_576
 MAX_REDIRECTS = 5
 ALLOWED_SCHEMES = frozenset({"http", "https"})
-
-# Response headers an http task's output keeps: the ones a caller can act on.
-SELECTED_HEADERS = (
-    "content-type",
-    "content-length",
-    "content-language",
-    "etag",
-    "last-modified",
-    "cache-control",
-    "expires",
-    "date",
-    "retry-after",
-)
-# Framing headers httpx computes itself; a caller's value could only confuse it
-# (or, for Host, name a different virtual host than the one that was checked).
-_CALLER_HEADERS_DROPPED = frozenset({"host", "content-length", "transfer-encoding", "connection"})
-
 
 # --- errors ------------------------------------------------------------------------
 
@@ -546,80 +525,3 @@ async def _read_capped(response: httpx.Response, limit: int) -> bytes:
             raise ResponseTooLarge(limit)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-async def run_http(
-    client: httpx.AsyncClient,
-    task: HttpTask,
-    *,
-    timeout: float,
-    max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-) -> Attempt:
-    """One attempt of an http task, whole within ``timeout``; every failure is an Attempt.
-
-    Output: ``{"status", "headers" (a few, lower-case), "body" (JSON if the response
-    says JSON, else text)}``.
-    """
-    headers = {k: v for k, v in task.headers.items() if k.lower() not in _CALLER_HEADERS_DROPPED}
-    try:
-        fetched = await fetch(
-            client,
-            task.method,
-            task.url,
-            headers=headers,
-            json=task.json_body,
-            timeout=timeout,
-            max_bytes=max_bytes,
-        )
-    except EgressDenied as exc:
-        return Attempt(error_type="egress_denied", error_message=exc.reason)
-    except ResponseTooLarge as exc:
-        return Attempt(error_type="invalid_response", error_message=str(exc))
-    except TooManyRedirects as exc:
-        return Attempt(error_type="upstream_error", error_message=str(exc))
-    except (TimeoutError, httpx.TimeoutException):
-        return Attempt(
-            error_type="timeout", error_message=f"no answer within {timeout:g} s", transient=True
-        )
-    except httpx.LocalProtocolError as exc:
-        return Attempt(
-            error_type="upstream_error", error_message=f"the request could not be sent: {exc}"
-        )
-    except httpx.TransportError as exc:
-        return Attempt(
-            error_type="upstream_error", error_message=f"connection failed: {exc}", transient=True
-        )
-    except httpx.DecodingError as exc:
-        return Attempt(error_type="invalid_response", error_message=f"undecodable body: {exc}")
-    except (ValueError, UnicodeError) as exc:  # a header value httpx refuses to send
-        return Attempt(
-            error_type="upstream_error", error_message=f"the request could not be sent: {exc}"
-        )
-    if fetched.status >= 400:
-        return _status_attempt(fetched)
-    body: Any
-    if fetched.is_json and fetched.content:
-        try:
-            body = json.loads(fetched.content)
-        except ValueError as exc:
-            return Attempt(
-                error_type="invalid_response", error_message=f"the JSON body does not parse: {exc}"
-            )
-    else:
-        body = fetched.text
-    selected = {name: fetched.headers[name] for name in SELECTED_HEADERS if name in fetched.headers}
-    return Attempt(output={"status": fetched.status, "headers": selected, "body": body})
-
-
-def _status_attempt(fetched: Fetched) -> Attempt:
-    status = fetched.status
-    snippet = fetched.text[:200].strip()
-    message = f"HTTP {status}: {snippet}" if snippet else f"HTTP {status}"
-    transient = status in TRANSIENT_STATUSES or status >= 500
-    retry_after = retry_after_seconds(fetched.headers.get("retry-after")) if transient else None
-    return Attempt(
-        error_type="rate_limited" if status == 429 else "upstream_error",
-        error_message=message,
-        transient=transient,
-        retry_after=retry_after,
-    )

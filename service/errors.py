@@ -1,64 +1,82 @@
-"""One error hierarchy; :mod:`service.app` renders every one as RFC 9457 problem+json.
+"""The one domain error tree: what a caller can be told went wrong.
 
-``FanoutError`` and its subclasses are what callers can see. Anything else that
-escapes a route is a bug: it is logged and rendered as a bare 500 with no detail.
+These say what happened in the domain's words, never how HTTP shows it: the HTTP
+layer (:mod:`service.http.problems`) alone maps each to a status, a problem+json
+body and, for field errors, where in the request the field is. Anything else that
+escapes a route is a bug: logged, and a bare 500 with no detail.
+
+::
+
+    FanoutError
+      ├─ InvalidSpec           a spec that parses but cannot run here: each failing field
+      ├─ IdempotencyConflict   an Idempotency-Key already used with another body
+      ├─ BadCursor             a cursor this server did not give out
+      ├─ TenantAtCapacity      the tenant has its cap of jobs in flight
+      ├─ JobNotFound           no such job (or another tenant's)
+      ├─ JobFinished           the job has already finished (cancel)
+      ├─ Unauthorized          no API key, or an unknown one
+      └─ RateLimited           over the tenant's request rate
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+Loc = tuple[str | int, ...]
+
 
 class FanoutError(Exception):
-    status = 500
-    title = "Internal Server Error"
-    type = "about:blank"
-
-    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
-        self.headers = headers or {}
-
-    def problem(self) -> dict[str, Any]:
-        return {
-            "type": self.type,
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-        }
-
-
-class NotFound(FanoutError):
-    status = 404
-    title = "Not Found"
-
-
-class Conflict(FanoutError):
-    status = 409
-    title = "Conflict"
-
-
-class PayloadTooLarge(FanoutError):
-    status = 413
-    title = "Payload Too Large"
-
-
-class Unauthorized(FanoutError):
-    status = 401
-    title = "Unauthorized"
 
 
 class InvalidSpec(FanoutError):
-    """A request that parses but cannot be run; ``errors`` names each failing field."""
+    """``errors``: ``{"loc": [path in the spec], "msg": ...}`` for every failing field."""
 
-    status = 422
-    title = "Unprocessable Content"
-
-    def __init__(self, errors: list[dict[str, Any]], detail: str | None = None) -> None:
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
         first = errors[0] if errors else {"loc": [], "msg": "invalid"}
-        where = ".".join(str(part) for part in first["loc"] if part != "body")
-        super().__init__(detail or (f"{where}: {first['msg']}" if where else str(first["msg"])))
+        where = ".".join(str(part) for part in first["loc"])
+        super().__init__(f"{where}: {first['msg']}" if where else str(first["msg"]))
         self.errors = errors
 
-    def problem(self) -> dict[str, Any]:
-        return {**super().problem(), "errors": self.errors}
+
+class IdempotencyConflict(FanoutError):
+    def __init__(self) -> None:
+        super().__init__("this key was already used with a different request body")
+
+
+class BadCursor(FanoutError):
+    def __init__(self) -> None:
+        super().__init__("not a cursor this server gave out")
+
+
+class TenantAtCapacity(FanoutError):
+    def __init__(self, in_flight: int, cap: int) -> None:
+        super().__init__(f"{in_flight} jobs in flight: at the cap of {cap} per tenant")
+        self.in_flight = in_flight
+        self.cap = cap
+
+
+class JobNotFound(FanoutError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id[:64]!r}")
+
+
+class JobFinished(FanoutError):
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(f"job {job_id!r} is already {status}")
+
+
+class Unauthorized(FanoutError):
+    """``challenge``: what the ``WWW-Authenticate`` answer adds (an OAuth error code)."""
+
+    def __init__(self, detail: str, challenge: str = "") -> None:
+        super().__init__(detail)
+        self.challenge = challenge
+
+
+class RateLimited(FanoutError):
+    def __init__(self, detail: str, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s

@@ -31,7 +31,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-FINAL = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
+from .states import FINAL_EVENTS
+
 QUEUE_LIMIT = 2048
 FRAME_CACHE_BYTES = 8 * 2**20
 
@@ -189,7 +190,7 @@ PAGE = 1000
 def _upto_final(batch: list[Frame]) -> tuple[list[Frame], bool]:
     """The batch up to and including the job's final event, and whether it had one."""
     for i, frame in enumerate(batch):
-        if frame.type in FINAL:
+        if frame.type in FINAL_EVENTS:
             return batch[: i + 1], True
     return batch, False
 
@@ -271,7 +272,7 @@ async def batches(
                 elif seq == last + 1:
                     batch.append(frame)
                     last = seq
-                    if frame.type in FINAL:
+                    if frame.type in FINAL_EVENTS:
                         final = True
                         break
                 # else a duplicate: drop it

@@ -18,8 +18,12 @@ from prometheus_client import (
     generate_latest,
 )
 
+from .states import FINAL_EVENTS, LANE_ENDED
+from .views import Usage
+
 log = logging.getLogger("fanout.jobs")
 
+_LANE_ENDED = frozenset(LANE_ENDED.values())
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
 
@@ -70,13 +74,13 @@ class Metrics:
             kind: str = event["type"]
             group, _, state = kind.partition(".")
             if group == "job":
-                if state in ("succeeded", "failed", "cancelled"):
+                if kind in FINAL_EVENTS:
                     self.jobs.labels(state).inc()
                 log.info(
                     kind, extra={"job_id": event["job_id"], "seq": event["seq"], "event": kind}
                 )
             elif group == "lane":
-                if state in ("succeeded", "failed", "timed_out", "cancelled", "skipped"):
+                if kind in _LANE_ENDED:
                     self.lanes.labels(state).inc()
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
@@ -89,14 +93,13 @@ class Metrics:
                     )
 
     def observe_attempt(
-        self, provider: str, model: str, seconds: float, outcome: str, usage: tuple[int, int, int]
+        self, provider: str, model: str, seconds: float, outcome: str, usage: Usage
     ) -> None:
         self.attempt_seconds.labels(provider, model, outcome).observe(seconds)
-        prompt, completion, _total = usage
-        if prompt:
-            self.tokens.labels(provider, model, "prompt").inc(prompt)
-        if completion:
-            self.tokens.labels(provider, model, "completion").inc(completion)
+        if usage.prompt_tokens:
+            self.tokens.labels(provider, model, "prompt").inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            self.tokens.labels(provider, model, "completion").inc(usage.completion_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -43,6 +42,8 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.engine import make_url
 
 from .events import Event, EventHub
+from .policy import backoff
+from .states import EventType
 
 log = logging.getLogger("fanout.notify")
 
@@ -51,7 +52,7 @@ WORK_CHANNEL = "fanout_work"
 # PostgreSQL refuses payloads of 8000 bytes or more; stay clear of the limit.
 MAX_PAYLOAD = 7800
 # Events after which a lane may be claimable by any process.
-WAKING_EVENTS = frozenset({"job.queued", "lane.retrying"})
+WAKING_EVENTS = frozenset({EventType.JOB_QUEUED, EventType.LANE_RETRYING})
 
 Range = tuple[str, int, int]  # job id, first seq, last seq
 Connect = Callable[..., Awaitable[Any]]
@@ -163,7 +164,7 @@ class Listener:
     # --- connection lifecycle ------------------------------------------------------
 
     async def _run(self) -> None:
-        delay = self.backoff_s[0]
+        failures = 0  # in a row: the backoff grows with them
         while True:
             conn: Any = None
             try:
@@ -177,7 +178,7 @@ class Listener:
                         await conn.add_listener(WORK_CHANNEL, self._on_notification)
                 self.connections += 1
                 self.connected.set()
-                delay = self.backoff_s[0]
+                failures = 0
                 self._catch_up()
                 await self._serve(conn)
             except Exception as exc:
@@ -186,8 +187,8 @@ class Listener:
                 self.connected.clear()
                 if conn is not None:
                     await _close(conn)
-            await asyncio.sleep(random.uniform(delay / 2, delay))
-            delay = min(delay * 2, self.backoff_s[1])
+            failures += 1
+            await asyncio.sleep(backoff(failures, *self.backoff_s))
 
     def _catch_up(self) -> None:
         """After (re)connecting: whatever was committed while nobody listened is in the

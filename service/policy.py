@@ -1,18 +1,83 @@
-"""What a job does next, decided from a tally of its lanes. Pure: no I/O.
+"""What happens next, decided from values. Pure: no I/O.
 
-The store calls :func:`decide` in the same transaction that records lane outcomes
-(and when a deadline passes), and applies the decision there, so a decision and the
-state it was made on are always consistent, whichever process made it.
+- :func:`next_step`: after one attempt, the lane ends (succeeded, failed, timed out) or
+  is queued again after a backoff. The reducer's attempts go through it too.
+- :func:`backoff`: the one jittered exponential backoff (lanes, the reducer, webhook
+  deliveries, the notification listener's reconnects).
+- :func:`decide`: what a job does next, from a tally of its lanes. The store calls it
+  in the same transaction that records lane outcomes (and when a deadline passes) and
+  applies the decision there, so a decision and the state it was made on are always
+  consistent, whichever process made it.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .attempts import Attempt
 from .spec import MajorityAggregate, OnFailure, SectioningSpec, VotingSpec, on_failure, quorum_size
+from .states import ENDED_WITHOUT_RESULT, OPEN_LANE, ErrorType, LaneStatus
 
-OPEN = ("queued", "running")
-ENDED_WITHOUT_RESULT = ("failed", "timed_out", "cancelled")
+# --- retrying ------------------------------------------------------------------------
+
+
+def backoff(
+    attempt_no: int,
+    base_s: float,
+    max_s: float,
+    retry_after: float | None = None,
+    *,
+    uniform: Callable[[float, float], float] = random.uniform,
+) -> float:
+    """Seconds to wait after failed attempt ``attempt_no`` (1, 2, ...): half to all of
+    ``base_s * 2**(attempt_no - 1)``, at most ``max_s``, never sooner than
+    ``retry_after`` (a ``Retry-After`` the other side sent).
+
+    The jitter spreads the retries of lanes that failed together (a 429 storm) so they
+    do not come back together.
+    """
+    ceiling = min(max_s, base_s * 2 ** (attempt_no - 1))
+    return max(uniform(ceiling / 2, ceiling), retry_after or 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Retrying:
+    """The backoff's parameters (``FANOUT_RETRY_BASE_S``, ``FANOUT_RETRY_MAX_S``)."""
+
+    base_s: float = 0.5
+    max_s: float = 30.0
+
+    def delay(self, attempt_no: int, retry_after: float | None = None) -> float:
+        return backoff(attempt_no, self.base_s, self.max_s, retry_after)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What follows an attempt: the lane ends with ``status``, or, when ``status`` is
+    ``queued``, it waits ``retry_in`` seconds for its next attempt."""
+
+    status: LaneStatus
+    retry_in: float = 0.0
+
+    @property
+    def retry(self) -> bool:
+        return self.status is LaneStatus.QUEUED
+
+
+def next_step(attempt: Attempt, attempt_no: int, max_attempts: int, retrying: Retrying) -> Step:
+    """Only transient failures are retried, and only while attempts are left."""
+    if attempt.ok:
+        return Step(LaneStatus.SUCCEEDED)
+    if attempt.transient and attempt_no < max_attempts:
+        return Step(LaneStatus.QUEUED, retrying.delay(attempt_no, attempt.retry_after))
+    if attempt.error_type is ErrorType.TIMEOUT:
+        return Step(LaneStatus.TIMED_OUT)
+    return Step(LaneStatus.FAILED)
+
+
+# --- deciding a job ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -34,11 +99,11 @@ class Tally:
 
 @dataclass(frozen=True)
 class Stop:
-    """End lanes that are still open: ``statuses`` of them get ``status``."""
+    """End lanes that are still open: those in ``statuses`` get ``status``."""
 
-    statuses: tuple[str, ...]
-    status: str
-    error_type: str | None
+    statuses: tuple[LaneStatus, ...]
+    status: LaneStatus
+    error_type: ErrorType | None
     message: str | None
 
 
@@ -60,51 +125,65 @@ def decide(
     budget_spent: bool = False,
 ) -> Decision:
     policy = on_failure(spec)
-    queued, running = tally.count("queued"), tally.count("running")
-    succeeded = tally.count("succeeded")
+    queued, running = tally.count(LaneStatus.QUEUED), tally.count(LaneStatus.RUNNING)
+    succeeded = tally.count(LaneStatus.SUCCEEDED)
     ended_badly = tally.count(*ENDED_WITHOUT_RESULT)
     stops: list[Stop] = []
 
-    def stop_open(status: str, error_type: str | None, message: str | None) -> None:
+    def stop_open(status: LaneStatus, error_type: ErrorType | None, message: str | None) -> None:
         nonlocal queued, running, ended_badly
         if queued or running:
-            stops.append(Stop(OPEN, status, error_type, message))
-            if status != "skipped":
+            stops.append(Stop(OPEN_LANE, status, error_type, message))
+            if status is not LaneStatus.SKIPPED:
                 ended_badly += queued + running
             queued = running = 0
 
-    def fail(error_type: str, message: str) -> Decision:
-        stop_open("cancelled", "cancelled", f"job failed: {message}")
+    def fail(error_type: ErrorType, message: str) -> Decision:
+        stop_open(LaneStatus.CANCELLED, ErrorType.CANCELLED, f"job failed: {message}")
         return Decision(tuple(stops), "fail", {"type": error_type, "message": message})
 
     budget_stopped = budget_spent and queued > 0
     if budget_stopped:
-        stops.append(Stop(("queued",), "cancelled", "budget", "the job's token budget is spent"))
+        stops.append(
+            Stop(
+                (LaneStatus.QUEUED,),
+                LaneStatus.CANCELLED,
+                ErrorType.BUDGET,
+                "the job's token budget is spent",
+            )
+        )
         ended_badly += queued
         queued = 0
 
     if tally.gate_blocked is not None:
-        stop_open("cancelled", "cancelled", f"gate {tally.gate_blocked!r} blocked the job")
+        stop_open(
+            LaneStatus.CANCELLED,
+            ErrorType.CANCELLED,
+            f"gate {tally.gate_blocked!r} blocked the job",
+        )
         return Decision(tuple(stops), "aggregate")
 
     if policy is OnFailure.FAIL_FAST and ended_badly:
         if tally.first_failure is not None:
             name, error_type, message = tally.first_failure
             return fail(
-                "lane_failed", f"lane {name!r} ended without a result: {error_type}: {message}"
+                ErrorType.LANE_FAILED,
+                f"lane {name!r} ended without a result: {error_type}: {message}",
             )
         if budget_stopped:
-            return fail("budget", "the token budget was spent before every lane ran")
-        return fail("lane_failed", "a lane ended without a result")
+            return fail(ErrorType.BUDGET, "the token budget was spent before every lane ran")
+        return fail(ErrorType.LANE_FAILED, "a lane ended without a result")
 
     need = quorum_size(spec)
     if policy is OnFailure.QUORUM and succeeded + queued + running < need:
-        return fail("quorum", f"{succeeded} lanes succeeded, fewer than the quorum of {need}")
+        return fail(
+            ErrorType.QUORUM, f"{succeeded} lanes succeeded, fewer than the quorum of {need}"
+        )
 
     if deadline_passed and (queued or running):
-        stop_open("timed_out", "timeout", "the job's deadline passed")
+        stop_open(LaneStatus.TIMED_OUT, ErrorType.TIMEOUT, "the job's deadline passed")
         if policy is OnFailure.FAIL_FAST:
-            return fail("deadline", "the job's deadline passed before every lane finished")
+            return fail(ErrorType.DEADLINE, "the job's deadline passed before every lane finished")
 
     if (
         isinstance(spec.aggregate, MajorityAggregate)
@@ -118,19 +197,22 @@ def decide(
         runner_up = ranked[1][1] if len(ranked) > 1 else 0
         # Strictly ahead even if every open lane votes for the runner-up.
         if leader > runner_up + queued + running:
-            stop_open("skipped", None, None)
+            stop_open(LaneStatus.SKIPPED, None, None)
 
     if queued or running:
         return Decision(tuple(stops))
 
     if succeeded == 0:
         return Decision(
-            tuple(stops), "fail", {"type": "no_results", "message": "no lane succeeded"}
+            tuple(stops), "fail", {"type": ErrorType.NO_RESULTS, "message": "no lane succeeded"}
         )
     if policy is OnFailure.QUORUM and succeeded < need:
         return Decision(
             tuple(stops),
             "fail",
-            {"type": "quorum", "message": f"{succeeded} lanes succeeded, fewer than {need}"},
+            {
+                "type": ErrorType.QUORUM,
+                "message": f"{succeeded} lanes succeeded, fewer than {need}",
+            },
         )
     return Decision(tuple(stops), "aggregate", partial=ended_badly > 0)

@@ -1,7 +1,9 @@
-"""The API contract: job specs callers post, and the views of jobs they read back.
+"""What callers post: job specs (request models only), and what a spec implies
+(its lanes, their tasks, its failure policy).
 
 Everything here is pure pydantic. Checks that need the server's configuration
-(caps, known providers) live in :func:`check_against`, so the schema stays static.
+(caps, known providers) live in :mod:`service.admission`, so the schema stays static;
+what callers read back is in :mod:`service.views`.
 """
 
 from __future__ import annotations
@@ -19,9 +21,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-
-from .config import Settings
-from .errors import InvalidSpec
 
 
 class Strict(BaseModel):
@@ -240,194 +239,6 @@ def lane_names(spec: VotingSpec | SectioningSpec) -> list[str]:
     return [f"lane-{i}" for i in range(spec.n)]
 
 
-def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None:
-    """Reject what this server cannot run: caps, unknown providers, impossible policies.
-
-    Raises :class:`InvalidSpec` naming every failing field, before anything is stored.
-    """
-    problems: list[dict[str, Any]] = []
-
-    def problem(loc: tuple[str | int, ...], msg: str) -> None:
-        problems.append({"loc": ["body", *loc], "msg": msg})
-
-    lanes = lane_count(spec)
-    if lanes > settings.max_lanes_per_job:
-        where: tuple[str, ...] = ("n",) if isinstance(spec, VotingSpec) else ("sections",)
-        problem(
-            where, f"{lanes} lanes is over the cap of {settings.max_lanes_per_job} lanes per job"
-        )
-
-    tasks: list[tuple[tuple[str | int, ...], LlmTask | HttpTask]] = []
-    if isinstance(spec, VotingSpec):
-        tasks.append((("task",), spec.task))
-    else:
-        tasks.extend((("sections", i, "task"), s.task) for i, s in enumerate(spec.sections))
-    if isinstance(spec.aggregate, ReduceAggregate):
-        tasks.append((("aggregate", "task"), spec.aggregate.task))
-    for loc, task in tasks:
-        if isinstance(task, LlmTask):
-            if task.provider not in settings.providers:
-                known = ", ".join(sorted(settings.providers))
-                problem((*loc, "provider"), f"unknown provider {task.provider!r} (known: {known})")
-            size = sum(len(str(m.content).encode()) for m in task.messages)
-            if size > settings.max_message_bytes:
-                problem(
-                    (*loc, "messages"),
-                    f"messages are {size} bytes, over the cap of {settings.max_message_bytes}",
-                )
-        else:
-            reason = _destination_problem(task.url)
-            if reason:
-                problem((*loc, "url"), reason)
-
-    policy = spec.policy
-    if policy.quorum is not None:
-        if on_failure(spec) is not OnFailure.QUORUM:
-            problem(("policy", "quorum"), "quorum is only used with on_failure 'quorum'")
-        elif policy.quorum > lanes:
-            problem(
-                ("policy", "quorum"), f"quorum {policy.quorum} is larger than the {lanes} lanes"
-            )
-    if policy.max_attempts > settings.max_attempts:
-        problem(("policy", "max_attempts"), f"over the server maximum of {settings.max_attempts}")
-    if policy.lane_timeout_s is not None and policy.lane_timeout_s > settings.max_lane_timeout_s:
-        problem(
-            ("policy", "lane_timeout_s"),
-            f"over the server maximum of {settings.max_lane_timeout_s} s",
-        )
-    if policy.deadline_s is not None and policy.deadline_s > settings.max_deadline_s:
-        problem(("policy", "deadline_s"), f"over the server maximum of {settings.max_deadline_s} s")
-    if policy.max_concurrency is not None and policy.max_concurrency > settings.max_concurrency:
-        problem(
-            ("policy", "max_concurrency"),
-            f"over the server maximum of {settings.max_concurrency} lanes in flight",
-        )
-    if spec.webhook is not None:
-        if not settings.webhook_secret:
-            problem(
-                ("webhook",), "this server has no webhook signing secret (FANOUT_WEBHOOK_SECRET)"
-            )
-        reason = _destination_problem(spec.webhook.url)
-        if reason:
-            problem(("webhook", "url"), reason)
-    if problems:
-        raise InvalidSpec(problems)
-
-
-def _destination_problem(url: str) -> str | None:
-    """Early 422 for a URL that can never pass the egress guard (its scheme or form).
-    Addresses are checked at every call, on the IP actually connected to."""
-    from .egress import EgressDenied, check_url
-
-    try:
-        check_url(url)
-    except EgressDenied as exc:
-        return f"not an allowed destination: {exc.reason}"
-    except ValueError as exc:
-        return f"not a valid URL: {exc}"
-    return None
-
-
-# --- views -------------------------------------------------------------------------
-
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    AGGREGATING = "aggregating"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
-
-
-class LaneStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    CANCELLED = "cancelled"
-    SKIPPED = "skipped"
-
-    @property
-    def terminal(self) -> bool:
-        return self not in {LaneStatus.QUEUED, LaneStatus.RUNNING}
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-
-class ErrorView(BaseModel):
-    type: str
-    message: str
-
-
-class LaneView(BaseModel):
-    index: int
-    name: str
-    status: LaneStatus
-    attempts: int
-    output: Any = None
-    answer: Any = None
-    error: ErrorView | None = None
-    usage: Usage
-    queued_at: str | None = None
-    started_at: str | None = None
-    finished_at: str | None = None
-    duration_s: float | None = None
-
-
-class ResultView(BaseModel):
-    output: Any = None
-    details: dict[str, Any] = Field(default_factory=dict)
-    partial: bool = False
-    blocked: bool = False
-    blocked_by: str | None = None
-
-
-class WebhookView(BaseModel):
-    url: str
-    # waiting (the job is not finished) | pending | delivered | failed
-    status: str
-    # One entry per delivery attempt: at, status_code, error, duration_s.
-    attempts: list[dict[str, Any]] = Field(default_factory=list)
-
-
-class JobView(BaseModel):
-    id: str
-    status: JobStatus
-    mode: Literal["voting", "sectioning"]
-    spec: dict[str, Any]
-    created_at: str
-    started_at: str | None = None
-    finished_at: str | None = None
-    progress: dict[str, int]
-    lanes: list[LaneView]
-    result: ResultView | None = None
-    error: ErrorView | None = None
-    usage: Usage
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    webhook: WebhookView | None = None
-
-
-class JobSummary(BaseModel):
-    id: str
-    status: JobStatus
-    mode: Literal["voting", "sectioning"]
-    created_at: str
-    finished_at: str | None = None
-    progress: dict[str, int]
-    usage: Usage
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-class JobPage(BaseModel):
-    jobs: list[JobSummary]
-    next_cursor: str | None = None
+def provider_name(task: LlmTask | HttpTask) -> str:
+    """The provider a task calls (``http`` for http tasks), for capacity accounting."""
+    return task.provider if isinstance(task, LlmTask) else "http"

@@ -22,9 +22,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from service.app import create_app
 from service.config import Settings
-from service.db import upgrade
+from service.http import create_app
+from service.store.db import upgrade
 from tests.support import free_port, make_settings, truncate, wait_http
 
 POSTGRES_URL = os.environ.get(

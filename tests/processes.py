@@ -25,7 +25,7 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from service.models import events, lanes
+from service.store.tables import events, lanes
 from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,8 +20,8 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from service.app import create_app
 from service.config import Settings
+from service.http import create_app
 
 
 def free_port() -> int:

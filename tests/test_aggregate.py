@@ -24,6 +24,7 @@ from service.spec import (
     Message,
     ReduceAggregate,
     ScoreAggregate,
+    VotingSpec,
 )
 
 NUMBER = MajorityAggregate(extract="number")
@@ -251,11 +252,16 @@ def test_no_answer_has_no_key() -> None:
 def test_lane_answer_is_the_vote_or_score_of_the_aggregate(
     aggregate: Any, output: str, expected: Any
 ) -> None:
-    assert lane_answer(aggregate, output) == expected
+    assert lane_answer(voting_with(aggregate), 0, output) == expected
 
 
 def test_score_needs_a_number() -> None:
-    assert lane_answer(ScoreAggregate(extract="text"), "good") is None
+    assert lane_answer(voting_with(ScoreAggregate(extract="text")), 0, "good") is None
+
+
+def voting_with(aggregate: Any) -> VotingSpec:
+    task = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    return VotingSpec(mode="voting", n=1, task=task, aggregate=aggregate)  # type: ignore[arg-type]
 
 
 # --- collect -------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.app import create_app
 from service.config import Settings
+from service.http import create_app
 from tests.support import fake_reset, run_job, section, sectioning, voting
 
 NUMBER = {"kind": "majority", "extract": "number"}

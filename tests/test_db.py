@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy import text
 
-from service.db import Database
+from service.store.db import Database
 
 
 @pytest.fixture

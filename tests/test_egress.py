@@ -31,6 +31,8 @@ import httpx
 import pytest
 from aiohttp import web
 
+from service.attempts import Attempt
+from service.attempts.http import run_http
 from service.egress import (
     AllowRule,
     EgressDenied,
@@ -39,10 +41,8 @@ from service.egress import (
     Resolver,
     blocked_reason,
     fetch,
-    run_http,
     system_resolver,
 )
-from service.lanes import Attempt
 from service.spec import HttpTask
 
 MiB = 1024 * 1024

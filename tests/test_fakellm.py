@@ -22,7 +22,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion
 
-from service.fakellm import Behaviour, RequestError, parse_model
+from service.tools.fakellm import Behaviour, RequestError, parse_model
 from tests.support import free_port, wait_http
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ READY_WITHIN_S = 15.0
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("fakellm") / "server.log"
-    code = f"from service.fakellm import serve; serve(port={port})"
+    code = f"from service.tools.fakellm import serve; serve(port={port})"
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-c", code], cwd=REPO, stdout=out, stderr=subprocess.STDOUT

@@ -34,8 +34,8 @@ from hypothesis import HealthCheck, Phase, settings
 from schemathesis.config import SchemathesisConfig
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.app import create_app
 from service.config import Settings
+from service.http import create_app
 
 # The app runs in this process (on schemathesis's event-loop thread): its retry jitter
 # draws from the global `random` while Hypothesis draws a case, which Hypothesis then

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.app import create_app
 from service.config import Settings
+from service.http import create_app
 from tests.support import (
     events_of,
     fake_reset,
@@ -512,7 +512,7 @@ async def test_an_attempt_that_raises_fails_its_lane_and_the_job_still_ends(
     async def broken(*_args: Any, **_kwargs: Any) -> None:
         raise RuntimeError("injected defect")
 
-    monkeypatch.setattr("service.runner.run_llm", broken)
+    monkeypatch.setattr("service.attempts.default.run_llm", broken)
     job = await run_job(client, voting(2, "fake"), timeout=10)
     assert job["status"] == "failed"
     assert [lane["status"] for lane in job["lanes"]] == ["failed", "failed"]
@@ -527,7 +527,7 @@ async def test_a_reducer_that_raises_fails_the_job_instead_of_holding_it(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Likewise for the reducer: the job ends failed, not aggregating for ever."""
-    from service import runner
+    from service.attempts import default as runner
 
     real = runner.run_llm
 

@@ -19,9 +19,11 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
+from service.attempts import Attempt
+from service.attempts.llm import LlmClient, Providers, run_llm
 from service.config import Provider
-from service.lanes import Attempt, LlmClient, Providers, run_llm
 from service.spec import LlmTask
+from service.views import NO_USAGE
 from tests.support import fake_reset, free_port, user
 
 KINDS = ["lean", "sdk"]
@@ -66,8 +68,9 @@ async def test_a_completion_gives_the_text_and_the_usage(fake: LlmClient) -> Non
     attempt = await run_llm(fake, task(text="hello there"), timeout=10)
     assert attempt.ok
     assert attempt.output == "Echo: hello there"
-    prompt, completion, total = attempt.usage
-    assert prompt > 0 and completion > 0 and total == prompt + completion
+    usage = attempt.usage
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
 async def test_sampling_fields_reach_the_provider(fake: LlmClient) -> None:
@@ -84,7 +87,7 @@ async def test_a_streamed_completion_sends_each_chunk_and_the_same_text(fake: Ll
     streamed = await run_llm(fake, task(model, stream=True), timeout=10, on_delta=chunks.append)
     assert streamed.ok and streamed.output == whole.output
     assert len(chunks) > 1 and "".join(chunks) == whole.output
-    assert streamed.usage == whole.usage != (0, 0, 0)
+    assert streamed.usage == whole.usage != NO_USAGE
 
 
 async def test_messages_override_the_tasks_own(fake: LlmClient) -> None:
@@ -216,7 +219,7 @@ async def test_a_completion_without_usage_counts_no_tokens(
 ) -> None:
     url = canned((200, JSON, completion({"role": "assistant", "content": "391"})))
     attempt = await run_llm(client_for(url), task(), timeout=10)
-    assert attempt == Attempt(output="391", usage=(0, 0, 0))
+    assert attempt == Attempt(output="391", usage=NO_USAGE)
 
 
 async def test_a_redirect_is_followed(

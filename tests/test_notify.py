@@ -19,9 +19,8 @@ import httpx
 import pytest
 
 from service import events as ev
-from service.app import create_app
 from service.config import Settings
-from service.db import Database
+from service.http import create_app
 from service.notify import (
     EVENTS_CHANNEL,
     MAX_PAYLOAD,
@@ -30,7 +29,8 @@ from service.notify import (
     asyncpg_dsn,
     notifications,
 )
-from service.state import AppState
+from service.process import Process
+from service.store.db import Database
 from tests.support import events_of, fake_stats, make_settings, truncate, voting
 
 FINAL = {"job.succeeded", "job.failed", "job.cancelled"}
@@ -112,7 +112,7 @@ class Seen:
 @dataclass
 class Instance:
     http: httpx.AsyncClient
-    state: AppState
+    state: Process
     seen: Seen
 
 
@@ -120,7 +120,7 @@ class Instance:
 async def instance(settings: Settings, *, with_runner: bool) -> AsyncIterator[Instance]:
     app = create_app(settings, with_runner=with_runner)
     async with app.router.lifespan_context(app):
-        state: AppState = app.state.fanout
+        state: Process = app.state.fanout.process
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://fanout") as http:
             yield Instance(http, state, Seen(state.hub))
@@ -149,7 +149,7 @@ def as_log(streamed: list[dict[str, Any]]) -> list[tuple[int, str, dict[str, Any
 
 
 async def stored_log(where: Instance, job_id: str) -> list[tuple[int, str, dict[str, Any]]]:
-    stored = await where.state.store.events_after(job_id, 0)
+    stored = await where.state.store.log.after(job_id, 0)
     log = [(e["seq"], e["type"], e["data"]) for e in stored]
     assert [seq for seq, _t, _d in log] == list(range(1, len(log) + 1))
     assert log[-1][1] in FINAL
@@ -222,14 +222,14 @@ async def test_cancel_on_an_api_replica_stops_the_lanes_in_flight_on_a_worker(
 ) -> None:
     job_id = await post(api, voting(4, "fake?hang=1"))
     await until(lambda: in_flight(fake_llm, 4))
-    assert len(worker.state.runner.inflight if worker.state.runner else ()) == 4
+    assert len(worker.state.runner.lanes.running if worker.state.runner else ()) == 4
 
     cancel = await api.http.post(f"/v1/jobs/{job_id}/cancel")
     assert cancel.status_code == 202, cancel.text
 
     await worker.seen.until(job_id, {"job.cancelled"}, within=5)
     await until(lambda: in_flight(fake_llm, 0), within=5)
-    assert worker.state.runner is not None and not worker.state.runner.inflight
+    assert worker.state.runner is not None and not worker.state.runner.lanes.running
 
 
 async def in_flight(fake_llm: str, count: int) -> bool:
@@ -282,7 +282,7 @@ async def test_after_a_reconnect_streams_catch_up_on_what_was_committed_meanwhil
         lanes_started = asyncio.Event()
 
         async def follow() -> None:
-            async for event in ev.stream(hub, job_id, 0, store.events_after, store.is_finished):
+            async for event in ev.stream(hub, job_id, 0, store.log.after, store.jobs.is_finished):
                 streamed.append(event)
                 if sum(e["type"] == "lane.started" for e in streamed) == 3:
                     lanes_started.set()
@@ -368,7 +368,7 @@ async def test_an_idle_connection_is_pinged_and_replaced_if_it_is_gone(
     """Past ``PING_AFTER_IDLE_S`` (here at once) a pooled connection is pinged before
     use: one whose backend was terminated a moment ago, before its client could
     notice, fails the ping and gives way to a new connection."""
-    import service.db as db_module
+    import service.store.db as db_module
 
     monkeypatch.setattr(db_module, "PING_AFTER_IDLE_S", 0.0)
     db = Database(pg_settings.database_url, pool_size=1)

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from service.aggregate import LaneResult, answer_key, majority
-from service.policy import OPEN, Decision, Tally, decide
+from service.policy import Decision, Tally, decide
 from service.spec import SectioningSpec, VotingSpec
+from service.states import OPEN_LANE as OPEN
 
 TASK = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

@@ -28,9 +28,10 @@ import httpx
 import pytest
 from pydantic import TypeAdapter
 
-from service.app import create_app
+from service.admission import check_against
 from service.config import Settings, load_providers
-from service.spec import JobSpec, check_against
+from service.http import create_app
+from service.spec import JobSpec
 from tests.support import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from aiohttp import web
 
-from service.app import create_app
 from service.config import Settings
+from service.http import create_app
 from tests.support import events_of, fake_reset, fake_stats, run_job, section, sectioning, voting
 
 KEYS = "acme:key-acme,globex:key-globex"

@@ -31,7 +31,7 @@ def open_sockets() -> int:
 
 
 def open_streams(served: Served) -> int:
-    return int(served.app.state.fanout.hub.subscriber_count)
+    return int(served.app.state.fanout.process.hub.subscriber_count)
 
 
 async def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
@@ -62,7 +62,7 @@ async def test_dropped_clients_leave_no_subscription_task_or_connection_behind(
     stream_settings: Settings,
 ) -> None:
     async with serve(stream_settings) as served:
-        state = served.app.state.fanout
+        state = served.app.state.fanout.process
         response = await served.http.post("/v1/jobs", json=voting(2, "fake?hang=1"))
         job_id = response.json()["id"]
         path = f"/v1/jobs/{job_id}/events"

@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service import submit as submit_module
-from service.submit import submit
+from service.tools import submit as submit_module
+from service.tools.submit import submit
 from tests.support import free_port, section, sectioning, voting, wait_http
 
 CLI = [sys.executable, "-m", "service.cli"]

@@ -1,49 +1,62 @@
-"""Every query Fanout makes, behind one object: :class:`Store`.
+"""SQL and transactions only: every query Fanout makes, behind one :class:`Store` of
+parts, each given what it uses.
 
-Locking order, so two processes on PostgreSQL never deadlock: a write transaction
-locks the job rows it touches first (sorted by id), then their lanes. Every lane
-write made on behalf of a running attempt is fenced by (status, attempt, lease
-owner): a worker that lost its lease cannot overwrite what another one recorded.
+::
 
-The one object is built in layers, one module each, every layer using only those
-below it::
+    Store ─┬─ jobs        create, read, list, cancel                  (the routes)
+           ├─ log         a job's events: append in a transaction, read after k
+           ├─ queue       the lanes table as the queue: claim, leases, requeue
+           ├─ outcomes    record a batch of attempt outcomes, decide; deadlines
+           ├─ reductions  the reducer's durable attempts
+           └─ outbox      the webhook outbox                           (the runner)
+    decisions   decide a job and carry it out (used by outcomes, reductions, jobs)
 
-    jobs.Store           the API side: create, read, list, cancel; the event log
-    queue.LaneQueue      the lanes table as the queue: claim, leases, requeue
-    decisions.DecisionStore  record outcomes, decide jobs, the reducer, deadlines
-    webhooks.WebhookStore    the webhook outbox
-    base.StoreBase       the database, the spec cache, appending events, job locks
+One transaction per method, opened only here. Locking order, so two processes on
+PostgreSQL never deadlock: a write transaction locks the job rows it touches first
+(sorted by id), then their lanes. Every lane write made on behalf of a running
+attempt is fenced by (status, attempt, lease owner): a worker that lost its lease
+cannot overwrite what another one recorded. A job's end is written exactly once.
 
-``rows`` holds the values the store hands out and pure helpers over rows;
-``statements`` the hot statements, built once.
+``tables`` are the tables, ``statements`` the hot statements (built once), ``db`` the
+engines and the transaction boundary, ``values`` what the runner hands in and gets
+back, ``rendering`` rows as views.
 """
 
-from .jobs import Store
-from .rows import (
-    FINAL_EVENTS,
-    OPEN_JOB,
-    TERMINAL_JOB,
-    Claim,
-    Claimed,
-    Outcome,
-    Recorded,
-    iso,
-    job_view,
-    new_job_id,
-    provider_of,
-)
+from __future__ import annotations
+
+from .db import Database
+from .decisions import Decisions
+from .eventlog import EventLog
+from .jobrows import SpecCache
+from .jobs import Jobs
+from .outbox import WebhookOutbox
+from .outcomes import Outcomes
+from .queue import LaneQueue
+from .reductions import Reductions
+from .values import Claim, Claimed, Outcome, Recorded, ReductionClaim
+
+
+class Store:
+    """The facade the routes (``jobs``, ``log``) and the runner (the rest) use."""
+
+    def __init__(self, db: Database, *, lease_seconds: float) -> None:
+        self.db = db
+        specs = SpecCache()
+        self.log = EventLog(db)
+        self.outbox = WebhookOutbox(db, lease_seconds=lease_seconds)
+        decisions = Decisions(self.log, self.outbox)
+        self.jobs = Jobs(db, self.log, specs, decisions, self.outbox)
+        self.queue = LaneQueue(db, self.log, specs, lease_seconds=lease_seconds)
+        self.outcomes = Outcomes(db, specs, decisions)
+        self.reductions = Reductions(db, self.log, specs, decisions, lease_seconds=lease_seconds)
+
 
 __all__ = [
-    "FINAL_EVENTS",
-    "OPEN_JOB",
-    "TERMINAL_JOB",
     "Claim",
     "Claimed",
+    "Database",
     "Outcome",
     "Recorded",
+    "ReductionClaim",
     "Store",
-    "iso",
-    "job_view",
-    "new_job_id",
-    "provider_of",
 ]

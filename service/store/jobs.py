@@ -1,44 +1,79 @@
-"""The API side: creating, reading, listing and cancelling jobs; the event log."""
+"""Jobs as callers see them: created, read, listed, cancelled."""
 
 from __future__ import annotations
 
+import base64
+import json
+import math
 import time
-from typing import Any
+import uuid
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..errors import Conflict, InvalidSpec, NotFound
-from ..models import idempotency_keys, jobs, lanes, webhooks
-from ..policy import OPEN, Stop
-from ..spec import JobSummary, JobView, SectioningSpec, VotingSpec, WebhookView, lane_names
-from .queue import LaneQueue
-from .rows import (
+from ..errors import BadCursor, IdempotencyConflict, JobFinished, JobNotFound, TenantAtCapacity
+from ..policy import Stop
+from ..spec import SectioningSpec, VotingSpec, lane_names
+from ..states import (
+    OPEN_LANE,
     TERMINAL_JOB,
-    decode_cursor,
-    encode_cursor,
-    iso,
-    job_view,
-    key_reused,
-    known_form,
-    new_job_id,
-    usage_of,
+    ErrorType,
+    EventType,
+    JobStatus,
+    LaneStatus,
+    WebhookStatus,
 )
-from .statements import (
-    EVENTS_AFTER,
-    IN_FLIGHT,
-    INSERT_JOB,
-    INSERT_LANES,
-    JOB_STATUS,
-    TENANT_JOB_STATUS,
-)
+from ..views import JobSummary, JobView, WebhookView
+from .db import Database
+from .decisions import Decisions
+from .eventlog import EventLog
+from .jobrows import SpecCache, job_row, known_form, lock_jobs
+from .outbox import WebhookOutbox
+from .rendering import job_summary, job_view
+from .statements import IN_FLIGHT, INSERT_JOB, INSERT_LANES, JOB_STATUS, TENANT_JOB_STATUS
+from .tables import idempotency_keys, jobs, lanes
 
 
-class Store(LaneQueue):
-    """Every query Fanout makes, behind one object (see :mod:`service.store`)."""
+def new_job_id(now: float) -> str:
+    """A UUID whose leading bits are the creation time, so ids sort by age."""
+    bits = (int(now * 1000) << 80) | uuid.uuid4().int & ((1 << 80) - 1)
+    return str(uuid.UUID(int=bits))
 
-    async def create_job(
+
+def encode_cursor(created_at: float, job_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at, job_id]).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The (created_at, id) a cursor names; anything else, whatever it decodes to (text
+    that is not Unicode, an infinite time, deep nesting), is no cursor of ours."""
+    try:
+        created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        created = float(created_at)
+        if math.isfinite(created) and str(uuid.UUID(job_id)) == job_id:
+            return created, job_id
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        pass
+    raise BadCursor()
+
+
+class Jobs:
+    def __init__(
+        self,
+        db: Database,
+        log: EventLog,
+        specs: SpecCache,
+        decisions: Decisions,
+        outbox: WebhookOutbox,
+    ) -> None:
+        self.db = db
+        self.log = log
+        self.specs = specs
+        self.decisions = decisions
+        self.outbox = outbox
+
+    async def create(
         self,
         spec: VotingSpec | SectioningSpec,
         tenant: str,
@@ -50,12 +85,14 @@ class Store(LaneQueue):
         """Store a job and its lanes; returns ``(the job as created, True)``.
 
         ``idempotency`` is ``(key, request hash)``: a key seen before with the same
-        hash returns that job as it is now (and False); with another hash it is a 422.
-        Concurrent requests with one key race on the key's primary key: the losers'
-        transactions roll back, job included, and they return the winner's job.
+        hash returns that job as it is now (and False); with another hash it is an
+        :class:`IdempotencyConflict`. Concurrent requests with one key race on the
+        key's primary key: the losers' transactions roll back, job included, and they
+        return the winner's job. Over ``max_in_flight`` open jobs of the tenant:
+        :class:`TenantAtCapacity`.
         """
         try:
-            created = await self._create_job(
+            created = await self._create(
                 spec, tenant, idempotency, max_in_flight, idempotency_ttl_s
             )
         except IntegrityError:
@@ -66,7 +103,7 @@ class Store(LaneQueue):
                 raise
             created = existing
         if isinstance(created, str):
-            return await self.get_job(created, tenant), False
+            return await self.get(created, tenant), False
         return created, True
 
     async def _idempotent_job(self, tenant: str, idempotency: tuple[str, str]) -> str | None:
@@ -82,10 +119,10 @@ class Store(LaneQueue):
         if row is None:
             return None
         if row[0] != request_hash:
-            raise key_reused()
+            raise IdempotencyConflict()
         return str(row[1])
 
-    async def _create_job(
+    async def _create(
         self,
         spec: VotingSpec | SectioningSpec,
         tenant: str,
@@ -103,7 +140,7 @@ class Store(LaneQueue):
         job = {
             "id": job_id,
             "tenant": tenant,
-            "status": "queued",
+            "status": JobStatus.QUEUED,
             "mode": spec.mode,
             "spec": raw,
             "lanes_total": len(names),
@@ -114,13 +151,14 @@ class Store(LaneQueue):
             "completion_tokens": 0,
             "total_tokens": 0,
             "last_seq": 0,
+            "reduce_attempts": 0,
         }
         lane_rows = [
             {
                 "job_id": job_id,
                 "idx": i,
                 "name": name,
-                "status": "queued",
+                "status": LaneStatus.QUEUED,
                 "attempts": 0,
                 "prompt_tokens": 0,
                 "completion_tokens": 0,
@@ -146,7 +184,7 @@ class Store(LaneQueue):
                 )
                 if row is not None and row["expires_at"] > now:
                     if row["request_hash"] != request_hash:
-                        raise key_reused()
+                        raise IdempotencyConflict()
                     return str(row["job_id"])
                 if row is not None:
                     await tx.conn.execute(
@@ -157,8 +195,7 @@ class Store(LaneQueue):
             if max_in_flight is not None:
                 in_flight = (await tx.conn.execute(IN_FLIGHT, {"tenant": tenant})).scalar_one()
                 if in_flight >= max_in_flight:
-                    cap = f"{in_flight} jobs in flight: at the cap of {max_in_flight} per tenant"
-                    raise InvalidSpec([{"loc": ["body"], "msg": cap}])
+                    raise TenantAtCapacity(in_flight, max_in_flight)
             await tx.conn.execute(INSERT_JOB, job)
             await tx.conn.execute(INSERT_LANES, lane_rows)
             if idempotency is not None:
@@ -171,20 +208,22 @@ class Store(LaneQueue):
                         expires_at=now + idempotency_ttl_s,
                     )
                 )
-            await self._append(tx, job_id, [("job.queued", {"lanes": names})], now)
-        self._specs[job_id] = spec
+            await self.log.append(tx, job_id, [(EventType.JOB_QUEUED, {"lanes": names})], now)
+        self.specs.put(job_id, spec)
         # The columns written as NULL (not started, no result...) read back as None.
         view = job_view(
             dict.fromkeys(jobs.c.keys()) | job,
             [dict.fromkeys(lanes.c.keys()) | row for row in lane_rows],
         )
         if spec.webhook is not None:
-            view.webhook = WebhookView(url=raw["webhook"]["url"], status="waiting", attempts=[])
+            view.webhook = WebhookView(
+                url=raw["webhook"]["url"], status=WebhookStatus.WAITING, attempts=[]
+            )
         return view
 
-    async def get_job(self, job_id: str, tenant: str | None) -> JobView:
+    async def get(self, job_id: str, tenant: str | None) -> JobView:
         async with self.db.read() as conn:
-            job = await self._job_row(conn, job_id, tenant)
+            job = await job_row(conn, job_id, tenant)
             lane_rows = (
                 (
                     await conn.execute(
@@ -194,23 +233,12 @@ class Store(LaneQueue):
                 .mappings()
                 .all()
             )
-            webhook = None
-            if job["spec"].get("webhook"):
-                webhook = (
-                    (await conn.execute(select(webhooks).where(webhooks.c.job_id == job_id)))
-                    .mappings()
-                    .first()
-                )
+            webhook = await self.outbox.view(conn, job_id, job["spec"])
         view = job_view(job, lane_rows)
-        if job["spec"].get("webhook"):
-            view.webhook = WebhookView(
-                url=job["spec"]["webhook"]["url"],
-                status=webhook["status"] if webhook else "waiting",
-                attempts=webhook["history"] if webhook else [],
-            )
+        view.webhook = webhook
         return view
 
-    async def job_status(self, job_id: str, tenant: str | None) -> str:
+    async def status(self, job_id: str, tenant: str | None) -> JobStatus:
         known_form(job_id)
         async with self.db.read() as conn:
             if tenant is None:
@@ -219,13 +247,13 @@ class Store(LaneQueue):
                 found = await conn.execute(TENANT_JOB_STATUS, {"job_id": job_id, "tenant": tenant})
             status = found.scalar_one_or_none()
         if status is None:
-            raise NotFound(f"no job {job_id!r}")
-        return str(status)
+            raise JobNotFound(job_id)
+        return JobStatus(status)
 
     async def is_finished(self, job_id: str) -> bool:
-        return await self.job_status(job_id, None) in TERMINAL_JOB
+        return (await self.status(job_id, None)).terminal
 
-    async def list_jobs(
+    async def page(
         self, tenant: str | None, *, status: str | None, cursor: str | None, limit: int
     ) -> tuple[list[JobSummary], str | None]:
         query = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
@@ -245,19 +273,7 @@ class Store(LaneQueue):
             rows = (await conn.execute(query)).mappings().all()
             page = rows[:limit]
             progress = await self._progress(conn, [row["id"] for row in page])
-        summaries = [
-            JobSummary(
-                id=row["id"],
-                status=row["status"],
-                mode=row["mode"],
-                created_at=iso(row["created_at"]) or "",
-                finished_at=iso(row["finished_at"]),
-                progress=progress.get(row["id"], {}),
-                usage=usage_of(row),
-                metadata=row["spec"].get("metadata", {}),
-            )
-            for row in page
-        ]
+        summaries = [job_summary(row, progress.get(row["id"], {})) for row in page]
         next_cursor = (
             encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(rows) > limit else None
         )
@@ -278,40 +294,21 @@ class Store(LaneQueue):
             progress.setdefault(job_id, {})[status] = count
         return progress
 
-    async def cancel_job(self, job_id: str, tenant: str | None) -> None:
-        """Cancel a job: every open lane ends ``cancelled`` and so does the job, at once."""
+    async def cancel(self, job_id: str, tenant: str | None) -> None:
+        """Cancel a job: every open lane ends ``cancelled`` and so does the job, at once.
+        :class:`JobFinished` when it had ended already."""
         now = time.time()
         async with self.db.transaction() as tx:
-            job = await self._job_row(tx.conn, job_id, tenant)
-            if not self.db.is_sqlite:
-                await self._lock_jobs(tx, [job_id])
-                job = await self._job_row(tx.conn, job_id, tenant)
+            job = await job_row(tx.conn, job_id, tenant)
+            if not tx.is_sqlite:
+                await lock_jobs(tx, [job_id])
+                job = await job_row(tx.conn, job_id, tenant)
             if job["status"] in TERMINAL_JOB:
-                raise Conflict(f"job {job_id!r} is already {job['status']}")
-            items = await self._stop_lanes(
-                tx, job_id, Stop(OPEN, "cancelled", "cancelled", "the job was cancelled"), now
+                raise JobFinished(job_id, job["status"])
+            stop = Stop(
+                OPEN_LANE, LaneStatus.CANCELLED, ErrorType.CANCELLED, "the job was cancelled"
             )
-            items.append(("job.cancelled", {"usage": usage_of(job).model_dump()}))
-            await self._queue_webhook(tx, job_id, job["spec"], now)
-            await tx.conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id)
-                .values(
-                    status="cancelled",
-                    finished_at=now,
-                    error={"type": "cancelled", "message": "the job was cancelled"},
-                    lease_owner=None,
-                )
-            )
-            await self._append(tx, job_id, items, now)
-
-    async def events_after(
-        self, job_id: str, after: int, limit: int = 1000
-    ) -> list[dict[str, Any]]:
-        async with self.db.read() as conn:
-            rows = (
-                await conn.execute(EVENTS_AFTER, {"job_id": job_id, "after": after, "limit": limit})
-            ).all()
-        return [
-            {"job_id": job_id, "seq": seq, "type": kind, "data": data} for seq, kind, data in rows
-        ]
+            items = await self.decisions.stop_lanes(tx, job_id, stop, now)
+            error = {"type": ErrorType.CANCELLED, "message": "the job was cancelled"}
+            await self.decisions.finish(tx, job_id, JobStatus.CANCELLED, items, now, error=error)
+            await self.log.append(tx, job_id, items, now)

@@ -1,4 +1,5 @@
-"""The lanes table as the queue."""
+"""The lanes table as the queue: claiming under caps and leases, heartbeats, and
+requeueing what a dead or stopping process held."""
 
 from __future__ import annotations
 
@@ -9,22 +10,30 @@ from typing import Any
 from sqlalchemy import and_, exists, func, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..db import Tx
-from ..models import jobs, lanes
-from ..spec import lane_task
-from .decisions import DecisionStore
-from .rows import Claim, Claimed, task_provider
+from ..spec import lane_task, provider_name
+from ..states import DECIDING_JOB, ErrorType, EventType, JobStatus, LaneStatus
+from .db import Database, Tx
+from .eventlog import EventLog, Item
+from .jobrows import SpecCache, lock_jobs
 from .statements import CLAIM_LANES, START_JOB
+from .tables import jobs, lanes
+from .values import Claim, Claimed
 
 
-class LaneQueue(DecisionStore):
-    """The lanes table as the queue: claiming under caps and leases, heartbeats, and
-    requeueing what a dead or stopping process held."""
+class LaneQueue:
+    def __init__(
+        self, db: Database, log: EventLog, specs: SpecCache, *, lease_seconds: float
+    ) -> None:
+        self.db = db
+        self.log = log
+        self.specs = specs
+        self.lease_seconds = lease_seconds
 
     async def claim(
         self, owner: str, limit: int, admit: Callable[[str], bool] | None = None
     ) -> Claimed:
-        """Take up to ``limit`` queued lanes whose time has come, respecting per-job caps.
+        """Take up to ``limit`` queued lanes whose time has come, respecting per-job caps
+        and, through ``admit(provider)``, providers' capacity.
 
         On PostgreSQL the candidate jobs are locked ``FOR UPDATE SKIP LOCKED``: two
         processes never claim from one job at once, and never wait on each other.
@@ -32,7 +41,7 @@ class LaneQueue(DecisionStore):
         now = time.time()
         async with self.db.transaction() as tx:
             candidates = select(lanes.c.job_id, lanes.c.idx, lanes.c.available_at).where(
-                lanes.c.status == "queued", lanes.c.available_at <= now
+                lanes.c.status == LaneStatus.QUEUED, lanes.c.available_at <= now
             )
             saturated = await self._saturated_jobs(tx.conn)
             # Lanes that a job's cap keeps queued become claimable as its lanes end.
@@ -57,9 +66,9 @@ class LaneQueue(DecisionStore):
                 wanted.setdefault(job_id, []).append(idx)
                 available[(job_id, idx)] = available_at
             job_query = select(jobs).where(jobs.c.id.in_(sorted(wanted))).order_by(jobs.c.id)
-            if not self.db.is_sqlite:
-                job_query = job_query.with_for_update(skip_locked=True)
-            job_rows = (await tx.conn.execute(job_query)).mappings().all()
+            job_rows = (
+                (await tx.conn.execute(tx.locking(job_query, skip_locked=True))).mappings().all()
+            )
             held_back = held_back or len(job_rows) < len(wanted)
             running = await self._running_counts(
                 tx.conn, [j["id"] for j in job_rows if j["max_concurrency"]]
@@ -68,15 +77,15 @@ class LaneQueue(DecisionStore):
             expires = now + self.lease_seconds
             for job in job_rows:
                 job_id = job["id"]
-                if job["status"] not in ("queued", "running"):
+                if job["status"] not in DECIDING_JOB:
                     continue
                 idxs = wanted[job_id]
                 if job["max_concurrency"]:
                     idxs = idxs[: max(0, job["max_concurrency"] - running.get(job_id, 0))]
-                spec = self.spec_of(job_id, job["spec"])
+                spec = self.specs.of(job_id, job["spec"])
                 if admit is not None:
                     # Lanes whose provider has no capacity now stay queued.
-                    idxs = [i for i in idxs if admit(task_provider(lane_task(spec, i)[1]))]
+                    idxs = [i for i in idxs if admit(provider_name(lane_task(spec, i)[1]))]
                 held_back = held_back or len(idxs) < len(wanted[job_id])
                 if not idxs:
                     continue
@@ -89,26 +98,26 @@ class LaneQueue(DecisionStore):
                 if not claimed:
                     continue
                 claimed = sorted(claimed)
-                items: list[tuple[str, dict[str, Any]]] = []
-                if job["status"] == "queued":
+                items: list[Item] = []
+                if job["status"] == JobStatus.QUEUED:
                     await tx.conn.execute(START_JOB, {"j": job_id, "now": now})
-                    items.append(("job.running", {}))
+                    items.append((EventType.JOB_RUNNING, {}))
                 items.extend(
-                    ("lane.started", {"lane": idx, "name": name, "attempt": attempt})
-                    for idx, name, attempt in claimed
+                    (EventType.LANE_STARTED, {"lane": idx, "name": name, "attempt": attempt_no})
+                    for idx, name, attempt_no in claimed
                 )
-                await self._append(tx, job_id, items, now)
+                await self.log.append(tx, job_id, items, now)
                 claims.extend(
                     Claim(
                         job_id,
                         idx,
                         name,
-                        attempt,
+                        attempt_no,
                         spec,
                         job["deadline_at"],
                         now - available[(job_id, idx)],
                     )
-                    for idx, name, attempt in claimed
+                    for idx, name, attempt_no in claimed
                 )
         return Claimed(claims, held_back)
 
@@ -120,9 +129,11 @@ class LaneQueue(DecisionStore):
             select(lanes.c.job_id)
             .join(jobs, jobs.c.id == lanes.c.job_id)
             .where(
-                lanes.c.status == "running",
+                lanes.c.status == LaneStatus.RUNNING,
                 jobs.c.max_concurrency.is_not(None),
-                exists().where(waiting.c.job_id == lanes.c.job_id, waiting.c.status == "queued"),
+                exists().where(
+                    waiting.c.job_id == lanes.c.job_id, waiting.c.status == LaneStatus.QUEUED
+                ),
             )
             .group_by(lanes.c.job_id, jobs.c.max_concurrency)
             .having(func.count() >= jobs.c.max_concurrency)
@@ -134,13 +145,13 @@ class LaneQueue(DecisionStore):
             return {}
         query = (
             select(lanes.c.job_id, func.count())
-            .where(lanes.c.job_id.in_(job_ids), lanes.c.status == "running")
+            .where(lanes.c.job_id.in_(job_ids), lanes.c.status == LaneStatus.RUNNING)
             .group_by(lanes.c.job_id)
         )
         return {job_id: count for job_id, count in (await conn.execute(query)).all()}
 
     async def renew_leases(self, owner: str) -> None:
-        """Extend this process's leases (the heartbeat).
+        """Extend ``owner``'s leases, on lanes and on reducing jobs (the heartbeat).
 
         Rows another transaction holds are skipped, not waited for: every other writer
         locks a job before its lanes, and this one locks no job, so waiting could close
@@ -149,15 +160,14 @@ class LaneQueue(DecisionStore):
         """
         expires = time.time() + self.lease_seconds
         held = select(lanes.c.job_id, lanes.c.idx).where(
-            lanes.c.lease_owner == owner, lanes.c.status == "running"
+            lanes.c.lease_owner == owner, lanes.c.status == LaneStatus.RUNNING
         )
         reducing = select(jobs.c.id).where(
-            jobs.c.lease_owner == owner, jobs.c.status == "aggregating"
+            jobs.c.lease_owner == owner, jobs.c.status == JobStatus.AGGREGATING
         )
-        if not self.db.is_sqlite:
-            held = held.with_for_update(skip_locked=True)
-            reducing = reducing.with_for_update(skip_locked=True)
         async with self.db.transaction() as tx:
+            held = tx.locking(held, skip_locked=True)
+            reducing = tx.locking(reducing, skip_locked=True)
             await tx.conn.execute(
                 update(lanes)
                 .where(tuple_(lanes.c.job_id, lanes.c.idx).in_(held))
@@ -168,15 +178,16 @@ class LaneQueue(DecisionStore):
             )
 
     async def release(self, owner: str) -> None:
-        """Give back every lane this process holds (a graceful stop): they run again."""
+        """Give back every lane and reducer ``owner`` holds (a graceful stop): any
+        process takes them at once."""
         now = time.time()
         async with self.db.transaction() as tx:
             await self._requeue(
-                tx, and_(lanes.c.lease_owner == owner, lanes.c.status == "running"), now
+                tx, and_(lanes.c.lease_owner == owner, lanes.c.status == LaneStatus.RUNNING), now
             )
             await tx.conn.execute(
                 update(jobs)
-                .where(jobs.c.lease_owner == owner, jobs.c.status == "aggregating")
+                .where(jobs.c.lease_owner == owner, jobs.c.status == JobStatus.AGGREGATING)
                 .values(lease_expires_at=now)
             )
 
@@ -184,10 +195,14 @@ class LaneQueue(DecisionStore):
         """SQLite runs one process: at its start, nobody else can hold a lease."""
         async with self.db.transaction() as tx:
             await tx.conn.execute(
-                update(lanes).where(lanes.c.status == "running").values(lease_expires_at=0.0)
+                update(lanes)
+                .where(lanes.c.status == LaneStatus.RUNNING)
+                .values(lease_expires_at=0.0)
             )
             await tx.conn.execute(
-                update(jobs).where(jobs.c.status == "aggregating").values(lease_expires_at=0.0)
+                update(jobs)
+                .where(jobs.c.status == JobStatus.AGGREGATING)
+                .values(lease_expires_at=0.0)
             )
 
     async def _requeue(self, tx: Tx, where: Any, now: float) -> int:
@@ -198,34 +213,40 @@ class LaneQueue(DecisionStore):
         ).all()
         if not rows:
             return 0
-        await self._lock_jobs(tx, {row[0] for row in rows})
-        by_job: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        await lock_jobs(tx, {row[0] for row in rows})
+        by_job: dict[str, list[Item]] = {}
         for job_id, idx, name, attempts in rows:
             result = await tx.conn.execute(
                 update(lanes)
                 .where(
                     lanes.c.job_id == job_id,
                     lanes.c.idx == idx,
-                    lanes.c.status == "running",
+                    lanes.c.status == LaneStatus.RUNNING,
                     lanes.c.attempts == attempts,
                 )
-                .values(status="queued", available_at=now, lease_owner=None, lease_expires_at=None)
+                .values(
+                    status=LaneStatus.QUEUED,
+                    available_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
             )
             if result.rowcount:
                 by_job.setdefault(job_id, []).append(
                     (
-                        "lane.retrying",
+                        EventType.LANE_RETRYING,
                         {
                             "lane": idx,
                             "name": name,
                             "attempt": attempts,
-                            "error": "lease_lost: the worker running this attempt went away",
+                            "error": f"{ErrorType.LEASE_LOST}: the worker running this attempt"
+                            " went away",
                             "retry_in_s": 0.0,
                         },
                     )
                 )
         for job_id in sorted(by_job):
-            await self._append(tx, job_id, by_job[job_id], now)
+            await self.log.append(tx, job_id, by_job[job_id], now)
         return sum(len(v) for v in by_job.values())
 
     async def reclaim_expired(self) -> int:
@@ -233,12 +254,14 @@ class LaneQueue(DecisionStore):
         now = time.time()
         async with self.db.transaction() as tx:
             return await self._requeue(
-                tx, and_(lanes.c.status == "running", lanes.c.lease_expires_at < now), now
+                tx,
+                and_(lanes.c.status == LaneStatus.RUNNING, lanes.c.lease_expires_at < now),
+                now,
             )
 
     async def next_wakeup(self) -> float | None:
         """When the earliest queued lane becomes claimable (retries wait for backoff)."""
-        query = select(func.min(lanes.c.available_at)).where(lanes.c.status == "queued")
+        query = select(func.min(lanes.c.available_at)).where(lanes.c.status == LaneStatus.QUEUED)
         async with self.db.read() as conn:
             due = (await conn.execute(query)).scalar_one_or_none()
         return None if due is None else float(due)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy import bindparam, func, insert, select, update
 
-from ..models import events, jobs, lanes
-from .rows import OPEN_JOB
+from ..states import OPEN_JOB, JobStatus, LaneStatus
+from .tables import events, jobs, lanes
 
 BUMP_SEQ = (
     update(jobs)
@@ -25,10 +25,10 @@ CLAIM_LANES = (
     .where(
         lanes.c.job_id == bindparam("j"),
         lanes.c.idx.in_(bindparam("idxs", expanding=True)),
-        lanes.c.status == "queued",
+        lanes.c.status == LaneStatus.QUEUED,
     )
     .values(
-        status="running",
+        status=LaneStatus.RUNNING,
         attempts=lanes.c.attempts + 1,
         started_at=func.coalesce(lanes.c.started_at, bindparam("now")),
         lease_owner=bindparam("owner"),
@@ -39,7 +39,7 @@ CLAIM_LANES = (
 START_JOB = (
     update(jobs)
     .where(jobs.c.id == bindparam("j"))
-    .values(status="running", started_at=bindparam("now"))
+    .values(status=JobStatus.RUNNING, started_at=bindparam("now"))
 )
 JOB_STATUS = select(jobs.c.status).where(jobs.c.id == bindparam("job_id"))
 TENANT_JOB_STATUS = JOB_STATUS.where(jobs.c.tenant == bindparam("tenant"))

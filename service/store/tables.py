@@ -1,4 +1,5 @@
-"""SQLAlchemy tables. The lanes table *is* the queue: the runner claims rows from it.
+"""The tables (Alembic migrations create them). The lanes table *is* the queue: the
+runner claims rows from it; an aggregating job's row is the reducer's.
 
 Times are stored as epoch seconds (float) so both engines compare them the same way.
 """
@@ -36,9 +37,12 @@ class Job(Base):
     total_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     # Sequence number of the job's last event; bumped in the transaction that appends.
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
-    # Held by the process that runs the reducer while the job is aggregating.
+    # Held by the process that runs the reducer while the job is aggregating; the
+    # reducer's attempts so far, and when its next attempt may start (after a backoff).
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    reduce_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    reduce_available_at: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),

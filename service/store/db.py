@@ -39,12 +39,12 @@ import aiosqlite
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import event, make_url, text
+from sqlalchemy import Select, event, make_url, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from . import notify
+from .. import notify
 
 
 @dataclass
@@ -52,7 +52,15 @@ class Tx:
     """An open write transaction and the events it appended (published on commit)."""
 
     conn: AsyncConnection
+    is_sqlite: bool
     events: list[dict[str, Any]] = field(default_factory=list)
+
+    def locking(self, query: Select[Any], *, skip_locked: bool = False) -> Select[Any]:
+        """``query`` with ``FOR UPDATE`` (``SKIP LOCKED``) on PostgreSQL. SQLite has one
+        writer: a write transaction (``BEGIN IMMEDIATE``) holds every row already."""
+        if self.is_sqlite:
+            return query
+        return query.with_for_update(skip_locked=skip_locked)
 
 
 # How long a statement waits for another process's lock (on the worker thread).
@@ -213,7 +221,7 @@ class Database:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
         async with self.writer.begin() as conn:
-            tx = Tx(conn)
+            tx = Tx(conn, self.is_sqlite)
             yield tx
             if tx.events and not self.is_sqlite:
                 await _notify(conn, notify.notifications(self.origin, tx.events))
@@ -246,8 +254,9 @@ async def _notify(conn: AsyncConnection, notes: list[tuple[str, str]]) -> None:
 
 def migrations_dir() -> Path:
     """Shipped inside the package when installed from a wheel; the repo's folder otherwise."""
-    packaged = Path(__file__).parent / "migrations"
-    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "migrations"
+    package = Path(__file__).parent.parent
+    packaged = package / "migrations"
+    return packaged if packaged.is_dir() else package.parent / "migrations"
 
 
 def alembic_config(url: str) -> Config:

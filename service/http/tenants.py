@@ -11,16 +11,11 @@ import hashlib
 import hmac
 import math
 import time
-from dataclasses import dataclass, field
 
-from .errors import FanoutError, Unauthorized
+from ..errors import RateLimited, Unauthorized
+from ..rates import TokenBucket
 
 OPEN_TENANT = "public"
-
-
-class RateLimited(FanoutError):
-    status = 429
-    title = "Too Many Requests"
 
 
 def _digest(key: str) -> bytes:
@@ -46,51 +41,36 @@ class Tenants:
         if self.open:
             return OPEN_TENANT
         if not key:
-            raise Unauthorized(
-                "an API key is required (Authorization: Bearer <key>)", headers=_challenge()
-            )
+            raise Unauthorized("an API key is required (Authorization: Bearer <key>)")
         offered = _digest(key)
         found: str | None = None
         for digest, tenant in self._keys:
             if hmac.compare_digest(digest, offered) and found is None:
                 found = tenant
         if found is None:
-            raise Unauthorized(
-                "the API key is not valid", headers=_challenge('error="invalid_token"')
-            )
+            raise Unauthorized("the API key is not valid", challenge='error="invalid_token"')
         return found
 
 
-def _challenge(extra: str = "") -> dict[str, str]:
-    value = 'Bearer realm="fanout"' + (f", {extra}" if extra else "")
-    return {"WWW-Authenticate": value}
-
-
-@dataclass
-class _Bucket:
-    tokens: float
-    updated: float
-
-
-@dataclass
 class RateLimiter:
     """A token bucket per tenant: ``per_minute`` requests a minute, bursts up to that."""
 
-    per_minute: int
-    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._buckets: dict[str, TokenBucket] = {}
 
     def check(self, tenant: str) -> None:
         if self.per_minute <= 0:
             return
         now = time.monotonic()
-        rate = self.per_minute / 60.0
-        bucket = self._buckets.setdefault(tenant, _Bucket(float(self.per_minute), now))
-        bucket.tokens = min(float(self.per_minute), bucket.tokens + (now - bucket.updated) * rate)
-        bucket.updated = now
-        if bucket.tokens < 1.0:
-            wait = math.ceil((1.0 - bucket.tokens) / rate)
+        bucket = self._buckets.get(tenant)
+        if bucket is None:
+            bucket = self._buckets[tenant] = TokenBucket(self.per_minute, self.per_minute, now)
+        wait = bucket.wait_s(now)
+        if wait > 0:
+            seconds = math.ceil(wait)
             raise RateLimited(
-                f"over the rate limit of {self.per_minute} requests a minute; retry in {wait} s",
-                headers={"Retry-After": str(wait)},
+                f"over the rate limit of {self.per_minute} requests a minute; retry in {seconds} s",
+                retry_after_s=seconds,
             )
-        bucket.tokens -= 1.0
+        bucket.take(1, now)

@@ -1,7 +1,4 @@
-"""Running one attempt of one task. No database, no FastAPI.
-
-A failed attempt is data (:class:`Attempt` with an ``error_type``), never an
-exception left to fly: the runner decides from it whether to retry.
+"""One attempt of an llm task: a chat completion from an OpenAI-compatible provider.
 
 Two clients make the chat-completion call, chosen by ``FANOUT_LLM_CLIENT``:
 
@@ -17,60 +14,34 @@ Two clients make the chat-completion call, chosen by ``FANOUT_LLM_CLIENT``:
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import os
-import time
 import urllib.request
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
 
-from .config import Provider
-from .spec import LlmTask, Message
+from ..config import Provider
+from ..spec import LlmTask, Message
+from ..states import ErrorType
+from ..views import NO_USAGE, Usage
+from .base import (
+    Attempt,
+    OnDelta,
+    connection_failed,
+    invalid,
+    status_attempt,
+    timed_out,
+)
 
-# Statuses worth another attempt: the request may well succeed if sent again.
-TRANSIENT_STATUSES = frozenset({408, 409, 429})
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Idle upstream connections are dropped before the usual server-side 5 s, so a request
 # never goes out on a connection the server is closing.
 KEEPALIVE_S = 4.0
 # Headers the openai SDK sends when these variables are set.
 SDK_HEADERS = {"OpenAI-Organization": "OPENAI_ORG_ID", "OpenAI-Project": "OPENAI_PROJECT_ID"}
-
-OnDelta = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Attempt:
-    output: Any = None
-    error_type: str | None = None
-    error_message: str | None = None
-    transient: bool = False
-    retry_after: float | None = None
-    usage: tuple[int, int, int] = (0, 0, 0)
-
-    @property
-    def ok(self) -> bool:
-        return self.error_type is None
-
-
-def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """Read a ``Retry-After`` header: seconds, or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
 class LlmClient(Protocol):
@@ -140,13 +111,7 @@ async def run_llm(
         async with asyncio.timeout(timeout):
             return await client.complete(body, on_delta)
     except TimeoutError:
-        return _timed_out(timeout)
-
-
-def _timed_out(timeout: float) -> Attempt:
-    return Attempt(
-        error_type="timeout", error_message=f"no answer within {timeout:g} s", transient=True
-    )
+        return timed_out(timeout)
 
 
 # --- what both clients share: reading a completion, mapping an error status -----------
@@ -160,18 +125,14 @@ def _field(value: Any, name: str) -> Any:
     return None if isinstance(value, str | list) else getattr(value, name, None)
 
 
-def _usage(usage: Any) -> tuple[int, int, int]:
+def _usage(usage: Any) -> Usage:
     """Prompt, completion and total tokens; none counted unless all three are given."""
     prompt, completion, total = (
         _field(usage, k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
     )
     if isinstance(prompt, int) and isinstance(completion, int) and isinstance(total, int):
-        return (prompt, completion, total)
-    return (0, 0, 0)
-
-
-def _invalid(message: str) -> Attempt:
-    return Attempt(error_type="invalid_response", error_message=message)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+    return NO_USAGE
 
 
 def completion_attempt(completion: Any) -> Attempt:
@@ -182,21 +143,22 @@ def completion_attempt(completion: Any) -> Attempt:
         return error_event({"error": error})
     choices = _field(completion, "choices")
     if not isinstance(choices, list):
-        return _invalid("unreadable response: no choices list")
+        return invalid("unreadable response: no choices list")
     if not choices:
-        return _invalid("the response has no choices")
+        return invalid("the response has no choices")
     content = _field(_field(choices[0], "message"), "content")
     if content is None:
-        return _invalid("the response has no content")
+        return invalid("the response has no content")
     if not isinstance(content, str):
-        return _invalid("unreadable response: the content is not text")
+        return invalid("unreadable response: the content is not text")
     return Attempt(output=content, usage=_usage(_field(completion, "usage")))
 
 
 def error_event(body: Mapping[str, Any]) -> Attempt:
     """An ``{"error": ...}`` sent with a success status (mid-stream, say)."""
     return Attempt(
-        error_type="upstream_error", error_message=f"the provider sent an error: {_detail(body)}"
+        error_type=ErrorType.UPSTREAM_ERROR,
+        error_message=f"the provider sent an error: {_detail(body)}",
     )
 
 
@@ -208,25 +170,6 @@ def _detail(body: Any) -> str:
     if isinstance(message, str) and message.strip():
         return message.strip()[:500]
     return json.dumps(body, default=str)[:500] if body else "(no body)"
-
-
-def status_attempt(status: int, body: Any, retry_after: str | None) -> Attempt:
-    """A non-2xx answer: 408, 409, 429 and 5xx are worth retrying (after
-    ``Retry-After`` when given), the rest fail the lane at once."""
-    message = f"HTTP {status}: {_detail(body)}"
-    transient = status in TRANSIENT_STATUSES or status >= 500
-    return Attempt(
-        error_type="rate_limited" if status == 429 else "upstream_error",
-        error_message=message,
-        transient=transient,
-        retry_after=retry_after_seconds(retry_after) if transient else None,
-    )
-
-
-def _connection_failed(exc: BaseException) -> Attempt:
-    return Attempt(
-        error_type="upstream_error", error_message=f"connection failed: {exc}", transient=True
-    )
 
 
 def _parse(raw: bytes | str) -> Any:
@@ -274,18 +217,18 @@ class LeanClient:
                 if not 200 <= response.status < 300:
                     return status_attempt(
                         response.status,
-                        _parse(await response.read()),
+                        _detail(_parse(await response.read())),
                         response.headers.get("retry-after"),
                     )
                 if body.get("stream"):
                     return await _read_stream(response.content, on_delta)
                 raw = await response.read()
         except aiohttp.ClientError as exc:
-            return _connection_failed(exc)
+            return connection_failed(exc)
         try:
             completion = json.loads(raw)
         except ValueError as exc:
-            return _invalid(f"unreadable response: {exc}")
+            return invalid(f"unreadable response: {exc}")
         return completion_attempt(completion)
 
     async def close(self) -> None:
@@ -319,7 +262,7 @@ async def _read_stream(content: aiohttp.StreamReader, on_delta: OnDelta | None) 
         try:
             chunk = json.loads(payload)
         except ValueError as exc:
-            return _invalid(f"unreadable stream chunk: {exc}")
+            return invalid(f"unreadable stream chunk: {exc}")
         failed = streamed.add(chunk)  # a chunk that is no object has nothing to add
         if failed is not None:
             return failed
@@ -338,7 +281,7 @@ class Streamed:
     def __init__(self, on_delta: OnDelta | None) -> None:
         self.on_delta = on_delta
         self.parts: list[str] = []
-        self.usage = (0, 0, 0)
+        self.usage = NO_USAGE
         self.whole = False
 
     def add(self, chunk: Any) -> Attempt | None:
@@ -362,7 +305,7 @@ class Streamed:
     def attempt(self) -> Attempt:
         if not self.whole:
             return Attempt(
-                error_type="upstream_error",
+                error_type=ErrorType.UPSTREAM_ERROR,
                 error_message="the stream ended before the answer was complete",
                 transient=True,
             )
@@ -406,18 +349,18 @@ class SdkClient:
         except openai.APIConnectionError as exc:
             # Its own timeouts are off (run_llm bounds the attempt): a "timeout" here is
             # the transport's name for a refused or failed connection.
-            return _connection_failed(exc.__cause__ or exc)
+            return connection_failed(exc.__cause__ or exc)
         except openai.APIStatusError as exc:
             return status_attempt(
-                exc.status_code, exc.body, exc.response.headers.get("retry-after")
+                exc.status_code, _detail(exc.body), exc.response.headers.get("retry-after")
             )
         except openai.APIResponseValidationError as exc:
-            return _invalid(str(exc))
+            return invalid(str(exc))
         except openai.APIError as exc:  # an error in a stream
             return error_event({"error": exc.body or exc.message})
         except (ValueError, TypeError, KeyError) as exc:
             # A body the SDK could not parse (malformed JSON and the like).
-            return _invalid(f"unreadable response: {exc}")
+            return invalid(f"unreadable response: {exc}")
         return completion_attempt(completion)
 
     async def _streamed(self, body: dict[str, Any], on_delta: OnDelta | None) -> Attempt:

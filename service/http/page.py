@@ -22,7 +22,8 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from .api import Tenant, problems, state
+from .deps import Tenant, context
+from .openapi import problems
 
 router = APIRouter()
 
@@ -61,7 +62,7 @@ async def job_page(request: Request, tenant: Tenant, job_id: str) -> HTMLRespons
 
     With API keys configured, open it as ``/jobs/{id}?key=...``: the page passes the
     key on to the API (EventSource cannot send an ``Authorization`` header)."""
-    await state(request).store.job_status(job_id, tenant)  # another tenant's job: 404
+    await context(request).process.store.jobs.status(job_id, tenant)  # another tenant's: 404
     html, policy = _page()
     return HTMLResponse(
         html,

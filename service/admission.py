@@ -1,0 +1,106 @@
+"""Admission: a spec checked against this server before anything is stored: its caps,
+its providers, destinations the egress guard can never allow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import Settings
+from .egress import EgressDenied, check_url
+from .errors import InvalidSpec
+from .spec import (
+    HttpTask,
+    LlmTask,
+    OnFailure,
+    ReduceAggregate,
+    SectioningSpec,
+    VotingSpec,
+    lane_count,
+    on_failure,
+)
+
+
+def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None:
+    """Reject what this server cannot run: caps, unknown providers, impossible policies.
+
+    Raises :class:`InvalidSpec` naming every failing field, before anything is stored.
+    """
+    problems: list[dict[str, Any]] = []
+
+    def problem(loc: tuple[str | int, ...], msg: str) -> None:
+        problems.append({"loc": list(loc), "msg": msg})
+
+    lanes = lane_count(spec)
+    if lanes > settings.max_lanes_per_job:
+        where: tuple[str, ...] = ("n",) if isinstance(spec, VotingSpec) else ("sections",)
+        problem(
+            where, f"{lanes} lanes is over the cap of {settings.max_lanes_per_job} lanes per job"
+        )
+
+    tasks: list[tuple[tuple[str | int, ...], LlmTask | HttpTask]] = []
+    if isinstance(spec, VotingSpec):
+        tasks.append((("task",), spec.task))
+    else:
+        tasks.extend((("sections", i, "task"), s.task) for i, s in enumerate(spec.sections))
+    if isinstance(spec.aggregate, ReduceAggregate):
+        tasks.append((("aggregate", "task"), spec.aggregate.task))
+    for loc, task in tasks:
+        if isinstance(task, LlmTask):
+            if task.provider not in settings.providers:
+                known = ", ".join(sorted(settings.providers))
+                problem((*loc, "provider"), f"unknown provider {task.provider!r} (known: {known})")
+            size = sum(len(str(m.content).encode()) for m in task.messages)
+            if size > settings.max_message_bytes:
+                problem(
+                    (*loc, "messages"),
+                    f"messages are {size} bytes, over the cap of {settings.max_message_bytes}",
+                )
+        else:
+            reason = _destination_problem(task.url)
+            if reason:
+                problem((*loc, "url"), reason)
+
+    policy = spec.policy
+    if policy.quorum is not None:
+        if on_failure(spec) is not OnFailure.QUORUM:
+            problem(("policy", "quorum"), "quorum is only used with on_failure 'quorum'")
+        elif policy.quorum > lanes:
+            problem(
+                ("policy", "quorum"), f"quorum {policy.quorum} is larger than the {lanes} lanes"
+            )
+    if policy.max_attempts > settings.max_attempts:
+        problem(("policy", "max_attempts"), f"over the server maximum of {settings.max_attempts}")
+    if policy.lane_timeout_s is not None and policy.lane_timeout_s > settings.max_lane_timeout_s:
+        problem(
+            ("policy", "lane_timeout_s"),
+            f"over the server maximum of {settings.max_lane_timeout_s} s",
+        )
+    if policy.deadline_s is not None and policy.deadline_s > settings.max_deadline_s:
+        problem(("policy", "deadline_s"), f"over the server maximum of {settings.max_deadline_s} s")
+    if policy.max_concurrency is not None and policy.max_concurrency > settings.max_concurrency:
+        problem(
+            ("policy", "max_concurrency"),
+            f"over the server maximum of {settings.max_concurrency} lanes in flight",
+        )
+    if spec.webhook is not None:
+        if not settings.webhook_secret:
+            problem(
+                ("webhook",), "this server has no webhook signing secret (FANOUT_WEBHOOK_SECRET)"
+            )
+        reason = _destination_problem(spec.webhook.url)
+        if reason:
+            problem(("webhook", "url"), reason)
+    if problems:
+        raise InvalidSpec(problems)
+
+
+def _destination_problem(url: str) -> str | None:
+    """Early 422 for a URL that can never pass the egress guard (its scheme or form).
+    Addresses are checked at every call, on the IP actually connected to."""
+    try:
+        check_url(url)
+    except EgressDenied as exc:
+        return f"not an allowed destination: {exc.reason}"
+    except ValueError as exc:
+        return f"not a valid URL: {exc}"
+    return None

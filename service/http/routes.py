@@ -1,0 +1,152 @@
+"""The job routes: thin. Parse, call the store (or wake the runner), render."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, Query, Request, Response
+from sse_starlette import EventSourceResponse
+
+from .. import events as ev
+from ..admission import check_against
+from ..spec import SectioningSpec, VotingSpec
+from ..states import JobStatus
+from ..views import JobPage, JobView
+from .deps import Tenant, context
+from .openapi import CREATED, SPEC_EXAMPLES, problems
+from .problems import BadField, refuse_unstorable
+
+router = APIRouter()
+MAX_EVENT_ID = 2**31 - 1  # event sequence numbers are 32-bit integers in the table
+
+
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    response_model=JobView,
+    responses={**CREATED, **problems(400, 413, 422)},
+    tags=["jobs"],
+)
+async def create_job(
+    request: Request,
+    response: Response,
+    tenant: Tenant,
+    spec: Annotated[
+        VotingSpec | SectioningSpec, Body(discriminator="mode", openapi_examples=SPEC_EXAMPLES)
+    ],
+    idempotency_key: Annotated[
+        str | None, Header(max_length=255, pattern=r"^[\x20-\x7e]+$")
+    ] = None,
+) -> JobView:
+    """Create a job; it runs at once. ``Location`` names the job.
+
+    With ``Idempotency-Key``, the same key and body return the same job (no second
+    one); the same key with another body is a 422. Keys are per tenant.
+    """
+    process = context(request).process
+    settings = process.settings
+    refuse_unstorable(await request.json())
+    check_against(spec, settings)
+    idempotency = None
+    if idempotency_key is not None:
+        canonical = spec.model_dump_json(by_alias=True, exclude_none=True)
+        idempotency = (idempotency_key, hashlib.sha256(canonical.encode()).hexdigest())
+    job, created = await process.store.jobs.create(
+        spec,
+        tenant,
+        idempotency=idempotency,
+        max_in_flight=settings.max_jobs_in_flight,
+        idempotency_ttl_s=settings.idempotency_ttl_s,
+    )
+    if created and process.runner is not None:
+        process.runner.wake()
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job
+
+
+@router.get("/v1/jobs", response_model=JobPage, responses=problems(422), tags=["jobs"])
+async def list_jobs(
+    request: Request,
+    tenant: Tenant,
+    status: JobStatus | None = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> JobPage:
+    """The caller's jobs, newest first. Pass ``next_cursor`` back as ``cursor`` for more."""
+    jobs, next_cursor = await context(request).process.store.jobs.page(
+        tenant, status=status, cursor=cursor, limit=limit
+    )
+    return JobPage(jobs=jobs, next_cursor=next_cursor)
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobView, responses=problems(404), tags=["jobs"])
+async def get_job(request: Request, tenant: Tenant, job_id: str) -> JobView:
+    return await context(request).process.store.jobs.get(job_id, tenant)
+
+
+@router.post(
+    "/v1/jobs/{job_id}/cancel",
+    status_code=202,
+    response_model=JobView,
+    responses=problems(404, 409, 413),
+    tags=["jobs"],
+)
+async def cancel_job(request: Request, tenant: Tenant, job_id: str) -> JobView:
+    """Cancel a job: running lanes are stopped. A finished job is ``409``."""
+    jobs = context(request).process.store.jobs
+    await jobs.cancel(job_id, tenant)
+    return await jobs.get(job_id, tenant)
+
+
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "the job's events"},
+        **problems(404, 422),
+    },
+    tags=["jobs"],
+)
+async def job_events(
+    request: Request,
+    tenant: Tenant,
+    job_id: str,
+    last_event_id: Annotated[str | None, Header()] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_EVENT_ID, description="like Last-Event-ID")
+    ] = None,
+) -> EventSourceResponse:
+    """Server-sent events: every event after ``Last-Event-ID``, then live ones; closes
+    after the final ``job.succeeded`` / ``job.failed`` / ``job.cancelled``."""
+    process = context(request).process
+    # 404 before the stream starts. The status also answers the stream's one question
+    # about the job's end without another read: a job that had not finished now has its
+    # final event still to come, after the stream's subscription, so the replay or the
+    # live events deliver it; a finished one stays finished.
+    finished = (await process.store.jobs.status(job_id, tenant)).terminal
+
+    async def is_finished(_job_id: str) -> bool:
+        return finished
+
+    start = after or 0
+    if last_event_id is not None:
+        digits = last_event_id.isascii() and last_event_id.isdigit()  # not "²" nor "٣"
+        start = int(last_event_id) if digits else -1
+        if not 0 <= start <= MAX_EVENT_ID:
+            raise BadField(["header", "Last-Event-ID"], "must be an event id (an integer)")
+
+    async def sse() -> AsyncIterator[bytes]:
+        # Frames are encoded once for every client, and sse-starlette sends bytes as
+        # they are: one write per batch, whatever the number of events in it.
+        frames = ev.batches(process.hub, job_id, start, process.store.log.after, is_finished)
+        async for batch in frames:
+            yield b"".join(frame.body for frame in batch)
+
+    return EventSourceResponse(
+        sse(),
+        ping=process.settings.keepalive_s,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        send_timeout=30,
+    )

@@ -1,0 +1,54 @@
+"""Live text of streaming lanes: ``lane.delta`` events, coalesced."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ..events import EventHub
+from ..states import EventType
+from ..store import Claim
+from ..store.rendering import iso
+
+
+class DeltaCoalescer:
+    """Text chunks of a streaming lane, sent to live subscribers at most ~10 times a
+    second (``lane.delta``, sequence 0: never stored, never replayed)."""
+
+    INTERVAL_S = 0.1
+
+    def __init__(self, hub: EventHub, claim: Claim) -> None:
+        self.hub = hub
+        self.claim = claim
+        self._parts: list[str] = []
+        self._last_sent = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, text: str) -> None:
+        self._parts.append(text)
+        wait = self._last_sent + self.INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(wait, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._parts:
+            return
+        text, self._parts = "".join(self._parts), []
+        self._last_sent = time.monotonic()
+        data = {
+            "job_id": self.claim.job_id,
+            "seq": 0,
+            "at": iso(time.time()),
+            "lane": self.claim.idx,
+            "name": self.claim.name,
+            "attempt": self.claim.attempt_no,
+            "text": text,
+        }
+        self.hub.publish(
+            [{"job_id": self.claim.job_id, "seq": 0, "type": EventType.LANE_DELTA, "data": data}]
+        )

@@ -1,0 +1,272 @@
+"""The lane runner: claim lanes, run their attempts at once, record how they end.
+
+::
+
+    claim loop ──claims──► lane tasks (≤ max_concurrency) ──outcomes──► record loop
+        ▲ wake: new job, freed capacity, retry due, poll                  │ one transaction
+        └──────────────────────────────────────────────────────────────────┘ per batch
+
+Outcomes are written in batches (group commit): whatever finished while the last
+transaction was open goes into the next one. Decisions (early stop, fail fast,
+deadline...) are made by the store inside those transactions; when one ends lanes
+this process is running, the committed ``lane.*`` events reach :meth:`_on_events`,
+which cancels those tasks, closing their upstream requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from ..attempts import Attempt, Executor
+from ..events import Event, EventHub
+from ..metrics import Metrics
+from ..policy import Retrying, next_step
+from ..spec import LlmTask, lane_task, provider_name
+from ..states import FINAL_EVENTS, LANE_STOPPED, LaneStatus
+from ..store import Claim, Claimed, Outcome, Store
+from .deltas import DeltaCoalescer
+from .lifecycle import Writes, guarded, sleep_until_woken
+from .limits import ProviderLimits
+
+log = logging.getLogger("fanout.runner")
+
+
+class LaneRunner:
+    def __init__(
+        self,
+        store: Store,
+        hub: EventHub,
+        execute: Executor,
+        limits: ProviderLimits,
+        metrics: Metrics,
+        writes: Writes,
+        *,
+        owner: str,
+        max_concurrency: int,
+        claim_batch: int,
+        poll_interval_s: float,
+        default_lane_timeout_s: float,
+        retrying: Retrying,
+        on_reduce: Callable[[list[str]], None],
+    ) -> None:
+        self.store = store
+        self.hub = hub
+        self.execute = execute
+        self.limits = limits
+        self.metrics = metrics
+        self.writes = writes
+        self.owner = owner
+        self.max_concurrency = max_concurrency
+        self.claim_batch = claim_batch
+        self.poll_interval_s = poll_interval_s
+        self.default_lane_timeout_s = default_lane_timeout_s
+        self.retrying = retrying
+        self.on_reduce = on_reduce
+        self.running: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self.claiming = True
+        self._outcomes: list[Outcome] = []
+        self._outcome_ready = asyncio.Event()
+        self._recording = 0  # outcomes in the transaction being written
+        self._wake = asyncio.Event()
+        # Whether the last claim left claimable lanes behind (or the process was full):
+        # only then can a lane that ends (and frees a cap or a slot) let another start.
+        self._held_back = True
+        metrics.inflight.set_function(lambda: len(self.running))
+        hub.add_listener(self._on_events)
+
+    # --- the lifecycle -------------------------------------------------------------
+
+    def wake(self) -> None:
+        """New work may be claimable (a job was created, a lane requeued)."""
+        self._wake.set()
+
+    def stop_claiming(self) -> None:
+        self.claiming = False
+
+    def in_flight(self) -> list[asyncio.Task[None]]:
+        return list(self.running.values())
+
+    def holds_leases(self) -> bool:
+        return bool(self.running or self._outcomes or self._recording)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._claim_loop())
+            group.create_task(self._record_loop())
+
+    async def flush(self) -> None:
+        """Record what has finished and not been recorded (when stopping)."""
+        if self._outcomes:
+            batch, self._outcomes = self._outcomes, []
+            await self.store.outcomes.record(self.owner, batch)
+
+    # --- claiming ------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while True:
+            # Lanes whose call returned still hold their slot until they are recorded.
+            busy = len(self.running) + len(self._outcomes) + self._recording
+            free = self.max_concurrency - busy if self.claiming else 0
+            claimed = 0
+            self._held_back = True
+            if free > 0:
+                wanted = min(free, self.claim_batch)
+                result = await self._claim(wanted)
+                for claim in result.claims:
+                    self.metrics.queue_wait.observe(claim.waited_s)
+                    self._start(claim)
+                claimed = len(result.claims)
+                self._held_back = result.held_back
+                if claimed == wanted:
+                    continue
+            # Sleep until woken (a job was created, a lane finished and freed a cap),
+            # a retry's backoff ends, a provider's rate allows another call, or the
+            # poll interval passes (work from other processes without NOTIFY).
+            timeout = self.poll_interval_s
+            now = time.time()
+            due = await self.store.queue.next_wakeup() if claimed == 0 and free > 0 else None
+            if due is not None and due > now:
+                timeout = min(timeout, due - now + 0.001)
+            if self.limits.next_check is not None:
+                timeout = min(timeout, max(0.001, self.limits.next_check - time.monotonic()))
+                self.limits.next_check = None
+            await sleep_until_woken(self._wake, timeout)
+
+    async def _claim(self, wanted: int) -> Claimed:
+        """Claim lanes whose provider has capacity; give back slots admitted for lanes
+        that another process claimed first."""
+        admitted: list[str] = []
+
+        def admit(provider: str) -> bool:
+            if self.limits.admit(provider):
+                admitted.append(provider)
+                return True
+            return False
+
+        result = Claimed([], held_back=True)
+        try:
+            result = await self.writes(self.store.queue.claim(self.owner, wanted, admit))
+        finally:
+            unused = Counter(admitted) - Counter(_provider(claim) for claim in result.claims)
+            for provider in unused.elements():
+                self.limits.release(provider, 0)
+        return result
+
+    def _start(self, claim: Claim) -> None:
+        key = (claim.job_id, claim.idx)
+        task = asyncio.create_task(self._run_lane(claim), name=f"lane {claim.job_id}/{claim.idx}")
+        self.running[key] = task
+        task.add_done_callback(lambda _t: self._lane_done(key, task))
+
+    def _lane_done(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
+        if self.running.get(key) is task:
+            del self.running[key]
+        if self._held_back:
+            self._wake.set()
+
+    # --- running -------------------------------------------------------------------
+
+    async def _run_lane(self, claim: Claim) -> None:
+        tokens = 0
+        try:
+            tokens = await self._attempt(claim)
+        finally:
+            self.limits.release(_provider(claim), tokens)
+
+    async def _attempt(self, claim: Claim) -> int:
+        """Run one attempt and report it; returns the tokens it used."""
+        _name, task = lane_task(claim.spec, claim.idx)
+        timeout = claim.spec.policy.lane_timeout_s or self.default_lane_timeout_s
+        if claim.deadline_at is not None:
+            timeout = max(0.001, min(timeout, claim.deadline_at - time.time()))
+        started = time.time()
+        deltas = (
+            DeltaCoalescer(self.hub, claim) if isinstance(task, LlmTask) and task.stream else None
+        )
+        try:
+            attempt = await guarded(
+                self.execute(task, timeout=timeout, on_delta=deltas.add if deltas else None),
+                f"lane {claim.job_id}/{claim.idx}",
+            )
+        finally:
+            if deltas is not None:
+                deltas.flush()
+        model = task.model if isinstance(task, LlmTask) else "-"
+        outcome = "ok" if attempt.ok else (attempt.error_type or "error")
+        self.metrics.observe_attempt(
+            provider_name(task), model, time.time() - started, outcome, attempt.usage
+        )
+        self._report(claim, attempt, started)
+        return attempt.usage.total_tokens
+
+    def _report(self, claim: Claim, attempt: Attempt, started: float) -> None:
+        step = next_step(attempt, claim.attempt_no, claim.spec.policy.max_attempts, self.retrying)
+        if step.retry:
+            self.metrics.retries.labels(attempt.error_type or "error").inc()
+        self._outcomes.append(
+            Outcome(
+                job_id=claim.job_id,
+                idx=claim.idx,
+                attempt_no=claim.attempt_no,
+                status=step.status,
+                output=attempt.output,
+                error_type=attempt.error_type,
+                error_message=attempt.error_message,
+                retry_in=step.retry_in,
+                usage=attempt.usage,
+                started_at=started,
+                finished_at=time.time(),
+            )
+        )
+        self._outcome_ready.set()
+
+    # --- recording -----------------------------------------------------------------
+
+    async def _record_loop(self) -> None:
+        while True:
+            await self._outcome_ready.wait()
+            self._outcome_ready.clear()
+            batch, self._outcomes = self._outcomes, []
+            if not batch:
+                continue
+            self._recording = len(batch)
+            try:
+                recorded = await self.writes(self.store.outcomes.record(self.owner, batch))
+            except BaseException:
+                # Not written: keep the outcomes for the next try (or the shutdown).
+                self._outcomes[:0] = batch
+                raise
+            finally:
+                self._recording = 0
+            self.metrics.rejected_writes.inc(recorded.rejected)
+            if recorded.rejected:
+                log.warning("rejected %d stale lane writes", recorded.rejected)
+            if recorded.reduce_jobs:
+                self.on_reduce(recorded.reduce_jobs)
+            # A recorded outcome frees a slot (under its job's cap, or the process's):
+            # worth a claim if the last one left lanes behind. A retry requeued a lane
+            # whose backoff the claim loop must time.
+            if self._held_back or any(outcome.status is LaneStatus.QUEUED for outcome in batch):
+                self._wake.set()
+
+    def _on_events(self, events: list[Event]) -> None:
+        """Stop running attempts whose lane (or job) a decision just ended."""
+        for event in events:
+            kind = event["type"]
+            if kind in LANE_STOPPED:
+                task = self.running.get((event["job_id"], event["data"]["lane"]))
+                if task is not None:
+                    task.cancel()
+            elif kind in FINAL_EVENTS:
+                job_id = event["job_id"]
+                for (task_job, _idx), task in list(self.running.items()):
+                    if task_job == job_id:
+                        task.cancel()
+
+
+def _provider(claim: Claim) -> str:
+    return provider_name(lane_task(claim.spec, claim.idx)[1])

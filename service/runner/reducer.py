@@ -1,0 +1,126 @@
+"""The reducer: one more LLM call over every lane's output, for jobs aggregated by
+``reduce``. Its attempts are durable like a lane's (:mod:`service.store.reductions`):
+claimed when due, leased, retried after a backoff kept in the database, so a restart
+in the middle of a backoff resumes it wherever a runner is."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import partial
+from typing import Any
+
+from ..aggregate import reduce_messages
+from ..attempts import Executor
+from ..events import Event, EventHub
+from ..policy import Retrying, next_step
+from ..spec import ReduceAggregate
+from ..states import ErrorType, EventType, LaneStatus
+from ..store import ReductionClaim, Store
+from ..views import NO_USAGE
+from .lifecycle import Writes, guarded, logged, sleep_until_woken
+
+
+class Reducer:
+    def __init__(
+        self,
+        store: Store,
+        hub: EventHub,
+        execute: Executor,
+        writes: Writes,
+        *,
+        owner: str,
+        poll_interval_s: float,
+        default_lane_timeout_s: float,
+        retrying: Retrying,
+    ) -> None:
+        self.store = store
+        self.execute = execute
+        self.writes = writes
+        self.owner = owner
+        self.poll_interval_s = poll_interval_s
+        self.default_lane_timeout_s = default_lane_timeout_s
+        self.retrying = retrying
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.claiming = True
+        self._wake = asyncio.Event()
+        hub.add_listener(self._on_events)
+
+    def wake(self) -> None:
+        """A reducer attempt may be due (a job began aggregating, a backoff ended)."""
+        self._wake.set()
+
+    def stop_claiming(self) -> None:
+        self.claiming = False
+
+    def in_flight(self) -> list[asyncio.Task[None]]:
+        return list(self.running.values())
+
+    async def run(self) -> None:
+        while True:
+            timeout = self.poll_interval_s
+            if self.claiming:
+                await logged(self._claim(), "claiming reducer attempts")
+                due = await self.store.reductions.next_due()
+                if due is not None:
+                    timeout = min(timeout, max(0.0, due - time.time()) + 0.001)
+            await sleep_until_woken(self._wake, timeout)
+
+    async def _claim(self) -> None:
+        for claim in await self.writes(self.store.reductions.claim(self.owner)):
+            if claim.job_id in self.running:
+                continue
+            task = asyncio.create_task(self._reduce(claim), name=f"reduce {claim.job_id}")
+            self.running[claim.job_id] = task
+            task.add_done_callback(partial(self._forget, claim.job_id))
+
+    def _forget(self, job_id: str, _task: object) -> None:
+        self.running.pop(job_id, None)
+
+    async def _reduce(self, claim: ReductionClaim) -> None:
+        spec = claim.spec
+        assert isinstance(spec.aggregate, ReduceAggregate)
+        task = spec.aggregate.task
+        max_attempts = spec.policy.max_attempts
+        record = self.store.reductions.record
+        if claim.attempt_no > max_attempts:
+            # Every attempt was started and none reported: their processes went away.
+            error = _error(ErrorType.LEASE_LOST, "reducer: every attempt's worker went away")
+            await self.writes(record(claim, self.owner, usage=NO_USAGE, error=error))
+            return
+        if claim.budget_left is not None and claim.budget_left <= 0:
+            error = _error(ErrorType.BUDGET, "the token budget was spent before the reducer ran")
+            await self.writes(record(claim, self.owner, usage=NO_USAGE, error=error))
+            return
+        attempt = await guarded(
+            self.execute(
+                task,
+                timeout=spec.policy.lane_timeout_s or self.default_lane_timeout_s,
+                messages=reduce_messages(task, claim.lanes),
+            ),
+            f"reducer of {claim.job_id}",
+        )
+        step = next_step(attempt, claim.attempt_no, max_attempts, self.retrying)
+        if step.status is LaneStatus.SUCCEEDED:
+            work = record(claim, self.owner, usage=attempt.usage, output=attempt.output)
+        elif step.retry:
+            work = record(claim, self.owner, usage=attempt.usage, retry_in=step.retry_in)
+            asyncio.get_running_loop().call_later(step.retry_in, self.wake)
+        else:
+            error = _error(
+                attempt.error_type or ErrorType.INTERNAL_ERROR, f"reducer: {attempt.error_message}"
+            )
+            work = record(claim, self.owner, usage=attempt.usage, error=error)
+        await self.writes(work)
+
+    def _on_events(self, events: list[Event]) -> None:
+        """A cancelled job's reducer stops at once."""
+        for event in events:
+            if event["type"] == EventType.JOB_CANCELLED:
+                task = self.running.get(event["job_id"])
+                if task is not None:
+                    task.cancel()
+
+
+def _error(error_type: str, message: str) -> dict[str, Any]:
+    return {"type": error_type, "message": message}

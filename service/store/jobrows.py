@@ -1,0 +1,78 @@
+"""Reading and locking job rows, and the parsed specs of jobs: what every part of the
+store that touches a job uses.
+
+Locking order, so two processes on PostgreSQL never deadlock: a write transaction
+locks the job rows it touches first (sorted by id, :func:`lock_jobs`), then their
+lanes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import TypeAdapter
+from sqlalchemy import select
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..errors import JobNotFound
+from ..spec import JobSpec, SectioningSpec, VotingSpec
+from .db import Tx
+from .tables import jobs
+
+_spec_adapter: TypeAdapter[VotingSpec | SectioningSpec] = TypeAdapter(JobSpec)
+
+
+class SpecCache:
+    """Parsed specs by job id: the hot path reads a job's spec once per lane outcome,
+    and parsing it again each time would cost more than the outcome's SQL."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self.size = size
+        self._specs: OrderedDict[str, VotingSpec | SectioningSpec] = OrderedDict()
+
+    def of(self, job_id: str, raw: dict[str, Any]) -> VotingSpec | SectioningSpec:
+        spec = self._specs.get(job_id)
+        if spec is None:
+            spec = _spec_adapter.validate_python(raw)
+            self.put(job_id, spec)
+        return spec
+
+    def put(self, job_id: str, spec: VotingSpec | SectioningSpec) -> None:
+        self._specs[job_id] = spec
+        if len(self._specs) > self.size:
+            self._specs.popitem(last=False)
+
+
+async def lock_jobs(tx: Tx, job_ids: Iterable[str]) -> dict[str, RowMapping]:
+    """The job rows, locked for this transaction, in id order (the lock order)."""
+    ids = sorted(set(job_ids))
+    query = tx.locking(select(jobs).where(jobs.c.id.in_(ids)).order_by(jobs.c.id))
+    rows = (await tx.conn.execute(query)).mappings().all()
+    return {row["id"]: row for row in rows}
+
+
+def known_form(job_id: str) -> None:
+    """Job ids are UUIDs: anything else is no job (and never reaches the database)."""
+    try:
+        if str(uuid.UUID(job_id)) == job_id:
+            return
+    except ValueError:
+        pass
+    raise JobNotFound(job_id)
+
+
+async def job_row(conn: AsyncConnection, job_id: str, tenant: str | None) -> RowMapping:
+    """The job's row; :class:`JobNotFound` when there is none for ``tenant`` (None:
+    any tenant's)."""
+    known_form(job_id)
+    query = select(jobs).where(jobs.c.id == job_id)
+    if tenant is not None:
+        query = query.where(jobs.c.tenant == tenant)
+    row = (await conn.execute(query)).mappings().first()
+    if row is None:
+        raise JobNotFound(job_id)
+    return row

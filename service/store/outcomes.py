@@ -1,0 +1,192 @@
+"""Recording how attempts ended, in batches, and deciding each job they touch; passed
+deadlines are decided here too."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select, update
+
+from ..aggregate import answer_key, lane_answer
+from ..jsonsafe import scrub
+from ..spec import SectioningSpec, VotingSpec
+from ..states import DECIDING_JOB, LANE_ENDED, EventType, LaneStatus
+from ..views import Usage
+from .db import Database, Tx
+from .decisions import Decisions
+from .eventlog import Item
+from .jobrows import SpecCache, lock_jobs
+from .statements import OUTCOME_UPDATE
+from .tables import jobs, lanes
+from .values import Outcome, Recorded
+
+
+class Outcomes:
+    def __init__(self, db: Database, specs: SpecCache, decisions: Decisions) -> None:
+        self.db = db
+        self.specs = specs
+        self.decisions = decisions
+
+    async def record(self, owner: str, outcomes: Sequence[Outcome]) -> Recorded:
+        """Store a batch of attempt outcomes in one transaction (group commit), then
+        decide each job.
+
+        An outcome whose lane is no longer running under this owner and attempt (the
+        lease expired and another process took it, or the job was stopped) is
+        rejected: counted, not written.
+        """
+        now = time.time()
+        recorded = Recorded()
+        by_job: dict[str, list[Outcome]] = {}
+        for outcome in outcomes:
+            by_job.setdefault(outcome.job_id, []).append(outcome)
+        async with self.db.transaction() as tx:
+            job_rows = await lock_jobs(tx, by_job)
+            for job_id in sorted(by_job):
+                job = job_rows.get(job_id)
+                if job is None or job["status"] not in DECIDING_JOB:
+                    recorded.rejected += len(by_job[job_id])
+                    continue
+                spec = self.specs.of(job_id, job["spec"])
+                current = {
+                    idx: (status, attempts, lease_owner, name)
+                    for idx, status, attempts, lease_owner, name in (
+                        await tx.conn.execute(
+                            select(
+                                lanes.c.idx,
+                                lanes.c.status,
+                                lanes.c.attempts,
+                                lanes.c.lease_owner,
+                                lanes.c.name,
+                            ).where(
+                                lanes.c.job_id == job_id,
+                                lanes.c.idx.in_([o.idx for o in by_job[job_id]]),
+                            )
+                        )
+                    ).all()
+                }
+                valid = []
+                for outcome in by_job[job_id]:
+                    state = current.get(outcome.idx)
+                    if state is None or state[:3] != (
+                        LaneStatus.RUNNING,
+                        outcome.attempt_no,
+                        owner,
+                    ):
+                        recorded.rejected += 1
+                    else:
+                        valid.append((outcome, state[3]))
+                if not valid:
+                    continue
+                items, usage = await self._write(tx, job_id, spec, valid, now)
+                counted = {**job, "total_tokens": job["total_tokens"] + usage.total_tokens}
+                if await self.decisions.decide(tx, counted, spec, now, items=items):
+                    recorded.reduce_jobs.append(job_id)
+        return recorded
+
+    async def _write(
+        self,
+        tx: Tx,
+        job_id: str,
+        spec: VotingSpec | SectioningSpec,
+        valid: list[tuple[Outcome, str]],
+        now: float,
+    ) -> tuple[list[Item], Usage]:
+        """Write the outcomes; returns their events (appended with the decision's, in
+        one go) and the usage they add to the job's."""
+        rows = []
+        items: list[Item] = []
+        for outcome, name in valid:
+            usage = outcome.usage
+            retry = outcome.status is LaneStatus.QUEUED
+            # What a provider or an http task sent, made storable (see jsonsafe).
+            output = scrub(outcome.output)
+            message = outcome.error_message and scrub(outcome.error_message)
+            row: dict[str, Any] = {
+                "j": job_id,
+                "i": outcome.idx,
+                "status": outcome.status,
+                "output": output,
+                "answer_key": None,
+                "error_type": outcome.error_type,
+                # Upstream text may hold NUL, which PostgreSQL text refuses.
+                "error_message": message and message.replace("\x00", ""),
+                "p": usage.prompt_tokens,
+                "c": usage.completion_tokens,
+                "t": usage.total_tokens,
+                "finished_at": None if retry else outcome.finished_at,
+                "available_at": now + outcome.retry_in if retry else now,
+                "lease_owner": None,
+            }
+            lane = {"lane": outcome.idx, "name": name, "attempt": outcome.attempt_no}
+            duration = round(outcome.finished_at - outcome.started_at, 4)
+            if outcome.status is LaneStatus.SUCCEEDED:
+                answer = lane_answer(spec, outcome.idx, output)
+                row["answer_key"] = answer_key(answer)
+                fields = {
+                    **lane,
+                    "output": output,
+                    "usage": usage.model_dump(),
+                    "duration_s": duration,
+                }
+                if answer is not None:
+                    fields["answer"] = answer
+                items.append((EventType.LANE_SUCCEEDED, fields))
+            elif retry:
+                error = f"{outcome.error_type}: {message}"
+                retry_in = round(outcome.retry_in, 3)
+                items.append(
+                    (EventType.LANE_RETRYING, {**lane, "error": error, "retry_in_s": retry_in})
+                )
+            else:
+                error_view = {"type": outcome.error_type, "message": message}
+                items.append(
+                    (
+                        LANE_ENDED[outcome.status],
+                        {
+                            **lane,
+                            "error": error_view,
+                            "usage": usage.model_dump(),
+                            "duration_s": duration,
+                        },
+                    )
+                )
+            rows.append(row)
+        await tx.conn.execute(OUTCOME_UPDATE, rows)
+        added = Usage.sum(outcome.usage for outcome, _ in valid)
+        if added:
+            await add_usage(tx, job_id, added)
+        return items, added
+
+    async def expire_deadlines(self) -> list[str]:
+        """Decide every job whose deadline passed; returns jobs that now wait for their
+        reducer."""
+        now = time.time()
+        query = select(jobs.c.id).where(jobs.c.status.in_(DECIDING_JOB), jobs.c.deadline_at <= now)
+        async with self.db.read() as conn:
+            due = list((await conn.execute(query)).scalars().all())
+        reduce_jobs = []
+        for job_id in due:
+            async with self.db.transaction() as tx:
+                job = (await lock_jobs(tx, [job_id])).get(job_id)
+                if job is None or job["status"] not in DECIDING_JOB:
+                    continue
+                spec = self.specs.of(job_id, job["spec"])
+                if await self.decisions.decide(tx, job, spec, now, items=[], deadline_passed=True):
+                    reduce_jobs.append(job_id)
+        return reduce_jobs
+
+
+async def add_usage(tx: Tx, job_id: str, usage: Usage) -> None:
+    """Add to the job's token counts (its lanes', retries and reducer included)."""
+    await tx.conn.execute(
+        update(jobs)
+        .where(jobs.c.id == job_id)
+        .values(
+            prompt_tokens=jobs.c.prompt_tokens + usage.prompt_tokens,
+            completion_tokens=jobs.c.completion_tokens + usage.completion_tokens,
+            total_tokens=jobs.c.total_tokens + usage.total_tokens,
+        )
+    )

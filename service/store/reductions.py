@@ -1,0 +1,140 @@
+"""The reducer's steps, durable like lanes: an aggregating job's row says how many
+attempts its reducer made and when the next may start, and is leased to the process
+running the attempt. A process that dies mid-attempt, or stops during a backoff, leaves
+the row to whichever runner claims it next; nothing waits in memory."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+
+from ..aggregate import reduced
+from ..jsonsafe import scrub
+from ..states import JobStatus
+from ..views import Usage
+from .db import Database
+from .decisions import Decisions
+from .eventlog import EventLog, Item
+from .jobrows import SpecCache, lock_jobs
+from .outcomes import add_usage
+from .tables import jobs
+from .values import ReductionClaim
+
+
+def _due(now: float) -> Any:
+    return (
+        (jobs.c.status == JobStatus.AGGREGATING)
+        & (jobs.c.reduce_available_at <= now)
+        & or_(jobs.c.lease_owner.is_(None), jobs.c.lease_expires_at < now)
+    )
+
+
+class Reductions:
+    def __init__(
+        self,
+        db: Database,
+        log: EventLog,
+        specs: SpecCache,
+        decisions: Decisions,
+        *,
+        lease_seconds: float,
+    ) -> None:
+        self.db = db
+        self.log = log
+        self.specs = specs
+        self.decisions = decisions
+        self.lease_seconds = lease_seconds
+
+    async def claim(self, owner: str, limit: int = 50) -> list[ReductionClaim]:
+        """Reducer attempts that are due (first ones, retries after their backoff, and
+        those whose process went away), leased to ``owner``."""
+        now = time.time()
+        claims = []
+        async with self.db.transaction() as tx:
+            query = select(jobs).where(_due(now)).order_by(jobs.c.reduce_available_at).limit(limit)
+            rows = (await tx.conn.execute(tx.locking(query, skip_locked=True))).mappings().all()
+            for job in rows:
+                job_id = job["id"]
+                attempt_no = job["reduce_attempts"] + 1
+                await tx.conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job_id)
+                    .values(
+                        lease_owner=owner,
+                        lease_expires_at=now + self.lease_seconds,
+                        reduce_attempts=attempt_no,
+                    )
+                )
+                spec = self.specs.of(job_id, job["spec"])
+                budget = spec.policy.max_total_tokens
+                claims.append(
+                    ReductionClaim(
+                        job_id,
+                        attempt_no,
+                        spec,
+                        await self.decisions.lane_results(tx.conn, job_id),
+                        None if budget is None else budget - job["total_tokens"],
+                    )
+                )
+        return claims
+
+    async def next_due(self) -> float | None:
+        """When the earliest reducer attempt not leased to anyone becomes due."""
+        query = select(func.min(jobs.c.reduce_available_at)).where(
+            jobs.c.status == JobStatus.AGGREGATING, jobs.c.lease_owner.is_(None)
+        )
+        async with self.db.read() as conn:
+            due = (await conn.execute(query)).scalar_one_or_none()
+        return None if due is None else float(due)
+
+    async def record(
+        self,
+        claim: ReductionClaim,
+        owner: str,
+        *,
+        usage: Usage,
+        output: str | None = None,
+        error: dict[str, Any] | None = None,
+        retry_in: float | None = None,
+    ) -> bool:
+        """One reducer attempt: its answer (the job succeeds), a retry in ``retry_in``
+        seconds, or ``error`` (the job fails). False when ``owner`` no longer holds
+        that attempt (its lease expired and another process took the job)."""
+        now = time.time()
+        job_id = claim.job_id
+        async with self.db.transaction() as tx:
+            job = (await lock_jobs(tx, [job_id])).get(job_id)
+            if (
+                job is None
+                or job["status"] != JobStatus.AGGREGATING
+                or job["lease_owner"] != owner
+                or job["reduce_attempts"] != claim.attempt_no
+            ):
+                return False
+            if usage:
+                await add_usage(tx, job_id, usage)
+            items: list[Item] = []
+            if retry_in is not None:
+                await tx.conn.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job_id)
+                    .values(
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        reduce_available_at=now + retry_in,
+                    )
+                )
+            elif error is not None:
+                await self.decisions.finish(
+                    tx, job_id, JobStatus.FAILED, items, now, error=scrub(error)
+                )
+            else:
+                partial = bool((job["result"] or {}).get("partial"))
+                result = reduced(scrub(output) or "", claim.lanes, partial=partial)
+                await self.decisions.finish(
+                    tx, job_id, JobStatus.SUCCEEDED, items, now, result=result
+                )
+            await self.log.append(tx, job_id, items, now)
+            return True

@@ -1,0 +1,87 @@
+"""Rows as the views callers read (:mod:`service.views`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from ..states import JobStatus, LaneStatus
+from ..views import ErrorView, JobSummary, JobView, LaneView, ResultView, Usage
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def usage_of(row: Mapping[Any, Any]) -> Usage:
+    return Usage(
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        total_tokens=row["total_tokens"],
+    )
+
+
+def lane_view(row: Mapping[Any, Any]) -> LaneView:
+    error = None
+    if row["error_type"] is not None and row["status"] != LaneStatus.SUCCEEDED:
+        error = ErrorView(type=row["error_type"], message=row["error_message"] or "")
+    duration = None
+    if row["started_at"] is not None and row["finished_at"] is not None:
+        duration = round(row["finished_at"] - row["started_at"], 4)
+    return LaneView(
+        index=row["idx"],
+        name=row["name"],
+        status=row["status"],
+        attempts=row["attempts"],
+        output=row["output"],
+        answer=json.loads(row["answer_key"]) if row["answer_key"] is not None else None,
+        error=error,
+        usage=usage_of(row),
+        queued_at=iso(row["queued_at"]),
+        started_at=iso(row["started_at"]),
+        finished_at=iso(row["finished_at"]),
+        duration_s=duration,
+    )
+
+
+def job_view(job: Mapping[Any, Any], lane_rows: Sequence[Mapping[Any, Any]]) -> JobView:
+    progress: dict[str, int] = {}
+    for row in lane_rows:
+        progress[row["status"]] = progress.get(row["status"], 0) + 1
+    status = JobStatus(job["status"])
+    result = None
+    if job["result"] is not None and status is JobStatus.SUCCEEDED:
+        result = ResultView(**job["result"])
+    error = ErrorView(**job["error"]) if job["error"] is not None else None
+    return JobView(
+        id=job["id"],
+        status=status,
+        mode=job["mode"],
+        spec=job["spec"],
+        created_at=iso(job["created_at"]) or "",
+        started_at=iso(job["started_at"]),
+        finished_at=iso(job["finished_at"]),
+        progress=progress,
+        lanes=[lane_view(row) for row in lane_rows],
+        result=result,
+        error=error,
+        usage=usage_of(job),
+        metadata=job["spec"].get("metadata", {}),
+    )
+
+
+def job_summary(job: Mapping[Any, Any], progress: dict[str, int]) -> JobSummary:
+    return JobSummary(
+        id=job["id"],
+        status=job["status"],
+        mode=job["mode"],
+        created_at=iso(job["created_at"]) or "",
+        finished_at=iso(job["finished_at"]),
+        progress=progress,
+        usage=usage_of(job),
+        metadata=job["spec"].get("metadata", {}),
+    )

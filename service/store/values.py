@@ -1,0 +1,73 @@
+"""The values the store takes from the runner and hands back to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..aggregate import LaneResult
+from ..spec import SectioningSpec, VotingSpec
+from ..states import ErrorType, LaneStatus
+from ..views import NO_USAGE, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A lane attempt this process now holds the lease on."""
+
+    job_id: str
+    idx: int
+    name: str
+    attempt_no: int
+    spec: VotingSpec | SectioningSpec
+    deadline_at: float | None
+    waited_s: float = 0.0  # from claimable to claimed
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """What a claim took, and whether it left claimable lanes behind: lanes that a
+    job's cap, a provider's limit, the batch size or another process kept from it."""
+
+    claims: list[Claim]
+    held_back: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt ended, as the runner reports it: the lane's new ``status``
+    (``queued`` again: a retry after ``retry_in`` seconds)."""
+
+    job_id: str
+    idx: int
+    attempt_no: int
+    status: LaneStatus
+    output: Any = None
+    error_type: ErrorType | None = None
+    error_message: str | None = None
+    retry_in: float = 0.0
+    usage: Usage = NO_USAGE
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+
+@dataclass
+class Recorded:
+    """What a recording transaction leaves for the runner to do."""
+
+    rejected: int = 0
+    # Jobs that now wait for their reducer.
+    reduce_jobs: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ReductionClaim:
+    """A reducer attempt this process now holds the job's lease for: attempt
+    ``attempt_no`` over ``lanes`` (every lane, in order), with ``budget_left`` tokens
+    (None: no budget)."""
+
+    job_id: str
+    attempt_no: int
+    spec: VotingSpec | SectioningSpec
+    lanes: list[LaneResult]
+    budget_left: int | None

@@ -1,0 +1,111 @@
+"""What callers read back: the views of jobs and lanes, and :class:`Usage`.
+
+Request models are in :mod:`service.spec`; these are built by the store from its rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .states import JobStatus, LaneStatus
+
+
+# Tokens used: one value type everywhere (an attempt, a lane, a job), with ``+``. (No
+# docstring: it would become the schema's description in the OpenAPI document.)
+class Usage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage.model_construct(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            total_tokens=self.total_tokens + other.total_tokens,
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.prompt_tokens or self.completion_tokens or self.total_tokens)
+
+    @classmethod
+    def sum(cls, usages: Any) -> Usage:
+        total = NO_USAGE
+        for usage in usages:
+            total = total + usage
+        return total
+
+
+NO_USAGE = Usage()
+
+
+class ErrorView(BaseModel):
+    type: str
+    message: str
+
+
+class LaneView(BaseModel):
+    index: int
+    name: str
+    status: LaneStatus
+    attempts: int
+    output: Any = None
+    answer: Any = None
+    error: ErrorView | None = None
+    usage: Usage
+    queued_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_s: float | None = None
+
+
+class ResultView(BaseModel):
+    output: Any = None
+    details: dict[str, Any] = Field(default_factory=dict)
+    partial: bool = False
+    blocked: bool = False
+    blocked_by: str | None = None
+
+
+class WebhookView(BaseModel):
+    url: str
+    # waiting (the job is not finished) | pending | delivered | failed
+    status: str
+    # One entry per delivery attempt: at, status_code, error, duration_s.
+    attempts: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class JobView(BaseModel):
+    id: str
+    status: JobStatus
+    mode: Literal["voting", "sectioning"]
+    spec: dict[str, Any]
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    progress: dict[str, int]
+    lanes: list[LaneView]
+    result: ResultView | None = None
+    error: ErrorView | None = None
+    usage: Usage
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    webhook: WebhookView | None = None
+
+
+class JobSummary(BaseModel):
+    id: str
+    status: JobStatus
+    mode: Literal["voting", "sectioning"]
+    created_at: str
+    finished_at: str | None = None
+    progress: dict[str, int]
+    usage: Usage
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobPage(BaseModel):
+    jobs: list[JobSummary]
+    next_cursor: str | None = None
