@@ -97,9 +97,9 @@ def _serve(settings: Settings, *, host: str | None, port: int | None, with_runne
         waited for open connections; the lifespan then drains in-flight lanes."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            state = getattr(app.state, "fanout", None)
-            if state is not None and state.runner is not None:
-                state.runner.stop_claiming()
+            context = getattr(app.state, "fanout", None)
+            if context is not None and context.process.runner is not None:
+                context.process.runner.stop_claiming()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(

@@ -76,13 +76,18 @@ class EventType(StrEnum):
     LANE_DELTA = "lane.delta"  # live only: never stored, never replayed
 
 
-# The job's last event: the stream closes after it.
-FINAL_EVENTS = frozenset({EventType.JOB_SUCCEEDED, EventType.JOB_FAILED, EventType.JOB_CANCELLED})
-FINAL_EVENT = {
+# The event of a job entering each status.
+JOB_EVENT = {
+    JobStatus.QUEUED: EventType.JOB_QUEUED,
+    JobStatus.RUNNING: EventType.JOB_RUNNING,
+    JobStatus.AGGREGATING: EventType.JOB_AGGREGATING,
     JobStatus.SUCCEEDED: EventType.JOB_SUCCEEDED,
     JobStatus.FAILED: EventType.JOB_FAILED,
     JobStatus.CANCELLED: EventType.JOB_CANCELLED,
 }
+# The job's last event: the stream closes after it.
+FINAL_EVENT = {status: JOB_EVENT[status] for status in TERMINAL_JOB}
+FINAL_EVENTS = frozenset(FINAL_EVENT.values())
 # The event of a lane that ended with this status.
 LANE_ENDED = {
     LaneStatus.SUCCEEDED: EventType.LANE_SUCCEEDED,

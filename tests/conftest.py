@@ -1,6 +1,18 @@
 """Fixtures with real parts: the fake LLM as a process on loopback, real SQLite files,
 a real PostgreSQL, the real app.
 
+The layers (each test at the lowest one that can show its rule)::
+
+    unit/      pure rules: milliseconds, no I/O
+    attempts/  one attempt against real servers on loopback (lean and SDK clients)
+    store/     the Store on SQLite and PostgreSQL: no app, no runner, no LLM
+    runner/    the Runner with a scripted executor on both databases: no LLM, no HTTP
+    tools/     the LLM simulator
+    e2e/       the app, real processes, a real browser, the README's commands
+
+Migrations run once per session: into a SQLite file that each test gets a copy of,
+and into one PostgreSQL database that each test gets emptied.
+
 PostgreSQL: ``FANOUT_TEST_POSTGRES_URL`` (default: the local server, database
 ``test``). Tests on it are skipped, saying so, when it cannot be reached, unless
 ``FANOUT_REQUIRE_POSTGRES=1`` (set by ``.ci/run``), which makes that a failure.
@@ -10,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -87,19 +101,35 @@ def postgres_database() -> Iterator[str]:
         run_sync(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database migrated once for the session."""
+    path = tmp_path_factory.mktemp("template") / "fanout.db"
+    upgrade(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> str:
-    """Each test runs on SQLite (a fresh file) and on PostgreSQL (emptied first)."""
+def database_url(request: pytest.FixtureRequest, sqlite_template: Path, tmp_path: Path) -> str:
+    """Each test runs on SQLite (a copy of the migrated file) and on PostgreSQL (emptied
+    first)."""
     if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path}/fanout.db"
+        return _copy(sqlite_template, tmp_path)
     url: str = request.getfixturevalue("postgres_database")
     run_sync(truncate(url))
     return url
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: os.PathLike[str]) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path}/fanout.db"
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    """A migrated SQLite database of this test's own."""
+    return _copy(sqlite_template, tmp_path)
+
+
+def _copy(template: Path, directory: Path) -> str:
+    target = directory / "fanout.db"
+    shutil.copyfile(template, target)
+    return f"sqlite+aiosqlite:///{target}"
 
 
 @pytest.fixture

@@ -118,16 +118,20 @@ class Process:
 
         return await poll(probe, within=within, what=f"{self.name} logging {pattern!r}")
 
-    def close(self) -> None:
-        """Stop gracefully (SIGTERM), by force when that takes too long."""
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM): it drains, then exits."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
             self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+
+    def close(self) -> None:
+        """Stop gracefully (SIGTERM), by force when that takes too long."""
+        self.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
         self._log.close()
 
 
@@ -162,6 +166,9 @@ class Fleet:
         return self._start(name, ["worker"], None, settings)
 
     def close(self) -> None:
+        """Stop every process: all asked at once, so their drains overlap."""
+        for process in self.processes:
+            process.terminate()
         for process in self.processes:
             process.close()
 
@@ -204,6 +211,8 @@ def process_env(database_url: str, fake_llm: str, **settings: str) -> dict[str, 
         OPENAI_API_KEY="x",
         FANOUT_DATABASE_URL=database_url,
         FANOUT_LOG_LEVEL="INFO",
+        # Lanes still running when a test ends need not hold its teardown for long.
+        FANOUT_DRAIN_SECONDS="1",
     )
     env.update(_settings_env(settings))
     return env

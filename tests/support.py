@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from aiohttp import web
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -124,7 +125,32 @@ async def fake_reset(fake_url: str) -> None:
         (await client.post(fake_url.removesuffix("/v1") + "/_reset")).raise_for_status()
 
 
-# --- a real server on loopback ----------------------------------------------------
+# --- the app, and servers on loopback ------------------------------------------------
+
+
+@asynccontextmanager
+async def app_client(settings: Settings, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings.model_copy(update=overrides))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://fanout") as http:
+            yield http
+
+
+@asynccontextmanager
+async def receiver(handler: Any) -> AsyncIterator[str]:
+    """A real HTTP server on loopback; yields its base URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
 
 
 @dataclass
@@ -178,7 +204,8 @@ async def serve(settings: Settings) -> AsyncIterator[Served]:
 def make_settings(
     database_url: str, fake_llm: str, monkeypatch: pytest.MonkeyPatch, **overrides: Any
 ) -> Settings:
-    """Settings for a test app: the fake LLM as default provider, quick polls and retries."""
+    """Settings for a test app: the fake LLM as default provider, quick polls and retries,
+    on a database the fixtures migrated already."""
     monkeypatch.setenv("OPENAI_BASE_URL", fake_llm)
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     fields: dict[str, Any] = {
@@ -187,6 +214,7 @@ def make_settings(
         "retry_base_s": 0.05,
         "retry_max_s": 0.5,
         "drain_seconds": 0.5,  # hung lanes in a test need not hold its teardown
+        "run_migrations": False,
         **overrides,
     }
     return Settings(database_url=database_url, _env_file=None, **fields)  # type: ignore[call-arg]

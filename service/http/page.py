@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
+from ..states import FINAL_EVENTS, TERMINAL_JOB, EventType, JobStatus, LaneStatus
 from .deps import Tenant, context
 from .openapi import problems
 
@@ -35,10 +38,27 @@ def _hash(source: str) -> str:
     return f"'sha256-{base64.b64encode(digest).decode()}'"
 
 
+def vocabulary() -> dict[str, Any]:
+    """What the page's script knows of statuses and events, from :mod:`service.states`."""
+    lanes_shown = [LaneStatus.SUCCEEDED, LaneStatus.RUNNING, LaneStatus.QUEUED]
+    lanes_shown += [status for status in LaneStatus if status not in lanes_shown]
+    rank = {JobStatus.QUEUED: 0, JobStatus.RUNNING: 1, JobStatus.AGGREGATING: 2}
+    return {
+        "final_events": sorted(FINAL_EVENTS),
+        "lane_terminal": [status for status in LaneStatus if status.terminal],
+        "job_terminal": list(TERMINAL_JOB),
+        "job_rank": {status: rank.get(status, 3) for status in JobStatus},
+        "lane_statuses": lanes_shown,
+        "event_types": list(EventType),
+    }
+
+
 @cache
 def _page() -> tuple[str, str]:
     """The page and its Content-Security-Policy, read once."""
-    html = PAGE.read_text(encoding="utf-8")
+    data = json.dumps(vocabulary(), separators=(",", ":"))
+    html = PAGE.read_text(encoding="utf-8").replace("/*VOCABULARY*/", data)
+    # Only the page's script runs (the vocabulary is a data block, never executed).
     scripts = " ".join(_hash(s) for s in re.findall(r"<script>(.*?)</script>", html, re.S))
     styles = " ".join(_hash(s) for s in re.findall(r"<style>(.*?)</style>", html, re.S))
     policy = (

@@ -42,6 +42,16 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from ..states import (
+    FINAL_EVENTS,
+    JOB_EVENT,
+    LANE_ENDED,
+    OPEN_LANE,
+    EventType,
+    JobStatus,
+    LaneStatus,
+)
+
 EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1
 EXIT_NOT_CREATED = 2
@@ -54,16 +64,18 @@ RETRY_DELAYS: tuple[float, ...] = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)
 REQUEST_TIMEOUT = httpx.Timeout(30.0)
 
-FINAL_EVENTS = frozenset({"job.succeeded", "job.failed", "job.cancelled"})
-STATE_STYLES = {
-    "queued": "dim",
-    "running": "cyan",
-    "succeeded": "green",
-    "failed": "bold red",
-    "timed_out": "red",
-    "cancelled": "magenta",
-    "skipped": "dim",
+STATE_STYLES: dict[str, str] = {
+    LaneStatus.QUEUED: "dim",
+    LaneStatus.RUNNING: "cyan",
+    LaneStatus.SUCCEEDED: "green",
+    LaneStatus.FAILED: "bold red",
+    LaneStatus.TIMED_OUT: "red",
+    LaneStatus.CANCELLED: "magenta",
+    LaneStatus.SKIPPED: "dim",
 }
+# A job's status, and a lane's end, as their events announce them.
+JOB_STATUS_OF: dict[str, JobStatus] = {event: status for status, event in JOB_EVENT.items()}
+LANE_ENDED_BY: dict[str, LaneStatus] = {event: status for status, event in LANE_ENDED.items()}
 VERDICT_STYLES = {"passed": "green", "blocked": "bold red"}
 
 
@@ -117,7 +129,7 @@ def _timestamp(at: Any) -> float | None:
 class LaneRow:
     index: int
     name: str
-    state: str = "queued"
+    state: str = LaneStatus.QUEUED
     attempts: int = 0
     started: float | None = None  # server time the first attempt started
     attempt_started: float | None = None  # ... and the latest one
@@ -137,12 +149,15 @@ class Board:
 
     def __init__(self, job: dict[str, Any]) -> None:
         self.job_id: str = job["id"]
-        self.status: str = job.get("status", "queued")
+        self.status: str = job.get("status", JobStatus.QUEUED)
         spec = job.get("spec") or {}
         self.answer_title = _answer_title(job.get("mode"), spec)
         self.rows = [
             LaneRow(
-                lane["index"], lane["name"], lane.get("status", "queued"), lane.get("attempts", 0)
+                lane["index"],
+                lane["name"],
+                lane.get("status", LaneStatus.QUEUED),
+                lane.get("attempts", 0),
             )
             for lane in job.get("lanes", [])
         ]
@@ -163,15 +178,15 @@ class Board:
             if at is not None:
                 self._server_time, self._received = at, time.monotonic()
                 self.first_at = self.first_at or at
-            if event.type.startswith("job."):
-                self.status = event.type[4:]
+            if event.type in JOB_STATUS_OF:
+                self.status = JOB_STATUS_OF[event.type]
                 names = event.data.get("lanes")
-                if event.type == "job.queued" and not self.rows and isinstance(names, list):
+                if event.type == EventType.JOB_QUEUED and not self.rows and isinstance(names, list):
                     self.rows = [LaneRow(i, str(name)) for i, name in enumerate(names)]
                 if event.type in FINAL_EVENTS:
                     self.final = event
-            elif event.type.startswith("lane."):
-                self._apply_lane(event.type[5:], event.data, at)
+            else:
+                self._apply_lane(event.type, event.data, at)
         return True
 
     def _apply_lane(self, kind: str, data: dict[str, Any], at: float | None) -> None:
@@ -180,14 +195,14 @@ class Board:
             return
         row = self.rows[index]
         row.attempts = max(row.attempts, int(data.get("attempt") or 0))
-        if kind == "started":
-            row.state, row.error = "running", None
+        if kind == EventType.LANE_STARTED:
+            row.state, row.error = LaneStatus.RUNNING, None
             row.attempt_started = at
             row.started = row.started if row.started is not None else at
-        elif kind == "retrying":
-            row.state, row.error = "queued", str(data.get("error") or "")
-        elif kind in STATE_STYLES:
-            row.state = kind
+        elif kind == EventType.LANE_RETRYING:
+            row.state, row.error = LaneStatus.QUEUED, str(data.get("error") or "")
+        elif kind in LANE_ENDED_BY:
+            row.state = LANE_ENDED_BY[kind]
             row.ended = at
             duration = data.get("duration_s")
             if (
@@ -250,7 +265,7 @@ class Board:
 
         # Running lanes first, then the most recently finished, then the ones waiting.
         def busy(row: LaneRow) -> tuple[int, float]:
-            if row.state == "running":
+            if row.state == LaneStatus.RUNNING:
                 return (0, 0.0)
             if row.ended is not None:
                 return (1, -row.ended)
@@ -301,7 +316,7 @@ def _elapsed(row: LaneRow, now: float) -> str:
     if row.started is None:
         return "-"
     end = row.ended
-    if end is None or row.state in ("queued", "running"):
+    if end is None or row.state in OPEN_LANE:
         end = now
     return _seconds(end - row.started)
 
@@ -489,14 +504,14 @@ def _interrupted(client: httpx.Client, board: Board, *, cancel_on_exit: bool) ->
 
 def _report(final: ServerEvent | None, console: Console) -> int:
     assert final is not None
-    if final.type == "job.succeeded":
+    if final.type == EventType.JOB_SUCCEEDED:
         result = final.data.get("result") or {}
         console.print_json(data=result)
         if result.get("blocked"):
             _say(f"blocked by the gate of section {result.get('blocked_by')!r}")
             return EXIT_FAILED
         return EXIT_SUCCEEDED
-    if final.type == "job.failed":
+    if final.type == EventType.JOB_FAILED:
         console.print_json(data=final.data.get("error"))
         return EXIT_FAILED
     _say("the job was cancelled")

@@ -45,7 +45,7 @@ pytestmark = pytest.mark.filterwarnings(
     ":hypothesis.errors.HypothesisDeprecationWarning"
 )
 
-DOCUMENT = json.loads((Path(__file__).parents[1] / "openapi" / "openapi.json").read_text())
+DOCUMENT = json.loads((Path(__file__).parents[2] / "openapi" / "openapi.json").read_text())
 KEYS = {"acme": "key-acme", "globex": "key-globex"}
 
 

@@ -179,8 +179,10 @@ async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
     assert (await client.get("/readyz")).json() == {"status": "ready"}
 
 
-async def test_readiness_fails_without_migrations(sqlite_url: str, fake_llm: str) -> None:
-    settings = Settings(database_url=sqlite_url, run_migrations=False)
+async def test_readiness_fails_without_migrations(tmp_path: Path, fake_llm: str) -> None:
+    settings = Settings(
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/blank.db", run_migrations=False
+    )
     app = create_app(settings, with_runner=False)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

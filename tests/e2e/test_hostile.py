@@ -16,8 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.config import Settings
-from tests.support import events_of, run_job, section, sectioning, user, voting
-from tests.test_safety import app_client, receiver
+from tests.support import (
+    app_client,
+    events_of,
+    receiver,
+    run_job,
+    section,
+    sectioning,
+    user,
+    voting,
+)
 
 LONE = "\ud800"
 

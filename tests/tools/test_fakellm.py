@@ -27,7 +27,7 @@ from tests.support import free_port, wait_http
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 READY_WITHIN_S = 15.0
 
 

@@ -34,7 +34,7 @@ from service.http import create_app
 from service.spec import JobSpec
 from tests.support import free_port, wait_http
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 VENV_BIN = Path(sys.executable).parent
 

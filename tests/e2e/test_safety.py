@@ -8,8 +8,6 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -17,40 +15,24 @@ import pytest
 from aiohttp import web
 
 from service.config import Settings
-from service.http import create_app
-from tests.support import events_of, fake_reset, fake_stats, run_job, section, sectioning, voting
+from tests.support import (
+    app_client,
+    events_of,
+    fake_reset,
+    fake_stats,
+    receiver,
+    run_job,
+    section,
+    sectioning,
+    voting,
+)
 
 KEYS = "acme:key-acme,globex:key-globex"
 SECRET = "whsec_" + base64.b64encode(b"fanout-test-secret").decode()
 
 
-@asynccontextmanager
-async def app_client(settings: Settings, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings.model_copy(update=overrides))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://fanout") as http:
-            yield http
-
-
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-@asynccontextmanager
-async def receiver(handler: Any) -> AsyncIterator[str]:
-    """A real HTTP server on loopback; yields its base URL."""
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 # --- tenants -------------------------------------------------------------------------

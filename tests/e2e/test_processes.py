@@ -267,6 +267,35 @@ async def test_restart_after_kill_9_resumes_every_job_and_reruns_lanes_in_flight
         await tables.dispose()
 
 
+async def test_sigterm_stops_serve_within_its_drain_and_gives_back_what_was_running(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    serve = fleet.serve("serve", drain_seconds="0.5")
+    await started(serve)
+    async with httpx.AsyncClient(base_url=serve.url, timeout=10) as api:
+        job_id = await post(api, voting(2, "fake?hang=1", aggregate=MAJORITY_ALL_LANES))
+
+        async def running() -> bool:
+            return (await get(api, job_id))["progress"].get("running") == 2
+
+        await poll(running, within=10, what="two lanes running")
+    serve.send(signal.SIGTERM)
+    await poll(
+        lambda: asyncio.sleep(0, serve.proc.poll() is not None),
+        within=10,
+        what="serve exited after its drain",
+    )
+    # uvicorn ends by the signal it handled, once it has shut down: as a supervisor expects.
+    assert serve.proc.returncode in (0, -signal.SIGTERM), serve.log()
+    assert first_traceback(serve.log()) is None, serve.log()
+    tables = Tables(f"sqlite+aiosqlite:///{tmp_path}/f.db")
+    try:
+        lanes = await tables.lanes([job_id])
+    finally:
+        await tables.dispose()
+    assert [(lane["status"], lane["lease_owner"]) for lane in lanes] == [("queued", None)] * 2
+
+
 # --- PostgreSQL: replicas and workers -------------------------------------------------
 
 

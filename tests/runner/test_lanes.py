@@ -1,0 +1,246 @@
+"""The lane runner: claims, attempts at once, retries through the database, group
+commit, and decisions that stop attempts in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from service.attempts import Attempt
+from service.states import ErrorType
+from service.store import Store
+from service.views import Usage
+from tests.runner.conftest import Call, Harness, Script, echo, hang, since
+from tests.support import section, sectioning, voting
+
+NUMBER = {"kind": "majority", "extract": "number"}
+LIMITED = Attempt(error_type=ErrorType.RATE_LIMITED, error_message="HTTP 429", transient=True)
+DOWN = Attempt(error_type=ErrorType.UPSTREAM_ERROR, error_message="HTTP 503", transient=True)
+REFUSED = Attempt(error_type=ErrorType.UPSTREAM_ERROR, error_message="HTTP 400: no")
+
+
+def seven(tokens: int = 2) -> Attempt:
+    return Attempt(output="Answer: 7", usage=Usage(total_tokens=tokens, completion_tokens=tokens))
+
+
+async def test_every_lane_runs_and_the_job_collects_them(harness: Harness) -> None:
+    script = Script()
+    harness.runner(script)
+    job = await harness.run(
+        sectioning(section("weather", text="rain?"), section("draft", text="a poem"))
+    )
+    assert job.status == "succeeded" and job.result is not None
+    assert job.result.output == {"weather": "Echo: rain?", "draft": "Echo: a poem"}
+    assert sorted(call.text for call in script.calls) == ["a poem", "rain?"]
+    assert job.usage.total_tokens == 4
+
+
+async def test_a_transient_failure_is_retried_no_sooner_than_retry_after(harness: Harness) -> None:
+    def flaky(call: Call) -> Attempt:
+        if len(script.calls) <= 2:
+            return Attempt(
+                error_type=ErrorType.RATE_LIMITED,
+                error_message="HTTP 429",
+                transient=True,
+                retry_after=0.3,
+            )
+        return echo(call)
+
+    script = Script(flaky)
+    harness.runner(script)
+    started = time.monotonic()
+    job_id = await harness.create(sectioning(section("flaky")))
+    events = await harness.events(job_id)
+    assert since(started) >= 0.6
+    retrying = [e["data"] for e in events if e["type"] == "lane.retrying"]
+    assert [r["attempt"] for r in retrying] == [1, 2]
+    assert all(r["retry_in_s"] >= 0.3 and r["error"].startswith("rate_limited") for r in retrying)
+    lane = (await harness.store.jobs.get(job_id, None)).lanes[0]
+    assert (lane.status, lane.attempts, len(script.calls)) == ("succeeded", 3, 3)
+
+
+async def test_a_failure_that_is_not_transient_is_not_retried(harness: Harness) -> None:
+    script = Script(lambda _call: REFUSED)
+    harness.runner(script)
+    job = await harness.run(sectioning(section("bad"), policy={"max_attempts": 3}))
+    assert (job.lanes[0].status, job.lanes[0].attempts, len(script.calls)) == ("failed", 1, 1)
+    assert job.lanes[0].error is not None and job.lanes[0].error.type == "upstream_error"
+
+
+async def test_retries_stop_at_max_attempts(harness: Harness) -> None:
+    script = Script(lambda _call: DOWN)
+    harness.runner(script)
+    job = await harness.run(sectioning(section("down"), policy={"max_attempts": 2}))
+    assert (job.lanes[0].status, job.lanes[0].attempts, len(script.calls)) == ("failed", 2, 2)
+
+
+async def test_an_attempt_never_outlives_the_lane_timeout_or_the_deadline(harness: Harness) -> None:
+    script = Script()
+    harness.runner(script, default_lane_timeout_s=7)
+    await harness.run(sectioning(section("a")))
+    await harness.run(sectioning(section("b"), policy={"lane_timeout_s": 3}))
+    await harness.run(sectioning(section("c"), policy={"lane_timeout_s": 3, "deadline_s": 1}))
+    assert [round(call.timeout) for call in script.calls] == [7, 3, 1]
+
+
+async def test_a_passed_deadline_stops_running_attempts_and_keeps_what_finished(
+    harness: Harness,
+) -> None:
+    script = Script(lambda call: hang(call) if call.text == "stuck" else echo(call))
+    harness.runner(script)
+    spec = sectioning(
+        section("quick", text="quick"),
+        section("stuck", text="stuck"),
+        policy={"on_failure": "best_effort", "deadline_s": 0.5},
+    )
+    job = await harness.run(spec)
+    assert job.status == "succeeded" and job.result is not None and job.result.partial
+    assert job.result.output == {"quick": "Echo: quick", "stuck": None}
+    assert job.lanes[1].status == "timed_out"
+    await script.until(lambda s: s.in_flight == 0)
+    assert [call.text for call in script.cancelled] == ["stuck"]
+
+
+async def test_cancel_stops_the_attempts_in_flight(harness: Harness) -> None:
+    script = Script(hang)
+    harness.runner(script)
+    job_id = await harness.create(voting(4))
+    await script.until(lambda s: s.in_flight == 4)
+    await harness.store.jobs.cancel(job_id, None)
+    await script.until(lambda s: s.in_flight == 0)
+    assert len(script.cancelled) == 4
+    assert (await harness.store.jobs.get(job_id, None)).status == "cancelled"
+
+
+async def test_early_stop_cancels_the_attempts_that_can_no_longer_change_the_winner(
+    harness: Harness,
+) -> None:
+    answered = 0
+
+    async def three_answer(_call: Call) -> Attempt:
+        nonlocal answered
+        if answered < 3:
+            answered += 1
+            return seven()
+        return await hang(_call)
+
+    script = Script(three_answer)
+    harness.runner(script)
+    job = await harness.run(voting(5, aggregate=NUMBER))
+    assert job.result is not None and job.result.output == 7
+    assert sorted(lane.status for lane in job.lanes) == ["skipped"] * 2 + ["succeeded"] * 3
+    await script.until(lambda s: s.in_flight == 0)
+    assert len(script.cancelled) == 2
+
+
+async def test_fail_fast_cancels_the_slow_lanes(harness: Harness) -> None:
+    script = Script(lambda call: REFUSED if call.text == "broken" else hang(call))
+    harness.runner(script)
+    job = await harness.run(
+        sectioning(section("broken", text="broken"), section("slow", text="slow"))
+    )
+    assert job.status == "failed" and job.error is not None and job.error.type == "lane_failed"
+    assert [lane.status for lane in job.lanes] == ["failed", "cancelled"]
+    await script.until(lambda s: s.in_flight == 0)
+    assert [call.text for call in script.cancelled] == ["slow"]
+
+
+async def test_a_spent_token_budget_starts_no_new_attempt(harness: Harness) -> None:
+    script = Script(lambda _call: seven(tokens=100))
+    harness.runner(script)
+    spec = voting(
+        10,
+        aggregate={**NUMBER, "early_stop": False},
+        policy={"max_concurrency": 2, "max_total_tokens": 250},
+    )
+    job = await harness.run(spec)
+    statuses = [lane.status for lane in job.lanes]
+    assert statuses.count("succeeded") == len(script.calls) <= 4  # one round past it at most
+    assert statuses.count("cancelled") == 10 - len(script.calls)
+    assert job.result is not None and job.result.partial is True
+
+
+async def test_lanes_held_back_by_a_cap_start_as_others_end_without_a_poll(
+    harness: Harness,
+) -> None:
+    """Waves of two lanes: each starts as the last ends, not at the next poll (30 s)."""
+
+    async def quick(call: Call) -> Attempt:
+        await asyncio.sleep(0.02)
+        return echo(call)
+
+    script = Script(quick)
+    harness.runner(script, poll_interval_s=30, max_concurrency=2)
+    started = time.monotonic()
+    capped = voting(4, aggregate={**NUMBER, "early_stop": False}, policy={"max_concurrency": 2})
+    uncapped = voting(4, aggregate={**NUMBER, "early_stop": False})
+    for spec in (capped, uncapped):
+        job = await harness.run(spec, within=10)
+        assert job.progress == {"succeeded": 4}
+    assert since(started) < 5
+
+
+async def test_an_attempt_that_raises_fails_its_lane_and_the_job_still_ends(
+    harness: Harness,
+) -> None:
+    def broken(_call: Call) -> Attempt:
+        raise RuntimeError("injected defect")
+
+    harness.runner(Script(broken))
+    job = await harness.run(voting(2))
+    assert job.status == "failed"
+    assert [lane.error.type for lane in job.lanes if lane.error] == ["internal_error"] * 2
+    assert job.lanes[0].error is not None
+    assert job.lanes[0].error.message == "RuntimeError: injected defect"
+
+
+async def test_streamed_text_reaches_subscribers_coalesced_and_is_never_stored(
+    harness: Harness,
+) -> None:
+    async def streaming(call: Call) -> Attempt:
+        assert call.on_delta is not None
+        for i in range(60):
+            call.on_delta(f"w{i} ")
+            await asyncio.sleep(0.01)
+        return Attempt(output="".join(f"w{i} " for i in range(60)))
+
+    harness.runner(Script(streaming))
+    spec = sectioning(section("story"))
+    spec["sections"][0]["task"]["stream"] = True
+    job_id = await harness.create(spec)
+    events = await harness.events(job_id)
+    deltas = harness.live("lane.delta")
+    job = await harness.store.jobs.get(job_id, None)
+    assert "".join(d["data"]["text"] for d in deltas) == job.lanes[0].output
+    assert 2 <= len(deltas) <= 16  # 60 chunks over about 0.6 s, about ten a second
+    assert all(d["seq"] == 0 for d in deltas)
+    assert not any(e["type"] == "lane.delta" for e in await harness.store.log.after(job_id, 0))
+    assert events[-1]["type"] == "job.succeeded"
+
+
+async def test_a_stopped_runner_gives_its_lanes_back_for_another_to_run(
+    harness: Harness,
+) -> None:
+    first = Script(hang)
+    runner = harness.runner(first)
+    job_id = await harness.create(voting(2))
+    await first.until(lambda s: s.in_flight == 2)
+    await harness.stop(runner)
+    lanes = (await harness.store.jobs.get(job_id, None)).lanes
+    assert {lane.status for lane in lanes} == {"queued"}
+    harness.runner(Script())
+    await harness.events(job_id)
+    job = await harness.store.jobs.get(job_id, None)
+    assert job.status == "succeeded" and [lane.attempts for lane in job.lanes] == [2, 2]
+
+
+async def test_lanes_of_a_worker_that_died_run_again_elsewhere(harness: Harness) -> None:
+    dead = Store(harness.db, lease_seconds=-1)  # leases that have already expired
+    job_id = await harness.create(voting(2))
+    assert len((await dead.queue.claim("dead-worker", 10)).claims) == 2
+    script = Script()
+    harness.runner(script)
+    await harness.events(job_id)
+    job = await harness.store.jobs.get(job_id, None)
+    assert job.status == "succeeded" and [lane.attempts for lane in job.lanes] == [2, 2]
+    assert len(script.calls) == 2

@@ -1,0 +1,94 @@
+"""The reducer: one more call over every lane's output, durable and retried like a lane."""
+
+from __future__ import annotations
+
+from service.attempts import Attempt
+from service.states import ErrorType
+from service.views import Usage
+from tests.runner.conftest import Call, Harness, Script, echo
+from tests.support import section, sectioning
+
+SYNTHESISE = {"model": "m", "messages": [{"role": "system", "content": "Synthesise."}]}
+REDUCE = {"kind": "reduce", "task": SYNTHESISE}
+
+
+def is_reducer(call: Call) -> bool:
+    return call.messages is not None
+
+
+async def test_the_reducer_reads_every_output_tagged_in_lane_order(harness: Harness) -> None:
+    def answer(call: Call) -> Attempt:
+        if is_reducer(call):
+            return Attempt(output="merged", usage=Usage(total_tokens=50, completion_tokens=50))
+        return echo(call)
+
+    script = Script(answer)
+    harness.runner(script)
+    spec = sectioning(
+        section("skeptic", text="risky"), section("optimist", text="great"), aggregate=REDUCE
+    )
+    job = await harness.run(spec)
+    assert job.status == "succeeded" and job.result is not None
+    assert job.result.output == "merged" and job.result.details == {"inputs": 2}
+    (reducer,) = [call for call in script.calls if is_reducer(call)]
+    assert reducer.messages is not None and reducer.messages[0].content == "Synthesise."
+    tagged = reducer.text
+    assert tagged.index('<lane name="skeptic">') < tagged.index('<lane name="optimist">')
+    assert "Echo: risky" in tagged and "Echo: great" in tagged
+    assert job.usage.total_tokens == 2 + 2 + 50  # the reducer's tokens count too
+
+
+async def test_a_reducer_that_raises_fails_the_job_instead_of_holding_it(harness: Harness) -> None:
+    def answer(call: Call) -> Attempt:
+        if is_reducer(call):
+            raise RuntimeError("injected defect")
+        return echo(call)
+
+    harness.runner(Script(answer))
+    job = await harness.run(sectioning(section("a"), section("b"), aggregate=REDUCE))
+    assert job.status == "failed" and job.error is not None
+    assert job.error.type == "internal_error"
+    assert [lane.status for lane in job.lanes] == ["succeeded", "succeeded"]
+
+
+async def test_a_reducer_out_of_budget_fails_the_job_without_a_call(harness: Harness) -> None:
+    script = Script(lambda call: Attempt(output="x", usage=Usage(total_tokens=100)))
+    harness.runner(script)
+    spec = sectioning(section("a"), aggregate=REDUCE, policy={"max_total_tokens": 50})
+    job = await harness.run(spec)
+    assert job.status == "failed" and job.error is not None and job.error.type == "budget"
+    assert not any(is_reducer(call) for call in script.calls)
+
+
+async def test_a_reducer_in_its_backoff_resumes_after_a_restart(harness: Harness) -> None:
+    """The retry waits in the database, not in the stopped process's memory."""
+
+    def down(call: Call) -> Attempt:
+        if is_reducer(call):
+            return Attempt(
+                error_type=ErrorType.UPSTREAM_ERROR,
+                error_message="HTTP 503",
+                transient=True,
+                retry_after=0.5,
+            )
+        return echo(call)
+
+    first = Script(down)
+    runner = harness.runner(first)
+    job_id = await harness.create(sectioning(section("a"), aggregate=REDUCE))
+    await first.until(lambda s: any(is_reducer(c) for c in s.calls) and s.in_flight == 0)
+
+    async def waiting() -> bool:
+        return await harness.store.reductions.next_due() is not None
+
+    from tests.processes import poll
+
+    await poll(waiting, within=10, what="the reducer's retry recorded")
+    await harness.stop(runner)
+    assert (await harness.store.jobs.get(job_id, None)).status == "aggregating"
+    second = Script(lambda call: Attempt(output="merged") if is_reducer(call) else echo(call))
+    harness.runner(second)
+    await harness.events(job_id)
+    job = await harness.store.jobs.get(job_id, None)
+    assert job.status == "succeeded" and job.result is not None and job.result.output == "merged"
+    assert [is_reducer(c) for c in second.calls] == [True]

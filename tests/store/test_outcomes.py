@@ -1,0 +1,148 @@
+"""Recording attempt outcomes in batches and deciding jobs in the same transaction:
+stale writes rejected, retries queued for later, early stop, the budget, deadlines."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from service.states import ErrorType, LaneStatus
+from service.store import Claim, Outcome, Store
+from service.views import Usage
+from tests.store.conftest import OWNER, parse
+from tests.support import section, sectioning, voting
+
+NUMBER = {"kind": "majority", "extract": "number"}
+
+
+def answered(claim: Claim, output: Any = "Answer: 7", tokens: int = 10) -> Outcome:
+    now = time.time()
+    return Outcome(
+        claim.job_id,
+        claim.idx,
+        claim.attempt_no,
+        LaneStatus.SUCCEEDED,
+        output=output,
+        usage=Usage(prompt_tokens=tokens // 2, completion_tokens=tokens // 2, total_tokens=tokens),
+        started_at=now,
+        finished_at=now,
+    )
+
+
+def failed(claim: Claim, status: LaneStatus = LaneStatus.FAILED, retry_in: float = 0.0) -> Outcome:
+    now = time.time()
+    return Outcome(
+        claim.job_id,
+        claim.idx,
+        claim.attempt_no,
+        status,
+        error_type=ErrorType.UPSTREAM_ERROR,
+        error_message="HTTP 503: down",
+        retry_in=retry_in,
+        started_at=now,
+        finished_at=now,
+    )
+
+
+async def test_a_batch_records_every_job_it_touches_in_one_go(store: Store) -> None:
+    one, _ = await store.jobs.create(parse(voting(1, aggregate=NUMBER)), "acme")
+    two, _ = await store.jobs.create(parse(voting(1, aggregate=NUMBER)), "acme")
+    claims = (await store.queue.claim(OWNER, 10)).claims
+    recorded = await store.outcomes.record(OWNER, [answered(c) for c in claims])
+    assert recorded.rejected == 0 and recorded.reduce_jobs == []
+    for job_id in (one.id, two.id):
+        view = await store.jobs.get(job_id, None)
+        assert view.status == "succeeded" and view.result is not None
+        assert view.result.output == 7
+        assert view.usage == Usage(prompt_tokens=5, completion_tokens=5, total_tokens=10)
+        kinds = [e["type"] for e in await store.log.after(job_id, 0)]
+        assert kinds[-3:] == ["lane.succeeded", "job.aggregating", "job.succeeded"]
+
+
+async def test_a_stale_write_is_rejected_not_recorded(store: Store) -> None:
+    job, _ = await store.jobs.create(parse(voting(2, aggregate=NUMBER)), "acme")
+    first, second = (await store.queue.claim(OWNER, 10)).claims
+    wrong_owner = await store.outcomes.record("someone-else", [answered(first)])
+    old_attempt = Outcome(first.job_id, first.idx, 0, LaneStatus.SUCCEEDED, output="1")
+    wrong_attempt = await store.outcomes.record(OWNER, [old_attempt])
+    assert (wrong_owner.rejected, wrong_attempt.rejected) == (1, 1)
+    lanes = (await store.jobs.get(job.id, None)).lanes
+    assert [lane.status for lane in lanes] == ["running", "running"]
+    assert (await store.outcomes.record(OWNER, [answered(first), answered(second)])).rejected == 0
+
+
+async def test_a_retry_queues_the_lane_again_after_its_backoff(store: Store) -> None:
+    job, _ = await store.jobs.create(parse(voting(1)), "acme")
+    (claim,) = (await store.queue.claim(OWNER, 10)).claims
+    before = time.time()
+    await store.outcomes.record(OWNER, [failed(claim, LaneStatus.QUEUED, retry_in=60)])
+    lane = (await store.jobs.get(job.id, None)).lanes[0]
+    assert (lane.status, lane.attempts) == ("queued", 1)
+    assert (await store.queue.claim(OWNER, 10)).claims == []  # not before its time
+    due = await store.queue.next_wakeup()
+    assert due is not None and due >= before + 60
+    event = (await store.log.after(job.id, 0))[-1]
+    assert event["type"] == "lane.retrying"
+    assert event["data"]["retry_in_s"] == 60 and event["data"]["attempt"] == 1
+
+
+async def test_early_stop_skips_the_lanes_that_can_no_longer_change_the_winner(
+    store: Store,
+) -> None:
+    job, _ = await store.jobs.create(parse(voting(5, aggregate=NUMBER)), "acme")
+    claims = (await store.queue.claim(OWNER, 10)).claims
+    await store.outcomes.record(OWNER, [answered(c) for c in claims[:3]])
+    view = await store.jobs.get(job.id, None)
+    assert [lane.status for lane in view.lanes] == ["succeeded"] * 3 + ["skipped"] * 2
+    assert view.status == "succeeded" and view.result is not None
+    assert view.result.output == 7 and view.result.partial is False
+    late = await store.outcomes.record(OWNER, [answered(c) for c in claims[3:]])
+    assert late.rejected == 2
+
+
+async def test_fail_fast_fails_the_job_and_cancels_the_open_lanes(store: Store) -> None:
+    job, _ = await store.jobs.create(parse(sectioning(section("a"), section("b"))), "acme")
+    first, _second = (await store.queue.claim(OWNER, 10)).claims
+    await store.outcomes.record(OWNER, [failed(first)])
+    view = await store.jobs.get(job.id, None)
+    assert view.status == "failed" and view.error is not None
+    assert view.error.type == "lane_failed" and "'a'" in view.error.message
+    assert [lane.status for lane in view.lanes] == ["failed", "cancelled"]
+
+
+async def test_a_spent_budget_cancels_the_queued_lanes(store: Store) -> None:
+    spec = voting(4, aggregate={**NUMBER, "early_stop": False}, policy={"max_total_tokens": 15})
+    job, _ = await store.jobs.create(parse(spec), "acme")
+    claims = (await store.queue.claim(OWNER, 2)).claims
+    await store.outcomes.record(OWNER, [answered(c, tokens=10) for c in claims])
+    view = await store.jobs.get(job.id, None)
+    assert [lane.status for lane in view.lanes] == ["succeeded"] * 2 + ["cancelled"] * 2
+    assert {lane.error.type for lane in view.lanes[2:] if lane.error} == {"budget"}
+    assert view.result is not None and view.result.partial is True
+
+
+async def test_a_passed_deadline_times_out_open_lanes_and_decides_on_the_rest(
+    store: Store,
+) -> None:
+    spec = sectioning(
+        section("a"), section("b"), policy={"on_failure": "best_effort", "deadline_s": 0.001}
+    )
+    job, _ = await store.jobs.create(parse(spec), "acme")
+    (claim,) = (await store.queue.claim(OWNER, 1)).claims
+    await store.outcomes.record(OWNER, [answered(claim, output="done")])
+    assert await store.outcomes.expire_deadlines() == []
+    view = await store.jobs.get(job.id, None)
+    assert [lane.status for lane in view.lanes] == ["succeeded", "timed_out"]
+    assert view.status == "succeeded" and view.result is not None
+    assert view.result.partial is True and view.result.output == {"a": "done", "b": None}
+
+
+async def test_a_gate_that_matches_withholds_the_output(store: Store) -> None:
+    spec = sectioning(section("draft"), section("safety", gate={"block_if": "(?i)unsafe"}))
+    job, _ = await store.jobs.create(parse(spec), "acme")
+    draft, safety = (await store.queue.claim(OWNER, 10)).claims
+    await store.outcomes.record(OWNER, [answered(draft, "story"), answered(safety, "UNSAFE")])
+    view = await store.jobs.get(job.id, None)
+    assert view.result is not None and view.result.blocked is True
+    assert view.result.blocked_by == "safety" and view.result.output is None
+    assert view.lanes[1].answer == "blocked"
