@@ -6,6 +6,8 @@ carries ids, never an event body (PostgreSQL caps it at 8000 bytes)::
 
     fanout_events  {"o": ORIGIN, "j": [[JOB_ID, FIRST_SEQ, LAST_SEQ], ...]}
     fanout_work    {"o": ORIGIN}     a job was queued or a lane requeued: claim
+    fanout_deltas  {"o": ORIGIN, "d": [DATA, ...]}   live lane.delta events (never
+                   stored), sent by :class:`DeltaRelay` outside any transaction
 
 ``ORIGIN`` names the writing process (its :class:`~service.db.Database`). A process
 skips its own notifications: its hub published those events on commit already.
@@ -15,6 +17,7 @@ One :class:`Listener` per process holds one dedicated connection::
     NOTIFY ─► _on_notification (a sync asyncpg callback: no I/O here)
                 │ fanout_events: queue (job, first, last), ring the doorbell
                 │ fanout_work:   wake()
+                │ fanout_deltas: hub.publish at once (live only, carried whole)
                 ▼
               _serve: read the queued ranges from the events table on the same
                       connection ─► hub.publish (streams, and the runner, which stops
@@ -49,6 +52,7 @@ log = logging.getLogger("fanout.notify")
 
 EVENTS_CHANNEL = "fanout_events"
 WORK_CHANNEL = "fanout_work"
+DELTAS_CHANNEL = "fanout_deltas"
 # PostgreSQL refuses payloads of 8000 bytes or more; stay clear of the limit.
 MAX_PAYLOAD = 7800
 # Events after which a lane may be claimable by any process.
@@ -56,6 +60,7 @@ WAKING_EVENTS = frozenset({EventType.JOB_QUEUED, EventType.LANE_RETRYING})
 
 Range = tuple[str, int, int]  # job id, first seq, last seq
 Connect = Callable[..., Awaitable[Any]]
+Notify = Callable[[list[tuple[str, str]]], Awaitable[None]]
 
 
 # --- the wire format -----------------------------------------------------------------
@@ -90,6 +95,87 @@ def notifications(origin: str, events: Sequence[Event]) -> list[tuple[str, str]]
 
 def _events_payload(origin: str, items: list[str]) -> str:
     return f'{{"o":{json.dumps(origin)},"j":[{",".join(items)}]}}'
+
+
+def delta_notifications(origin: str, events: Sequence[Event]) -> list[tuple[str, str]]:
+    """``lane.delta`` events as payloads under :data:`MAX_PAYLOAD` bytes: as many events
+    as fit in each, and an event whose text alone is too long split into several (a
+    client joining the texts gets the same text)."""
+    head = len(_deltas_payload(origin, []))
+    notes: list[tuple[str, str]] = []
+    chunk: list[str] = []
+    size = head
+    for event in events:
+        for item in _delta_items(event["data"], MAX_PAYLOAD - head):
+            length = len(item.encode())  # PostgreSQL's limit is in bytes
+            if chunk and size + length + 1 > MAX_PAYLOAD:
+                notes.append((DELTAS_CHANNEL, _deltas_payload(origin, chunk)))
+                chunk, size = [], head
+            chunk.append(item)
+            size += length + 1
+    if chunk:
+        notes.append((DELTAS_CHANNEL, _deltas_payload(origin, chunk)))
+    return notes
+
+
+def _delta_items(data: dict[str, Any], room: int) -> list[str]:
+    """The event's data as JSON, in pieces of at most ``room`` bytes (cut in its text)."""
+    item = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    text = data.get("text", "")
+    if len(item.encode()) <= room or len(text) < 2:
+        return [item]
+    half = len(text) // 2
+    return [
+        *_delta_items({**data, "text": text[:half]}, room),
+        *_delta_items({**data, "text": text[half:]}, room),
+    ]
+
+
+def _deltas_payload(origin: str, items: list[str]) -> str:
+    return f'{{"o":{json.dumps(origin)},"d":[{",".join(items)}]}}'
+
+
+class DeltaRelay:
+    """``lane.delta`` events to this process's hub at once, and to every other process
+    through ``fanout_deltas``: batched, one ``NOTIFY`` statement every ``interval_s``
+    at most (a lane's deltas come about ten times a second; a thousand streaming lanes
+    must not make ten thousand round trips)."""
+
+    def __init__(
+        self, hub: EventHub, send: Notify, *, origin: str, interval_s: float = 0.05
+    ) -> None:
+        self.hub = hub
+        self.send = send
+        self.origin = origin
+        self.interval_s = interval_s
+        self._pending: list[Event] = []
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def publish(self, events: list[Event]) -> None:
+        self.hub.publish(events)
+        self._pending.extend(events)
+        self._ready.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="delta relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            batch, self._pending = self._pending, []
+            try:
+                await self.send(delta_notifications(self.origin, batch))
+            except Exception as exc:  # live only: a lost delta is not worth a retry
+                log.warning("could not relay %d deltas: %s", len(batch), exc)
+            await asyncio.sleep(self.interval_s)
 
 
 def asyncpg_dsn(url: str) -> str:
@@ -174,6 +260,7 @@ class Listener:
                     )
                     conn.add_termination_listener(self._on_lost)
                     await conn.add_listener(EVENTS_CHANNEL, self._on_notification)
+                    await conn.add_listener(DELTAS_CHANNEL, self._on_notification)
                     if self.wake is not None:
                         await conn.add_listener(WORK_CHANNEL, self._on_notification)
                 self.connections += 1
@@ -246,6 +333,9 @@ class Listener:
                 if self.wake is not None:
                     self.wake()
                 return
+            if channel == DELTAS_CHANNEL:
+                self.hub.publish([_delta_event(data) for data in message["d"]])
+                return
             ranges = [(str(job), int(first), int(last)) for job, first, last in message["j"]]
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring a malformed notification on %s: %.200s", channel, payload)
@@ -256,6 +346,10 @@ class Listener:
     def _on_lost(self, _conn: Any) -> None:
         self.connected.clear()
         self._ring.set()  # _serve sees the closed connection and returns
+
+
+def _delta_event(data: dict[str, Any]) -> Event:
+    return {"job_id": str(data["job_id"]), "seq": 0, "type": EventType.LANE_DELTA, "data": data}
 
 
 async def _close(conn: Any) -> None:

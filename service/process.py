@@ -18,7 +18,7 @@ from .config import Settings
 from .egress import EgressGuard
 from .events import EventHub
 from .metrics import Metrics
-from .notify import Listener
+from .notify import DeltaRelay, Listener
 from .policy import Retrying
 from .runner import Runner, RunnerConfig
 from .store import Database, Store
@@ -87,6 +87,8 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
     )
     guard = EgressGuard(settings.egress_allow, max_response_bytes=settings.max_response_bytes)
     http = guard.client(max_connections=settings.max_concurrency)
+    # PostgreSQL: streamed text reaches the streams of every process, not only this one's.
+    relay = None if db.is_sqlite else DeltaRelay(hub, db.notify, origin=db.origin)
     runner = None
     if with_runner:
         execute = TaskExecutor(providers, http, max_response_bytes=settings.max_response_bytes)
@@ -98,6 +100,7 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
             providers=settings.providers,
             metrics=metrics,
             config=runner_config(settings),
+            publish_deltas=relay.publish if relay is not None else None,
         )
     process = Process(settings, db, store, hub, providers, runner, metrics)
 
@@ -107,6 +110,8 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
         wake = runner.wake if runner is not None else None
         listener = Listener(settings.database_url, hub, origin=db.origin, wake=wake)
         await listener.start()
+    if relay is not None:
+        relay.start()
     supervisor = asyncio.create_task(_supervise(runner)) if runner is not None else None
     try:
         yield process
@@ -117,6 +122,8 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
             with suppress(TimeoutError):
                 async with asyncio.timeout(10):
                     await listener.stop()
+        if relay is not None:
+            await relay.stop()
         if supervisor is not None:
             supervisor.cancel()
             with suppress(asyncio.CancelledError, TimeoutError):

@@ -20,13 +20,14 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
 
 from ..attempts import Executor
 from ..config import Provider
-from ..events import EventHub
+from ..events import Event, EventHub
 from ..metrics import Metrics
 from ..policy import Retrying
 from ..store import Store
@@ -73,7 +74,10 @@ class Runner:
         metrics: Metrics,
         config: RunnerConfig,
         owner: str | None = None,
+        publish_deltas: Callable[[list[Event]], None] | None = None,
     ) -> None:
+        """``publish_deltas``: where streamed text goes (this process's hub by default;
+        on PostgreSQL, every process's, :class:`service.notify.DeltaRelay`)."""
         self.store = store
         self.config = config
         self.owner = owner or new_owner()
@@ -102,6 +106,7 @@ class Runner:
             default_lane_timeout_s=config.default_lane_timeout_s,
             retrying=config.retrying,
             on_reduce=self._reduce,
+            publish_deltas=publish_deltas or hub.publish,
         )
         self.webhooks = WebhookSender(
             store,
@@ -121,6 +126,7 @@ class Runner:
             owner=self.owner,
             heartbeat_s=config.heartbeat_s,
             sweep_s=min(0.25, config.poll_interval_s),
+            retrying=config.retrying,
             holds_leases=lambda: self.lanes.holds_leases() or bool(self.reducer.running),
             on_requeued=self.lanes.wake,
             on_reduce=self._reduce,

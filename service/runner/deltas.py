@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
-from ..events import EventHub
+from ..events import Event
 from ..states import EventType
 from ..store import Claim
 from ..store.rendering import iso
@@ -17,8 +18,8 @@ class DeltaCoalescer:
 
     INTERVAL_S = 0.1
 
-    def __init__(self, hub: EventHub, claim: Claim) -> None:
-        self.hub = hub
+    def __init__(self, publish: Callable[[list[Event]], None], claim: Claim) -> None:
+        self.publish = publish  # to this process's hub, and on PostgreSQL to the others'
         self.claim = claim
         self._parts: list[str] = []
         self._last_sent = 0.0
@@ -49,6 +50,6 @@ class DeltaCoalescer:
             "attempt": self.claim.attempt_no,
             "text": text,
         }
-        self.hub.publish(
+        self.publish(
             [{"job_id": self.claim.job_id, "seq": 0, "type": EventType.LANE_DELTA, "data": data}]
         )

@@ -1,12 +1,13 @@
 """The housekeeper: this process's leases renewed (the heartbeat), and the sweep:
 passed deadlines decided, and lanes whose worker went away (its lease expired)
-queued again."""
+failed or queued again after a backoff (a lost lease is a failed attempt)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 
+from ..policy import Retrying
 from ..store import Store
 from .lifecycle import Writes, logged
 
@@ -20,6 +21,7 @@ class Housekeeper:
         owner: str,
         heartbeat_s: float,
         sweep_s: float,
+        retrying: Retrying,
         holds_leases: Callable[[], bool],
         on_requeued: Callable[[], None],
         on_reduce: Callable[[list[str]], None],
@@ -29,6 +31,7 @@ class Housekeeper:
         self.owner = owner
         self.heartbeat_s = heartbeat_s
         self.sweep_s = sweep_s
+        self.retrying = retrying
         self.holds_leases = holds_leases
         self.on_requeued = on_requeued
         self.on_reduce = on_reduce
@@ -59,7 +62,9 @@ class Housekeeper:
 
     async def _sweep(self) -> None:
         reduce_jobs = await self.store.outcomes.expire_deadlines()
+        lost = await self.store.outcomes.expire_leases(self.retrying)
+        reduce_jobs += lost.reduce_jobs
         if reduce_jobs:
             self.on_reduce(reduce_jobs)
-        if await self.store.queue.reclaim_expired():
+        if lost.requeued:
             self.on_requeued()

@@ -52,6 +52,7 @@ class LaneRunner:
         default_lane_timeout_s: float,
         retrying: Retrying,
         on_reduce: Callable[[list[str]], None],
+        publish_deltas: Callable[[list[Event]], None],
     ) -> None:
         self.store = store
         self.hub = hub
@@ -66,6 +67,7 @@ class LaneRunner:
         self.default_lane_timeout_s = default_lane_timeout_s
         self.retrying = retrying
         self.on_reduce = on_reduce
+        self.publish_deltas = publish_deltas
         self.running: dict[tuple[str, int], asyncio.Task[None]] = {}
         self.claiming = True
         self._outcomes: list[Outcome] = []
@@ -185,7 +187,9 @@ class LaneRunner:
             timeout = max(0.001, min(timeout, claim.deadline_at - time.time()))
         started = time.time()
         deltas = (
-            DeltaCoalescer(self.hub, claim) if isinstance(task, LlmTask) and task.stream else None
+            DeltaCoalescer(self.publish_deltas, claim)
+            if isinstance(task, LlmTask) and task.stream
+            else None
         )
         try:
             attempt = await guarded(

@@ -228,6 +228,12 @@ class Database:
         if tx.events:
             self.on_commit(tx.events)
 
+    async def notify(self, notes: list[tuple[str, str]]) -> None:
+        """Send notifications now, outside any write (PostgreSQL only)."""
+        if notes:
+            async with self.writer.begin() as conn:
+                await _notify(conn, notes)
+
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         async with self.reader.connect() as conn:

@@ -10,9 +10,11 @@ from typing import Any
 from sqlalchemy import select, update
 
 from ..aggregate import answer_key, lane_answer
+from ..attempts import Attempt
 from ..jsonsafe import scrub
+from ..policy import Retrying, next_step
 from ..spec import SectioningSpec, VotingSpec
-from ..states import DECIDING_JOB, LANE_ENDED, EventType, LaneStatus
+from ..states import DECIDING_JOB, LANE_ENDED, ErrorType, EventType, LaneStatus
 from ..views import Usage
 from .db import Database, Tx
 from .decisions import Decisions
@@ -159,6 +161,59 @@ class Outcomes:
         if added:
             await add_usage(tx, job_id, added)
         return items, added
+
+    async def expire_leases(self, retrying: Retrying) -> Recorded:
+        """Lanes whose worker stopped renewing its lease (it crashed, hung or was killed).
+
+        A lost lease is a failed attempt (``lease_lost``), decided like any other
+        (:func:`service.policy.next_step`): the lane is queued again after a backoff
+        while attempts are left, and fails once they are spent, so a lane that kills
+        every worker that runs it ends after ``max_attempts``; the job is decided on it.
+        ``Recorded.requeued`` counts the lanes queued again.
+        """
+        now = time.time()
+        expired = (lanes.c.status == LaneStatus.RUNNING) & (lanes.c.lease_expires_at < now)
+        recorded = Recorded()
+        async with self.db.transaction() as tx:
+            job_ids = await tx.conn.execute(select(lanes.c.job_id).where(expired).distinct())
+            job_rows = await lock_jobs(tx, job_ids.scalars().all())
+            for job_id in sorted(job_rows):
+                job = job_rows[job_id]
+                if job["status"] not in DECIDING_JOB:
+                    continue
+                spec = self.specs.of(job_id, job["spec"])
+                lost = []
+                for idx, name, attempt_no in (
+                    await tx.conn.execute(
+                        select(lanes.c.idx, lanes.c.name, lanes.c.attempts)
+                        .where(expired, lanes.c.job_id == job_id)
+                        .order_by(lanes.c.idx)
+                    )
+                ).all():
+                    message = f"the worker running attempt {attempt_no} went away"
+                    attempt = Attempt(
+                        error_type=ErrorType.LEASE_LOST, error_message=message, transient=True
+                    )
+                    step = next_step(attempt, attempt_no, spec.policy.max_attempts, retrying)
+                    recorded.requeued += step.retry
+                    outcome = Outcome(
+                        job_id,
+                        idx,
+                        attempt_no,
+                        step.status,
+                        error_type=ErrorType.LEASE_LOST,
+                        error_message=message,
+                        retry_in=step.retry_in,
+                        started_at=now,
+                        finished_at=now,
+                    )
+                    lost.append((outcome, name))
+                if not lost:
+                    continue
+                items, _usage = await self._write(tx, job_id, spec, lost, now)
+                if await self.decisions.decide(tx, job, spec, now, items=items):
+                    recorded.reduce_jobs.append(job_id)
+        return recorded
 
     async def expire_deadlines(self) -> list[str]:
         """Decide every job whose deadline passed; returns jobs that now wait for their

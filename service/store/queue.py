@@ -1,5 +1,6 @@
 """The lanes table as the queue: claiming under caps and leases, heartbeats, and
-requeueing what a dead or stopping process held."""
+lanes given back by a stopping process. (Leases that expired are outcomes: a lost
+lease is a failed attempt, :meth:`service.store.outcomes.Outcomes.expire_leases`.)"""
 
 from __future__ import annotations
 
@@ -206,6 +207,8 @@ class LaneQueue:
             )
 
     async def _requeue(self, tx: Tx, where: Any, now: float) -> int:
+        """Lanes given back by a stopping worker: queued at once, their attempt counted
+        (a lost lease is :meth:`~service.store.outcomes.Outcomes.expire_leases`')."""
         rows = (
             await tx.conn.execute(
                 select(lanes.c.job_id, lanes.c.idx, lanes.c.name, lanes.c.attempts).where(where)
@@ -248,16 +251,6 @@ class LaneQueue:
         for job_id in sorted(by_job):
             await self.log.append(tx, job_id, by_job[job_id], now)
         return sum(len(v) for v in by_job.values())
-
-    async def reclaim_expired(self) -> int:
-        """Requeue lanes whose worker stopped renewing its lease (crashed or hung)."""
-        now = time.time()
-        async with self.db.transaction() as tx:
-            return await self._requeue(
-                tx,
-                and_(lanes.c.status == LaneStatus.RUNNING, lanes.c.lease_expires_at < now),
-                now,
-            )
 
     async def next_wakeup(self) -> float | None:
         """When the earliest queued lane becomes claimable (retries wait for backoff)."""

@@ -56,6 +56,7 @@ class Recorded:
     """What a recording transaction leaves for the runner to do."""
 
     rejected: int = 0
+    requeued: int = 0  # lanes queued again (a lost lease with attempts left)
     # Jobs that now wait for their reducer.
     reduce_jobs: list[str] = field(default_factory=list)
 

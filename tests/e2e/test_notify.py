@@ -23,11 +23,8 @@ from service.config import Settings
 from service.http import create_app
 from service.notify import (
     EVENTS_CHANNEL,
-    MAX_PAYLOAD,
-    WORK_CHANNEL,
     Listener,
     asyncpg_dsn,
-    notifications,
 )
 from service.process import Process
 from service.store.db import Database
@@ -37,39 +34,13 @@ FINAL = {"job.succeeded", "job.failed", "job.cancelled"}
 SLOW = "fake?latency_ms=100&jitter_ms=1000"  # lanes end spread over a second
 
 
-# --- the wire format (no database) ---------------------------------------------------
+# --- two instances on one PostgreSQL -------------------------------------------------
+
+postgres = pytest.mark.postgres
 
 
 def event(job_id: str, seq: int, kind: str = "lane.started") -> dict[str, Any]:
     return {"job_id": job_id, "seq": seq, "type": kind, "data": {}}
-
-
-def test_a_transaction_is_announced_as_one_seq_range_per_job() -> None:
-    notes = notifications("me", [event("a", 4), event("a", 5), event("b", 1), event("a", 6)])
-    assert notes == [(EVENTS_CHANNEL, '{"o":"me","j":[["a",4,6],["b",1,1]]}')]
-
-
-def test_payloads_stay_under_the_postgres_limit_however_many_jobs() -> None:
-    batch = [event(f"{i:036d}", 7) for i in range(1000)]
-    notes = notifications("me", batch)
-    assert len(notes) > 1
-    assert all(len(payload.encode()) < MAX_PAYLOAD < 8000 for _channel, payload in notes)
-    announced = [tuple(item) for _c, payload in notes for item in json.loads(payload)["j"]]
-    assert announced == [(e["job_id"], 7, 7) for e in batch]
-
-
-def test_workers_are_woken_only_when_lanes_became_claimable() -> None:
-    def channels(kind: str) -> list[str]:
-        return [channel for channel, _payload in notifications("me", [event("a", 1, kind)])]
-
-    assert channels("job.queued") == [EVENTS_CHANNEL, WORK_CHANNEL]
-    assert channels("lane.retrying") == [EVENTS_CHANNEL, WORK_CHANNEL]
-    assert channels("lane.succeeded") == [EVENTS_CHANNEL]
-
-
-# --- two instances on one PostgreSQL -------------------------------------------------
-
-postgres = pytest.mark.postgres
 
 
 @pytest.fixture

@@ -127,6 +127,11 @@ async def get(api: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
     return dict(response.json())
 
 
+async def get_job(url: str, job_id: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as api:
+        return await get(api, job_id)
+
+
 async def all_finished(
     api: httpx.AsyncClient, job_ids: list[str]
 ) -> dict[str, dict[str, Any]] | None:
@@ -438,12 +443,14 @@ async def test_a_worker_stopped_past_its_lease_has_its_late_write_rejected(
 async def test_an_event_stream_on_one_replica_sees_every_event_of_a_job_run_by_a_worker(
     pg_fleet: Fleet, replicas: list[Process], tables: Tables
 ) -> None:
+    """Stored events and live deltas both: the lanes stream their text on the worker."""
     worker = pg_fleet.worker("worker")  # starts while the stream opens: most events are live
     spec = voting(
         6,
-        "fake?latency_ms=200&answers=391:1",
+        "fake?latency_ms=200&answers=391:1&chunk_ms=20",
         aggregate=MAJORITY_ALL_LANES,
         policy={"max_concurrency": 2},
+        task={"stream": True},
     )
     streamed: list[dict[str, Any]] = []
 
@@ -471,11 +478,51 @@ async def test_an_event_stream_on_one_replica_sees_every_event_of_a_job_run_by_a
         with contextlib.suppress(TimeoutError):  # a stalled stream shows in the comparison
             await asyncio.wait_for(stream, timeout=5)
     stored = await tables.events(job_id)
-    seen = [(int(e["id"]), e["event"], e["data"]) for e in streamed]
+    deltas = [e["data"] for e in streamed if e["event"] == "lane.delta"]
+    seen = [(int(e["id"]), e["event"], e["data"]) for e in streamed if e["event"] != "lane.delta"]
+    # Every lane's text reached replica-1 live, from the worker, whole and in order.
+    job = await get_job(replicas[0].url, job_id)
+    for lane in job["lanes"]:
+        texts = [d["text"] for d in deltas if d["lane"] == lane["index"]]
+        assert "".join(texts) == lane["output"], (lane["index"], texts)
     assert seen == [(e["seq"], e["type"], e["data"]) for e in stored], (
         f"replica-1 streamed {len(seen)} of {len(stored)} events "
         f"(last: {seen[-1][:2] if seen else None}; stored: {[e['type'] for e in stored]})"
     )
+
+
+@pytest.mark.postgres
+async def test_a_lane_that_kills_every_worker_it_runs_on_ends_after_max_attempts(
+    pg_fleet: Fleet, replicas: list[Process], tables: Tables
+) -> None:
+    """A poison lane: each worker that claims it is killed (kill -9) while it runs. A
+    lost lease is a failed attempt: retried after a backoff, then the lane fails and
+    the job ends, however many workers are left."""
+    spec = sectioning(section("poison", "fake?hang=1"), policy={"max_attempts": 3})
+    async with httpx.AsyncClient(base_url=replicas[0].url, timeout=10) as api:
+        job_id = await post(api, spec)
+        for attempt_no in (1, 2, 3):
+            worker = pg_fleet.worker(f"worker-{attempt_no}")
+            await started(worker)
+
+            async def claimed(n: int = attempt_no) -> dict[str, Any] | None:
+                lane = (await get(api, job_id))["lanes"][0]
+                return lane if (lane["status"], lane["attempts"]) == ("running", n) else None
+
+            await poll(claimed, within=30, what=f"attempt {attempt_no} running")
+            worker.kill9()
+        survivor = pg_fleet.worker("survivor")
+        await started(survivor)
+        done = await poll(lambda: all_finished(api, [job_id]), within=30, what="the job ended")
+    job = done[job_id]
+    assert job["status"] == "failed", job
+    lane = job["lanes"][0]
+    assert (lane["status"], lane["attempts"], lane["error"]["type"]) == ("failed", 3, "lease_lost")
+    events = await tables.events(job_id)
+    check_event_log(job, events)
+    retrying = [e["data"] for e in events if e["type"] == "lane.retrying"]
+    assert [r["attempt"] for r in retrying] == [1, 2]
+    assert all(r["error"].startswith("lease_lost") and r["retry_in_s"] > 0 for r in retrying)
 
 
 @pytest.mark.postgres

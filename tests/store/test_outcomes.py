@@ -6,8 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from service.policy import Retrying
 from service.states import ErrorType, LaneStatus
 from service.store import Claim, Outcome, Store
+from service.store.db import Database
 from service.views import Usage
 from tests.store.conftest import OWNER, parse
 from tests.support import section, sectioning, voting
@@ -146,3 +148,43 @@ async def test_a_gate_that_matches_withholds_the_output(store: Store) -> None:
     assert view.result is not None and view.result.blocked is True
     assert view.result.blocked_by == "safety" and view.result.output is None
     assert view.lanes[1].answer == "blocked"
+
+
+async def test_a_lost_lease_is_a_failed_attempt_retried_after_a_backoff(db: Database) -> None:
+    dead = Store(db, lease_seconds=-1)  # its leases have expired already
+    job, _ = await dead.jobs.create(parse(voting(2)), "acme")
+    assert len((await dead.queue.claim("dead-worker", 10)).claims) == 2
+    before = time.time()
+    recorded = await dead.outcomes.expire_leases(Retrying(base_s=10, max_s=10))
+    assert recorded.requeued == 2
+    lanes = (await dead.jobs.get(job.id, None)).lanes
+    assert [(lane.status, lane.attempts) for lane in lanes] == [("queued", 1), ("queued", 1)]
+    retrying = [e["data"] for e in await dead.log.after(job.id, 0) if e["type"] == "lane.retrying"]
+    assert [r["error"].split(":")[0] for r in retrying] == ["lease_lost", "lease_lost"]
+    assert all(5 <= r["retry_in_s"] <= 10 for r in retrying)
+    assert (await dead.queue.claim(OWNER, 10)).claims == []  # not before the backoff
+    due = await dead.queue.next_wakeup()
+    assert due is not None and due >= before + 5
+
+
+async def test_a_lane_that_loses_its_lease_on_every_attempt_fails_and_the_job_ends(
+    db: Database,
+) -> None:
+    dead = Store(db, lease_seconds=-1)
+    spec = sectioning(section("poison"), policy={"max_attempts": 2})
+    job, _ = await dead.jobs.create(parse(spec), "acme")
+    for attempt_no in (1, 2):
+        (claim,) = (await dead.queue.claim(f"worker-{attempt_no}", 10)).claims
+        assert claim.attempt_no == attempt_no
+        await dead.outcomes.expire_leases(Retrying(base_s=0, max_s=0))
+    view = await dead.jobs.get(job.id, None)
+    assert view.status == "failed" and view.error is not None
+    lane = view.lanes[0]
+    assert (lane.status, lane.attempts) == ("failed", 2)
+    assert lane.error is not None and lane.error.type == "lease_lost"
+    kinds = [e["type"] for e in await dead.log.after(job.id, 0)]
+    assert kinds.count("lane.retrying") == 1 and kinds[-3:] == [
+        "lane.failed",
+        "job.aggregating",
+        "job.failed",
+    ]

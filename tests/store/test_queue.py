@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from service.policy import Retrying
 from service.store import Store
 from service.store.db import Database
 from tests.store.conftest import OWNER, parse
@@ -71,25 +72,14 @@ async def test_lanes_whose_provider_has_no_capacity_stay_queued(store: Store) ->
     assert [lane.status for lane in lanes] == ["running", "queued"]
 
 
-async def test_a_lost_lease_puts_the_lane_back_counting_the_attempt(db: Database) -> None:
-    dead = Store(db, lease_seconds=-1)  # its leases have expired already
-    job, _ = await dead.jobs.create(parse(voting(2)), "acme")
-    assert len((await dead.queue.claim("dead-worker", 10)).claims) == 2
-    assert await dead.queue.reclaim_expired() == 2
-    lanes = (await dead.jobs.get(job.id, None)).lanes
-    assert [(lane.status, lane.attempts) for lane in lanes] == [("queued", 1), ("queued", 1)]
-    retrying = [e for e in await dead.log.after(job.id, 0) if e["type"] == "lane.retrying"]
-    assert [e["data"]["error"].split(":")[0] for e in retrying] == ["lease_lost", "lease_lost"]
-    again = await Store(db, lease_seconds=30).queue.claim(OWNER, 10)
-    assert [c.attempt_no for c in again.claims] == [2, 2]
-
-
-async def test_a_renewed_lease_is_not_reclaimed(db: Database) -> None:
+async def test_a_renewed_lease_is_not_lost(db: Database) -> None:
     short = Store(db, lease_seconds=-1)
-    await short.jobs.create(parse(voting(1)), "acme")
+    job, _ = await short.jobs.create(parse(voting(1)), "acme")
     await short.queue.claim(OWNER, 10)
     await Store(db, lease_seconds=30).queue.renew_leases(OWNER)
-    assert await short.queue.reclaim_expired() == 0
+    recorded = await short.outcomes.expire_leases(Retrying())
+    assert recorded.requeued == 0
+    assert (await short.jobs.get(job.id, None)).lanes[0].status == "running"
 
 
 async def test_release_gives_back_every_lane_a_stopping_worker_holds(store: Store) -> None:
