@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,6 +23,8 @@ class Provider:
     max_concurrency: int | None = None
     rpm: int | None = None
     tpm: int | None = None
+    # Tokens a call reserves of ``tpm`` for its answer when the task sets no max_tokens.
+    reserve_tokens: int | None = None
 
 
 class Settings(BaseSettings):
@@ -38,6 +40,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_message_bytes: int = Field(default=262_144, ge=1)
     max_concurrency: int = Field(default=512, ge=1)
+    # Claim weights of tenants, "tenant=weight,...": a tenant of weight 2 gets twice the
+    # lanes in flight of one of weight 1 when both have work waiting (default 1).
+    tenant_weights: str = ""
     lease_seconds: float = Field(default=30.0, gt=0)
     drain_seconds: float = Field(default=10.0, ge=0)
     egress_allow: str = ""
@@ -82,6 +87,17 @@ class Settings(BaseSettings):
         """Leases are renewed three times per lease period."""
         return self.lease_seconds / 3
 
+    @field_validator("tenant_weights")
+    @classmethod
+    def _weights_parse(cls, value: str) -> str:
+        parse_weights(value)
+        return value
+
+    @cached_property
+    def weights(self) -> dict[str, float]:
+        """``tenant_weights`` parsed: ``{"acme": 2.0, ...}``."""
+        return parse_weights(self.tenant_weights)
+
     @cached_property
     def providers(self) -> dict[str, Provider]:
         """The default provider from ``OPENAI_*`` plus any from the providers file."""
@@ -97,6 +113,21 @@ class Settings(BaseSettings):
         return providers
 
 
+def parse_weights(setting: str) -> dict[str, float]:
+    """``"acme=2,globex=0.5"`` -> ``{"acme": 2.0, "globex": 0.5}``; ValueError otherwise."""
+    weights = {}
+    for pair in filter(None, (p.strip() for p in setting.split(","))):
+        tenant, sep, weight = pair.partition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = 0.0
+        if not sep or not tenant.strip() or not 0 < value < float("inf"):
+            raise ValueError(f"entry {pair!r} is not tenant=weight with a weight above 0")
+        weights[tenant.strip()] = value
+    return weights
+
+
 def load_providers(path: Path) -> dict[str, Provider]:
     """Read ``[providers.NAME]`` tables: base_url, api_key_env, max_concurrency, rpm, tpm."""
     data = tomllib.loads(path.read_text())
@@ -110,5 +141,6 @@ def load_providers(path: Path) -> dict[str, Provider]:
             max_concurrency=table.get("max_concurrency"),
             rpm=table.get("rpm"),
             tpm=table.get("tpm"),
+            reserve_tokens=table.get("reserve_tokens"),
         )
     return providers

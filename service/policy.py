@@ -1,9 +1,12 @@
 """What happens next, decided from values. Pure: no I/O.
 
 - :func:`next_step`: after one attempt, the lane ends (succeeded, failed, timed out) or
-  is queued again after a backoff. The reducer's attempts go through it too.
+  is queued again after a backoff. The reducer's attempts and lost leases go through it.
 - :func:`backoff`: the one jittered exponential backoff (lanes, the reducer, webhook
   deliveries, the notification listener's reconnects).
+- :func:`fair_share`: which jobs a claim takes lanes from, so that a small job is not
+  queued behind a large one, nor one tenant behind another.
+- :func:`tokens_to_reserve`: what a call may cost of its provider's tokens a minute.
 - :func:`decide`: what a job does next, from a tally of its lanes. The store calls it
   in the same transaction that records lane outcomes (and when a deadline passes) and
   applies the decision there, so a decision and the state it was made on are always
@@ -12,12 +15,21 @@
 
 from __future__ import annotations
 
+import heapq
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .attempts import Attempt
-from .spec import MajorityAggregate, OnFailure, SectioningSpec, VotingSpec, on_failure, quorum_size
+from .spec import (
+    LlmTask,
+    MajorityAggregate,
+    OnFailure,
+    SectioningSpec,
+    VotingSpec,
+    on_failure,
+    quorum_size,
+)
 from .states import ENDED_WITHOUT_RESULT, OPEN_LANE, ErrorType, LaneStatus
 
 # --- retrying ------------------------------------------------------------------------
@@ -75,6 +87,84 @@ def next_step(attempt: Attempt, attempt_no: int, max_attempts: int, retrying: Re
     if attempt.error_type is ErrorType.TIMEOUT:
         return Step(LaneStatus.TIMED_OUT)
     return Step(LaneStatus.FAILED)
+
+
+# --- sharing the capacity -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Runnable:
+    """An open job as a claim sees it: lanes ready to start now (queued, their time
+    come), lanes running, and its own cap (``max_concurrency``)."""
+
+    job_id: str
+    tenant: str
+    created_at: float
+    ready: int
+    running: int
+    cap: int | None = None
+
+    def room(self, given: int) -> bool:
+        """Whether one more lane may start, ``given`` having been given already."""
+        if given >= self.ready:
+            return False
+        return self.cap is None or self.running + given < self.cap
+
+
+def fair_share(
+    jobs: Sequence[Runnable], slots: int, weights: Mapping[str, float] | None = None
+) -> list[tuple[str, int]]:
+    """How many of the next ``slots`` lanes each job gets, in the order it got its first.
+
+    Slots go one at a time to the tenant with the fewest lanes in flight for its weight
+    (lanes running plus those given in this claim, divided by the tenant's weight, 1 by
+    default), and within the tenant to its job with the fewest; ties go to the older
+    tenant (by its oldest open job) and the older job. So a tenant's five-lane job
+    posted behind another tenant's thousand lanes gets the next free slots, and a
+    tenant's small job gets slots beside its own large one. ``jobs`` holds every open
+    job (those with nothing ready count for their tenant's lanes in flight).
+    """
+    weights = weights or {}
+    load: dict[str, float] = {}
+    oldest: dict[str, float] = {}
+    queues: dict[str, list[tuple[int, float, str]]] = {}
+    by_id = {job.job_id: job for job in jobs}
+    for job in jobs:
+        load[job.tenant] = load.get(job.tenant, 0) + job.running
+        oldest[job.tenant] = min(oldest.get(job.tenant, job.created_at), job.created_at)
+        if job.room(0):
+            queues.setdefault(job.tenant, []).append((job.running, job.created_at, job.job_id))
+    tenants: list[tuple[float, float, str]] = []
+    for tenant, queue in queues.items():
+        heapq.heapify(queue)
+        tenants.append((load[tenant] / weights.get(tenant, 1.0), oldest[tenant], tenant))
+    heapq.heapify(tenants)
+    given: dict[str, int] = {}
+    for _ in range(slots):
+        if not tenants:
+            break
+        _load, _oldest, tenant = heapq.heappop(tenants)
+        queue = queues[tenant]
+        in_flight, created_at, job_id = heapq.heappop(queue)
+        given[job_id] = given.get(job_id, 0) + 1
+        if by_id[job_id].room(given[job_id]):
+            heapq.heappush(queue, (in_flight + 1, created_at, job_id))
+        load[tenant] += 1
+        if queue:
+            heapq.heappush(
+                tenants, (load[tenant] / weights.get(tenant, 1.0), oldest[tenant], tenant)
+            )
+    return list(given.items())
+
+
+def tokens_to_reserve(task: LlmTask, default_completion: int) -> int:
+    """The tokens a call may use, reserved of its provider's tokens a minute before it
+    starts (and settled with what it used when it ends): its prompt, estimated at four
+    characters a token, plus the completion it allows (``max_tokens``, or the
+    provider's default)."""
+    chars = sum(len(str(message.content)) for message in task.messages)
+    completion = task.max_tokens or default_completion
+    return chars // 4 + 4 * len(task.messages) + completion
 
 
 # --- deciding a job ------------------------------------------------------------------

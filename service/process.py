@@ -81,7 +81,12 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
         hub.publish(events)
 
     db.on_commit = on_commit
-    store = Store(db, lease_seconds=settings.lease_seconds)
+    store = Store(
+        db,
+        lease_seconds=settings.lease_seconds,
+        providers=settings.providers,
+        weights=settings.weights,
+    )
     providers = Providers(
         settings.providers, max_connections=settings.max_concurrency, kind=settings.llm_client
     )
@@ -97,7 +102,6 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
             hub,
             execute,
             http=http,
-            providers=settings.providers,
             metrics=metrics,
             config=runner_config(settings),
             publish_deltas=relay.publish if relay is not None else None,

@@ -242,3 +242,10 @@ def lane_names(spec: VotingSpec | SectioningSpec) -> list[str]:
 def provider_name(task: LlmTask | HttpTask) -> str:
     """The provider a task calls (``http`` for http tasks), for capacity accounting."""
     return task.provider if isinstance(task, LlmTask) else "http"
+
+
+def lane_providers(spec: VotingSpec | SectioningSpec) -> list[str]:
+    """The provider each lane calls, in lane order."""
+    if isinstance(spec, SectioningSpec):
+        return [provider_name(section.task) for section in spec.sections]
+    return [provider_name(spec.task)] * spec.n

@@ -262,7 +262,7 @@ class Tables:
 
     async def truncate(self) -> None:
         async with self.engine.begin() as conn:
-            await conn.execute(text("TRUNCATE events, lanes, jobs CASCADE"))
+            await conn.execute(text("TRUNCATE events, lanes, jobs, providers CASCADE"))
 
     async def in_transaction(self, ports: set[int]) -> list[dict[str, Any]]:
         """PostgreSQL sessions from these client ports that are inside a transaction."""

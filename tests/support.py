@@ -225,6 +225,6 @@ async def truncate(url: str) -> None:
     engine = create_async_engine(url)
     try:
         async with engine.begin() as conn:
-            await conn.execute(text("TRUNCATE events, lanes, jobs CASCADE"))
+            await conn.execute(text("TRUNCATE events, lanes, jobs, providers CASCADE"))
     finally:
         await engine.dispose()

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import httpx
 
 from ..attempts import Executor
-from ..config import Provider
 from ..events import Event, EventHub
 from ..metrics import Metrics
 from ..policy import Retrying
@@ -34,7 +33,6 @@ from ..store import Store
 from .housekeeper import Housekeeper
 from .lanes import LaneRunner
 from .lifecycle import Part, Writes
-from .limits import ProviderLimits
 from .reducer import Reducer
 from .webhooks import WebhookSender
 
@@ -70,7 +68,6 @@ class Runner:
         execute: Executor,
         *,
         http: httpx.AsyncClient,
-        providers: dict[str, Provider],
         metrics: Metrics,
         config: RunnerConfig,
         owner: str | None = None,
@@ -96,7 +93,6 @@ class Runner:
             store,
             hub,
             execute,
-            ProviderLimits(providers),
             metrics,
             self.writes,
             owner=self.owner,

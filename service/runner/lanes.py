@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 
 from ..attempts import Attempt, Executor
@@ -27,10 +26,9 @@ from ..metrics import Metrics
 from ..policy import Retrying, next_step
 from ..spec import LlmTask, lane_task, provider_name
 from ..states import FINAL_EVENTS, LANE_STOPPED, LaneStatus
-from ..store import Claim, Claimed, Outcome, Store
+from ..store import Claim, Outcome, Store
 from .deltas import DeltaCoalescer
 from .lifecycle import Writes, guarded, sleep_until_woken
-from .limits import ProviderLimits
 
 log = logging.getLogger("fanout.runner")
 
@@ -41,7 +39,6 @@ class LaneRunner:
         store: Store,
         hub: EventHub,
         execute: Executor,
-        limits: ProviderLimits,
         metrics: Metrics,
         writes: Writes,
         *,
@@ -57,7 +54,6 @@ class LaneRunner:
         self.store = store
         self.hub = hub
         self.execute = execute
-        self.limits = limits
         self.metrics = metrics
         self.writes = writes
         self.owner = owner
@@ -114,15 +110,17 @@ class LaneRunner:
             busy = len(self.running) + len(self._outcomes) + self._recording
             free = self.max_concurrency - busy if self.claiming else 0
             claimed = 0
+            next_check = None
             self._held_back = True
             if free > 0:
                 wanted = min(free, self.claim_batch)
-                result = await self._claim(wanted)
+                result = await self.writes(self.store.queue.claim(self.owner, wanted))
                 for claim in result.claims:
                     self.metrics.queue_wait.observe(claim.waited_s)
                     self._start(claim)
                 claimed = len(result.claims)
                 self._held_back = result.held_back
+                next_check = result.next_check
                 if claimed == wanted:
                     continue
             # Sleep until woken (a job was created, a lane finished and freed a cap),
@@ -133,30 +131,10 @@ class LaneRunner:
             due = await self.store.queue.next_wakeup() if claimed == 0 and free > 0 else None
             if due is not None and due > now:
                 timeout = min(timeout, due - now + 0.001)
-            if self.limits.next_check is not None:
-                timeout = min(timeout, max(0.001, self.limits.next_check - time.monotonic()))
-                self.limits.next_check = None
+            if next_check is not None:
+                # A provider deferred lanes (its rate, a 429's pause) until then.
+                timeout = min(timeout, max(0.001, next_check - now))
             await sleep_until_woken(self._wake, timeout)
-
-    async def _claim(self, wanted: int) -> Claimed:
-        """Claim lanes whose provider has capacity; give back slots admitted for lanes
-        that another process claimed first."""
-        admitted: list[str] = []
-
-        def admit(provider: str) -> bool:
-            if self.limits.admit(provider):
-                admitted.append(provider)
-                return True
-            return False
-
-        result = Claimed([], held_back=True)
-        try:
-            result = await self.writes(self.store.queue.claim(self.owner, wanted, admit))
-        finally:
-            unused = Counter(admitted) - Counter(_provider(claim) for claim in result.claims)
-            for provider in unused.elements():
-                self.limits.release(provider, 0)
-        return result
 
     def _start(self, claim: Claim) -> None:
         key = (claim.job_id, claim.idx)
@@ -173,14 +151,7 @@ class LaneRunner:
     # --- running -------------------------------------------------------------------
 
     async def _run_lane(self, claim: Claim) -> None:
-        tokens = 0
-        try:
-            tokens = await self._attempt(claim)
-        finally:
-            self.limits.release(_provider(claim), tokens)
-
-    async def _attempt(self, claim: Claim) -> int:
-        """Run one attempt and report it; returns the tokens it used."""
+        """Run one attempt and report it."""
         _name, task = lane_task(claim.spec, claim.idx)
         timeout = claim.spec.policy.lane_timeout_s or self.default_lane_timeout_s
         if claim.deadline_at is not None:
@@ -205,7 +176,6 @@ class LaneRunner:
             provider_name(task), model, time.time() - started, outcome, attempt.usage
         )
         self._report(claim, attempt, started)
-        return attempt.usage.total_tokens
 
     def _report(self, claim: Claim, attempt: Attempt, started: float) -> None:
         step = next_step(attempt, claim.attempt_no, claim.spec.policy.max_attempts, self.retrying)
@@ -221,6 +191,7 @@ class LaneRunner:
                 error_type=attempt.error_type,
                 error_message=attempt.error_message,
                 retry_in=step.retry_in,
+                retry_after=attempt.retry_after,
                 usage=attempt.usage,
                 started_at=started,
                 finished_at=time.time(),
@@ -270,7 +241,3 @@ class LaneRunner:
                 for (task_job, _idx), task in list(self.running.items()):
                     if task_job == job_id:
                         task.cancel()
-
-
-def _provider(claim: Claim) -> str:
-    return provider_name(lane_task(claim.spec, claim.idx)[1])

@@ -10,6 +10,7 @@ parts, each given what it uses.
            ├─ reductions  the reducer's durable attempts
            └─ outbox      the webhook outbox                           (the runner)
     decisions   decide a job and carry it out (used by outcomes, reductions, jobs)
+    providers   providers' limits for the cluster (used by queue and outcomes)
 
 One transaction per method, opened only here. Locking order, so two processes on
 PostgreSQL never deadlock: a write transaction locks the job rows it touches first
@@ -24,6 +25,9 @@ back, ``rendering`` rows as views.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from ..config import Provider
 from .db import Database
 from .decisions import Decisions
 from .eventlog import EventLog
@@ -31,6 +35,7 @@ from .jobrows import SpecCache
 from .jobs import Jobs
 from .outbox import WebhookOutbox
 from .outcomes import Outcomes
+from .providers import ProviderGate
 from .queue import LaneQueue
 from .reductions import Reductions
 from .values import Claim, Claimed, Outcome, Recorded, ReductionClaim
@@ -39,15 +44,26 @@ from .values import Claim, Claimed, Outcome, Recorded, ReductionClaim
 class Store:
     """The facade the routes (``jobs``, ``log``) and the runner (the rest) use."""
 
-    def __init__(self, db: Database, *, lease_seconds: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        lease_seconds: float,
+        providers: Mapping[str, Provider] | None = None,
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        """``providers``: their limits (for the cluster); ``weights``: tenants' shares."""
         self.db = db
         specs = SpecCache()
+        gate = ProviderGate(providers or {})
         self.log = EventLog(db)
         self.outbox = WebhookOutbox(db, lease_seconds=lease_seconds)
         decisions = Decisions(self.log, self.outbox)
         self.jobs = Jobs(db, self.log, specs, decisions, self.outbox)
-        self.queue = LaneQueue(db, self.log, specs, lease_seconds=lease_seconds)
-        self.outcomes = Outcomes(db, specs, decisions)
+        self.queue = LaneQueue(
+            db, self.log, specs, gate, lease_seconds=lease_seconds, weights=weights
+        )
+        self.outcomes = Outcomes(db, specs, decisions, gate)
         self.reductions = Reductions(db, self.log, specs, decisions, lease_seconds=lease_seconds)
 
 

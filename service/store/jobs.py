@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import BadCursor, IdempotencyConflict, JobFinished, JobNotFound, TenantAtCapacity
 from ..policy import Stop
-from ..spec import SectioningSpec, VotingSpec, lane_names
+from ..spec import SectioningSpec, VotingSpec, lane_names, lane_providers
 from ..states import (
     OPEN_LANE,
     TERMINAL_JOB,
@@ -137,6 +137,7 @@ class Jobs:
         raw = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
         deadline = now + spec.policy.deadline_s if spec.policy.deadline_s else None
         names = lane_names(spec)
+        providers = lane_providers(spec)
         job = {
             "id": job_id,
             "tenant": tenant,
@@ -165,6 +166,8 @@ class Jobs:
                 "total_tokens": 0,
                 "queued_at": now,
                 "available_at": now,
+                "provider": providers[i],
+                "reserved_tokens": 0,
             }
             for i, name in enumerate(names)
         ]

@@ -20,16 +20,20 @@ from .db import Database, Tx
 from .decisions import Decisions
 from .eventlog import Item
 from .jobrows import SpecCache, lock_jobs
+from .providers import ProviderGate
 from .statements import OUTCOME_UPDATE
 from .tables import jobs, lanes
 from .values import Outcome, Recorded
 
 
 class Outcomes:
-    def __init__(self, db: Database, specs: SpecCache, decisions: Decisions) -> None:
+    def __init__(
+        self, db: Database, specs: SpecCache, decisions: Decisions, gate: ProviderGate
+    ) -> None:
         self.db = db
         self.specs = specs
         self.decisions = decisions
+        self.gate = gate
 
     async def record(self, owner: str, outcomes: Sequence[Outcome]) -> Recorded:
         """Store a batch of attempt outcomes in one transaction (group commit), then
@@ -44,6 +48,9 @@ class Outcomes:
         by_job: dict[str, list[Outcome]] = {}
         for outcome in outcomes:
             by_job.setdefault(outcome.job_id, []).append(outcome)
+        # Per provider: tokens reserved and not used (settled), and 429s' pauses.
+        unused: dict[str, int] = {}
+        pauses: dict[str, float] = {}
         async with self.db.transaction() as tx:
             job_rows = await lock_jobs(tx, by_job)
             for job_id in sorted(by_job):
@@ -53,8 +60,8 @@ class Outcomes:
                     continue
                 spec = self.specs.of(job_id, job["spec"])
                 current = {
-                    idx: (status, attempts, lease_owner, name)
-                    for idx, status, attempts, lease_owner, name in (
+                    row[0]: row[1:]
+                    for row in (
                         await tx.conn.execute(
                             select(
                                 lanes.c.idx,
@@ -62,6 +69,8 @@ class Outcomes:
                                 lanes.c.attempts,
                                 lanes.c.lease_owner,
                                 lanes.c.name,
+                                lanes.c.provider,
+                                lanes.c.reserved_tokens,
                             ).where(
                                 lanes.c.job_id == job_id,
                                 lanes.c.idx.in_([o.idx for o in by_job[job_id]]),
@@ -72,20 +81,25 @@ class Outcomes:
                 valid = []
                 for outcome in by_job[job_id]:
                     state = current.get(outcome.idx)
-                    if state is None or state[:3] != (
-                        LaneStatus.RUNNING,
-                        outcome.attempt_no,
-                        owner,
-                    ):
+                    running = (LaneStatus.RUNNING, outcome.attempt_no, owner)
+                    if state is None or tuple(state[:3]) != running:
                         recorded.rejected += 1
-                    else:
-                        valid.append((outcome, state[3]))
+                        continue
+                    valid.append((outcome, str(state[3])))
+                    provider, reserved = str(state[4]), int(state[5])
+                    if reserved:
+                        left = reserved - outcome.usage.total_tokens
+                        unused[provider] = unused.get(provider, 0) + left
+                    if outcome.retry_after and outcome.error_type is ErrorType.RATE_LIMITED:
+                        until = now + outcome.retry_after
+                        pauses[provider] = max(pauses.get(provider, 0.0), until)
                 if not valid:
                     continue
                 items, usage = await self._write(tx, job_id, spec, valid, now)
                 counted = {**job, "total_tokens": job["total_tokens"] + usage.total_tokens}
                 if await self.decisions.decide(tx, counted, spec, now, items=items):
                     recorded.reduce_jobs.append(job_id)
+            await self.gate.settle(tx, unused, pauses, now)
         return recorded
 
     async def _write(

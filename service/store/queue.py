@@ -5,151 +5,137 @@ lease is a failed attempt, :meth:`service.store.outcomes.Outcomes.expire_leases`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import and_, exists, func, select, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import and_, func, select, tuple_, update
+from sqlalchemy.engine import RowMapping
 
-from ..spec import lane_task, provider_name
+from ..policy import Runnable, fair_share
+from ..spec import SectioningSpec, VotingSpec, lane_task
 from ..states import DECIDING_JOB, ErrorType, EventType, JobStatus, LaneStatus
 from .db import Database, Tx
 from .eventlog import EventLog, Item
 from .jobrows import SpecCache, lock_jobs
-from .statements import CLAIM_LANES, START_JOB
+from .providers import ProviderGate
+from .statements import CLAIM_LANES, READY_LANES, RESERVE_TOKENS, RUNNABLE, START_JOB
 from .tables import jobs, lanes
 from .values import Claim, Claimed
 
 
 class LaneQueue:
     def __init__(
-        self, db: Database, log: EventLog, specs: SpecCache, *, lease_seconds: float
+        self,
+        db: Database,
+        log: EventLog,
+        specs: SpecCache,
+        gate: ProviderGate,
+        *,
+        lease_seconds: float,
+        weights: Mapping[str, float] | None = None,
     ) -> None:
         self.db = db
         self.log = log
         self.specs = specs
+        self.gate = gate
         self.lease_seconds = lease_seconds
+        self.weights = weights or {}
 
-    async def claim(
-        self, owner: str, limit: int, admit: Callable[[str], bool] | None = None
-    ) -> Claimed:
-        """Take up to ``limit`` queued lanes whose time has come, respecting per-job caps
-        and, through ``admit(provider)``, providers' capacity.
+    async def claim(self, owner: str, limit: int) -> Claimed:
+        """Take up to ``limit`` queued lanes whose time has come, shared fairly between
+        tenants and jobs (:func:`service.policy.fair_share`), within each job's cap and
+        each provider's limits for the cluster (:mod:`service.store.providers`).
 
-        On PostgreSQL the candidate jobs are locked ``FOR UPDATE SKIP LOCKED``: two
+        On PostgreSQL the jobs it takes from are locked ``FOR UPDATE SKIP LOCKED``: two
         processes never claim from one job at once, and never wait on each other.
         """
         now = time.time()
         async with self.db.transaction() as tx:
-            candidates = select(lanes.c.job_id, lanes.c.idx, lanes.c.available_at).where(
-                lanes.c.status == LaneStatus.QUEUED, lanes.c.available_at <= now
-            )
-            saturated = await self._saturated_jobs(tx.conn)
-            # Lanes that a job's cap keeps queued become claimable as its lanes end.
-            held_back = bool(saturated)
-            if saturated:
-                candidates = candidates.where(lanes.c.job_id.not_in(saturated))
-            rows = (
-                await tx.conn.execute(
-                    candidates.order_by(lanes.c.available_at, lanes.c.job_id, lanes.c.idx).limit(
-                        limit
-                    )
+            runnable = [
+                Runnable(job_id, tenant, created_at, ready, running, cap)
+                for job_id, tenant, created_at, cap, ready, running in (
+                    await tx.conn.execute(RUNNABLE, {"now": now})
+                ).all()
+            ]
+            ready = sum(job.ready for job in runnable)
+            plan = fair_share(runnable, limit, self.weights)
+            planned = sum(count for _job_id, count in plan)
+            if not planned:
+                return Claimed([], held_back=ready > 0)
+            # What this claim leaves behind: the rest of a full page, lanes of jobs at
+            # their cap, and (below) those another process holds or a provider defers.
+            held_back = planned < ready
+            wanted = dict(plan)
+            locked = await tx.conn.execute(
+                tx.locking(
+                    select(jobs).where(jobs.c.id.in_(sorted(wanted))).order_by(jobs.c.id),
+                    skip_locked=True,
                 )
-            ).all()
-            if not rows:
-                return Claimed([], held_back)
-            # A full page may have left more behind; so may jobs that another process
-            # holds (skipped), caps and provider limits (below).
-            held_back = held_back or len(rows) >= limit
-            wanted: dict[str, list[int]] = {}
-            available: dict[tuple[str, int], float] = {}
-            for job_id, idx, available_at in rows:
-                wanted.setdefault(job_id, []).append(idx)
-                available[(job_id, idx)] = available_at
-            job_query = select(jobs).where(jobs.c.id.in_(sorted(wanted))).order_by(jobs.c.id)
-            job_rows = (
-                (await tx.conn.execute(tx.locking(job_query, skip_locked=True))).mappings().all()
             )
+            job_rows = {row["id"]: row for row in locked.mappings().all()}
             held_back = held_back or len(job_rows) < len(wanted)
-            running = await self._running_counts(
-                tx.conn, [j["id"] for j in job_rows if j["max_concurrency"]]
-            )
+            candidates: dict[str, list[tuple[int, str]]] = {}
+            for job_id, count in plan:
+                job = job_rows.get(job_id)
+                if job is None or job["status"] not in DECIDING_JOB:
+                    continue
+                rows = await tx.conn.execute(READY_LANES, {"j": job_id, "now": now, "k": count})
+                candidates[job_id] = [(idx, provider) for idx, provider in rows.all()]
+            providers = {
+                provider for ready_lanes in candidates.values() for _i, provider in ready_lanes
+            }
+            admission = await self.gate.open(tx, providers, now)
             claims: list[Claim] = []
             expires = now + self.lease_seconds
-            for job in job_rows:
-                job_id = job["id"]
-                if job["status"] not in DECIDING_JOB:
-                    continue
-                idxs = wanted[job_id]
-                if job["max_concurrency"]:
-                    idxs = idxs[: max(0, job["max_concurrency"] - running.get(job_id, 0))]
+            for job_id, ready_lanes in candidates.items():
+                job = job_rows[job_id]
                 spec = self.specs.of(job_id, job["spec"])
-                if admit is not None:
-                    # Lanes whose provider has no capacity now stay queued.
-                    idxs = [i for i in idxs if admit(provider_name(lane_task(spec, i)[1]))]
-                held_back = held_back or len(idxs) < len(wanted[job_id])
-                if not idxs:
-                    continue
-                claimed = (
-                    await tx.conn.execute(
-                        CLAIM_LANES,
-                        {"j": job_id, "idxs": idxs, "now": now, "owner": owner, "expires": expires},
-                    )
-                ).all()
-                if not claimed:
-                    continue
-                claimed = sorted(claimed)
-                items: list[Item] = []
-                if job["status"] == JobStatus.QUEUED:
-                    await tx.conn.execute(START_JOB, {"j": job_id, "now": now})
-                    items.append((EventType.JOB_RUNNING, {}))
-                items.extend(
-                    (EventType.LANE_STARTED, {"lane": idx, "name": name, "attempt": attempt_no})
-                    for idx, name, attempt_no in claimed
-                )
-                await self.log.append(tx, job_id, items, now)
-                claims.extend(
-                    Claim(
-                        job_id,
-                        idx,
-                        name,
-                        attempt_no,
-                        spec,
-                        job["deadline_at"],
-                        now - available[(job_id, idx)],
-                    )
-                    for idx, name, attempt_no in claimed
-                )
-        return Claimed(claims, held_back)
+                admitted = []
+                for idx, provider in ready_lanes:
+                    reserved = admission.admit(provider, lane_task(spec, idx)[1])
+                    if reserved is None:
+                        held_back = True  # it waits for its provider, queued
+                    else:
+                        admitted.append((idx, reserved))
+                if admitted:
+                    claims += await self._take(tx, job, spec, admitted, owner, now, expires)
+            await self.gate.close(tx, admission)
+        return Claimed(claims, held_back, admission.next_check)
 
-    async def _saturated_jobs(self, conn: AsyncConnection) -> list[str]:
-        """Jobs with queued lanes and a concurrency cap that already have that many
-        lanes running: their queued lanes wait for running ones to end."""
-        waiting = lanes.alias("waiting")
-        query = (
-            select(lanes.c.job_id)
-            .join(jobs, jobs.c.id == lanes.c.job_id)
-            .where(
-                lanes.c.status == LaneStatus.RUNNING,
-                jobs.c.max_concurrency.is_not(None),
-                exists().where(
-                    waiting.c.job_id == lanes.c.job_id, waiting.c.status == LaneStatus.QUEUED
-                ),
-            )
-            .group_by(lanes.c.job_id, jobs.c.max_concurrency)
-            .having(func.count() >= jobs.c.max_concurrency)
+    async def _take(
+        self,
+        tx: Tx,
+        job: RowMapping,
+        spec: VotingSpec | SectioningSpec,
+        admitted: list[tuple[int, int]],
+        owner: str,
+        now: float,
+        expires: float,
+    ) -> list[Claim]:
+        """Lease the admitted lanes of one locked job; its ``job.running`` (the first
+        time) and ``lane.started`` events."""
+        job_id = job["id"]
+        params = {"j": job_id, "now": now, "owner": owner, "expires": expires}
+        idxs = [idx for idx, _reserved in admitted]
+        claimed = sorted((await tx.conn.execute(CLAIM_LANES, {**params, "idxs": idxs})).all())
+        if not claimed:
+            return []
+        reserved = [{"j": job_id, "i": idx, "r": tokens} for idx, tokens in admitted if tokens]
+        if reserved:
+            await tx.conn.execute(RESERVE_TOKENS, reserved)
+        items: list[Item] = []
+        if job["status"] == JobStatus.QUEUED:
+            await tx.conn.execute(START_JOB, {"j": job_id, "now": now})
+            items.append((EventType.JOB_RUNNING, {}))
+        items.extend(
+            (EventType.LANE_STARTED, {"lane": idx, "name": name, "attempt": attempt_no})
+            for idx, name, attempt_no, _available_at in claimed
         )
-        return list((await conn.execute(query)).scalars().all())
-
-    async def _running_counts(self, conn: AsyncConnection, job_ids: list[str]) -> dict[str, int]:
-        if not job_ids:
-            return {}
-        query = (
-            select(lanes.c.job_id, func.count())
-            .where(lanes.c.job_id.in_(job_ids), lanes.c.status == LaneStatus.RUNNING)
-            .group_by(lanes.c.job_id)
-        )
-        return {job_id: count for job_id, count in (await conn.execute(query)).all()}
+        await self.log.append(tx, job_id, items, now)
+        return [
+            Claim(job_id, idx, name, attempt_no, spec, job["deadline_at"], now - available_at)
+            for idx, name, attempt_no, available_at in claimed
+        ]
 
     async def renew_leases(self, owner: str) -> None:
         """Extend ``owner``'s leases, on lanes and on reducing jobs (the heartbeat).

@@ -19,6 +19,36 @@ INSERT_LANES = insert(lanes)
 IN_FLIGHT = select(func.count()).where(
     jobs.c.tenant == bindparam("tenant"), jobs.c.status.in_(OPEN_JOB)
 )
+# Every open job, with its lanes ready to start now and running: what a claim shares
+# out (jobs with nothing ready still count for their tenant's lanes in flight).
+_ready = (
+    select(func.count())
+    .where(
+        lanes.c.job_id == jobs.c.id,
+        lanes.c.status == LaneStatus.QUEUED,
+        lanes.c.available_at <= bindparam("now"),
+    )
+    .scalar_subquery()
+)
+_running = (
+    select(func.count())
+    .where(lanes.c.job_id == jobs.c.id, lanes.c.status == LaneStatus.RUNNING)
+    .scalar_subquery()
+)
+RUNNABLE = select(
+    jobs.c.id, jobs.c.tenant, jobs.c.created_at, jobs.c.max_concurrency, _ready, _running
+).where(jobs.c.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
+# A job's first k lanes ready to start.
+READY_LANES = (
+    select(lanes.c.idx, lanes.c.provider)
+    .where(
+        lanes.c.job_id == bindparam("j"),
+        lanes.c.status == LaneStatus.QUEUED,
+        lanes.c.available_at <= bindparam("now"),
+    )
+    .order_by(lanes.c.available_at, lanes.c.idx)
+    .limit(bindparam("k"))
+)
 # (Bound names must differ from the updated table's columns: "j", not "job_id".)
 CLAIM_LANES = (
     update(lanes)
@@ -34,7 +64,12 @@ CLAIM_LANES = (
         lease_owner=bindparam("owner"),
         lease_expires_at=bindparam("expires"),
     )
-    .returning(lanes.c.idx, lanes.c.name, lanes.c.attempts)
+    .returning(lanes.c.idx, lanes.c.name, lanes.c.attempts, lanes.c.available_at)
+)
+RESERVE_TOKENS = (
+    update(lanes)
+    .where(lanes.c.job_id == bindparam("j"), lanes.c.idx == bindparam("i"))
+    .values(reserved_tokens=bindparam("r"))
 )
 START_JOB = (
     update(jobs)

@@ -76,9 +76,14 @@ class Lane(Base):
     finished_at: Mapped[float | None] = mapped_column(Float)
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    # The provider its task calls ("http" for http tasks), and the tokens its running
+    # attempt reserved of that provider's tokens a minute (settled when it ends).
+    provider: Mapped[str] = mapped_column(String(100), server_default="default")
+    reserved_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_lanes_status_available", "status", "available_at"),
+        Index("ix_lanes_provider_status", "provider", "status"),
         Index("ix_lanes_job_status", "job_id", "status"),
     )
 
@@ -133,5 +138,20 @@ class Webhook(Base):
     __table_args__ = (Index("ix_webhooks_status_next", "status", "next_attempt_at"),)
 
 
+class ProviderState(Base):
+    """A provider's limits as every process shares them: its request and token buckets
+    (levels at a time), and when a 429 lets calls go again. Locked by a claim that
+    admits lanes to it, so two processes never both take its last slot."""
+
+    __tablename__ = "providers"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    requests_level: Mapped[float | None] = mapped_column(Float)
+    tokens_level: Mapped[float | None] = mapped_column(Float)
+    levels_at: Mapped[float | None] = mapped_column(Float)
+    paused_until: Mapped[float | None] = mapped_column(Float)
+
+
 idempotency_keys = cast(Table, IdempotencyKey.__table__)
 webhooks = cast(Table, Webhook.__table__)
+providers = cast(Table, ProviderState.__table__)

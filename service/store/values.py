@@ -27,10 +27,13 @@ class Claim:
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """What a claim took, and whether it left claimable lanes behind: lanes that a
-    job's cap, a provider's limit, the batch size or another process kept from it."""
+    job's cap, a provider's limit, the batch size or another process kept from it.
+    ``next_check``: when a provider that deferred lanes (its rate, a 429's pause) may
+    take them (epoch seconds; None: when a lane ends)."""
 
     claims: list[Claim]
     held_back: bool
+    next_check: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,7 @@ class Outcome:
     error_type: ErrorType | None = None
     error_message: str | None = None
     retry_in: float = 0.0
+    retry_after: float | None = None  # the provider's Retry-After: pauses it for all
     usage: Usage = NO_USAGE
     started_at: float = 0.0
     finished_at: float = 0.0

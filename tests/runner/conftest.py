@@ -117,7 +117,6 @@ class Harness:
             self.hub,
             script,
             http=self.http,
-            providers={},
             metrics=Metrics(),
             config=RunnerConfig(**settings),
         )

@@ -9,7 +9,7 @@ from service.policy import Retrying
 from service.store import Store
 from service.store.db import Database
 from tests.store.conftest import OWNER, parse
-from tests.support import section, sectioning, voting
+from tests.support import voting
 
 
 async def test_a_claim_takes_queued_lanes_under_a_lease_and_starts_the_job(store: Store) -> None:
@@ -44,32 +44,6 @@ async def test_a_jobs_cap_holds_its_lanes_queued_until_running_ones_end(store: S
     assert again.claims == [] and again.held_back
     await store.jobs.cancel(job.id, None)
     assert (await store.queue.claim(OWNER, 10)).claims == []
-
-
-async def test_lanes_whose_provider_has_no_capacity_stay_queued(store: Store) -> None:
-    spec = sectioning(
-        section("a"),
-        {
-            "name": "b",
-            "task": {
-                "provider": "slow",
-                "model": "m",
-                "messages": [{"role": "user", "content": "x"}],
-            },
-        },
-    )
-    job, _ = await store.jobs.create(parse(spec), "acme")
-    asked: list[str] = []
-
-    def admit(provider: str) -> bool:
-        asked.append(provider)
-        return provider != "slow"
-
-    claimed = await store.queue.claim(OWNER, 10, admit)
-    assert [c.idx for c in claimed.claims] == [0] and claimed.held_back
-    assert asked == ["default", "slow"]
-    lanes = (await store.jobs.get(job.id, None)).lanes
-    assert [lane.status for lane in lanes] == ["running", "queued"]
 
 
 async def test_a_renewed_lease_is_not_lost(db: Database) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import pytest
 
@@ -13,12 +14,22 @@ from service.config import Provider
 from service.errors import RateLimited, Unauthorized
 from service.http.tenants import OPEN_TENANT, RateLimiter, Tenants
 from service.jsonsafe import problems, scrub
-from service.policy import Retrying, Step, backoff, next_step
+from service.policy import (
+    Retrying,
+    Runnable,
+    Step,
+    backoff,
+    fair_share,
+    next_step,
+    tokens_to_reserve,
+)
 from service.rates import TokenBucket
-from service.runner.limits import ProviderLimits
+from service.spec import LlmTask
 from service.states import ErrorType, LaneStatus
+from service.store.providers import Admission, _State
 
 RETRYING = Retrying(base_s=1.0, max_s=8.0)
+TASK = LlmTask.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
 TRANSIENT = Attempt(error_type=ErrorType.UPSTREAM_ERROR, error_message="HTTP 503", transient=True)
 
 
@@ -136,27 +147,91 @@ def test_a_bucket_may_be_overdrawn_and_then_waits_until_it_refilled() -> None:
     assert bucket.wait_s(now=0.0, need=1) == pytest.approx(3.1)
 
 
-def test_provider_limits_hold_concurrency_until_a_call_ends() -> None:
-    limits = ProviderLimits({"p": Provider("p", None, None, max_concurrency=2)})
-    assert limits.admit("p") and limits.admit("p")
-    assert not limits.admit("p")
-    limits.release("p", 0)
-    assert limits.admit("p")
-    assert limits.admit("unlimited")
+def test_a_provider_at_its_concurrency_admits_nothing_until_a_lane_ends() -> None:
+    admission = Admission(now=100.0)
+    admission.states["p"] = _State(Provider("p", None, None, max_concurrency=2), in_flight=1)
+    assert admission.admit("p", TASK) == 0
+    assert admission.admit("p", TASK) is None
+    assert admission.next_check is None  # only a lane that ends frees it
+    assert admission.admit("unlimited", TASK) == 0
 
 
-def test_provider_limits_pace_requests_a_minute_and_say_when_to_look_again() -> None:
-    limits = ProviderLimits({"p": Provider("p", None, None, rpm=60)})  # one a second
-    assert limits.admit("p")
-    assert not limits.admit("p")
-    assert limits.next_check is not None
+def test_a_providers_requests_a_minute_are_paced_and_say_when_to_look_again() -> None:
+    admission = Admission(now=100.0)
+    state = _State(Provider("p", None, None, rpm=60))  # one a second
+    state.requests = TokenBucket.paced(60, 100.0)
+    admission.states["p"] = state
+    assert admission.admit("p", TASK) == 0
+    assert admission.admit("p", TASK) is None
+    assert admission.next_check == pytest.approx(101.0)
 
 
-def test_tokens_a_minute_are_charged_when_the_call_ends() -> None:
-    limits = ProviderLimits({"p": Provider("p", None, None, tpm=60)})  # one token a second
-    assert limits.admit("p")
-    limits.release("p", 100)  # the call used far more than a second's worth
-    assert not limits.admit("p")
+def test_tokens_a_minute_are_reserved_for_the_prompt_and_the_answer() -> None:
+    admission = Admission(now=100.0)
+    state = _State(Provider("p", None, None, tpm=600_000, reserve_tokens=500))
+    state.tokens = TokenBucket.paced(600_000, 100.0)  # 10,000 a second
+    admission.states["p"] = state
+    reserved = admission.admit("p", TASK)
+    assert reserved == tokens_to_reserve(TASK, 500) and reserved > 500
+    assert state.tokens.level == pytest.approx(10_000 - reserved)
+
+
+def test_a_paused_provider_admits_nothing_until_the_pause_ends() -> None:
+    admission = Admission(now=100.0, paused={"p": 102.5})
+    assert admission.admit("p", TASK) is None
+    assert admission.next_check == 102.5
+    assert Admission(now=103.0, paused={"p": 102.5}).admit("p", TASK) == 0
+
+
+def test_the_reservation_is_the_prompt_estimate_plus_max_tokens_or_the_default() -> None:
+    prompt = "x" * 400
+    task = LlmTask.model_validate({"model": "m", "messages": [{"role": "user", "content": prompt}]})
+    assert tokens_to_reserve(task, 1000) == 100 + 4 + 1000
+    capped = task.model_copy(update={"max_tokens": 50})
+    assert tokens_to_reserve(capped, 1000) == 100 + 4 + 50
+
+
+# --- the fair share ------------------------------------------------------------------------
+
+
+def job(job_id: str, tenant: str, ready: int, running: int = 0, **fields: Any) -> Runnable:
+    return Runnable(job_id, tenant, fields.pop("created_at", 0.0), ready, running, **fields)
+
+
+def test_a_small_job_of_another_tenant_is_not_queued_behind_a_large_one() -> None:
+    big = job("big", "acme", ready=980, running=20, created_at=1.0)
+    small = job("small", "globex", ready=5, created_at=2.0)
+    assert fair_share([big, small], 3) == [("small", 3)]
+    assert dict(fair_share([big, small], 10)) == {"small": 5, "big": 5}
+
+
+def test_tenants_with_nothing_running_share_slots_evenly() -> None:
+    plan = fair_share([job("a1", "a", 100), job("b1", "b", 100), job("c1", "c", 100)], 9)
+    assert dict(plan) == {"a1": 3, "b1": 3, "c1": 3}
+
+
+def test_a_tenants_jobs_share_its_slots_and_the_older_goes_first() -> None:
+    old = job("old", "a", ready=100, created_at=1.0)
+    new = job("new", "a", ready=100, created_at=2.0)
+    assert fair_share([new, old], 4) == [("old", 2), ("new", 2)]
+
+
+def test_weights_give_a_tenant_a_larger_share() -> None:
+    plan = fair_share([job("a1", "a", 100), job("b1", "b", 100)], 9, {"a": 2.0})
+    assert dict(plan) == {"a1": 6, "b1": 3}
+
+
+def test_a_jobs_cap_and_its_ready_lanes_bound_what_it_gets() -> None:
+    capped = job("capped", "a", ready=10, running=2, cap=3)
+    few = job("few", "b", ready=2)
+    assert dict(fair_share([capped, few], 10)) == {"capped": 1, "few": 2}
+
+
+def test_lanes_running_in_jobs_with_nothing_ready_count_for_their_tenant() -> None:
+    busy = job("busy", "a", ready=0, running=50)
+    more = job("more", "a", ready=10)
+    other = job("other", "b", ready=10)
+    assert fair_share([busy, more, other], 5) == [("other", 5)]
 
 
 def test_an_open_server_has_one_tenant_and_takes_any_key() -> None:
