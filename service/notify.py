@@ -151,11 +151,24 @@ class DeltaRelay:
         self._pending: list[Event] = []
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._published = 0  # events published so far
+        self._relayed = 0  # of those, sent (or given up on)
+        self._progress = asyncio.Condition()
 
     def publish(self, events: list[Event]) -> None:
         self.hub.publish(events)
         self._pending.extend(events)
+        self._published += len(events)
         self._ready.set()
+
+    async def sent(self) -> None:
+        """Wait until what was published so far has been sent: a lane's last deltas go
+        out before its outcome is recorded, so no replica sees the lane end first."""
+        target = self._published
+        async with self._progress:
+            await self._progress.wait_for(
+                lambda: self._relayed >= target or self._task is None or self._task.done()
+            )
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="delta relay")
@@ -165,6 +178,8 @@ class DeltaRelay:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        async with self._progress:
+            self._progress.notify_all()  # nobody waits for a relay that stopped
 
     async def _run(self) -> None:
         while True:
@@ -175,6 +190,9 @@ class DeltaRelay:
                 await self.send(delta_notifications(self.origin, batch))
             except Exception as exc:  # live only: a lost delta is not worth a retry
                 log.warning("could not relay %d deltas: %s", len(batch), exc)
+            async with self._progress:
+                self._relayed += len(batch)
+                self._progress.notify_all()
             await asyncio.sleep(self.interval_s)
 
 

@@ -105,6 +105,7 @@ async def running(settings: Settings, *, with_runner: bool = True) -> AsyncItera
             metrics=metrics,
             config=runner_config(settings),
             publish_deltas=relay.publish if relay is not None else None,
+            deltas_sent=relay.sent if relay is not None else None,
         )
     process = Process(settings, db, store, hub, providers, runner, metrics)
 

@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -72,9 +72,11 @@ class Runner:
         config: RunnerConfig,
         owner: str | None = None,
         publish_deltas: Callable[[list[Event]], None] | None = None,
+        deltas_sent: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """``publish_deltas``: where streamed text goes (this process's hub by default;
-        on PostgreSQL, every process's, :class:`service.notify.DeltaRelay`)."""
+        on PostgreSQL, every process's, :class:`service.notify.DeltaRelay`), and
+        ``deltas_sent`` waits until what was published has gone out."""
         self.store = store
         self.config = config
         self.owner = owner or new_owner()
@@ -103,6 +105,7 @@ class Runner:
             retrying=config.retrying,
             on_reduce=self._reduce,
             publish_deltas=publish_deltas or hub.publish,
+            deltas_sent=deltas_sent,
         )
         self.webhooks = WebhookSender(
             store,

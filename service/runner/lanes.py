@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ..attempts import Attempt, Executor
 from ..events import Event, EventHub
@@ -50,6 +50,7 @@ class LaneRunner:
         retrying: Retrying,
         on_reduce: Callable[[list[str]], None],
         publish_deltas: Callable[[list[Event]], None],
+        deltas_sent: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.hub = hub
@@ -64,6 +65,7 @@ class LaneRunner:
         self.retrying = retrying
         self.on_reduce = on_reduce
         self.publish_deltas = publish_deltas
+        self.deltas_sent = deltas_sent
         self.running: dict[tuple[str, int], asyncio.Task[None]] = {}
         self.claiming = True
         self._outcomes: list[Outcome] = []
@@ -170,6 +172,8 @@ class LaneRunner:
         finally:
             if deltas is not None:
                 deltas.flush()
+        if deltas is not None and self.deltas_sent is not None:
+            await self.deltas_sent()  # the lane's last text before its end, everywhere
         model = task.model if isinstance(task, LlmTask) else "-"
         outcome = "ok" if attempt.ok else (attempt.error_type or "error")
         self.metrics.observe_attempt(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -281,3 +282,23 @@ def test_providers_file_example_loads(tmp_path: Path, monkeypatch: pytest.Monkey
     assert providers["openai"].api_key == "sk-from-env"
     settings = Settings(database_url="sqlite+aiosqlite:///:memory:", providers_file=path)
     assert {"default", *providers} == set(settings.providers)
+
+
+def test_every_reliability_command_selects_the_tests_it_names() -> None:
+    """The Reliability table's commands name test files that exist and (with ``-k``) a
+    word some test in them is named with: the tests a reader would run."""
+    commands = [
+        shlex.split(args)
+        for args in re.findall(r"`make test PYTEST_ARGS='([^']*)'`", section("Reliability"))
+    ]
+    assert len(commands) >= 7
+    files = sorted({args[0] for args in commands})
+    collect = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    result = subprocess.run(
+        [*collect, *files], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    tests = [line for line in result.stdout.splitlines() if "::" in line]
+    for args in commands:
+        path, keyword = args[0], args[args.index("-k") + 1] if "-k" in args else ""
+        assert any(t.startswith(path + "::") and keyword in t for t in tests), args
