@@ -12,7 +12,8 @@ DB_NAMES = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
 LABELS = {"limit": "limit", "raw": "(reference) bare aiohttp, no SDK"}
 # The lane call paths (FANOUT_LLM_CLIENT): the targets are judged on the default, lean;
 # the SDK path is the reference, reported beside it.
-CLIENTS = ("lean", "sdk")
+CLIENTS = ("lean", "sdk", "limited")
+PATH_NAMES = {"sdk": "SDK path", "limited": "provider limits (not binding)"}
 PASS, MISS = "✓ pass", "✗ miss"
 
 
@@ -29,7 +30,7 @@ def _is_service(who: str) -> bool:
 def _service(who: str) -> str:
     """``SQLite`` for the lean path, ``SQLite · SDK path`` for the reference."""
     db, client = _split(who)
-    return DB_NAMES[db] + ("" if client == "lean" else f" · {client.upper()} path")
+    return DB_NAMES[db] + ("" if client == "lean" else f" · {PATH_NAMES[client]}")
 
 
 def _label(who: str) -> str:
@@ -273,7 +274,12 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> str:
             "call path (`FANOUT_LLM_CLIENT`): *Fanout · SQLite* is the default, lean path "
             "(aiohttp, plain dicts), on which the targets are judged; *· SDK path* runs the same "
             "jobs through the `openai` client, like the limit, kept as the reference and not "
-            "judged (`--clients lean` skips it).",
+            "judged; *· provider limits (not binding)* runs the lean path with the default "
+            "provider's `max_concurrency`, `rpm` and `tpm` set so high that they never bind: "
+            "beside the lean row, it shows what the cluster-wide provider limits cost a claim "
+            "(a lock on the provider's row, a count of its lanes in flight, a token "
+            "reservation per lane, settled when it ends). `--clients lean` runs the default "
+            "path only.",
             "",
             *voting_table(results["voting"], targets),
             "",

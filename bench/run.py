@@ -54,7 +54,11 @@ from .report import write_report
 HERE = Path(__file__).resolve().parent
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 SECTIONS = ("voting", "small", "stream")
-CLIENTS = ("lean", "sdk")  # FANOUT_LLM_CLIENT; lean is the service's default
+# FANOUT_LLM_CLIENT (lean is the service's default), and "limited": the lean path with
+# the default provider's limits configured, so high that they never bind: what the
+# cluster-wide provider limits cost a claim.
+CLIENTS = ("lean", "sdk", "limited")
+UNBOUND_LIMITS = "max_concurrency = 1000000\nrpm = 1000000000\ntpm = 1000000000000\n"
 
 
 def log(message: str) -> None:
@@ -127,15 +131,23 @@ def service_key(db: str, client: str) -> str:
     return db if client == "lean" else f"{db}-{client}"
 
 
-def service_env(database_url: str, fake_url: str, port: int, client: str) -> dict[str, str]:
+def service_env(
+    database_url: str, fake_url: str, port: int, client: str, logs: Path
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FANOUT_", "OPENAI_"))}
+    if client == "limited":
+        providers = logs / "providers-limited.toml"
+        providers.write_text(
+            f'[providers.default]\nbase_url = "{fake_url}"\napi_key = "bench"\n{UNBOUND_LIMITS}'
+        )
+        env["FANOUT_PROVIDERS_FILE"] = str(providers)
     env.update(
         FANOUT_DATABASE_URL=database_url,
         FANOUT_PORT=str(port),
         FANOUT_MAX_CONCURRENCY="2000",
         FANOUT_MAX_LANES_PER_JOB="1000",
         FANOUT_LOG_LEVEL="WARNING",
-        FANOUT_LLM_CLIENT=client,
+        FANOUT_LLM_CLIENT="lean" if client == "limited" else client,
         # One tenant does the work of many here: its per-tenant caps must not bind.
         FANOUT_RATE_LIMIT_PER_MINUTE="0",
         FANOUT_MAX_JOBS_IN_FLIGHT="100000",
@@ -153,7 +165,7 @@ def start_service(
     proc = Proc(
         f"fanout serve ({db}, {client})",
         python_argv("-m", "service.cli", "serve", "--port", str(port)),
-        env=service_env(database_url, fake_url, port, client),
+        env=service_env(database_url, fake_url, port, client, logs),
         log=logs / f"serve-{key}.log",
         tree=tree,
     )
