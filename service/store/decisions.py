@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..aggregate import Conclusion, LaneResult, conclude, gate_blocks, gates
@@ -24,14 +24,20 @@ from ..states import (
     FINAL_EVENT,
     LANE_ENDED,
     OPEN_LANE,
-    TERMINAL_JOB,
     EventType,
     JobStatus,
-    LaneStatus,
 )
 from .db import Tx
 from .eventlog import EventLog, Item
 from .outbox import WebhookOutbox
+from .statements import (
+    FINISH_JOB,
+    FIRST_FAILURE,
+    LANE_RESULTS,
+    STOP_LANES,
+    TALLY_STATUSES,
+    TALLY_VOTES,
+)
 from .tables import jobs, lanes
 
 
@@ -74,21 +80,15 @@ class Decisions:
 
     async def stop_lanes(self, tx: Tx, job_id: str, stop: Stop, now: float) -> list[Item]:
         """End the job's lanes in ``stop.statuses``; their events (in lane order)."""
-        stopped = (
-            await tx.conn.execute(
-                update(lanes)
-                .where(lanes.c.job_id == job_id, lanes.c.status.in_(stop.statuses))
-                .values(
-                    status=stop.status,
-                    error_type=stop.error_type,
-                    error_message=stop.message,
-                    finished_at=now,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                )
-                .returning(lanes.c.idx, lanes.c.name, lanes.c.attempts)
-            )
-        ).all()
+        params = {
+            "j": job_id,
+            "statuses": list(stop.statuses),
+            "status": stop.status,
+            "error_type": stop.error_type,
+            "message": stop.message,
+            "now": now,
+        }
+        stopped = (await tx.conn.execute(STOP_LANES, params)).all()
         items: list[Item] = []
         for idx, name, attempts in sorted(stopped):
             fields: dict[str, Any] = {"lane": idx, "name": name, "attempt": attempts}
@@ -111,18 +111,8 @@ class Decisions:
         """Write the job's end, exactly once (fenced on its open status): its result or
         error, its webhook in the outbox, and its final event in ``items`` (appended by
         the caller). False when it had ended already."""
-        updated = (
-            await tx.conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.status.not_in(TERMINAL_JOB))
-                .values(
-                    status=status, result=result, error=error, finished_at=now, lease_owner=None
-                )
-                .returning(
-                    jobs.c.prompt_tokens, jobs.c.completion_tokens, jobs.c.total_tokens, jobs.c.spec
-                )
-            )
-        ).first()
+        params = {"j": job_id, "status": status, "result": result, "error": error, "now": now}
+        updated = (await tx.conn.execute(FINISH_JOB, params)).first()
         if updated is None:
             return False
         await self.outbox.queue(tx, job_id, updated[3], now)
@@ -141,15 +131,7 @@ class Decisions:
 
     async def lane_results(self, conn: AsyncConnection, job_id: str) -> list[LaneResult]:
         """Every lane of the job, in lane order, as aggregation reads them."""
-        rows = (
-            await conn.execute(
-                select(
-                    lanes.c.idx, lanes.c.name, lanes.c.status, lanes.c.output, lanes.c.answer_key
-                )
-                .where(lanes.c.job_id == job_id)
-                .order_by(lanes.c.idx)
-            )
-        ).all()
+        rows = (await conn.execute(LANE_RESULTS, {"j": job_id})).all()
         return [
             LaneResult(idx, name, status, output, json.loads(key) if key is not None else None)
             for idx, name, status, output, key in rows
@@ -205,31 +187,12 @@ class Decisions:
         gated = gates(spec)
         by_status = {
             status: count
-            for status, count in (
-                await conn.execute(
-                    select(lanes.c.status, func.count())
-                    .where(lanes.c.job_id == job_id)
-                    .group_by(lanes.c.status)
-                )
-            ).all()
+            for status, count in (await conn.execute(TALLY_STATUSES, {"j": job_id})).all()
         }
         votes: list[tuple[str, int, int]] = []
         if isinstance(spec.aggregate, MajorityAggregate):
-            votes = [
-                (key, count, first)
-                for key, count, first in (
-                    await conn.execute(
-                        select(lanes.c.answer_key, func.count(), func.min(lanes.c.idx))
-                        .where(
-                            lanes.c.job_id == job_id,
-                            lanes.c.status == LaneStatus.SUCCEEDED,
-                            lanes.c.answer_key.is_not(None),
-                            lanes.c.idx.not_in(list(gated)),
-                        )
-                        .group_by(lanes.c.answer_key)
-                    )
-                ).all()
-            ]
+            rows = await conn.execute(TALLY_VOTES, {"j": job_id, "gates": list(gated)})
+            votes = [(key, count, first) for key, count, first in rows.all()]
         gate_blocked = None
         if gated:
             gate_rows = (
@@ -246,14 +209,7 @@ class Decisions:
                     break
         first_failure = None
         if any(by_status.get(s) for s in ENDED_WITHOUT_RESULT):
-            row = (
-                await conn.execute(
-                    select(lanes.c.name, lanes.c.error_type, lanes.c.error_message)
-                    .where(lanes.c.job_id == job_id, lanes.c.status.in_(ENDED_WITHOUT_RESULT))
-                    .order_by(lanes.c.finished_at, lanes.c.idx)
-                    .limit(1)
-                )
-            ).first()
+            row = (await conn.execute(FIRST_FAILURE, {"j": job_id})).first()
             if row is not None:
                 first_failure = (row[0], row[1] or "error", row[2] or "")
         return Tally(sum(by_status.values()), by_status, votes, gate_blocked, first_failure)

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..errors import JobNotFound
 from ..spec import JobSpec, SectioningSpec, VotingSpec
 from .db import Tx
+from .statements import LOCK_JOBS, LOCK_JOBS_FOR_UPDATE
 from .tables import jobs
 
 _spec_adapter: TypeAdapter[VotingSpec | SectioningSpec] = TypeAdapter(JobSpec)
@@ -49,9 +50,8 @@ class SpecCache:
 
 async def lock_jobs(tx: Tx, job_ids: Iterable[str]) -> dict[str, RowMapping]:
     """The job rows, locked for this transaction, in id order (the lock order)."""
-    ids = sorted(set(job_ids))
-    query = tx.locking(select(jobs).where(jobs.c.id.in_(ids)).order_by(jobs.c.id))
-    rows = (await tx.conn.execute(query)).mappings().all()
+    query = LOCK_JOBS if tx.is_sqlite else LOCK_JOBS_FOR_UPDATE
+    rows = (await tx.conn.execute(query, {"ids": sorted(set(job_ids))})).mappings().all()
     return {row["id"]: row for row in rows}
 
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from ..aggregate import answer_key, lane_answer
 from ..attempts import Attempt
@@ -21,7 +21,7 @@ from .decisions import Decisions
 from .eventlog import Item
 from .jobrows import SpecCache, lock_jobs
 from .providers import ProviderGate
-from .statements import OUTCOME_UPDATE
+from .statements import ADD_JOB_USAGE, LANES_RECORDED, OUTCOME_UPDATE
 from .tables import jobs, lanes
 from .values import Outcome, Recorded
 
@@ -59,23 +59,11 @@ class Outcomes:
                     recorded.rejected += len(by_job[job_id])
                     continue
                 spec = self.specs.of(job_id, job["spec"])
+                idxs = [o.idx for o in by_job[job_id]]
                 current = {
                     row[0]: row[1:]
                     for row in (
-                        await tx.conn.execute(
-                            select(
-                                lanes.c.idx,
-                                lanes.c.status,
-                                lanes.c.attempts,
-                                lanes.c.lease_owner,
-                                lanes.c.name,
-                                lanes.c.provider,
-                                lanes.c.reserved_tokens,
-                            ).where(
-                                lanes.c.job_id == job_id,
-                                lanes.c.idx.in_([o.idx for o in by_job[job_id]]),
-                            )
-                        )
+                        await tx.conn.execute(LANES_RECORDED, {"j": job_id, "idxs": idxs})
                     ).all()
                 }
                 valid = []
@@ -250,12 +238,10 @@ class Outcomes:
 
 async def add_usage(tx: Tx, job_id: str, usage: Usage) -> None:
     """Add to the job's token counts (its lanes', retries and reducer included)."""
-    await tx.conn.execute(
-        update(jobs)
-        .where(jobs.c.id == job_id)
-        .values(
-            prompt_tokens=jobs.c.prompt_tokens + usage.prompt_tokens,
-            completion_tokens=jobs.c.completion_tokens + usage.completion_tokens,
-            total_tokens=jobs.c.total_tokens + usage.total_tokens,
-        )
-    )
+    params = {
+        "j": job_id,
+        "p": usage.prompt_tokens,
+        "c": usage.completion_tokens,
+        "t": usage.total_tokens,
+    }
+    await tx.conn.execute(ADD_JOB_USAGE, params)

@@ -18,7 +18,15 @@ from .db import Database, Tx
 from .eventlog import EventLog, Item
 from .jobrows import SpecCache, lock_jobs
 from .providers import ProviderGate
-from .statements import CLAIM_LANES, READY_LANES, RESERVE_TOKENS, RUNNABLE, START_JOB
+from .statements import (
+    CLAIM_LANES,
+    READY_FIRST,
+    READY_LANES,
+    RESERVE_TOKENS,
+    RUNNABLE,
+    RUNNING_COUNTS,
+    START_JOB,
+)
 from .tables import jobs, lanes
 from .values import Claim, Claimed
 
@@ -43,48 +51,29 @@ class LaneQueue:
 
     async def claim(self, owner: str, limit: int) -> Claimed:
         """Take up to ``limit`` queued lanes whose time has come, shared fairly between
-        tenants and jobs (:func:`service.policy.fair_share`), within each job's cap and
-        each provider's limits for the cluster (:mod:`service.store.providers`).
+        tenants and jobs (:func:`service.policy.fair_share`) when there are more than
+        that, within each job's cap and each provider's limits for the cluster
+        (:mod:`service.store.providers`).
 
         On PostgreSQL the jobs it takes from are locked ``FOR UPDATE SKIP LOCKED``: two
         processes never claim from one job at once, and never wait on each other.
         """
         now = time.time()
         async with self.db.transaction() as tx:
-            runnable = [
-                Runnable(job_id, tenant, created_at, ready, running, cap)
-                for job_id, tenant, created_at, cap, ready, running in (
-                    await tx.conn.execute(RUNNABLE, {"now": now})
-                ).all()
-            ]
-            ready = sum(job.ready for job in runnable)
-            plan = fair_share(runnable, limit, self.weights)
-            planned = sum(count for _job_id, count in plan)
-            if not planned:
-                return Claimed([], held_back=ready > 0)
-            # What this claim leaves behind: the rest of a full page, lanes of jobs at
-            # their cap, and (below) those another process holds or a provider defers.
-            held_back = planned < ready
-            wanted = dict(plan)
-            locked = await tx.conn.execute(
-                tx.locking(
-                    select(jobs).where(jobs.c.id.in_(sorted(wanted))).order_by(jobs.c.id),
-                    skip_locked=True,
-                )
-            )
-            job_rows = {row["id"]: row for row in locked.mappings().all()}
-            held_back = held_back or len(job_rows) < len(wanted)
-            candidates: dict[str, list[tuple[int, str]]] = {}
-            for job_id, count in plan:
-                job = job_rows.get(job_id)
-                if job is None or job["status"] not in DECIDING_JOB:
-                    continue
-                rows = await tx.conn.execute(READY_LANES, {"j": job_id, "now": now, "k": count})
-                candidates[job_id] = [(idx, provider) for idx, provider in rows.all()]
-            providers = {
-                provider for ready_lanes in candidates.values() for _i, provider in ready_lanes
-            }
-            admission = await self.gate.open(tx, providers, now)
+            first = (await tx.conn.execute(READY_FIRST, {"now": now, "limit": limit + 1})).all()
+            if not first:
+                return Claimed([], held_back=False)
+            if len(first) <= limit:
+                # Room for every lane ready to start: no share to work out, only caps.
+                candidates: dict[str, list[tuple[int, str]]] = {}
+                for job_id, idx, provider in first:
+                    candidates.setdefault(job_id, []).append((idx, provider))
+                held_back, job_rows = await self._lock(tx, candidates)
+                held_back = await self._within_caps(tx, candidates, job_rows) or held_back
+            else:
+                held_back, candidates, job_rows = await self._fair_share(tx, limit, now)
+            called = {provider for lanes_ in candidates.values() for _idx, provider in lanes_}
+            admission = await self.gate.open(tx, called, now)
             claims: list[Claim] = []
             expires = now + self.lease_seconds
             for job_id, ready_lanes in candidates.items():
@@ -101,6 +90,67 @@ class LaneQueue:
                     claims += await self._take(tx, job, spec, admitted, owner, now, expires)
             await self.gate.close(tx, admission)
         return Claimed(claims, held_back, admission.next_check)
+
+    async def _lock(
+        self, tx: Tx, candidates: dict[str, list[tuple[int, str]]]
+    ) -> tuple[bool, dict[str, RowMapping]]:
+        """Lock the jobs to claim from (skipping those another process holds) and drop
+        those that run no lanes any more; True when some were left out."""
+        locked = await tx.conn.execute(
+            tx.locking(
+                select(jobs).where(jobs.c.id.in_(sorted(candidates))).order_by(jobs.c.id),
+                skip_locked=True,
+            )
+        )
+        job_rows = {
+            row["id"]: row for row in locked.mappings().all() if row["status"] in DECIDING_JOB
+        }
+        left_out = [job_id for job_id in candidates if job_id not in job_rows]
+        for job_id in left_out:
+            del candidates[job_id]
+        return bool(left_out), job_rows
+
+    async def _within_caps(
+        self,
+        tx: Tx,
+        candidates: dict[str, list[tuple[int, str]]],
+        job_rows: Mapping[str, RowMapping],
+    ) -> bool:
+        """Trim each capped job's lanes to its room (``max_concurrency`` less those
+        running); True when that kept some back."""
+        capped = [job_id for job_id in candidates if job_rows[job_id]["max_concurrency"]]
+        if not capped:
+            return False
+        counts = await tx.conn.execute(RUNNING_COUNTS, {"ids": capped})
+        running = {str(job_id): int(count) for job_id, count in counts.all()}
+        trimmed = False
+        for job_id in capped:
+            room = max(0, job_rows[job_id]["max_concurrency"] - running.get(job_id, 0))
+            if len(candidates[job_id]) > room:
+                candidates[job_id] = candidates[job_id][:room]
+                trimmed = True
+        return trimmed
+
+    async def _fair_share(
+        self, tx: Tx, limit: int, now: float
+    ) -> tuple[bool, dict[str, list[tuple[int, str]]], dict[str, RowMapping]]:
+        """More lanes are ready than the claim may take: which ones, by
+        :func:`service.policy.fair_share` (the jobs' caps included)."""
+        runnable = [
+            Runnable(job_id, tenant, created_at, ready, running, cap)
+            for job_id, tenant, created_at, cap, ready, running in (
+                await tx.conn.execute(RUNNABLE, {"now": now})
+            ).all()
+        ]
+        wanted = dict(fair_share(runnable, limit, self.weights))
+        candidates: dict[str, list[tuple[int, str]]] = {job_id: [] for job_id in wanted}
+        _left_out, job_rows = await self._lock(tx, candidates)
+        if candidates:
+            params = {"jobs": list(candidates), "now": now, "k": max(wanted.values())}
+            for job_id, idx, provider in (await tx.conn.execute(READY_LANES, params)).all():
+                if len(candidates[job_id]) < wanted[job_id]:
+                    candidates[job_id].append((idx, provider))
+        return True, candidates, job_rows
 
     async def _take(
         self,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, case, func, insert, select, update
 
-from ..states import OPEN_JOB, JobStatus, LaneStatus
+from ..states import ENDED_WITHOUT_RESULT, OPEN_JOB, TERMINAL_JOB, JobStatus, LaneStatus
 from .tables import events, jobs, lanes
 
 BUMP_SEQ = (
@@ -19,35 +19,57 @@ INSERT_LANES = insert(lanes)
 IN_FLIGHT = select(func.count()).where(
     jobs.c.tenant == bindparam("tenant"), jobs.c.status.in_(OPEN_JOB)
 )
-# Every open job, with its lanes ready to start now and running: what a claim shares
-# out (jobs with nothing ready still count for their tenant's lanes in flight).
-_ready = (
-    select(func.count())
+# Jobs that have lanes open: their tenant, cap and age, their lanes ready to start now
+# and running. What a claim shares out (lanes running in a job with nothing ready still
+# count for its tenant). One scan of the open lanes, by the (status, ...) index.
+_ready = func.sum(
+    case(
+        (
+            (lanes.c.status == LaneStatus.QUEUED) & (lanes.c.available_at <= bindparam("now")),
+            1,
+        ),
+        else_=0,
+    )
+)
+_running = func.sum(case((lanes.c.status == LaneStatus.RUNNING, 1), else_=0))
+RUNNABLE = (
+    select(
+        lanes.c.job_id,
+        jobs.c.tenant,
+        jobs.c.created_at,
+        jobs.c.max_concurrency,
+        _ready,
+        _running,
+    )
+    .join(jobs, jobs.c.id == lanes.c.job_id)
     .where(
-        lanes.c.job_id == jobs.c.id,
+        lanes.c.status.in_((LaneStatus.QUEUED, LaneStatus.RUNNING)),
+        jobs.c.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
+    )
+    .group_by(lanes.c.job_id, jobs.c.tenant, jobs.c.created_at, jobs.c.max_concurrency)
+)
+# The lanes ready to start of the jobs a claim takes from, each job's in the order they
+# became ready, numbered (the claim takes each job's first k).
+_ready_lanes = (
+    select(
+        lanes.c.job_id,
+        lanes.c.idx,
+        lanes.c.provider,
+        func.row_number()
+        .over(partition_by=lanes.c.job_id, order_by=(lanes.c.available_at, lanes.c.idx))
+        .label("r"),
+    )
+    .where(
+        lanes.c.job_id.in_(bindparam("jobs", expanding=True)),
         lanes.c.status == LaneStatus.QUEUED,
         lanes.c.available_at <= bindparam("now"),
     )
-    .scalar_subquery()
+    .subquery()
 )
-_running = (
-    select(func.count())
-    .where(lanes.c.job_id == jobs.c.id, lanes.c.status == LaneStatus.RUNNING)
-    .scalar_subquery()
-)
-RUNNABLE = select(
-    jobs.c.id, jobs.c.tenant, jobs.c.created_at, jobs.c.max_concurrency, _ready, _running
-).where(jobs.c.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
-# A job's first k lanes ready to start.
 READY_LANES = (
-    select(lanes.c.idx, lanes.c.provider)
-    .where(
-        lanes.c.job_id == bindparam("j"),
-        lanes.c.status == LaneStatus.QUEUED,
-        lanes.c.available_at <= bindparam("now"),
-    )
-    .order_by(lanes.c.available_at, lanes.c.idx)
-    .limit(bindparam("k"))
+    select(_ready_lanes.c.job_id, _ready_lanes.c.idx, _ready_lanes.c.provider)
+    .where(_ready_lanes.c.r <= bindparam("k"))
+    .order_by(_ready_lanes.c.job_id, _ready_lanes.c.r)
 )
 # (Bound names must differ from the updated table's columns: "j", not "job_id".)
 CLAIM_LANES = (
@@ -102,4 +124,96 @@ OUTCOME_UPDATE = (
         lease_owner=bindparam("lease_owner"),
         lease_expires_at=None,
     )
+)
+
+# --- deciding and recording (every recorded batch runs these) -------------------------
+
+LOCK_JOBS = select(jobs).where(jobs.c.id.in_(bindparam("ids", expanding=True))).order_by(jobs.c.id)
+LOCK_JOBS_FOR_UPDATE = LOCK_JOBS.with_for_update()
+LANES_RECORDED = select(
+    lanes.c.idx,
+    lanes.c.status,
+    lanes.c.attempts,
+    lanes.c.lease_owner,
+    lanes.c.name,
+    lanes.c.provider,
+    lanes.c.reserved_tokens,
+).where(lanes.c.job_id == bindparam("j"), lanes.c.idx.in_(bindparam("idxs", expanding=True)))
+ADD_JOB_USAGE = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("j"))
+    .values(
+        prompt_tokens=jobs.c.prompt_tokens + bindparam("p"),
+        completion_tokens=jobs.c.completion_tokens + bindparam("c"),
+        total_tokens=jobs.c.total_tokens + bindparam("t"),
+    )
+)
+TALLY_STATUSES = (
+    select(lanes.c.status, func.count())
+    .where(lanes.c.job_id == bindparam("j"))
+    .group_by(lanes.c.status)
+)
+TALLY_VOTES = (
+    select(lanes.c.answer_key, func.count(), func.min(lanes.c.idx))
+    .where(
+        lanes.c.job_id == bindparam("j"),
+        lanes.c.status == LaneStatus.SUCCEEDED,
+        lanes.c.answer_key.is_not(None),
+        lanes.c.idx.not_in(bindparam("gates", expanding=True)),
+    )
+    .group_by(lanes.c.answer_key)
+)
+FIRST_FAILURE = (
+    select(lanes.c.name, lanes.c.error_type, lanes.c.error_message)
+    .where(lanes.c.job_id == bindparam("j"), lanes.c.status.in_(ENDED_WITHOUT_RESULT))
+    .order_by(lanes.c.finished_at, lanes.c.idx)
+    .limit(1)
+)
+LANE_RESULTS = (
+    select(lanes.c.idx, lanes.c.name, lanes.c.status, lanes.c.output, lanes.c.answer_key)
+    .where(lanes.c.job_id == bindparam("j"))
+    .order_by(lanes.c.idx)
+)
+STOP_LANES = (
+    update(lanes)
+    .where(
+        lanes.c.job_id == bindparam("j"),
+        lanes.c.status.in_(bindparam("statuses", expanding=True)),
+    )
+    .values(
+        status=bindparam("status"),
+        error_type=bindparam("error_type"),
+        error_message=bindparam("message"),
+        finished_at=bindparam("now"),
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+    .returning(lanes.c.idx, lanes.c.name, lanes.c.attempts)
+)
+FINISH_JOB = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("j"), jobs.c.status.not_in(TERMINAL_JOB))
+    .values(
+        status=bindparam("status"),
+        result=bindparam("result"),
+        error=bindparam("error"),
+        finished_at=bindparam("now"),
+        lease_owner=None,
+    )
+    .returning(jobs.c.prompt_tokens, jobs.c.completion_tokens, jobs.c.total_tokens, jobs.c.spec)
+)
+# A claim without contention: the first lanes ready to start, if they are all it needs.
+READY_FIRST = (
+    select(lanes.c.job_id, lanes.c.idx, lanes.c.provider)
+    .where(lanes.c.status == LaneStatus.QUEUED, lanes.c.available_at <= bindparam("now"))
+    .order_by(lanes.c.available_at, lanes.c.job_id, lanes.c.idx)
+    .limit(bindparam("limit"))
+)
+RUNNING_COUNTS = (
+    select(lanes.c.job_id, func.count())
+    .where(
+        lanes.c.job_id.in_(bindparam("ids", expanding=True)),
+        lanes.c.status == LaneStatus.RUNNING,
+    )
+    .group_by(lanes.c.job_id)
 )

@@ -16,6 +16,13 @@ from tests.support import fake_reset, run_job, section, sectioning, voting
 NUMBER = {"kind": "majority", "extract": "number"}
 
 
+@pytest.fixture
+def database_url(sqlite_url: str) -> str:
+    """SQLite: the store's side of listing, cursors and refusals is shown on both
+    databases in tests/store."""
+    return sqlite_url
+
+
 async def test_create_returns_202_with_location(client: httpx.AsyncClient) -> None:
     response = await client.post("/v1/jobs", json=voting(1, "fake"))
     assert response.status_code == 202

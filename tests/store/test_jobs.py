@@ -3,6 +3,7 @@ capped per tenant, listed a page at a time, cancelled once."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
@@ -116,3 +117,13 @@ async def test_events_are_read_after_a_sequence_number_in_order(store: Store) ->
     assert [e["seq"] for e in await store.log.after(job.id, 3)] == [4, 5]
     assert await store.log.after(job.id, 5) == []
     assert all(json.loads(json.dumps(e["data"]))["seq"] == e["seq"] for e in events)
+
+
+async def test_concurrent_creates_with_one_key_make_one_job(store: Store) -> None:
+    spec = parse(voting(2))
+    results = await asyncio.gather(
+        *(store.jobs.create(spec, "acme", idempotency=("race", "h")) for _ in range(20))
+    )
+    assert len({job.id for job, _created in results}) == 1
+    assert sum(created for _job, created in results) == 1
+    assert len((await store.jobs.page("acme", status=None, cursor=None, limit=50))[0]) == 1
