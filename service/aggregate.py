@@ -57,6 +57,8 @@ def output_text(output: Any) -> str:
     """The text an answer is read from: an llm lane's text, an http lane's body."""
     if isinstance(output, str):
         return output
+    if output is None:
+        return ""
     if isinstance(output, dict) and "body" in output:
         body = output["body"]
         return body if isinstance(body, str) else json.dumps(body)
@@ -78,9 +80,14 @@ def shortest_number(text: str) -> int | float | None:
     return float(value)
 
 
-def extract(how: Extracting, output: Any) -> Any:
-    """Read the answer from a lane's output; ``None`` means the lane abstains."""
+def extract(how: Extracting, output: Any, reply: dict[str, Any] | None = None) -> Any:
+    """Read the answer from a lane's output; ``None`` means the lane abstains.
+
+    ``json`` reads the message text or, when there is none and the model called tools,
+    the first tool call's arguments: so a vote over a function's arguments is a vote."""
     text = output_text(output)
+    if how.extract == "json" and output is None and reply and reply.get("tool_calls"):
+        text = str(reply["tool_calls"][0]["function"]["arguments"])
     if how.extract == "text":
         normalised = " ".join(text.split()).casefold()
         return normalised or None
@@ -141,16 +148,21 @@ def answer_key(answer: Any) -> str | None:
     return json.dumps(answer, sort_keys=True, separators=(",", ":"))
 
 
-def lane_answer(spec: VotingSpec | SectioningSpec, idx: int, output: Any) -> Any:
+def lane_answer(
+    spec: VotingSpec | SectioningSpec,
+    idx: int,
+    output: Any,
+    reply: dict[str, Any] | None = None,
+) -> Any:
     """What a succeeded lane's output says: a gate's verdict, or the vote or score the
     aggregate reads from it (None: the aggregate reads none, or the lane abstains)."""
     pattern = gates(spec).get(idx)
     if pattern is not None:
         return gate_verdict(pattern, output)
     if isinstance(spec.aggregate, ScoreAggregate):
-        return as_score(extract(spec.aggregate, output))
+        return as_score(extract(spec.aggregate, output, reply))
     if isinstance(spec.aggregate, MajorityAggregate):
-        return extract(spec.aggregate, output)
+        return extract(spec.aggregate, output, reply)
     return None
 
 

@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from .config import Settings
+from pydantic import ValidationError
+
+from .config import ProvidersFileError, Settings
 from .logs import configure as configure_logging
 
 log = logging.getLogger("fanout")
@@ -62,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             cancel_on_exit=args.cancel_on_exit,
         )
 
-    settings = Settings()
+    settings = _settings()
+    if settings is None:
+        return 2
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "migrate":
         from .store.db import upgrade
@@ -81,6 +85,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         return asyncio.run(_worker(settings))
     return _serve(settings, host=args.host, port=args.port, with_runner=not args.no_runner)
+
+
+def _settings() -> Settings | None:
+    """The settings, the providers file read: or, when either is wrong, what is wrong
+    on standard error, one line each, and None (the command exits 2, no traceback)."""
+    try:
+        settings = Settings()
+        settings.providers  # noqa: B018 (read now: a wrong file is found at start)
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "FANOUT_" + ".".join(str(part) for part in error["loc"]).upper()
+            print(f"fanout: {name}: {error['msg']}", file=sys.stderr)
+        return None
+    except ProvidersFileError as exc:
+        print(f"fanout: FANOUT_PROVIDERS_FILE {exc}", file=sys.stderr)
+        return None
+    return settings
 
 
 def _serve(settings: Settings, *, host: str | None, port: int | None, with_runner: bool) -> int:

@@ -4,13 +4,30 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+@dataclass(frozen=True)
+class Price:
+    """A model's prices in USD per million tokens; cached prompt tokens at
+    ``cached_input`` (the input price when not given)."""
+
+    input: float
+    output: float
+    cached_input: float | None = None
+
+    def cost(self, prompt: int, cached: int, completion: int) -> float:
+        cached_price = self.input if self.cached_input is None else self.cached_input
+        return (
+            (prompt - cached) * self.input + cached * cached_price + completion * self.output
+        ) / 1e6
 
 
 @dataclass(frozen=True)
@@ -25,6 +42,13 @@ class Provider:
     tpm: int | None = None
     # Tokens a call reserves of ``tpm`` for its answer when the task sets no max_tokens.
     reserve_tokens: int | None = None
+    # Prices by model name; a model without one has no cost (absent, never 0).
+    prices: Mapping[str, Price] = field(default_factory=dict)
+
+
+class ProvidersFileError(ValueError):
+    """A providers file that cannot be used, said in one line: the file, the provider,
+    the key, what is wrong."""
 
 
 class Settings(BaseSettings):
@@ -128,19 +152,74 @@ def parse_weights(setting: str) -> dict[str, float]:
     return weights
 
 
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _PriceTable(_Strict):
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(default=None, ge=0)
+
+
+class _ProviderTable(_Strict):
+    base_url: str = Field(min_length=1)
+    api_key_env: str | None = Field(default=None, min_length=1)
+    api_key: str | None = None
+    max_concurrency: int | None = Field(default=None, ge=1)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    reserve_tokens: int | None = Field(default=None, ge=1)
+    prices: dict[str, _PriceTable] = Field(default_factory=dict)
+
+
+class _ProvidersFile(_Strict):
+    providers: dict[str, _ProviderTable] = Field(default_factory=dict)
+
+
 def load_providers(path: Path) -> dict[str, Provider]:
-    """Read ``[providers.NAME]`` tables: base_url, api_key_env, max_concurrency, rpm, tpm."""
-    data = tomllib.loads(path.read_text())
+    """Read ``[providers.NAME]`` tables: ``base_url``, ``api_key_env`` (or ``api_key``),
+    ``max_concurrency``, ``rpm``, ``tpm``, ``reserve_tokens``, and
+    ``[providers.NAME.prices."MODEL"]`` (``input``, ``cached_input``, ``output``, USD per
+    million tokens). Anything wrong is a :class:`ProvidersFileError` saying where."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ProvidersFileError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProvidersFileError(f"{path}: not TOML: {exc}") from None
+    try:
+        tables = _ProvidersFile.model_validate(data).providers
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        what = error["msg"]
+        if error["type"] == "extra_forbidden":
+            what = "not a key a provider has"
+        elif error["type"] == "missing":
+            what = "required"
+        raise ProvidersFileError(f"{path}: {where}: {what}") from None
     providers = {}
-    for name, table in data.get("providers", {}).items():
-        key_env = table.get("api_key_env")
+    for name, table in tables.items():
+        api_key = table.api_key
+        if table.api_key_env is not None:
+            api_key = os.environ.get(table.api_key_env)
+            if not api_key:
+                raise ProvidersFileError(
+                    f"{path}: providers.{name}.api_key_env: the variable "
+                    f"{table.api_key_env} is not set"
+                )
+        prices = {
+            model: Price(p.input, p.output, p.cached_input) for model, p in table.prices.items()
+        }
         providers[name] = Provider(
             name=name,
-            base_url=table.get("base_url"),
-            api_key=os.environ.get(key_env) if key_env else table.get("api_key"),
-            max_concurrency=table.get("max_concurrency"),
-            rpm=table.get("rpm"),
-            tpm=table.get("tpm"),
-            reserve_tokens=table.get("reserve_tokens"),
+            base_url=table.base_url,
+            api_key=api_key,
+            max_concurrency=table.max_concurrency,
+            rpm=table.rpm,
+            tpm=table.tpm,
+            reserve_tokens=table.reserve_tokens,
+            prices=prices,
         )
     return providers

@@ -50,7 +50,17 @@ class Metrics:
             "fanout_retries", "Attempts that will be retried, by reason", ["reason"], registry=r
         )
         self.tokens = Counter(
-            "fanout_tokens", "Tokens used", ["provider", "model", "kind"], registry=r
+            "fanout_tokens",
+            "Tokens the providers reported, by kind: prompt and completion; reasoning (part"
+            " of completion) and cached (part of prompt)",
+            ["provider", "model", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "fanout_cost_usd",
+            "Cost of the answers, where prices are configured",
+            ["provider", "model"],
+            registry=r,
         )
         self.queue_wait = Histogram(
             "fanout_queue_wait_seconds",
@@ -96,10 +106,17 @@ class Metrics:
         self, provider: str, model: str, seconds: float, outcome: str, usage: Usage
     ) -> None:
         self.attempt_seconds.labels(provider, model, outcome).observe(seconds)
-        if usage.prompt_tokens:
-            self.tokens.labels(provider, model, "prompt").inc(usage.prompt_tokens)
-        if usage.completion_tokens:
-            self.tokens.labels(provider, model, "completion").inc(usage.completion_tokens)
+        self.observe_usage(provider, model, usage)
+
+    def observe_usage(self, provider: str, model: str, usage: Usage) -> None:
+        """An answer's tokens (and cost): every answer a provider sent is counted once,
+        whatever became of its lane, as the job's usage counts it."""
+        for kind in ("prompt", "completion", "reasoning", "cached"):
+            count = getattr(usage, f"{kind}_tokens")
+            if count:
+                self.tokens.labels(provider, model, kind).inc(count)
+        if usage.cost_usd:
+            self.cost.labels(provider, model).inc(usage.cost_usd)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

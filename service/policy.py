@@ -25,6 +25,7 @@ from .spec import (
     LlmTask,
     MajorityAggregate,
     OnFailure,
+    Policy,
     SectioningSpec,
     VotingSpec,
     on_failure,
@@ -157,13 +158,21 @@ def fair_share(
     return list(given.items())
 
 
+def budget_spent(policy: Policy, total_tokens: int, cost_usd: float | None) -> bool:
+    """Whether a job has spent its budget (``max_total_tokens``, ``max_cost_usd``): then
+    no new attempt starts."""
+    if policy.max_total_tokens is not None and total_tokens >= policy.max_total_tokens:
+        return True
+    return policy.max_cost_usd is not None and (cost_usd or 0.0) >= policy.max_cost_usd
+
+
 def tokens_to_reserve(task: LlmTask, default_completion: int) -> int:
     """The tokens a call may use, reserved of its provider's tokens a minute before it
     starts (and settled with what it used when it ends): its prompt, estimated at four
-    characters a token, plus the completion it allows (``max_tokens``, or the
-    provider's default)."""
+    characters a token, plus the completion it allows (``max_completion_tokens`` or
+    ``max_tokens``, or the provider's default)."""
     chars = sum(len(str(message.content)) for message in task.messages)
-    completion = task.max_tokens or default_completion
+    completion = task.max_completion_tokens or task.max_tokens or default_completion
     return chars // 4 + 4 * len(task.messages) + completion
 
 
@@ -239,7 +248,7 @@ def decide(
                 (LaneStatus.QUEUED,),
                 LaneStatus.CANCELLED,
                 ErrorType.BUDGET,
-                "the job's token budget is spent",
+                "the job's budget is spent",
             )
         )
         ended_badly += queued
@@ -261,7 +270,7 @@ def decide(
                 f"lane {name!r} ended without a result: {error_type}: {message}",
             )
         if budget_stopped:
-            return fail(ErrorType.BUDGET, "the token budget was spent before every lane ran")
+            return fail(ErrorType.BUDGET, "the budget was spent before every lane ran")
         return fail(ErrorType.LANE_FAILED, "a lane ended without a result")
 
     need = quorum_size(spec)

@@ -17,6 +17,9 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     Tag,
     field_validator,
     model_validator,
@@ -40,26 +43,174 @@ def _compiles(pattern: str) -> str:
 # --- tasks -------------------------------------------------------------------------
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """A tool call an assistant message made (as the chat-completions API shows it)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(min_length=1)
+    type: str = "function"
+    function: ToolCallFunction
+
+
 class Message(Strict):
+    """A chat message in the API's full shape: text or content parts, an assistant's
+    tool calls (or refusal), a tool's answer to one of them."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]]
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, min_length=1)
+    tool_call_id: str | None = Field(default=None, min_length=1)
+    refusal: str | None = None
+
+    @model_validator(mode="after")
+    def _shape_fits_the_role(self) -> Message:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if self.refusal is not None and self.role != "assistant":
+            raise ValueError("only an assistant message has a refusal")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only a tool message has a tool_call_id")
+        if self.content is None and not (self.tool_calls or self.refusal is not None):
+            raise ValueError("content is required (an assistant may give tool_calls instead)")
+        return self
+
+
+class ContentPart(BaseModel):
+    """A part of a message's content (``text``, ``image_url``, ``input_audio``,
+    ``file``...), passed on as it is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(min_length=1)
+
+
+class Tool(BaseModel):
+    """A tool the model may call (``{"type": "function", "function": {...}}``, or a
+    provider's own kind), passed on as it is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(min_length=1)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(min_length=1)
+
+
+# Fields of the chat-completions request that Fanout sets itself, and why.
+OWNED_FIELDS = {
+    "n": "lanes are Fanout's samples: ask for more with a voting job's n",
+    "stream_options": "Fanout sets stream_options itself, to read the usage of a stream",
+}
+# What extra_body may not override: the task's own identity and Fanout's fields.
+_NOT_EXTRA = ("model", "messages", "stream", *OWNED_FIELDS)
 
 
 class LlmTask(Strict):
-    """One OpenAI-compatible chat completion. Providers live in server configuration."""
+    """One OpenAI-compatible chat completion. Providers live in server configuration.
+
+    Every per-call field of the chat-completions request is accepted, checked for its
+    type and sent as it is; ``extra_body`` is merged into the request for a provider's
+    own fields (vLLM's ``guided_json``, ``top_k``...), as the openai client does."""
 
     kind: Literal["llm"] = "llm"
     provider: str = "default"
     model: str = Field(min_length=1)
     messages: list[Message] = Field(min_length=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    seed: int | None = None
+    temperature: StrictFloat | None = Field(default=None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(default=None, ge=0, le=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    seed: StrictInt | None = None
     stop: str | list[str] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    reasoning_effort: str | None = Field(default=None, min_length=1)
+    verbosity: str | None = Field(default=None, min_length=1)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+    presence_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: StrictFloat | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, StrictInt] | None = None
+    user: str | None = None
+    service_tier: str | None = Field(default=None, min_length=1)
+    prediction: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     stream: bool = False
+    extra_body: dict[str, Any] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases_in_range(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        for token, bias in (value or {}).items():
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {token!r} is {bias}, not from -100 to 100")
+        return value
+
+    @field_validator("extra_body")
+    @classmethod
+    def _extras_are_extras(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        taken = sorted(set(value or {}) & set(_NOT_EXTRA))
+        if taken:
+            raise ValueError(
+                f"extra_body may not set {', '.join(taken)}: the task's own fields (or "
+                "Fanout's) say what they are"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> LlmTask:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def request(self, messages: list[Message] | None = None) -> dict[str, Any]:
+        """The chat-completions request body, as sent to the provider (streaming aside):
+        every field given, then ``extra_body`` merged in. ``messages`` replaces the
+        task's own (the reducer's prompt)."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [
+                m.model_dump(mode="json", exclude_none=True) for m in (messages or self.messages)
+            ],
+        }
+        for name, value in self.__dict__.items():
+            if value is not None and name not in _NOT_SENT:
+                body[name] = _plain(value)
+        if self.extra_body:
+            body.update(self.extra_body)
+        return body
+
+
+# Task fields that are not request fields (or are sent another way).
+_NOT_SENT = frozenset({"kind", "provider", "model", "messages", "stream", "extra_body"})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_none=True)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
 
 
 class HttpTask(Strict):
@@ -153,6 +304,7 @@ class Policy(Strict):
     max_attempts: int = Field(default=3, ge=1)
     max_concurrency: int | None = Field(default=None, ge=1)
     max_total_tokens: int | None = Field(default=None, ge=1)
+    max_cost_usd: float | None = Field(default=None, gt=0)
 
 
 class Webhook(Strict):

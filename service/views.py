@@ -12,24 +12,37 @@ from pydantic import BaseModel, ConfigDict, Field
 from .states import JobStatus, LaneStatus
 
 
-# Tokens used: one value type everywhere (an attempt, a lane, a job), with ``+``. (No
-# docstring: it would become the schema's description in the OpenAPI document.)
+# Tokens used, and their cost: one value type everywhere (an attempt, a lane, a job),
+# with ``+``. (No docstring: it would become the schema's description.) Reasoning tokens
+# are part of the completion tokens and cached tokens part of the prompt tokens, as
+# providers report them. ``cost_usd`` is absent, never 0, without prices.
 class Usage(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float | None = Field(default=None, exclude_if=lambda cost: cost is None)
 
     def __add__(self, other: Usage) -> Usage:
+        cost = self.cost_usd
+        if other.cost_usd is not None:
+            cost = other.cost_usd if cost is None else cost + other.cost_usd
         return Usage.model_construct(
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             total_tokens=self.total_tokens + other.total_tokens,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
+            cost_usd=cost,
         )
 
     def __bool__(self) -> bool:
-        return bool(self.prompt_tokens or self.completion_tokens or self.total_tokens)
+        return bool(self.total_tokens or self.prompt_tokens or self.completion_tokens) or (
+            self.cost_usd is not None
+        )
 
     @classmethod
     def sum(cls, usages: Any) -> Usage:
@@ -47,13 +60,26 @@ class ErrorView(BaseModel):
     message: str
 
 
+class LogprobsSummary(BaseModel):
+    """The answer's token log probabilities in short: their mean, and how many."""
+
+    mean: float
+    tokens: int
+
+
 class LaneView(BaseModel):
     index: int
     name: str
     status: LaneStatus
     attempts: int
+    # An llm lane's text (null when it answered with tool calls only, or a refusal), or
+    # an http lane's response.
     output: Any = None
     answer: Any = None
+    finish_reason: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    refusal: str | None = None
+    logprobs: LogprobsSummary | None = None
     error: ErrorView | None = None
     usage: Usage
     queued_at: str | None = None

@@ -28,12 +28,15 @@ OnDelta = Callable[[str], None]
 class Attempt:
     """How one attempt of one task ended: its output, or why it failed."""
 
-    output: Any = None
+    output: Any = None  # an llm answer's text (or None), an http task's response
     error_type: ErrorType | None = None
     error_message: str | None = None
     transient: bool = False  # worth another attempt
     retry_after: float | None = None  # no sooner than this (``Retry-After``), seconds
     usage: Usage = NO_USAGE
+    # What an llm answer says beside its text: finish_reason, tool_calls, refusal and a
+    # logprobs summary ({"mean", "tokens"}), each only when there is one.
+    reply: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:

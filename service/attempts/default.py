@@ -1,7 +1,10 @@
-"""The executor the runner uses: an llm task through its provider's client, an http
-task through the egress guard."""
+"""The executor the runner uses: an llm task through its provider's client (its cost
+from the provider's prices, when it has some for the model), an http task through the
+egress guard."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import httpx
 
@@ -33,4 +36,10 @@ class TaskExecutor:
                 self.http, task, timeout=timeout, max_bytes=self.max_response_bytes
             )
         client = self.providers.client(task.provider)
-        return await run_llm(client, task, timeout=timeout, messages=messages, on_delta=on_delta)
+        attempt = await run_llm(client, task, timeout=timeout, messages=messages, on_delta=on_delta)
+        price = self.providers.providers[task.provider].prices.get(task.model)
+        if price is None:
+            return attempt
+        usage = attempt.usage
+        cost = price.cost(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+        return replace(attempt, usage=usage.model_copy(update={"cost_usd": cost}))

@@ -14,6 +14,7 @@ Two clients make the chat-completion call, chosen by ``FANOUT_LLM_CLIENT``:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import urllib.request
@@ -82,18 +83,6 @@ class Providers:
         self._clients.clear()
 
 
-def _request(task: LlmTask, messages: list[Message]) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": task.model,
-        "messages": [m.model_dump(exclude_none=True) for m in messages],
-    }
-    for name in ("temperature", "top_p", "max_tokens", "seed", "stop", "response_format"):
-        value = getattr(task, name)
-        if value is not None:
-            body[name] = value
-    return body
-
-
 async def run_llm(
     client: LlmClient,
     task: LlmTask,
@@ -103,7 +92,7 @@ async def run_llm(
     on_delta: OnDelta | None = None,
 ) -> Attempt:
     """One chat completion, bounded by ``timeout``; every failure becomes an Attempt."""
-    body = _request(task, messages or task.messages)
+    body = task.request(messages)
     if task.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -126,18 +115,81 @@ def _field(value: Any, name: str) -> Any:
 
 
 def _usage(usage: Any) -> Usage:
-    """Prompt, completion and total tokens; none counted unless all three are given."""
+    """Prompt, completion and total tokens (none counted unless all three are given),
+    and within them the reasoning and cached tokens, when the provider says."""
     prompt, completion, total = (
         _field(usage, k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
     )
-    if isinstance(prompt, int) and isinstance(completion, int) and isinstance(total, int):
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
-    return NO_USAGE
+    if not (isinstance(prompt, int) and isinstance(completion, int) and isinstance(total, int)):
+        return NO_USAGE
+    reasoning = _field(_field(usage, "completion_tokens_details"), "reasoning_tokens")
+    cached = _field(_field(usage, "prompt_tokens_details"), "cached_tokens")
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        reasoning_tokens=reasoning if isinstance(reasoning, int) else 0,
+        cached_tokens=cached if isinstance(cached, int) else 0,
+    )
+
+
+def _tool_calls(value: Any) -> list[dict[str, Any]]:
+    """A message's tool calls as sent: ``[{"id", "type", "function": {"name",
+    "arguments"}}]`` (arguments are the JSON text the model wrote)."""
+    calls = []
+    for call in value if isinstance(value, list) else ():
+        function = _field(call, "function")
+        name = _field(function, "name")
+        if not isinstance(name, str):
+            continue
+        arguments = _field(function, "arguments")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments) if arguments is not None else ""
+        calls.append(
+            {
+                "id": str(_field(call, "id") or ""),
+                "type": str(_field(call, "type") or "function"),
+                "function": {"name": name, "arguments": arguments},
+            }
+        )
+    return calls
+
+
+def _token_logprobs(logprobs: Any) -> list[float]:
+    """The log probabilities of the answer's tokens (``choice.logprobs.content``)."""
+    return [
+        float(lp)
+        for token in _field(logprobs, "content") or ()
+        if isinstance(lp := _field(token, "logprob"), int | float) and not isinstance(lp, bool)
+    ]
+
+
+def _reply(
+    finish_reason: Any, tool_calls: list[dict[str, Any]], refusal: Any, logprobs: list[float]
+) -> dict[str, Any]:
+    """What an llm answer says beside its text, as a lane keeps it: ``finish_reason``,
+    ``tool_calls``, ``refusal``, and ``logprobs`` as a summary (the mean token logprob
+    and the number of tokens), not the whole array."""
+    reply: dict[str, Any] = {}
+    if isinstance(finish_reason, str):
+        reply["finish_reason"] = finish_reason
+    if tool_calls:
+        reply["tool_calls"] = tool_calls
+    if isinstance(refusal, str):
+        reply["refusal"] = refusal
+    if logprobs:
+        reply["logprobs"] = {"mean": sum(logprobs) / len(logprobs), "tokens": len(logprobs)}
+    return reply
+
+
+# An answer without text is still an answer when it says why it has none.
+_TEXTLESS_ENDS = frozenset({"length", "content_filter", "tool_calls"})
 
 
 def completion_attempt(completion: Any) -> Attempt:
-    """A chat completion read into an Attempt: the first choice's text and the usage;
-    an error object, or anything else in its place, fails the lane."""
+    """A chat completion read into an Attempt: the first choice's text (or None), its
+    tool calls, refusal, finish reason and logprobs, and the usage; an error object, or
+    anything else in its place, fails the lane."""
     error = _field(completion, "error")
     if error:
         return error_event({"error": error})
@@ -146,12 +198,28 @@ def completion_attempt(completion: Any) -> Attempt:
         return invalid("unreadable response: no choices list")
     if not choices:
         return invalid("the response has no choices")
-    content = _field(_field(choices[0], "message"), "content")
-    if content is None:
-        return invalid("the response has no content")
-    if not isinstance(content, str):
+    choice = choices[0]
+    message = _field(choice, "message")
+    content = _field(message, "content")
+    if content is not None and not isinstance(content, str):
         return invalid("unreadable response: the content is not text")
-    return Attempt(output=content, usage=_usage(_field(completion, "usage")))
+    reply = _reply(
+        _field(choice, "finish_reason"),
+        _tool_calls(_field(message, "tool_calls")),
+        _field(message, "refusal"),
+        _token_logprobs(_field(choice, "logprobs")),
+    )
+    if content is None and not _says_why(reply):
+        return invalid("the response has no content")
+    return Attempt(output=content, usage=_usage(_field(completion, "usage")), reply=reply)
+
+
+def _says_why(reply: dict[str, Any]) -> bool:
+    return bool(
+        reply.get("tool_calls")
+        or "refusal" in reply
+        or reply.get("finish_reason") in _TEXTLESS_ENDS
+    )
 
 
 def error_event(body: Mapping[str, Any]) -> Attempt:
@@ -281,6 +349,10 @@ class Streamed:
     def __init__(self, on_delta: OnDelta | None) -> None:
         self.on_delta = on_delta
         self.parts: list[str] = []
+        self.refusal: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}  # tool calls by index, as they build up
+        self.logprobs: list[float] = []
+        self.finish_reason: str | None = None
         self.usage = NO_USAGE
         self.whole = False
 
@@ -293,14 +365,42 @@ class Streamed:
         if usage is not None:
             self.usage = _usage(usage)
         for choice in _field(chunk, "choices") or ():
-            text = _field(_field(choice, "delta"), "content")
+            if _field(choice, "index") not in (0, None):
+                continue  # Fanout asks for one choice
+            delta = _field(choice, "delta")
+            text = _field(delta, "content")
             if isinstance(text, str) and text:
                 self.parts.append(text)
                 if self.on_delta is not None:
                     self.on_delta(text)
-            if _field(choice, "finish_reason"):
+            refusal = _field(delta, "refusal")
+            if isinstance(refusal, str):
+                self.refusal.append(refusal)
+            for call in _field(delta, "tool_calls") or ():
+                self._add_call(call)
+            self.logprobs += _token_logprobs(_field(choice, "logprobs"))
+            finish_reason = _field(choice, "finish_reason")
+            if finish_reason:
+                self.finish_reason = str(finish_reason)
                 self.whole = True
         return None
+
+    def _add_call(self, delta: Any) -> None:
+        """A piece of a tool call: its first piece names it, later ones add arguments."""
+        index = _field(delta, "index")
+        call = self.calls.setdefault(
+            index if isinstance(index, int) else len(self.calls),
+            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+        )
+        if isinstance(call_id := _field(delta, "id"), str):
+            call["id"] = call_id
+        if isinstance(kind := _field(delta, "type"), str):
+            call["type"] = kind
+        function = _field(delta, "function")
+        if isinstance(name := _field(function, "name"), str):
+            call["function"]["name"] += name
+        if isinstance(arguments := _field(function, "arguments"), str):
+            call["function"]["arguments"] += arguments
 
     def attempt(self) -> Attempt:
         if not self.whole:
@@ -309,7 +409,12 @@ class Streamed:
                 error_message="the stream ended before the answer was complete",
                 transient=True,
             )
-        return Attempt(output="".join(self.parts), usage=self.usage)
+        calls = [self.calls[i] for i in sorted(self.calls) if self.calls[i]["function"]["name"]]
+        refusal = "".join(self.refusal) if self.refusal else None
+        reply = _reply(self.finish_reason, calls, refusal, self.logprobs)
+        text = "".join(self.parts)
+        output = text if text or not _says_why(reply) else None
+        return Attempt(output=output, usage=self.usage, reply=reply)
 
 
 # --- the reference client: the openai SDK ----------------------------------------------
@@ -339,13 +444,24 @@ class SdkClient:
             max_retries=0,
             http_client=http_client,
         )
+        self._params = frozenset(
+            inspect.signature(self.client.chat.completions.create).parameters
+        ) - {"extra_body", "extra_headers", "extra_query", "timeout"}
+
+    def _arguments(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``create()``'s keyword arguments for ``body``: the fields the SDK names, and
+        the rest (a provider's own) in ``extra_body``, which it merges back: the same
+        request as the lean path sends."""
+        known = {k: v for k, v in body.items() if k in self._params}
+        extra = {k: v for k, v in body.items() if k not in self._params}
+        return {**known, "extra_body": extra} if extra else known
 
     async def complete(self, body: dict[str, Any], on_delta: OnDelta | None) -> Attempt:
         openai = self.openai
         try:
             if body.get("stream"):
                 return await self._streamed(body, on_delta)
-            completion = await self.client.chat.completions.create(**body)
+            completion = await self.client.chat.completions.create(**self._arguments(body))
         except openai.APIConnectionError as exc:
             # Its own timeouts are off (run_llm bounds the attempt): a "timeout" here is
             # the transport's name for a refused or failed connection.
@@ -364,7 +480,7 @@ class SdkClient:
         return completion_attempt(completion)
 
     async def _streamed(self, body: dict[str, Any], on_delta: OnDelta | None) -> Attempt:
-        stream = await self.client.chat.completions.create(**body)
+        stream = await self.client.chat.completions.create(**self._arguments(body))
         streamed = Streamed(on_delta)
         async with stream:
             async for chunk in stream:

@@ -28,6 +28,7 @@ from ..errors import (
     TenantAtCapacity,
     Unauthorized,
 )
+from ..spec import OWNED_FIELDS
 
 log = logging.getLogger("fanout")
 PROBLEM_JSON = "application/problem+json"
@@ -138,6 +139,16 @@ _UNION_TAGS = {
 }
 
 
+def _message(error: Any) -> str:
+    """Pydantic's message, or why a field is not the caller's to set (``n``,
+    ``stream_options``: Fanout owns them)."""
+    loc = error["loc"]
+    owned = error["type"] == "extra_forbidden" and loc and loc[-1] in OWNED_FIELDS
+    if owned and ("task" in loc or "tasks" in loc):
+        return f"not allowed: {OWNED_FIELDS[loc[-1]]}"
+    return str(error["msg"])
+
+
 def _field_path(error: Any) -> list[int | str]:
     path: list[int | str] = []
     for part in error["loc"]:
@@ -167,7 +178,7 @@ async def _bad_field(_request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [
-        {"loc": _field_path(error), "msg": error["msg"], "type": error["type"]}
+        {"loc": _field_path(error), "msg": _message(error), "type": error["type"]}
         for error in exc.errors()
     ]
     # Every failing field at once: text and numbers JSON cannot carry too.

@@ -85,6 +85,7 @@ class Runner:
             store,
             hub,
             execute,
+            metrics,
             self.writes,
             owner=self.owner,
             poll_interval_s=config.poll_interval_s,

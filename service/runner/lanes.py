@@ -192,6 +192,7 @@ class LaneRunner:
                 attempt_no=claim.attempt_no,
                 status=step.status,
                 output=attempt.output,
+                reply=attempt.reply,
                 error_type=attempt.error_type,
                 error_message=attempt.error_message,
                 retry_in=step.retry_in,

@@ -13,8 +13,9 @@ from typing import Any
 from ..aggregate import reduce_messages
 from ..attempts import Executor
 from ..events import Event, EventHub
+from ..metrics import Metrics
 from ..policy import Retrying, next_step
-from ..spec import ReduceAggregate
+from ..spec import ReduceAggregate, provider_name
 from ..states import ErrorType, EventType, LaneStatus
 from ..store import ReductionClaim, Store
 from ..views import NO_USAGE
@@ -27,6 +28,7 @@ class Reducer:
         store: Store,
         hub: EventHub,
         execute: Executor,
+        metrics: Metrics,
         writes: Writes,
         *,
         owner: str,
@@ -36,6 +38,7 @@ class Reducer:
     ) -> None:
         self.store = store
         self.execute = execute
+        self.metrics = metrics
         self.writes = writes
         self.owner = owner
         self.poll_interval_s = poll_interval_s
@@ -88,8 +91,8 @@ class Reducer:
             error = _error(ErrorType.LEASE_LOST, "reducer: every attempt's worker went away")
             await self.writes(record(claim, self.owner, usage=NO_USAGE, error=error))
             return
-        if claim.budget_left is not None and claim.budget_left <= 0:
-            error = _error(ErrorType.BUDGET, "the token budget was spent before the reducer ran")
+        if claim.budget_spent:
+            error = _error(ErrorType.BUDGET, "the budget was spent before the reducer ran")
             await self.writes(record(claim, self.owner, usage=NO_USAGE, error=error))
             return
         attempt = await guarded(
@@ -100,6 +103,7 @@ class Reducer:
             ),
             f"reducer of {claim.job_id}",
         )
+        self.metrics.observe_usage(provider_name(task), task.model, attempt.usage)
         step = next_step(attempt, claim.attempt_no, max_attempts, self.retrying)
         if step.status is LaneStatus.SUCCEEDED:
             work = record(claim, self.owner, usage=attempt.usage, output=attempt.output)

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..aggregate import Conclusion, LaneResult, conclude, gate_blocks, gates
-from ..policy import Decision, Stop, Tally, decide
+from ..policy import Decision, Stop, Tally, budget_spent, decide
 from ..spec import MajorityAggregate, SectioningSpec, VotingSpec
 from ..states import (
     DECIDING_JOB,
@@ -30,6 +30,7 @@ from ..states import (
 from .db import Tx
 from .eventlog import EventLog, Item
 from .outbox import WebhookOutbox
+from .rendering import usage_of
 from .statements import (
     FINISH_JOB,
     FIRST_FAILURE,
@@ -61,13 +62,12 @@ class Decisions:
         transaction already made for the job: they are appended first, with the
         decision's. True when the job now waits for its reducer."""
         job_id = job["id"]
-        budget = spec.policy.max_total_tokens
         decision = decide(
             spec,
             await self._tally(tx.conn, job_id, spec),
             deadline_passed=deadline_passed
             or (job["deadline_at"] is not None and job["deadline_at"] <= now),
-            budget_spent=budget is not None and job["total_tokens"] >= budget,
+            budget_spent=budget_spent(spec.policy, job["total_tokens"], job["cost_usd"]),
         )
         for stop in decision.stops:
             items.extend(await self.stop_lanes(tx, job_id, stop, now))
@@ -115,17 +115,13 @@ class Decisions:
         updated = (await tx.conn.execute(FINISH_JOB, params)).first()
         if updated is None:
             return False
-        await self.outbox.queue(tx, job_id, updated[3], now)
+        await self.outbox.queue(tx, job_id, updated.spec, now)
         fields: dict[str, Any] = {}
         if status is JobStatus.SUCCEEDED:
             fields["result"] = result
         elif status is JobStatus.FAILED:
             fields["error"] = error
-        fields["usage"] = {
-            "prompt_tokens": updated[0],
-            "completion_tokens": updated[1],
-            "total_tokens": updated[2],
-        }
+        fields["usage"] = usage_of(updated._mapping).model_dump()
         items.append((FINAL_EVENT[status], fields))
         return True
 

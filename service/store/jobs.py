@@ -24,7 +24,7 @@ from ..states import (
     LaneStatus,
     WebhookStatus,
 )
-from ..views import JobSummary, JobView, WebhookView
+from ..views import NO_USAGE, JobSummary, JobView, WebhookView
 from .db import Database
 from .decisions import Decisions
 from .eventlog import EventLog
@@ -148,9 +148,7 @@ class Jobs:
             "created_at": now,
             "deadline_at": deadline,
             "max_concurrency": spec.policy.max_concurrency,
-            "prompt_tokens": 0,
-            "completion_tokens": 0,
-            "total_tokens": 0,
+            **NO_USAGE.model_dump(),
             "last_seq": 0,
             "reduce_attempts": 0,
         }
@@ -161,9 +159,7 @@ class Jobs:
                 "name": name,
                 "status": LaneStatus.QUEUED,
                 "attempts": 0,
-                "prompt_tokens": 0,
-                "completion_tokens": 0,
-                "total_tokens": 0,
+                **NO_USAGE.model_dump(),
                 "queued_at": now,
                 "available_at": now,
                 "provider": providers[i],

@@ -4,7 +4,7 @@ deadlines are decided here too."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -15,13 +15,13 @@ from ..jsonsafe import scrub
 from ..policy import Retrying, next_step
 from ..spec import SectioningSpec, VotingSpec
 from ..states import DECIDING_JOB, LANE_ENDED, ErrorType, EventType, LaneStatus
-from ..views import Usage
+from ..views import NO_USAGE, Usage
 from .db import Database, Tx
 from .decisions import Decisions
 from .eventlog import Item
 from .jobrows import SpecCache, lock_jobs
 from .providers import ProviderGate
-from .statements import ADD_JOB_USAGE, LANES_RECORDED, OUTCOME_UPDATE
+from .statements import ADD_JOB_USAGE, LANES_RECORDED, LATE_USAGE, OUTCOME_UPDATE
 from .tables import jobs, lanes
 from .values import Outcome, Recorded
 
@@ -39,9 +39,11 @@ class Outcomes:
         """Store a batch of attempt outcomes in one transaction (group commit), then
         decide each job.
 
-        An outcome whose lane is no longer running under this owner and attempt (the
-        lease expired and another process took it, or the job was stopped) is
-        rejected: counted, not written.
+        An outcome whose lane is no longer running under this owner and attempt (a
+        decision stopped it: early stop, a gate, fail fast, a cancel, the deadline; or
+        the lease expired and another process took it) is rejected: the lane keeps its
+        status. But the provider answered and billed it: its tokens count, on the lane
+        and the job, in the budget and in the metrics (``Recorded.rejected`` counts it).
         """
         now = time.time()
         recorded = Recorded()
@@ -55,10 +57,9 @@ class Outcomes:
             job_rows = await lock_jobs(tx, by_job)
             for job_id in sorted(by_job):
                 job = job_rows.get(job_id)
-                if job is None or job["status"] not in DECIDING_JOB:
+                if job is None:
                     recorded.rejected += len(by_job[job_id])
                     continue
-                spec = self.specs.of(job_id, job["spec"])
                 idxs = [o.idx for o in by_job[job_id]]
                 current = {
                     row[0]: row[1:]
@@ -66,29 +67,52 @@ class Outcomes:
                         await tx.conn.execute(LANES_RECORDED, {"j": job_id, "idxs": idxs})
                     ).all()
                 }
-                valid = []
+                deciding = job["status"] in DECIDING_JOB
+                valid, late = [], []
                 for outcome in by_job[job_id]:
                     state = current.get(outcome.idx)
-                    running = (LaneStatus.RUNNING, outcome.attempt_no, owner)
-                    if state is None or tuple(state[:3]) != running:
+                    if state is None:
                         recorded.rejected += 1
                         continue
-                    valid.append((outcome, str(state[3])))
+                    running = (LaneStatus.RUNNING, outcome.attempt_no, owner)
+                    if deciding and tuple(state[:3]) == running:
+                        valid.append((outcome, str(state[3])))
+                    else:
+                        recorded.rejected += 1
+                        late.append(outcome)
                     provider, reserved = str(state[4]), int(state[5])
-                    if reserved:
+                    if reserved and state[1] == outcome.attempt_no:  # its own reservation
                         left = reserved - outcome.usage.total_tokens
                         unused[provider] = unused.get(provider, 0) + left
                     if outcome.retry_after and outcome.error_type is ErrorType.RATE_LIMITED:
                         until = now + outcome.retry_after
                         pauses[provider] = max(pauses.get(provider, 0.0), until)
-                if not valid:
+                added = await self._count_late(tx, job_id, late)
+                if not valid and not (deciding and added):
                     continue
-                items, usage = await self._write(tx, job_id, spec, valid, now)
-                counted = {**job, "total_tokens": job["total_tokens"] + usage.total_tokens}
-                if await self.decisions.decide(tx, counted, spec, now, items=items):
+                spec = self.specs.of(job_id, job["spec"])
+                items: list[Item] = []
+                if valid:
+                    items, usage = await self._write(tx, job_id, spec, valid, now)
+                    added = added + usage
+                # Tokens of late answers may have spent the budget: that is a decision too.
+                if await self.decisions.decide(tx, _with(job, added), spec, now, items=items):
                     recorded.reduce_jobs.append(job_id)
             await self.gate.settle(tx, unused, pauses, now)
         return recorded
+
+    async def _count_late(self, tx: Tx, job_id: str, late: list[Outcome]) -> Usage:
+        """The tokens of answers that came after their lane was stopped, on the lane
+        and the job."""
+        used = [outcome for outcome in late if outcome.usage]
+        if not used:
+            return NO_USAGE
+        await tx.conn.execute(
+            LATE_USAGE, [{"j": job_id, "i": o.idx, **usage_params(o.usage)} for o in used]
+        )
+        added = Usage.sum(outcome.usage for outcome in used)
+        await add_usage(tx, job_id, added)
+        return added
 
     async def _write(
         self,
@@ -107,19 +131,19 @@ class Outcomes:
             retry = outcome.status is LaneStatus.QUEUED
             # What a provider or an http task sent, made storable (see jsonsafe).
             output = scrub(outcome.output)
+            reply = scrub(outcome.reply) or None
             message = outcome.error_message and scrub(outcome.error_message)
             row: dict[str, Any] = {
                 "j": job_id,
                 "i": outcome.idx,
                 "status": outcome.status,
                 "output": output,
+                "reply": reply,
                 "answer_key": None,
                 "error_type": outcome.error_type,
                 # Upstream text may hold NUL, which PostgreSQL text refuses.
                 "error_message": message and message.replace("\x00", ""),
-                "p": usage.prompt_tokens,
-                "c": usage.completion_tokens,
-                "t": usage.total_tokens,
+                **usage_params(usage),
                 "finished_at": None if retry else outcome.finished_at,
                 "available_at": now + outcome.retry_in if retry else now,
                 "lease_owner": None,
@@ -127,11 +151,12 @@ class Outcomes:
             lane = {"lane": outcome.idx, "name": name, "attempt": outcome.attempt_no}
             duration = round(outcome.finished_at - outcome.started_at, 4)
             if outcome.status is LaneStatus.SUCCEEDED:
-                answer = lane_answer(spec, outcome.idx, output)
+                answer = lane_answer(spec, outcome.idx, output, reply)
                 row["answer_key"] = answer_key(answer)
                 fields = {
                     **lane,
                     "output": output,
+                    **(reply or {}),
                     "usage": usage.model_dump(),
                     "duration_s": duration,
                 }
@@ -236,12 +261,26 @@ class Outcomes:
         return reduce_jobs
 
 
-async def add_usage(tx: Tx, job_id: str, usage: Usage) -> None:
-    """Add to the job's token counts (its lanes', retries and reducer included)."""
-    params = {
-        "j": job_id,
+def usage_params(usage: Usage) -> dict[str, Any]:
+    """A usage as the bound values the usage statements add (p, c, t, r, k, cost)."""
+    return {
         "p": usage.prompt_tokens,
         "c": usage.completion_tokens,
         "t": usage.total_tokens,
+        "r": usage.reasoning_tokens,
+        "k": usage.cached_tokens,
+        "cost": usage.cost_usd,
     }
-    await tx.conn.execute(ADD_JOB_USAGE, params)
+
+
+async def add_usage(tx: Tx, job_id: str, usage: Usage) -> None:
+    """Add to the job's usage (its lanes', retries', late answers' and reducer's)."""
+    await tx.conn.execute(ADD_JOB_USAGE, {"j": job_id, **usage_params(usage)})
+
+
+def _with(job: Mapping[Any, Any], added: Usage) -> dict[str, Any]:
+    """The job's row as the deciding transaction sees it: with what it just added."""
+    cost = job["cost_usd"]
+    if added.cost_usd is not None:
+        cost = (cost or 0.0) + added.cost_usd
+    return {**job, "total_tokens": job["total_tokens"] + added.total_tokens, "cost_usd": cost}

@@ -12,6 +12,7 @@ from sqlalchemy import func, or_, select, update
 
 from ..aggregate import reduced
 from ..jsonsafe import scrub
+from ..policy import budget_spent
 from ..states import JobStatus
 from ..views import Usage
 from .db import Database
@@ -68,14 +69,13 @@ class Reductions:
                     )
                 )
                 spec = self.specs.of(job_id, job["spec"])
-                budget = spec.policy.max_total_tokens
                 claims.append(
                     ReductionClaim(
                         job_id,
                         attempt_no,
                         spec,
                         await self.decisions.lane_results(tx.conn, job_id),
-                        None if budget is None else budget - job["total_tokens"],
+                        budget_spent(spec.policy, job["total_tokens"], job["cost_usd"]),
                     )
                 )
         return claims

@@ -22,6 +22,9 @@ def usage_of(row: Mapping[Any, Any]) -> Usage:
         prompt_tokens=row["prompt_tokens"],
         completion_tokens=row["completion_tokens"],
         total_tokens=row["total_tokens"],
+        reasoning_tokens=row["reasoning_tokens"],
+        cached_tokens=row["cached_tokens"],
+        cost_usd=row["cost_usd"],
     )
 
 
@@ -32,6 +35,7 @@ def lane_view(row: Mapping[Any, Any]) -> LaneView:
     duration = None
     if row["started_at"] is not None and row["finished_at"] is not None:
         duration = round(row["finished_at"] - row["started_at"], 4)
+    reply = row["reply"] or {}
     return LaneView(
         index=row["idx"],
         name=row["name"],
@@ -39,6 +43,10 @@ def lane_view(row: Mapping[Any, Any]) -> LaneView:
         attempts=row["attempts"],
         output=row["output"],
         answer=json.loads(row["answer_key"]) if row["answer_key"] is not None else None,
+        finish_reason=reply.get("finish_reason"),
+        tool_calls=reply.get("tool_calls"),
+        refusal=reply.get("refusal"),
+        logprobs=reply.get("logprobs"),
         error=error,
         usage=usage_of(row),
         queued_at=iso(row["queued_at"]),

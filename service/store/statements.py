@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import bindparam, case, func, insert, select, update
+from typing import Any
+
+from sqlalchemy import Float, bindparam, case, func, insert, select, update
 
 from ..states import ENDED_WITHOUT_RESULT, OPEN_JOB, TERMINAL_JOB, JobStatus, LaneStatus
 from .tables import events, jobs, lanes
@@ -107,23 +109,50 @@ EVENTS_AFTER = (
     .limit(bindparam("limit"))
 )
 
+
+def _plus_cost(column: Any) -> Any:
+    """``column`` plus the bound ``cost``, which may be null (no prices): then the
+    column is left as it is (null stays null, never 0)."""
+    cost = bindparam("cost", type_=Float)
+    return case((cost.is_(None), column), else_=func.coalesce(column, 0.0) + cost)
+
+
+def _plus_usage(table: Any) -> dict[str, Any]:
+    """Values adding a usage (bound p, c, t, r, k, cost) to a row's counts."""
+    return {
+        "prompt_tokens": table.c.prompt_tokens + bindparam("p"),
+        "completion_tokens": table.c.completion_tokens + bindparam("c"),
+        "total_tokens": table.c.total_tokens + bindparam("t"),
+        "reasoning_tokens": table.c.reasoning_tokens + bindparam("r"),
+        "cached_tokens": table.c.cached_tokens + bindparam("k"),
+        "cost_usd": _plus_cost(table.c.cost_usd),
+    }
+
+
 OUTCOME_UPDATE = (
     update(lanes)
     .where(lanes.c.job_id == bindparam("j"), lanes.c.idx == bindparam("i"))
     .values(
         status=bindparam("status"),
         output=bindparam("output"),
+        reply=bindparam("reply"),
         answer_key=bindparam("answer_key"),
         error_type=bindparam("error_type"),
         error_message=bindparam("error_message"),
-        prompt_tokens=lanes.c.prompt_tokens + bindparam("p"),
-        completion_tokens=lanes.c.completion_tokens + bindparam("c"),
-        total_tokens=lanes.c.total_tokens + bindparam("t"),
         finished_at=bindparam("finished_at"),
         available_at=bindparam("available_at"),
         lease_owner=bindparam("lease_owner"),
         lease_expires_at=None,
+        reserved_tokens=0,
+        **_plus_usage(lanes),
     )
+)
+# An answer that came after its lane was stopped (or re-run): its tokens count, on the
+# lane and its job; the lane keeps its status and output.
+LATE_USAGE = (
+    update(lanes)
+    .where(lanes.c.job_id == bindparam("j"), lanes.c.idx == bindparam("i"))
+    .values(**_plus_usage(lanes))
 )
 
 # --- deciding and recording (every recorded batch runs these) -------------------------
@@ -139,15 +168,7 @@ LANES_RECORDED = select(
     lanes.c.provider,
     lanes.c.reserved_tokens,
 ).where(lanes.c.job_id == bindparam("j"), lanes.c.idx.in_(bindparam("idxs", expanding=True)))
-ADD_JOB_USAGE = (
-    update(jobs)
-    .where(jobs.c.id == bindparam("j"))
-    .values(
-        prompt_tokens=jobs.c.prompt_tokens + bindparam("p"),
-        completion_tokens=jobs.c.completion_tokens + bindparam("c"),
-        total_tokens=jobs.c.total_tokens + bindparam("t"),
-    )
-)
+ADD_JOB_USAGE = update(jobs).where(jobs.c.id == bindparam("j")).values(**_plus_usage(jobs))
 TALLY_STATUSES = (
     select(lanes.c.status, func.count())
     .where(lanes.c.job_id == bindparam("j"))
@@ -200,7 +221,15 @@ FINISH_JOB = (
         finished_at=bindparam("now"),
         lease_owner=None,
     )
-    .returning(jobs.c.prompt_tokens, jobs.c.completion_tokens, jobs.c.total_tokens, jobs.c.spec)
+    .returning(
+        jobs.c.prompt_tokens,
+        jobs.c.completion_tokens,
+        jobs.c.total_tokens,
+        jobs.c.reasoning_tokens,
+        jobs.c.cached_tokens,
+        jobs.c.cost_usd,
+        jobs.c.spec,
+    )
 )
 # A claim without contention: the first lanes ready to start, if they are all it needs.
 READY_FIRST = (

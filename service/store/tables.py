@@ -35,6 +35,10 @@ class Job(Base):
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     total_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Null without prices: a cost is never made up as 0.
+    cost_usd: Mapped[float | None] = mapped_column(Float)
     # Sequence number of the job's last event; bumped in the transaction that appends.
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     # Held by the process that runs the reducer while the job is aggregating; the
@@ -67,9 +71,15 @@ class Lane(Base):
     answer_key: Mapped[str | None] = mapped_column(Text)
     error_type: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # What an llm answer says beside its text: finish_reason, tool_calls, refusal, and
+    # a logprobs summary (each only when there is one).
+    reply: Mapped[Any | None] = mapped_column(JSON)
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     total_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    cost_usd: Mapped[float | None] = mapped_column(Float)
     queued_at: Mapped[float] = mapped_column(Float)
     available_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float)

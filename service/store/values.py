@@ -46,6 +46,7 @@ class Outcome:
     attempt_no: int
     status: LaneStatus
     output: Any = None
+    reply: dict[str, Any] | None = None  # an llm answer's finish reason, tool calls...
     error_type: ErrorType | None = None
     error_message: str | None = None
     retry_in: float = 0.0
@@ -68,11 +69,11 @@ class Recorded:
 @dataclass(frozen=True, slots=True)
 class ReductionClaim:
     """A reducer attempt this process now holds the job's lease for: attempt
-    ``attempt_no`` over ``lanes`` (every lane, in order), with ``budget_left`` tokens
-    (None: no budget)."""
+    ``attempt_no`` over ``lanes`` (every lane, in order); ``budget_spent``: the job's
+    tokens or cost leave it nothing to run on."""
 
     job_id: str
     attempt_no: int
     spec: VotingSpec | SectioningSpec
     lanes: list[LaneResult]
-    budget_left: int | None
+    budget_spent: bool

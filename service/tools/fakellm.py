@@ -27,7 +27,18 @@ status         -        always fail with this status (400..599)
 hang           0        ``1``: never answer; the request ends when the client leaves
 malformed      0        probability of a 200 whose body is not valid JSON
 empty          0        ``1``: a 200 with ``choices: []``
+confidence     0.9      the answer's probability, as its tokens' logprobs report it (when
+                        the request asks for ``logprobs``): one number, or
+                        ``VALUE:P,...`` per answer
+reasoning      -        reasoning tokens reported (counted in the completion tokens too)
+cached         -        cached prompt tokens reported (at most the prompt's)
+finish         stop     the finish reason: ``stop``, ``length`` or ``content_filter``
 =============  =======  ==============================================================
+
+Tools: a request with ``tools`` (and a ``tool_choice`` other than ``none``) is answered
+with one call of the chosen (or first) function, with ``{"answer": VALUE}`` as its
+arguments (the drawn answer, a number when it reads as one; else the reply's text),
+no content, and ``finish_reason: "tool_calls"``.
 
 [1] ``I worked it out. Answer: {answer}``. Without ``answers`` or ``words`` the reply is
 ``Echo: `` plus the last user message. Since ``+`` decodes to a space, percent-encode
@@ -43,6 +54,7 @@ also holds a per-(model, messages) call number, so identical requests vary but t
 sequence of calls reproduces after ``POST /_reset``. The key does not include ``stream``,
 so a streamed reply has the same content as the non-streamed one.
 
+``GET /_last`` returns the body of the last chat request received, as sent.
 ``GET /_stats`` counts chat requests (``requests``, ``completed``, ``cancelled`` when the
 client left before the response was finished, ``in_flight``, ``max_in_flight``,
 ``by_status``); ``POST /_reset`` zeroes the counters and forgets ``fail_first`` and call
@@ -133,6 +145,16 @@ class Behaviour:
     hang: bool = False
     malformed: float = 0.0
     empty: bool = False
+    confidence: tuple[tuple[str, float], ...] = ()  # (answer, p); ("", p) for any answer
+    reasoning: int | None = None
+    cached: int | None = None
+    finish: str = "stop"
+
+    def confidence_of(self, answer: str | None) -> float:
+        for value, p in self.confidence:
+            if value in ("", answer):
+                return p
+        return 0.9
 
 
 class _Params:
@@ -182,6 +204,22 @@ class _Params:
         if lowered in ("0", "false", "no"):
             return False
         raise _bad(name, text, "1 or 0")
+
+    def confidence(self) -> tuple[tuple[str, float], ...]:
+        text = self.raw.get("confidence")
+        if text is None:
+            return ()
+        pairs = []
+        for item in text.split(","):
+            value, colon, p_text = item.rpartition(":")
+            try:
+                p = float(p_text)
+            except ValueError:
+                raise _bad("confidence", text, "P or a list of VALUE:P") from None
+            if not 0 < p <= 1 or (colon and not value):
+                raise _bad("confidence", text, "probabilities above 0 and at most 1")
+            pairs.append((value, p))
+        return tuple(pairs)
 
     def answers(self) -> tuple[tuple[str, ...], tuple[float, ...]]:
         text = self.raw.get("answers")
@@ -233,6 +271,10 @@ _KNOWN_PARAMS = frozenset(
         "hang",
         "malformed",
         "empty",
+        "confidence",
+        "reasoning",
+        "cached",
+        "finish",
     }
 )
 
@@ -282,7 +324,17 @@ def parse_model(model: str) -> Behaviour:
         hang=params.flag("hang"),
         malformed=params.number("malformed", 0.0, high=1.0),
         empty=params.flag("empty"),
+        confidence=params.confidence(),
+        reasoning=params.integer("reasoning", None),
+        cached=params.integer("cached", None),
+        finish=_finish(raw.get("finish", "stop")),
     )
+
+
+def _finish(text: str) -> str:
+    if text not in ("stop", "length", "content_filter"):
+        raise _bad("finish", text, "stop, length or content_filter")
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +344,8 @@ class _ChatRequest:
     seed: int | None
     stream: bool
     include_usage: bool
+    tool: str | None = None  # the function a tool call names (None: answer in text)
+    logprobs: bool = False
 
     @classmethod
     def from_body(cls, body: bytes) -> _ChatRequest:
@@ -323,7 +377,22 @@ class _ChatRequest:
             seed=seed,
             stream=data.get("stream") is True,
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            tool=_tool(data.get("tools"), data.get("tool_choice")),
+            logprobs=data.get("logprobs") is True,
         )
+
+
+def _tool(tools: object, choice: object) -> str | None:
+    """The function a request's tools make the simulator call, if any."""
+    if not isinstance(tools, list) or not tools or choice == "none":
+        return None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if isinstance(name, str):
+            return name
+    first = tools[0] if isinstance(tools[0], dict) else {}
+    name = (first.get("function") or {}).get("name")
+    return name if isinstance(name, str) else "tool"
 
 
 def _text(content: object) -> str:
@@ -344,16 +413,42 @@ def _pseudo_words(count: int) -> str:
     return " ".join(f"w{i}" for i in range(1, count + 1))
 
 
-def _reply(behaviour: Behaviour, request: _ChatRequest, rng: random.Random) -> str:
+def _reply(
+    behaviour: Behaviour, request: _ChatRequest, rng: random.Random
+) -> tuple[str, str | None]:
+    """The reply's text, and the answer drawn for it (None without ``answers``)."""
     if behaviour.answers:
         answer = rng.choices(behaviour.answers, behaviour.weights)[0]
-        return behaviour.template.replace("{answer}", answer)
+        return behaviour.template.replace("{answer}", answer), answer
     if behaviour.words is not None:
-        return _pseudo_words(behaviour.words)
+        return _pseudo_words(behaviour.words), None
     for message in reversed(request.messages):
         if message.get("role") == "user":
-            return "Echo: " + _text(message.get("content"))
-    return "Echo: "
+            return "Echo: " + _text(message.get("content")), None
+    return "Echo: ", None
+
+
+def _arguments(content: str, answer: str | None) -> str:
+    """A tool call's arguments: the drawn answer (a number when it reads as one)."""
+    value: Any = content if answer is None else answer
+    if answer is not None:
+        try:
+            value = json.loads(answer)
+        except ValueError:
+            value = answer
+    return _encode({"answer": value})
+
+
+def _logprobs(pieces: list[str], p: float) -> dict[str, Any]:
+    """Logprobs whose mean is log(p): each piece one token."""
+    lp = math.log(p)
+    return {
+        "content": [
+            {"token": piece, "logprob": lp, "bytes": list(piece.encode()), "top_logprobs": []}
+            for piece in pieces
+        ],
+        "refusal": None,
+    }
 
 
 def _error_body(
@@ -445,6 +540,7 @@ class _ChatCompletions:
         self._calls: dict[tuple[str, str], int] = {}
         self._attempts: dict[tuple[str, int | None, str], int] = {}
         self._ids = itertools.count(1)
+        self.last = b"null"  # the body of the last request, as it came
 
     def reset(self) -> None:
         self.stats.reset()
@@ -472,6 +568,7 @@ class _ChatCompletions:
         body = await connection.read_body()
         if body is None:
             return None
+        self.last = body
         try:
             request = _ChatRequest.from_body(body)
             behaviour = parse_model(request.model)
@@ -483,7 +580,7 @@ class _ChatCompletions:
         rng = random.Random(self._rng_key(request, messages_key))
         delay = behaviour.latency_s + rng.random() * behaviour.jitter_s
         rate_limit_roll, error_roll, malformed_roll = rng.random(), rng.random(), rng.random()
-        content = _reply(behaviour, request, rng)
+        content, answer = _reply(behaviour, request, rng)
         failure = self._failure(behaviour, request, messages_key, rate_limit_roll, error_roll)
 
         if behaviour.hang:
@@ -492,7 +589,7 @@ class _ChatCompletions:
         if request.stream and failure is None:
             malformed = malformed_roll < behaviour.malformed
             return await self._stream(
-                connection, send, request, behaviour, content, delay, malformed
+                connection, send, request, behaviour, content, answer, delay, malformed
             )
         if not await connection.sleep(delay):
             return None
@@ -507,6 +604,17 @@ class _ChatCompletions:
             )
         if malformed_roll < behaviour.malformed:
             return await _send_json(send, 200, _MALFORMED_BODY)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        finish = behaviour.finish
+        pieces = _WORD_BOUNDARY.split(content)
+        if request.tool is not None:
+            arguments = _arguments(content, answer)
+            call = {"name": request.tool, "arguments": arguments}
+            message["content"] = None
+            message["tool_calls"] = [
+                {"id": f"call_{next(self._ids)}", "type": "function", "function": call}
+            ]
+            finish, pieces = "tool_calls", [arguments]
         completion = {
             "id": f"chatcmpl-fake-{next(self._ids)}",
             "object": "chat.completion",
@@ -517,9 +625,11 @@ class _ChatCompletions:
             else [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "logprobs": None,
-                    "finish_reason": "stop",
+                    "message": message,
+                    "logprobs": _logprobs(pieces, behaviour.confidence_of(answer))
+                    if request.logprobs
+                    else None,
+                    "finish_reason": finish,
                 }
             ],
             "usage": _usage(behaviour, request, content),
@@ -572,10 +682,12 @@ class _ChatCompletions:
         request: _ChatRequest,
         behaviour: Behaviour,
         content: str,
+        answer: str | None,
         delay: float,
         malformed: bool,
     ) -> int | None:
-        """Send the reply as server-sent events, one chunk per word.
+        """Send the reply as server-sent events, one chunk per word (a tool call: its
+        name, then its arguments in pieces).
 
         Headers go out at once and ``latency_ms`` delays the first chunk, like a real
         provider's time to first token. A client that leaves mid-stream ends it.
@@ -599,14 +711,42 @@ class _ChatCompletions:
         if request.include_usage:
             base["usage"] = None  # as OpenAI does: every chunk but the last has usage: null
 
-        def event(delta: dict[str, str], finish_reason: str | None = None) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        p = behaviour.confidence_of(answer)
+
+        def event(
+            delta: dict[str, Any], finish_reason: str | None = None, token: str = ""
+        ) -> bytes:
+            logprobs = _logprobs([token], p) if request.logprobs and token else None
+            choice = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
             return b"data: " + _encode({**base, "choices": [choice]}).encode() + b"\n\n"
 
-        events = [
-            event({"role": "assistant", "content": piece} if i == 0 else {"content": piece})
-            for i, piece in enumerate(_WORD_BOUNDARY.split(content))
-        ]
+        finish = behaviour.finish
+        if request.tool is None:
+            events = [
+                event(
+                    {"role": "assistant", "content": piece} if i == 0 else {"content": piece},
+                    token=piece,
+                )
+                for i, piece in enumerate(_WORD_BOUNDARY.split(content))
+            ]
+        else:
+            arguments = _arguments(content, answer)
+            named = {"index": 0, "id": f"call_{next(self._ids)}", "type": "function"}
+            named["function"] = {"name": request.tool, "arguments": ""}
+            events = [event({"role": "assistant", "content": None, "tool_calls": [named]})]
+            events += [
+                event(
+                    {"tool_calls": [{"index": 0, "function": {"arguments": arguments[i : i + 8]}}]},
+                    token=arguments[i : i + 8],
+                )
+                for i in range(0, len(arguments), 8)
+            ]
+            finish = "tool_calls"
         if behaviour.chunk_s > 0:
             for i, chunk in enumerate(events):
                 if i and not await connection.sleep(behaviour.chunk_s):
@@ -614,7 +754,7 @@ class _ChatCompletions:
                 await _send_body(send, chunk, more=True)
             events = []
 
-        tail = b"".join(events) + event({}, "stop")  # without chunk_ms: one write in all
+        tail = b"".join(events) + event({}, finish)  # without chunk_ms: one write in all
         if request.include_usage:
             usage_chunk = {**base, "choices": [], "usage": _usage(behaviour, request, content)}
             tail += b"data: " + _encode(usage_chunk).encode() + b"\n\n"
@@ -622,14 +762,20 @@ class _ChatCompletions:
         return 200
 
 
-def _usage(behaviour: Behaviour, request: _ChatRequest, content: str) -> dict[str, int]:
+def _usage(behaviour: Behaviour, request: _ChatRequest, content: str) -> dict[str, Any]:
     prompt = max(1, sum(len(_text(message.get("content")).split()) for message in request.messages))
     completion = behaviour.tokens if behaviour.tokens is not None else len(content.split())
-    return {
+    completion += behaviour.reasoning or 0
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+    if behaviour.reasoning is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": behaviour.reasoning}
+    if behaviour.cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": min(behaviour.cached, prompt)}
+    return usage
 
 
 async def _send_json(
@@ -686,12 +832,16 @@ def create_app() -> Starlette:
         chat.reset()
         return JSONResponse({"ok": True})
 
+    async def last(request: Request) -> Response:
+        return Response(chat.last, media_type="application/json")
+
     routes = [
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/models", models),
         Route("/healthz", healthz),
         Route("/_stats", stats),
         Route("/_reset", reset, methods=["POST"]),
+        Route("/_last", last),
     ]
     return _Simulator(chat, routes)
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
@@ -219,7 +221,7 @@ async def test_a_completion_without_usage_counts_no_tokens(
 ) -> None:
     url = canned((200, JSON, completion({"role": "assistant", "content": "391"})))
     attempt = await run_llm(client_for(url), task(), timeout=10)
-    assert attempt == Attempt(output="391", usage=NO_USAGE)
+    assert attempt == Attempt(output="391", usage=NO_USAGE, reply={"finish_reason": "stop"})
 
 
 async def test_a_redirect_is_followed(
@@ -229,7 +231,7 @@ async def test_a_redirect_is_followed(
     target = canned((200, JSON, completion({"role": "assistant", "content": "moved"})))
     url = canned((307, {"Location": f"{target}/chat/completions"}, b""))
     attempt = await run_llm(client_for(url), task(), timeout=10)
-    assert attempt == Attempt(output="moved")
+    assert attempt == Attempt(output="moved", reply={"finish_reason": "stop"})
 
 
 async def test_an_error_object_in_a_stream_fails_the_lane(
@@ -296,7 +298,7 @@ async def test_the_proxy_variables_are_obeyed(
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", proxy)
     attempt = await run_llm(client_for(f"http://provider.invalid/{case}"), task(), timeout=10)
-    assert attempt == Attempt(output="via proxy")
+    assert attempt == Attempt(output="via proxy", reply={"finish_reason": "stop"})
     monkeypatch.setenv("NO_PROXY", "provider.invalid")
     attempt = await run_llm(client_for(f"http://provider.invalid/{case}"), task(), timeout=10)
     assert attempt.error_type == "upstream_error" and attempt.transient  # no such host
@@ -385,7 +387,7 @@ async def test_the_sdks_environment_applies_to_both_paths(
     monkeypatch.setenv("OPENAI_ORG_ID", "org-123")
     monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-456")
     attempt = await run_llm(client_for(None), task(), timeout=10)
-    assert attempt == Attempt(output="here")
+    assert attempt == Attempt(output="here", reply={"finish_reason": "stop"})
     received = RECEIVED[url.rpartition("/")[2]]
     assert received["OpenAI-Organization"] == "org-123"
     assert received["OpenAI-Project"] == "proj-456"
@@ -410,3 +412,110 @@ async def test_a_stream_cut_off_before_its_end_is_a_transient_failure(
         transient=True,
     )
     assert chunks == ["half an"]  # what did arrive was passed on live
+
+
+# --- the whole request surface, and the answer as it came -----------------------------
+
+FIELDS: dict[str, Any] = {
+    "temperature": 0.3,
+    "top_p": 0.9,
+    "max_completion_tokens": 64,
+    "seed": 5,
+    "stop": ["END"],
+    "response_format": {"type": "json_object"},
+    "reasoning_effort": "low",
+    "logprobs": True,
+    "top_logprobs": 2,
+    "presence_penalty": 0.1,
+    "frequency_penalty": 0.2,
+    "logit_bias": {"42": -5},
+    "user": "u-7",
+    "service_tier": "auto",
+    "extra_body": {"top_k": 20, "guided_json": {"type": "object"}},
+}
+VOTE_TOOL = [{"type": "function", "function": {"name": "vote", "parameters": {"type": "object"}}}]
+
+
+async def last_request(fake_llm: str) -> dict[str, Any]:
+    async with httpx.AsyncClient() as http:
+        return dict((await http.get(fake_llm.removesuffix("/v1") + "/_last")).json())
+
+
+async def test_both_call_paths_send_the_same_request_for_the_same_task(fake_llm: str) -> None:
+    """Every per-call field and a provider's own (extra_body) reach the provider, and
+    the SDK path and the lean one send the same body."""
+    provider = Provider(name="default", base_url=fake_llm, api_key="test-key")
+    sent = {}
+    for kind in KINDS:
+        providers = Providers({"default": provider}, max_connections=4, kind=kind)  # type: ignore[arg-type]
+        try:
+            for stream in (False, True):
+                spec = task(tools=VOTE_TOOL, tool_choice="auto", stream=stream, **FIELDS)
+                assert (await run_llm(providers.client("default"), spec, timeout=10)).ok
+                sent[kind, stream] = await last_request(fake_llm)
+        finally:
+            await providers.close()
+    for stream in (False, True):
+        assert sent["lean", stream] == sent["sdk", stream]
+    body = sent["lean", False]
+    extra = FIELDS["extra_body"]
+    assert body == {
+        "model": "fake",
+        "messages": user("What is 17*23?"),
+        "tools": VOTE_TOOL,
+        "tool_choice": "auto",
+        **{k: v for k, v in FIELDS.items() if k != "extra_body"},
+        **extra,
+    }
+    assert sent["lean", True]["stream"] is True
+    assert sent["lean", True]["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_tool_call_comes_back_as_the_model_made_it(fake: LlmClient, stream: bool) -> None:
+    spec = task("fake?answers=391", tools=VOTE_TOOL, stream=stream)
+    attempt = await run_llm(fake, spec, timeout=10)
+    assert attempt.ok and attempt.output is None
+    assert attempt.reply is not None and attempt.reply["finish_reason"] == "tool_calls"
+    (call,) = attempt.reply["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "vote", "arguments": '{"answer":391}'}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_logprobs_come_back_as_a_summary(fake: LlmClient, stream: bool) -> None:
+    spec = task("fake?answers=391:1&confidence=0.8", logprobs=True, stream=stream)
+    attempt = await run_llm(fake, spec, timeout=10)
+    assert attempt.reply is not None
+    summary = attempt.reply["logprobs"]
+    assert summary["tokens"] == 6  # "I worked it out. Answer: 391": a token a word
+    assert math.isclose(summary["mean"], math.log(0.8))
+    plain = await run_llm(fake, task("fake?answers=391:1"), timeout=10)
+    assert plain.reply is not None and "logprobs" not in plain.reply
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_reasoning_and_cached_tokens_are_counted(fake: LlmClient, stream: bool) -> None:
+    spec = task("fake?answers=7&reasoning=120&cached=3", text="one two three four", stream=stream)
+    usage = (await run_llm(fake, spec, timeout=10)).usage
+    assert (usage.prompt_tokens, usage.cached_tokens) == (4, 3)
+    assert usage.reasoning_tokens == 120 and usage.completion_tokens == 120 + 6
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_cut_off_answer_says_so(fake: LlmClient, stream: bool) -> None:
+    attempt = await run_llm(fake, task("fake?words=3&finish=length", stream=stream), timeout=10)
+    assert attempt.ok and attempt.output == "w1 w2 w3"
+    assert attempt.reply == {"finish_reason": "length"}
+
+
+async def test_a_refusal_is_an_answer_without_text(
+    canned: Callable[[Reply], str], client_for: ClientFor
+) -> None:
+    message = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+    attempt = await run_llm(
+        client_for(canned((200, JSON, completion(message)))), task(), timeout=10
+    )
+    assert attempt.ok and attempt.output is None
+    assert attempt.reply == {"finish_reason": "stop", "refusal": "I can't help with that."}

@@ -11,7 +11,7 @@ import pytest
 
 from service.config import Settings
 from service.http import create_app
-from tests.support import fake_reset, run_job, section, sectioning, voting
+from tests.support import app_client, fake_reset, run_job, section, sectioning, voting
 
 NUMBER = {"kind": "majority", "extract": "number"}
 
@@ -109,7 +109,39 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         voting(2, policy={"max_concurrency": 100000}),
         "policy.max_concurrency",
     ),
+    ("tools not a list", voting(2, task={"tools": {"type": "function"}}), "task.tools"),
+    ("logprobs not a boolean", voting(2, task={"logprobs": "yes"}), "task.logprobs"),
+    ("max tokens as text", voting(2, task={"max_completion_tokens": "9"}), "task.max_completion"),
+    (
+        "extra_body sets the model",
+        voting(2, task={"extra_body": {"model": "x"}}),
+        "task.extra_body",
+    ),
+    (
+        "extra_body sets the messages",
+        voting(2, task={"extra_body": {"messages": []}}),
+        "task.extra_body",
+    ),
+    (
+        "a tool message without its call",
+        voting(2, task={"messages": [{"role": "tool", "content": "4"}]}),
+        "task.messages.0",
+    ),
+    ("a cost budget of zero", voting(2, policy={"max_cost_usd": 0}), "policy.max_cost_usd"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("field", "why"), [("n", "lanes are Fanout's samples"), ("stream_options", "Fanout sets")]
+)
+async def test_a_field_fanout_owns_is_a_422_that_says_why(
+    client: httpx.AsyncClient, field: str, why: str
+) -> None:
+    response = await client.post("/v1/jobs", json=voting(2, task={field: 3}))
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["errors"]
+    assert error["loc"] == ["body", "task", field] and why in error["msg"]
+    assert (await client.get("/v1/jobs")).json()["jobs"] == []
 
 
 @pytest.mark.parametrize(("case", "spec", "field"), BAD_SPECS, ids=[c[0] for c in BAD_SPECS])
@@ -300,3 +332,59 @@ async def test_malformed_ids_and_event_ids_are_refused_not_crashed(
         assert response.status_code == 422, bad
     bad_name = sectioning(section("a\x00b"))
     assert (await client.post("/v1/jobs", json=bad_name)).status_code == 422
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's series that carry these labels."""
+    found = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            found += float(line.rsplit(" ", 1)[1])
+    return found
+
+
+async def test_token_metrics_equal_the_sum_of_the_jobs_usage(client: httpx.AsyncClient) -> None:
+    """Every answer a provider sent is counted once: lanes, retries, early-stopped
+    votes and the reducer, in the jobs' usage and in /metrics alike."""
+    reducer = {"model": "fake?words=9", "messages": [{"role": "system", "content": "Merge."}]}
+    jobs = [
+        await run_job(
+            client,
+            voting(7, "fake?answers=4:9,5:1", aggregate=NUMBER, policy={"max_concurrency": 2}),
+        ),
+        await run_job(
+            client,
+            sectioning(section("a"), section("b"), aggregate={"kind": "reduce", "task": reducer}),
+        ),
+        await run_job(
+            client,
+            sectioning(section("flaky", model="fake?fail_first=1&fail_status=503&reasoning=3")),
+        ),
+    ]
+    text = (await client.get("/metrics")).text
+    for kind in ("prompt", "completion", "reasoning"):
+        summed = sum(job["usage"][f"{kind}_tokens"] for job in jobs)
+        assert total(text, "fanout_tokens_total", kind=kind) == summed > 0, kind
+
+
+async def test_prices_give_lanes_and_jobs_a_cost(
+    settings: Settings, fake_llm: str, tmp_path: Path
+) -> None:
+    providers = tmp_path / "providers.toml"
+    providers.write_text(
+        f'[providers.default]\nbase_url = "{fake_llm}"\napi_key = "x"\n'
+        '[providers.default.prices."fake?answers=7&cached=1"]\n'
+        "input = 2.0\ncached_input = 1.0\noutput = 10.0\n"
+    )
+    async with app_client(settings, providers_file=providers) as http:
+        priced = await run_job(http, voting(2, "fake?answers=7&cached=1", aggregate=NUMBER))
+        free = await run_job(http, voting(1, "fake?answers=7", aggregate=NUMBER))
+    usage = priced["lanes"][0]["usage"]
+    expected = (
+        (usage["prompt_tokens"] - 1) * 2.0 + 1 * 1.0 + usage["completion_tokens"] * 10.0
+    ) / 1e6
+    assert usage["cost_usd"] == pytest.approx(expected)
+    assert priced["usage"]["cost_usd"] == pytest.approx(
+        sum(lane["usage"]["cost_usd"] for lane in priced["lanes"])
+    )
+    assert "cost_usd" not in free["usage"] and "cost_usd" not in free["lanes"][0]["usage"]

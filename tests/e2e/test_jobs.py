@@ -236,3 +236,42 @@ async def test_streaming_lane_sends_coalesced_deltas_live_only(client: httpx.Asy
     replay = await events_of(client, job_id, last_event_id=0)
     assert not any(e["event"] == "lane.delta" for e in replay)
     assert job["lanes"][0]["usage"]["completion_tokens"] == 60
+
+
+# --- the answer as it came, and usage that matches the bill -----------------------------
+
+
+async def test_a_vote_over_a_functions_arguments(client: httpx.AsyncClient) -> None:
+    tools = [{"type": "function", "function": {"name": "answer", "parameters": {"type": "object"}}}]
+    spec = voting(
+        5,
+        "fake?answers=391:3,392:1",
+        task={"seed": 4, "tools": tools, "tool_choice": "required"},
+        aggregate={"kind": "majority", "extract": "json", "field": "answer", "early_stop": False},
+    )
+    job = await run_job(client, spec)
+    assert job["status"] == "succeeded", job
+    votes = [lane["answer"] for lane in job["lanes"]]
+    assert all(
+        lane["output"] is None and lane["finish_reason"] == "tool_calls" for lane in job["lanes"]
+    )
+    assert [lane["tool_calls"][0]["function"]["name"] for lane in job["lanes"]] == ["answer"] * 5
+    assert job["result"]["output"] == max(set(votes), key=votes.count)
+
+
+async def test_a_reasoning_model_reports_its_reasoning_and_where_it_stopped(
+    client: httpx.AsyncClient,
+) -> None:
+    spec = sectioning(
+        section("think", model="fake?answers=7&reasoning=200&finish=length"),
+        policy={"on_failure": "best_effort"},
+    )
+    spec["sections"][0]["task"].update({"max_completion_tokens": 50, "reasoning_effort": "high"})
+    job_id = (await client.post("/v1/jobs", json=spec)).json()["id"]
+    events = await events_of(client, job_id)
+    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+    lane = job["lanes"][0]
+    assert lane["finish_reason"] == "length" and lane["usage"]["reasoning_tokens"] == 200
+    assert job["usage"]["reasoning_tokens"] == 200
+    (succeeded,) = [e["data"] for e in events if e["event"] == "lane.succeeded"]
+    assert succeeded["finish_reason"] == "length"

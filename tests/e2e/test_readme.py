@@ -183,7 +183,8 @@ def test_quickstart_commands_run_against_real_processes(quickstart: QuickStart) 
     # Both `curl -sN .../events` streams ran to their final event.
     assert done.stdout.count("event: job.succeeded") == 2, output
     jobs = httpx.get(f"{api}/v1/jobs", timeout=10).json()["jobs"]
-    assert len(jobs) == 3, jobs  # voting, sectioning, fanout submit
+    # voting, sectioning, fanout submit, a vote over tool calls, a reasoning model
+    assert len(jobs) == 5, jobs
     for summary in jobs:
         job: dict[str, Any] = httpx.get(f"{api}/v1/jobs/{summary['id']}", timeout=10).json()
         assert job["status"] == "succeeded", job

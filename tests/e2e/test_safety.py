@@ -35,11 +35,12 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-
 @pytest.fixture
 def database_url(sqlite_url: str) -> str:
-    """SQLite: the store's side of tenants, caps, idempotency and the outbox is shown on both databases in tests/store."""
+    """SQLite: the store's side of tenants, caps, idempotency and the outbox is shown on
+    both databases in tests/store."""
     return sqlite_url
+
 
 # --- tenants -------------------------------------------------------------------------
 

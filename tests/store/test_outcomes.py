@@ -188,3 +188,105 @@ async def test_a_lane_that_loses_its_lease_on_every_attempt_fails_and_the_job_en
         "job.aggregating",
         "job.failed",
     ]
+
+
+# --- usage that matches the bill ---------------------------------------------------------
+
+
+def billed(claim: Claim, tokens: int, cost: float | None = None) -> Outcome:
+    usage = Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens, cost_usd=cost)
+    return Outcome(
+        claim.job_id,
+        claim.idx,
+        claim.attempt_no,
+        LaneStatus.SUCCEEDED,
+        output="Answer: 7",
+        usage=usage,
+    )
+
+
+async def test_answers_that_come_after_their_lane_was_stopped_still_count(store: Store) -> None:
+    """Early stop skips two lanes whose answers were on their way: the provider billed
+    them, so the lanes (still skipped) and the job count their tokens."""
+    job, _ = await store.jobs.create(parse(voting(5, aggregate=NUMBER)), "acme")
+    claims = (await store.queue.claim(OWNER, 10)).claims
+    await store.outcomes.record(OWNER, [billed(c, 10) for c in claims[:3]])
+    late = await store.outcomes.record(OWNER, [billed(c, 10) for c in claims[3:]])
+    assert late.rejected == 2
+    view = await store.jobs.get(job.id, None)
+    assert [lane.status for lane in view.lanes] == ["succeeded"] * 3 + ["skipped"] * 2
+    assert [lane.usage.total_tokens for lane in view.lanes] == [10] * 5
+    assert [lane.output for lane in view.lanes[3:]] == [None, None]
+    assert view.usage.total_tokens == 50 == sum(lane.usage.total_tokens for lane in view.lanes)
+
+
+async def test_an_answer_after_the_job_ended_counts_too(store: Store) -> None:
+    job, _ = await store.jobs.create(parse(voting(2, aggregate=NUMBER)), "acme")
+    claims = (await store.queue.claim(OWNER, 10)).claims
+    await store.jobs.cancel(job.id, None)
+    await store.outcomes.record(OWNER, [billed(c, 7) for c in claims])
+    view = await store.jobs.get(job.id, None)
+    assert view.status == "cancelled" and view.usage.total_tokens == 14
+
+
+async def test_costs_add_up_and_stay_absent_without_prices(store: Store) -> None:
+    priced, _ = await store.jobs.create(parse(voting(2, aggregate=NUMBER)), "acme")
+    free, _ = await store.jobs.create(parse(voting(1, aggregate=NUMBER)), "acme")
+    claims = (await store.queue.claim(OWNER, 10)).claims
+    outcomes = [billed(c, 5, 0.25 if c.job_id == priced.id else None) for c in claims]
+    await store.outcomes.record(OWNER, outcomes)
+    priced_view, free_view = (
+        await store.jobs.get(priced.id, None),
+        await store.jobs.get(free.id, None),
+    )
+    assert priced_view.usage.cost_usd == 0.5
+    assert [lane.usage.cost_usd for lane in priced_view.lanes] == [0.25, 0.25]
+    assert free_view.usage.cost_usd is None
+    assert "cost_usd" not in free_view.model_dump()["usage"]
+
+
+async def test_a_spent_cost_budget_starts_no_new_attempt(store: Store) -> None:
+    spec = voting(4, aggregate={**NUMBER, "early_stop": False}, policy={"max_cost_usd": 0.4})
+    job, _ = await store.jobs.create(parse(spec), "acme")
+    claims = (await store.queue.claim(OWNER, 2)).claims
+    await store.outcomes.record(OWNER, [billed(c, 1, 0.25) for c in claims])
+    view = await store.jobs.get(job.id, None)
+    assert [lane.status for lane in view.lanes] == ["succeeded"] * 2 + ["cancelled"] * 2
+    assert {lane.error.type for lane in view.lanes[2:] if lane.error} == {"budget"}
+
+
+async def test_what_an_answer_says_beside_its_text_is_kept_and_streamed(store: Store) -> None:
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "vote", "arguments": '{"answer": 7}'},
+    }
+    reply = {
+        "finish_reason": "tool_calls",
+        "tool_calls": [call],
+        "logprobs": {"mean": -0.1, "tokens": 4},
+    }
+    spec = voting(1, aggregate={"kind": "majority", "extract": "json", "field": "answer"})
+    job, _ = await store.jobs.create(parse(spec), "acme")
+    assert len((await store.queue.claim(OWNER, 1)).claims) == 1
+    now = time.time()
+    outcome = Outcome(
+        job.id,
+        0,
+        1,
+        LaneStatus.SUCCEEDED,
+        output=None,
+        reply=reply,
+        started_at=now,
+        finished_at=now,
+    )
+    await store.outcomes.record(OWNER, [outcome])
+    view = await store.jobs.get(job.id, None)
+    lane = view.lanes[0]
+    assert (lane.output, lane.answer, lane.finish_reason) == (None, 7, "tool_calls")
+    assert lane.tool_calls == [call] and lane.logprobs is not None and lane.logprobs.tokens == 4
+    assert view.result is not None and view.result.output == 7
+    (succeeded,) = [
+        e["data"] for e in await store.log.after(job.id, 0) if e["type"] == "lane.succeeded"
+    ]
+    assert succeeded["tool_calls"] == [call] and succeeded["finish_reason"] == "tool_calls"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from service.store import ReductionClaim, Store
 from service.store.db import Database
 from service.views import NO_USAGE, Usage
@@ -33,7 +35,7 @@ async def test_a_reduce_job_waits_aggregating_for_its_reducer(store: Store) -> N
     assert view.status == "aggregating" and view.result is None
     (claim,) = await store.reductions.claim(OWNER)
     assert isinstance(claim, ReductionClaim)
-    assert (claim.job_id, claim.attempt_no, claim.budget_left) == (job_id, 1, None)
+    assert (claim.job_id, claim.attempt_no, claim.budget_spent) == (job_id, 1, False)
     assert [(lane.name, lane.output) for lane in claim.lanes] == [("a", "out a"), ("b", "out b")]
     assert await store.reductions.claim("worker-b") == []  # leased
 
@@ -89,10 +91,11 @@ async def test_a_reducer_error_fails_the_job(store: Store) -> None:
     assert view.error.type == "upstream_error"
 
 
-async def test_the_budget_left_counts_the_lanes_tokens(store: Store) -> None:
-    await aggregating(store, policy={"max_total_tokens": 25})
+@pytest.mark.parametrize(("budget", "spent"), [(25, False), (20, True)])
+async def test_the_budget_counts_the_lanes_tokens(store: Store, budget: int, spent: bool) -> None:
+    await aggregating(store, policy={"max_total_tokens": budget})  # the lanes used 20
     (claim,) = await store.reductions.claim(OWNER)
-    assert claim.budget_left == 5
+    assert claim.budget_spent is spent
 
 
 async def test_cancel_ends_an_aggregating_job(store: Store) -> None:
