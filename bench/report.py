@@ -246,6 +246,38 @@ def stream_table(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def economy_table(rows: list[dict[str, Any]], targets: Targets) -> list[str]:
+    """Each rule beside ``none``: calls, votes counted by kind, agreement, wall time."""
+    none = next((row for row in rows if row["rule"] == "none"), None)
+    kinds = list(rows[0]["votes_by_kind"]) if rows else []
+    lines = [
+        "| rule | calls per question | × fewer than none | "
+        + " | ".join(f"votes counted, {kind}" for kind in kinds)
+        + " | agreement with none | wall s (300 jobs) | target |",
+        "|---|---:|---:|" + "---:|" * len(kinds) + "---:|---:|---|",
+    ]
+    for row in rows:
+        fewer = none["calls_per_question"] / row["calls_per_question"] if none else float("nan")
+        agreement = 100 * row["agreement"]
+        mark = ""
+        if row["rule"] == "decided":
+            what = "economy: `decided` agrees with `none` on every question"
+            mark = targets.check("100 %", what, f"{agreement:.1f} %", row["agreement"] == 1.0)
+        elif row["rule"] == "confidence 0.95":
+            what = "economy: `confidence` 0.95 makes ≥ 3× fewer calls than `none`"
+            mark = targets.check("≥ 3×", what, f"{fewer:.2f}×", fewer >= 3.0)
+            what = "economy: `confidence` 0.95 agrees with `none` on ≥ 99 % of questions"
+            mark += ", " + targets.check(
+                "≥ 99 %", what, f"{agreement:.1f} %", row["agreement"] >= 0.99
+            )
+        votes = " | ".join(f"{row['votes_by_kind'].get(kind, 0):.1f}" for kind in kinds)
+        lines.append(
+            f"| {row['rule']} | {row['calls_per_question']:.1f} | {_fmt(fewer, 2)}× | {votes} "
+            f"| {agreement:.1f} % | {_fmt(row['wall_s'], 1)} | {mark} |"
+        )
+    return lines
+
+
 def _limit_1000(results: dict[str, Any]) -> float:
     """The limit's time for 1,000 calls at 200 ms (the small jobs' total work), if measured."""
     for sc in results.get("voting") or []:
@@ -323,6 +355,28 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> str:
             *stream_table(results["stream"]),
             "",
         ]
+    if results.get("economy"):
+        service = results["economy"][0]["service"]
+        body += [
+            "## The economy of a vote",
+            "",
+            f"300 simulated questions, each a voting job of n = 40 lanes on {_service(service)}, "
+            "run once per stopping rule with the same answers: lane i of question q draws "
+            "its answer with seed 1000 q + i, so every rule sees the same answer from the "
+            "same lane. The mix: 60 % easy (leading answer with probability 0.9: A .9, B .1), "
+            "30 % medium (A .6, B .2, C .2), 10 % hard (A .4, B .2, C .2, D .2); the leading "
+            "answer comes with token confidence 0.9, the others 0.5. `max_concurrency: 4` "
+            "(a job overshoots its stopping point by at most 3 calls, which count here); "
+            "upstream latency 40–80 ms; the 300 jobs of a rule run at once. *Calls* are the "
+            "fake LLM's count of requests; *votes counted* is the mean per question at the "
+            "stop; *agreement* compares each question's answer with `none`'s (all 40 votes). "
+            "`confidence` is the posterior probability that the leader is the more likely "
+            "of the top two answers, under a uniform Beta prior (Adaptive-Consistency, "
+            "Aggarwal et al., EMNLP 2023).",
+            "",
+            *economy_table(results["economy"], targets),
+            "",
+        ]
     head = [
         "# Fanout benchmark results",
         "",
@@ -372,7 +426,7 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> str:
     for note in results.get("notes", []):
         head += [f"> {note}", ""]
     if targets.rows:
-        head += ["## Targets (issue 6)", ""]
+        head += ["## Targets (issues 6 and 12)", ""]
         if any("sdk" in paths for paths in targets.rows.values()):
             head += [
                 "Judged on the default, lean call path; the last column is the same target "
@@ -389,7 +443,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
         out.append("--quick")
     if args.reps != (1 if args.quick else 3):
         out.append(f"--reps {args.reps}")
-    if args.only != ["voting", "small", "stream"]:
+    if args.only != ["voting", "small", "stream", "economy"]:
         out.append(f"--only {','.join(args.only)}")
     if args.dbs != ["sqlite", "postgres"]:
         out.append(f"--db {','.join(args.dbs)}")

@@ -17,12 +17,15 @@ the reference) as real processes on loopback, then measures:
 - **stream delay**: one 1,000-lane job followed by 100 stream clients; the delay
   from each state change (the event's ``at``) to its receipt by each client. Lean
   services only.
+- **economy**: each stopping rule beside ``none`` on the same 300 simulated questions
+  of 40 lanes (:mod:`bench.economy`): calls per question, agreement, wall time. The
+  first lean service only.
 
 Medians over repetitions; CPU seconds per process from ``/proc/<pid>/stat``; peak
 memory from ``VmHWM``, reset before each scenario. Writes ``bench/results.md``
 (and the raw numbers to ``bench/results.json``) and prints the table.
 
-    python -m bench.run [--quick] [--reps 3] [--only voting,small,stream] [--db sqlite]
+    python -m bench.run [--quick] [--reps 3] [--only voting,small,stream,economy] [--db sqlite]
                         [--clients lean] [--tree ../other-checkout] [--keep-logs]
                         (--help for all)
 """
@@ -48,12 +51,13 @@ from typing import Any
 import aiohttp
 
 from . import client as fc
+from . import economy
 from .procs import REPO, Proc, free_port, python_argv, raise_fd_limit
 from .report import write_report
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
-SECTIONS = ("voting", "small", "stream")
+SECTIONS = ("voting", "small", "stream", "economy")
 # FANOUT_LLM_CLIENT (lean is the service's default), and "limited": the lean path with
 # the default provider's limits configured, so high that they never bind: what the
 # cluster-wide provider limits cost a claim.
@@ -401,6 +405,21 @@ class Bench:
             scenarios.append(scenario)
         return scenarios
 
+    # --- the economy of a vote --------------------------------------------------------
+
+    async def economy(self) -> list[dict[str, Any]]:
+        """Each stopping rule on the same 300 questions (:mod:`bench.economy`), on the
+        first main service."""
+        key, service = next(iter(self.main_services.items()))
+
+        async def requests() -> int:
+            return int((await self.fake.stats(self.http))["requests"])
+
+        rows = await economy.measure(
+            self.http, service.url, lambda: self.fake.reset(self.http), requests, log
+        )
+        return [{"service": key, **row} for row in rows]
+
     # --- stream delay -------------------------------------------------------------
 
     async def stream_delay(self) -> list[dict[str, Any]]:
@@ -515,7 +534,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--warmup", type=int, default=1, help="unmeasured repetitions first (default 1)"
     )
-    parser.add_argument("--only", default=",".join(SECTIONS), help="sections: voting,small,stream")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help="sections: voting,small,stream,economy"
+    )
     parser.add_argument("--db", default="sqlite,postgres", help="databases: sqlite,postgres")
     parser.add_argument(
         "--clients",
@@ -704,6 +725,7 @@ async def amain(args: argparse.Namespace) -> int:
                 "voting": lambda: bench.voting(),
                 "small": lambda: bench.small_jobs(),
                 "stream": lambda: bench.stream_delay(),
+                "economy": lambda: bench.economy(),
             }
             for section in args.only:
                 try:

@@ -10,6 +10,7 @@ from .egress import EgressDenied, check_url
 from .errors import InvalidSpec
 from .spec import (
     HttpTask,
+    JudgeAggregate,
     LlmTask,
     OnFailure,
     ReduceAggregate,
@@ -38,11 +39,13 @@ def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None
         )
 
     tasks: list[tuple[tuple[str | int, ...], LlmTask | HttpTask]] = []
-    if isinstance(spec, VotingSpec):
-        tasks.append((("task",), spec.task))
+    if isinstance(spec, VotingSpec) and spec.tasks is not None:
+        tasks.extend((("tasks", i), task) for i, task in enumerate(spec.tasks))
+    elif isinstance(spec, VotingSpec):
+        tasks.extend((("task",), task) for task in spec.ensemble)
     else:
         tasks.extend((("sections", i, "task"), s.task) for i, s in enumerate(spec.sections))
-    if isinstance(spec.aggregate, ReduceAggregate):
+    if isinstance(spec.aggregate, ReduceAggregate | JudgeAggregate):
         tasks.append((("aggregate", "task"), spec.aggregate.task))
     for loc, task in tasks:
         if isinstance(task, LlmTask):

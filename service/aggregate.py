@@ -19,6 +19,7 @@ from typing import Any
 from .spec import (
     CollectAggregate,
     Extracting,
+    JudgeAggregate,
     LlmTask,
     MajorityAggregate,
     Message,
@@ -47,6 +48,7 @@ class LaneResult:
     status: str
     output: Any
     answer: Any = None  # extracted vote or score (a gate's verdict); None is an abstention
+    weight: float = 1.0  # a vote's weight (its confidence when votes are weighted)
 
     @property
     def succeeded(self) -> bool:
@@ -148,22 +150,46 @@ def answer_key(answer: Any) -> str | None:
     return json.dumps(answer, sort_keys=True, separators=(",", ":"))
 
 
+@dataclass(frozen=True)
+class LaneAnswer:
+    """What a succeeded lane's output says: its answer (None: it abstains, or the
+    aggregate reads none), the weight of its vote, and a note when the lane abstained
+    for a red flag or voted with weight 1 for want of logprobs."""
+
+    answer: Any = None
+    weight: float | None = None
+    note: str | None = None
+
+
 def lane_answer(
     spec: VotingSpec | SectioningSpec,
     idx: int,
     output: Any,
     reply: dict[str, Any] | None = None,
-) -> Any:
-    """What a succeeded lane's output says: a gate's verdict, or the vote or score the
-    aggregate reads from it (None: the aggregate reads none, or the lane abstains)."""
+) -> LaneAnswer:
+    """A gate's verdict, or the vote or score the aggregate reads from the output:
+    red-flagged answers abstain, and weighted votes weigh the lane's confidence."""
     pattern = gates(spec).get(idx)
     if pattern is not None:
-        return gate_verdict(pattern, output)
-    if isinstance(spec.aggregate, ScoreAggregate):
-        return as_score(extract(spec.aggregate, output, reply))
-    if isinstance(spec.aggregate, MajorityAggregate):
-        return extract(spec.aggregate, output, reply)
-    return None
+        return LaneAnswer(gate_verdict(pattern, output))
+    aggregate = spec.aggregate
+    if isinstance(aggregate, ScoreAggregate):
+        return LaneAnswer(as_score(extract(aggregate, output, reply)))
+    if not isinstance(aggregate, MajorityAggregate):
+        return LaneAnswer()
+    text = output_text(output)
+    if aggregate.max_answer_chars is not None and len(text) > aggregate.max_answer_chars:
+        note = f"abstained: the answer is {len(text)} characters, over {aggregate.max_answer_chars}"
+        return LaneAnswer(note=note)
+    if aggregate.reject_if is not None and re.search(aggregate.reject_if, text):
+        return LaneAnswer(note="abstained: the answer matches reject_if")
+    answer = extract(aggregate, output, reply)
+    if aggregate.weight is None:
+        return LaneAnswer(answer)
+    logprobs = (reply or {}).get("logprobs")
+    if not logprobs:
+        return LaneAnswer(answer, 1.0, "weight 1: the provider sent no logprobs")
+    return LaneAnswer(answer, math.exp(min(0.0, float(logprobs["mean"]))))
 
 
 # --- gates ---------------------------------------------------------------------------
@@ -196,9 +222,11 @@ def collect(lanes: list[LaneResult]) -> tuple[Any, dict[str, Any]]:
     return output, {"missing": missing}
 
 
-def majority(lanes: list[LaneResult]) -> tuple[Any, dict[str, Any]]:
-    """The most voted answer; ties go to the answer first seen in lane order."""
+def majority(lanes: list[LaneResult], weighted: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The most voted answer (by weight when ``weighted``); ties go to the answer first
+    seen in lane order."""
     counts: dict[str, int] = {}
+    weights: dict[str, float] = {}
     answers: dict[str, Any] = {}
     abstained = 0
     for lane in lanes:
@@ -209,12 +237,17 @@ def majority(lanes: list[LaneResult]) -> tuple[Any, dict[str, Any]]:
             abstained += 1
             continue
         counts[key] = counts.get(key, 0) + 1
+        weights[key] = weights.get(key, 0.0) + lane.weight
         answers.setdefault(key, lane.answer)
     counted = sum(counts.values())
+    ranking = weights if weighted else counts
     # dicts keep insertion order, so max() keeps the first seen on a tie.
-    winner = max(counts, key=lambda k: counts[k]) if counts else None
-    votes = [{"answer": answers[k], "count": c} for k, c in counts.items()]
-    votes.sort(key=lambda v: -int(v["count"]))
+    winner = max(ranking, key=lambda k: ranking[k]) if ranking else None
+    votes: list[dict[str, Any]] = [
+        {"answer": answers[k], "count": c, **({"weight": round(weights[k], 6)} if weighted else {})}
+        for k, c in counts.items()
+    ]
+    votes.sort(key=lambda v: -(v["weight"] if weighted else v["count"]))
     details = {
         "votes": votes,
         "winner_votes": counts[winner] if winner else 0,
@@ -222,6 +255,12 @@ def majority(lanes: list[LaneResult]) -> tuple[Any, dict[str, Any]]:
         "abstained": abstained,
         "agreement": round(counts[winner] / counted, 4) if winner else 0.0,
     }
+    if weighted:
+        total = sum(weights.values())
+        details["winner_weight"] = round(weights[winner], 6) if winner else 0.0
+        details["weighted_agreement"] = (
+            round(weights[winner] / total, 4) if winner and total else 0.0
+        )
     return (answers[winner] if winner else None), details
 
 
@@ -260,11 +299,11 @@ def combine(aggregate: Any, lanes: list[LaneResult]) -> tuple[Any, dict[str, Any
     if isinstance(aggregate, CollectAggregate):
         return collect(lanes)
     if isinstance(aggregate, MajorityAggregate):
-        return majority(lanes)
+        return majority(lanes, weighted=aggregate.weight is not None)
     if isinstance(aggregate, ScoreAggregate):
         return score(lanes, aggregate.pick)
-    if isinstance(aggregate, ReduceAggregate):
-        raise TypeError("reduce is combined by the runner's reducer call")
+    if isinstance(aggregate, ReduceAggregate | JudgeAggregate):
+        raise TypeError(f"{aggregate.kind} is combined by the runner's reducer call")
     raise TypeError(f"unknown aggregate {aggregate!r}")
 
 
@@ -283,16 +322,21 @@ class Conclusion:
 
 
 def conclude(
-    spec: VotingSpec | SectioningSpec, lanes: list[LaneResult], *, partial: bool
+    spec: VotingSpec | SectioningSpec,
+    lanes: list[LaneResult],
+    *,
+    partial: bool,
+    stop: dict[str, Any] | None = None,
 ) -> Conclusion:
     """The job's result from its lanes (all of them, in lane order): withheld when a gate
-    blocks, left to a reducer, or combined; a vote or score with no answer fails."""
+    blocks, left to a reducer or a judge, or combined; a vote or score with no answer
+    fails. ``stop``: how a vote's stopping rule went, for its details."""
     gated = gates(spec)
     for lane in lanes:
         if lane.index in gated and gate_blocks(lane.status, lane.answer):
             blocked = ResultView(output=None, blocked=True, blocked_by=lane.name)
             return Conclusion(JobStatus.SUCCEEDED, result=blocked.model_dump())
-    if isinstance(spec.aggregate, ReduceAggregate):
+    if isinstance(spec.aggregate, ReduceAggregate | JudgeAggregate):
         return Conclusion(JobStatus.AGGREGATING, result={"partial": partial})
     # Gate verdicts are not votes or scores; collect shows every section.
     inputs = (
@@ -307,6 +351,8 @@ def conclude(
             "message": "no lane gave an answer that could be extracted",
         }
         return Conclusion(JobStatus.FAILED, error=error)
+    if stop is not None:
+        details["stop"] = stop
     result = ResultView(output=output, details=details, partial=partial)
     return Conclusion(JobStatus.SUCCEEDED, result=result.model_dump())
 
@@ -315,3 +361,51 @@ def reduced(output: str, lanes: list[LaneResult], *, partial: bool) -> dict[str,
     """The result of a job whose reducer answered ``output``."""
     details = {"inputs": sum(1 for lane in lanes if lane.succeeded)}
     return ResultView(output=output, details=details, partial=partial).model_dump()
+
+
+# --- the judge -----------------------------------------------------------------------------
+
+
+def candidates(lanes: list[LaneResult]) -> list[LaneResult]:
+    """What a judge chooses from: the succeeded lanes, in lane order (numbered from 1)."""
+    return [lane for lane in lanes if lane.succeeded]
+
+
+def judge_messages(task: LlmTask, lanes: list[LaneResult]) -> list[Message]:
+    """The judge's prompt: its own messages, then the candidates numbered from 1 and how
+    to name the best."""
+    parts = [
+        f'<candidate number="{n}">\n{output_text(lane.output)}\n</candidate>'
+        for n, lane in enumerate(candidates(lanes), 1)
+    ]
+    ask = 'Answer with the number of the best candidate, as {"best": N}.'
+    tagged = Message(role="user", content="\n\n".join([*parts, ask]))
+    return [*task.messages, tagged]
+
+
+_BEST = re.compile(r'"best"\s*:\s*"?(\d+)')
+_INTEGER = re.compile(r"\d+")
+
+
+def judge_choice(text: Any, count: int) -> int | None:
+    """The candidate a judge named (1..count): ``{"best": k}``, or the last integer of
+    its text; None when it named none of them."""
+    if not isinstance(text, str):
+        return None
+    found = _BEST.findall(text) or _INTEGER.findall(text)
+    if not found:
+        return None
+    choice = int(found[-1])
+    return choice if 1 <= choice <= count else None
+
+
+def judged(choice: int, lanes: list[LaneResult], judge: str, *, partial: bool) -> dict[str, Any]:
+    """The result of a job whose judge chose candidate ``choice``: that lane's output."""
+    best = candidates(lanes)[choice - 1]
+    details = {
+        "judge": judge,
+        "best": choice,
+        "lane": best.name,
+        "candidates": len(candidates(lanes)),
+    }
+    return ResultView(output=best.output, details=details, partial=partial).model_dump()

@@ -16,9 +16,10 @@
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .attempts import Attempt
 from .spec import (
@@ -27,6 +28,7 @@ from .spec import (
     OnFailure,
     Policy,
     SectioningSpec,
+    StopRule,
     VotingSpec,
     on_failure,
     quorum_size,
@@ -185,15 +187,101 @@ class Tally:
 
     total: int
     by_status: dict[str, int]
-    # (answer key, votes, first lane index) of succeeded lanes that voted.
-    votes: list[tuple[str, int, int]] = field(default_factory=list)
+    # (answer key, votes, first lane index) of succeeded lanes that voted; votes are
+    # weights summed (1 a lane unless the vote is weighted).
+    votes: list[tuple[str, float, int]] = field(default_factory=list)
     # The first gate section (in lane order) that blocks: matched, or ended without result.
     gate_blocked: str | None = None
     # (lane name, error type, message) of the first lane that ended without a result.
     first_failure: tuple[str, str, str] | None = None
+    # The answer keys of the counted votes, in the order they were recorded (read for
+    # the window rule only).
+    sequence: list[str] = field(default_factory=list)
+    counted: int = 0  # lanes that voted (not weighted)
 
     def count(self, *statuses: str) -> int:
         return sum(self.by_status.get(s, 0) for s in statuses)
+
+
+@dataclass(frozen=True)
+class VoteState:
+    """A vote after a decision: its stopping rule, the votes counted so far, the leading
+    answer (its key), the posterior confidence that it is the majority answer, and
+    whether the rule stopped the vote."""
+
+    rule: str
+    counted: int
+    leader: str | None
+    confidence: float
+    stopped: bool = False
+
+
+def leader_confidence(leader: float, runner_up: float) -> float:
+    """The probability that the leader's answer is the more likely of the top two, under
+    a uniform prior: with ``x``, the leader's share of the two, ~ Beta(leader + 1,
+    runner_up + 1), P(x > 1/2). The stopping criterion of Adaptive-Consistency (Aggarwal
+    et al., "Let's Sample Step by Step", EMNLP 2023), in its Beta form."""
+    return 1.0 - regularized_beta(0.5, leader + 1.0, runner_up + 1.0)
+
+
+def regularized_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b), the regularized incomplete beta function (by its continued fraction,
+    as in Numerical Recipes); real ``a`` and ``b``, so weighted votes count too."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _beta_fraction(x, a, b) / a
+    return 1.0 - front * _beta_fraction(1.0 - x, b, a) / b
+
+
+def _beta_fraction(x: float, a: float, b: float) -> float:
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-12:
+            break
+    return h
+
+
+def vote_state(rule: StopRule, tally: Tally, open_lanes: int) -> VoteState:
+    """Where a vote stands, and whether its stopping rule ends it now (open lanes left).
+    A lane's weight is at most 1, so ``decided`` holds whatever the open lanes answer."""
+    ranked = sorted(tally.votes, key=lambda vote: (-vote[1], vote[2]))
+    leader = ranked[0][1] if ranked else 0.0
+    runner_up = ranked[1][1] if len(ranked) > 1 else 0.0
+    confidence = leader_confidence(leader, runner_up)
+    state = VoteState(rule.rule, tally.counted, ranked[0][0] if ranked else None, confidence)
+    if not ranked or not open_lanes or tally.counted < (rule.min_votes or 1):
+        return state
+    if rule.rule == "decided":
+        stopped = leader > runner_up + open_lanes
+    elif rule.rule == "ahead_by":
+        stopped = leader - runner_up >= (rule.k or 1)
+    elif rule.rule == "window":
+        size = rule.size or 2
+        window = tally.sequence[-size:]
+        stopped = len(window) == size and len(set(window)) == 1
+    elif rule.rule == "confidence":
+        stopped = confidence >= (rule.confidence or 1.0)
+    else:
+        stopped = False
+    return replace(state, stopped=stopped)
 
 
 @dataclass(frozen=True)
@@ -214,6 +302,9 @@ class Decision:
     outcome: str | None = None
     error: dict[str, str] | None = None
     partial: bool = False
+    # A majority's vote after this decision: what it reports, not what it decides, so
+    # two decisions that act alike are equal whatever their vote state.
+    vote: VoteState | None = field(default=None, compare=False)
 
 
 def decide(
@@ -284,34 +375,24 @@ def decide(
         if policy is OnFailure.FAIL_FAST:
             return fail(ErrorType.DEADLINE, "the job's deadline passed before every lane finished")
 
-    if (
-        isinstance(spec.aggregate, MajorityAggregate)
-        and spec.aggregate.early_stop
-        and (queued or running)
-        and tally.votes
-        and (policy is not OnFailure.QUORUM or succeeded >= need)
-    ):
-        ranked = sorted(tally.votes, key=lambda v: (-v[1], v[2]))
-        leader = ranked[0][1]
-        runner_up = ranked[1][1] if len(ranked) > 1 else 0
-        # Strictly ahead even if every open lane votes for the runner-up.
-        if leader > runner_up + queued + running:
+    vote = None
+    if isinstance(spec.aggregate, MajorityAggregate):
+        vote = vote_state(spec.aggregate.stop_rule, tally, queued + running)
+        # A quorum job is never stopped below its quorum.
+        if vote.stopped and (policy is not OnFailure.QUORUM or succeeded >= need):
             stop_open(LaneStatus.SKIPPED, None, None)
+        else:
+            vote = replace(vote, stopped=False)
 
     if queued or running:
-        return Decision(tuple(stops))
+        return Decision(tuple(stops), vote=vote)
 
     if succeeded == 0:
-        return Decision(
-            tuple(stops), "fail", {"type": ErrorType.NO_RESULTS, "message": "no lane succeeded"}
-        )
+        error = {"type": ErrorType.NO_RESULTS, "message": "no lane succeeded"}
+        return Decision(tuple(stops), "fail", error, vote=vote)
     if policy is OnFailure.QUORUM and succeeded < need:
+        message = f"{succeeded} lanes succeeded, fewer than {need}"
         return Decision(
-            tuple(stops),
-            "fail",
-            {
-                "type": ErrorType.QUORUM,
-                "message": f"{succeeded} lanes succeeded, fewer than {need}",
-            },
+            tuple(stops), "fail", {"type": ErrorType.QUORUM, "message": message}, vote=vote
         )
-    return Decision(tuple(stops), "aggregate", partial=ended_badly > 0)
+    return Decision(tuple(stops), "aggregate", partial=ended_badly > 0, vote=vote)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -265,9 +265,67 @@ class CollectAggregate(Strict):
     kind: Literal["collect"] = "collect"
 
 
+class StopRule(Strict):
+    """When a vote has enough lanes to stop (the lanes still open are then skipped):
+
+    - ``decided``: no outcome of the open lanes can change the winner (exact);
+    - ``ahead_by``: the leader has ``k`` more votes than the runner-up;
+    - ``window``: the last ``size`` counted votes, in the order they were recorded, are
+      one answer;
+    - ``confidence``: the probability that the leader is the majority answer of the
+      model's answers, under a Beta posterior over the leader's and the runner-up's
+      shares, reaches ``confidence``;
+    - ``none``: every lane runs.
+
+    No rule stops a vote before ``min_votes`` counted votes."""
+
+    rule: Literal["decided", "ahead_by", "window", "confidence", "none"]
+    k: int | None = Field(default=None, ge=1)
+    size: int | None = Field(default=None, ge=2)
+    confidence: float | None = Field(default=None, gt=0.5, lt=1)
+    min_votes: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _has_its_parameter(self) -> StopRule:
+        needs = {"ahead_by": "k", "window": "size", "confidence": "confidence"}
+        for rule, name in needs.items():
+            if self.rule == rule and getattr(self, name) is None:
+                raise ValueError(f"the {rule!r} rule needs {name!r}")
+            if self.rule != rule and getattr(self, name) is not None:
+                raise ValueError(f"{name!r} is a parameter of the {rule!r} rule only")
+        return self
+
+
 class MajorityAggregate(Extracting):
+    """A vote. ``early_stop`` is the short form of ``stop`` (true: ``decided``, false:
+    ``none``); ``weight: "confidence"`` weights each vote by the lane's confidence (from
+    its tokens' log probabilities); an answer matching ``reject_if``, or longer than
+    ``max_answer_chars``, is an abstention."""
+
     kind: Literal["majority"] = "majority"
     early_stop: bool = True
+    stop: StopRule | None = None
+    weight: Literal["confidence"] | None = None
+    reject_if: str | None = None
+    max_answer_chars: int | None = Field(default=None, ge=1)
+
+    @field_validator("reject_if")
+    @classmethod
+    def _reject_compiles(cls, value: str | None) -> str | None:
+        return None if value is None else _compiles(value)
+
+    @model_validator(mode="after")
+    def _one_way_to_stop(self) -> MajorityAggregate:
+        if self.stop is not None and "early_stop" in self.model_fields_set:
+            raise ValueError("give early_stop or stop, not both")
+        return self
+
+    @property
+    def stop_rule(self) -> StopRule:
+        """The stopping rule, early_stop read as ``decided`` or ``none``."""
+        if self.stop is not None:
+            return self.stop
+        return StopRule(rule="decided" if self.early_stop else "none")
 
 
 class ScoreAggregate(Extracting):
@@ -281,8 +339,17 @@ class ReduceAggregate(Strict):
     task: LlmTask
 
 
+class JudgeAggregate(Strict):
+    """One more LLM call (``task``, durable and retried like the reducer's) that reads
+    the successful candidates, numbered in lane order, and names the best: a JSON
+    ``{"best": k}`` or the last integer of its text. The result is that lane's output."""
+
+    kind: Literal["judge"] = "judge"
+    task: LlmTask
+
+
 Aggregate = Annotated[
-    CollectAggregate | MajorityAggregate | ScoreAggregate | ReduceAggregate,
+    CollectAggregate | MajorityAggregate | ScoreAggregate | ReduceAggregate | JudgeAggregate,
     Field(discriminator="kind"),
 ]
 
@@ -333,10 +400,25 @@ class _JobSpecBase(Strict):
 
 
 class VotingSpec(_JobSpecBase):
+    """The same task ``n`` times; or a mixed ensemble: ``tasks`` (models, providers,
+    prompts or temperatures voting together), lane i running ``tasks[i % len(tasks)]``."""
+
     mode: Literal["voting"]
     n: int = Field(ge=1)
-    task: Task
+    task: Task | None = None
+    tasks: list[Task] | None = Field(default=None, min_length=1)
     aggregate: Aggregate = Field(default_factory=MajorityAggregate)
+
+    @model_validator(mode="after")
+    def _task_or_tasks(self) -> VotingSpec:
+        if (self.task is None) == (self.tasks is None):
+            raise ValueError("give task or tasks (a list), one of them")
+        return self
+
+    @property
+    def ensemble(self) -> list[LlmTask | HttpTask]:
+        """The tasks the lanes take turns with (one, unless ``tasks``)."""
+        return self.tasks if self.tasks is not None else [self.task]  # type: ignore[list-item]
 
 
 class SectioningSpec(_JobSpecBase):
@@ -357,6 +439,12 @@ class SectioningSpec(_JobSpecBase):
 
 JobSpec = Annotated[VotingSpec | SectioningSpec, Field(discriminator="mode")]
 
+# The tags of the unions a spec holds (pydantic names them in an error's location).
+TASK_KINDS = frozenset({"llm", "http"})
+AGGREGATE_KINDS = frozenset(
+    member.model_fields["kind"].default for member in get_args(get_args(Aggregate)[0])
+)
+
 
 def lane_count(spec: VotingSpec | SectioningSpec) -> int:
     return spec.n if isinstance(spec, VotingSpec) else len(spec.sections)
@@ -375,13 +463,23 @@ def quorum_size(spec: VotingSpec | SectioningSpec) -> int:
 
 
 def lane_task(spec: VotingSpec | SectioningSpec, i: int) -> tuple[str, LlmTask | HttpTask]:
-    """Lane *i*'s name and task; voting lane *i* gets ``seed + i`` when a seed is given."""
+    """Lane *i*'s name and task: voting lane *i* runs ``tasks[i % len(tasks)]``, with
+    ``seed + i`` when a seed is given, and asks for logprobs when its votes are
+    weighted by confidence."""
     if isinstance(spec, SectioningSpec):
         section = spec.sections[i]
         return section.name, section.task
-    task = spec.task
-    if isinstance(task, LlmTask) and task.seed is not None:
-        task = task.model_copy(update={"seed": task.seed + i})
+    ensemble = spec.ensemble
+    task = ensemble[i % len(ensemble)]
+    if isinstance(task, LlmTask):
+        update: dict[str, Any] = {}
+        if task.seed is not None:
+            update["seed"] = task.seed + i
+        weighted = isinstance(spec.aggregate, MajorityAggregate) and spec.aggregate.weight
+        if weighted and not task.logprobs:
+            update["logprobs"] = True
+        if update:
+            task = task.model_copy(update=update)
     return f"lane-{i}", task
 
 
@@ -400,4 +498,5 @@ def lane_providers(spec: VotingSpec | SectioningSpec) -> list[str]:
     """The provider each lane calls, in lane order."""
     if isinstance(spec, SectioningSpec):
         return [provider_name(section.task) for section in spec.sections]
-    return [provider_name(spec.task)] * spec.n
+    ensemble = spec.ensemble
+    return [provider_name(ensemble[i % len(ensemble)]) for i in range(spec.n)]

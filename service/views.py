@@ -76,6 +76,12 @@ class LaneView(BaseModel):
     # an http lane's response.
     output: Any = None
     answer: Any = None
+    # The weight of its vote (its confidence, when votes are weighted), and why it
+    # abstained (a red flag) or weighs 1 (no logprobs), if so.
+    weight: float | None = None
+    note: str | None = None
+    # Which of a mixed ensemble's tasks it ran (its index in ``tasks``).
+    task: int | None = None
     finish_reason: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     refusal: str | None = None

@@ -28,7 +28,7 @@ from ..errors import (
     TenantAtCapacity,
     Unauthorized,
 )
-from ..spec import OWNED_FIELDS
+from ..spec import AGGREGATE_KINDS, OWNED_FIELDS, TASK_KINDS
 
 log = logging.getLogger("fanout")
 PROBLEM_JSON = "application/problem+json"
@@ -134,8 +134,9 @@ def refuse_unstorable(body: Any) -> None:
 # Tags of the spec's unions: pydantic puts them in error paths, callers never wrote them.
 _UNION_TAGS = {
     "body": {"voting", "sectioning"},
-    "task": {"llm", "http"},
-    "aggregate": {"collect", "majority", "score", "reduce"},
+    "task": TASK_KINDS,
+    "tasks": TASK_KINDS,  # tasks.<i>.<kind>
+    "aggregate": AGGREGATE_KINDS,
 }
 
 
@@ -150,9 +151,12 @@ def _message(error: Any) -> str:
 
 
 def _field_path(error: Any) -> list[int | str]:
+    """The error's location without the union tags pydantic puts in it (``task.llm``:
+    ``task``)."""
     path: list[int | str] = []
     for part in error["loc"]:
-        if path and isinstance(part, str) and part in _UNION_TAGS.get(str(path[-1]), ()):
+        holder = [p for p in path if isinstance(p, str)][-1:]  # list items: their list's
+        if holder and isinstance(part, str) and part in _UNION_TAGS.get(holder[0], ()):
             continue
         path.append(part)
     if error["type"] in ("union_tag_not_found", "union_tag_invalid"):

@@ -10,12 +10,19 @@ import time
 from functools import partial
 from typing import Any
 
-from ..aggregate import reduce_messages
+from ..aggregate import (
+    candidates,
+    judge_choice,
+    judge_messages,
+    judged,
+    reduce_messages,
+    reduced,
+)
 from ..attempts import Executor
 from ..events import Event, EventHub
 from ..metrics import Metrics
 from ..policy import Retrying, next_step
-from ..spec import ReduceAggregate, provider_name
+from ..spec import JudgeAggregate, ReduceAggregate, provider_name
 from ..states import ErrorType, EventType, LaneStatus
 from ..store import ReductionClaim, Store
 from ..views import NO_USAGE
@@ -82,40 +89,64 @@ class Reducer:
 
     async def _reduce(self, claim: ReductionClaim) -> None:
         spec = claim.spec
-        assert isinstance(spec.aggregate, ReduceAggregate)
-        task = spec.aggregate.task
+        aggregate = spec.aggregate
+        assert isinstance(aggregate, ReduceAggregate | JudgeAggregate)
+        task = aggregate.task
         max_attempts = spec.policy.max_attempts
         record = self.store.reductions.record
+        what = "reducer" if isinstance(aggregate, ReduceAggregate) else "judge"
         if claim.attempt_no > max_attempts:
             # Every attempt was started and none reported: their processes went away.
-            error = _error(ErrorType.LEASE_LOST, "reducer: every attempt's worker went away")
+            error = _error(ErrorType.LEASE_LOST, f"{what}: every attempt's worker went away")
             await self.writes(record(claim, self.owner, usage=NO_USAGE, error=error))
             return
         if claim.budget_spent:
-            error = _error(ErrorType.BUDGET, "the budget was spent before the reducer ran")
+            error = _error(ErrorType.BUDGET, f"the budget was spent before the {what} ran")
             await self.writes(record(claim, self.owner, usage=NO_USAGE, error=error))
             return
+        if isinstance(aggregate, JudgeAggregate):
+            messages = judge_messages(task, claim.lanes)
+        else:
+            messages = reduce_messages(task, claim.lanes)
         attempt = await guarded(
             self.execute(
                 task,
                 timeout=spec.policy.lane_timeout_s or self.default_lane_timeout_s,
-                messages=reduce_messages(task, claim.lanes),
+                messages=messages,
             ),
-            f"reducer of {claim.job_id}",
+            f"{what} of {claim.job_id}",
         )
         self.metrics.observe_usage(provider_name(task), task.model, attempt.usage)
         step = next_step(attempt, claim.attempt_no, max_attempts, self.retrying)
         if step.status is LaneStatus.SUCCEEDED:
-            work = record(claim, self.owner, usage=attempt.usage, output=attempt.output)
+            result, failed = self._result(aggregate, claim, attempt.output)
+            work = record(claim, self.owner, usage=attempt.usage, result=result, error=failed)
         elif step.retry:
             work = record(claim, self.owner, usage=attempt.usage, retry_in=step.retry_in)
             asyncio.get_running_loop().call_later(step.retry_in, self.wake)
         else:
             error = _error(
-                attempt.error_type or ErrorType.INTERNAL_ERROR, f"reducer: {attempt.error_message}"
+                attempt.error_type or ErrorType.INTERNAL_ERROR, f"{what}: {attempt.error_message}"
             )
             work = record(claim, self.owner, usage=attempt.usage, error=error)
         await self.writes(work)
+
+    @staticmethod
+    def _result(
+        aggregate: ReduceAggregate | JudgeAggregate, claim: ReductionClaim, output: Any
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The job's result from the call's answer, or the error when a judge named no
+        candidate."""
+        text = output if isinstance(output, str) else ""
+        if isinstance(aggregate, ReduceAggregate):
+            return reduced(text, claim.lanes, partial=claim.partial), None
+        choice = judge_choice(text, len(candidates(claim.lanes)))
+        if choice is None:
+            message = (
+                f"the judge named no candidate of {len(candidates(claim.lanes))}: {text[:200]!r}"
+            )
+            return None, _error(ErrorType.NO_ANSWER, message)
+        return judged(choice, claim.lanes, text, partial=claim.partial), None
 
     def _on_events(self, events: list[Event]) -> None:
         """A cancelled job's reducer stops at once."""

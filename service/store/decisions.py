@@ -16,8 +16,8 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..aggregate import Conclusion, LaneResult, conclude, gate_blocks, gates
-from ..policy import Decision, Stop, Tally, budget_spent, decide
-from ..spec import MajorityAggregate, SectioningSpec, VotingSpec
+from ..policy import Decision, Stop, Tally, VoteState, budget_spent, decide
+from ..spec import MajorityAggregate, SectioningSpec, VotingSpec, lane_count
 from ..states import (
     DECIDING_JOB,
     ENDED_WITHOUT_RESULT,
@@ -38,6 +38,7 @@ from .statements import (
     STOP_LANES,
     TALLY_STATUSES,
     TALLY_VOTES,
+    VOTE_SEQUENCE,
 )
 from .tables import jobs, lanes
 
@@ -69,6 +70,12 @@ class Decisions:
             or (job["deadline_at"] is not None and job["deadline_at"] <= now),
             budget_spent=budget_spent(spec.policy, job["total_tokens"], job["cost_usd"]),
         )
+        if decision.vote is not None:
+            # Where the vote stands after this batch: the page and the CLI show it live.
+            tally = _vote_view(decision.vote, spec)
+            for kind, fields in items:
+                if kind is EventType.LANE_SUCCEEDED:
+                    fields["vote"] = tally
         for stop in decision.stops:
             items.extend(await self.stop_lanes(tx, job_id, stop, now))
         needs_reducer = False
@@ -129,8 +136,15 @@ class Decisions:
         """Every lane of the job, in lane order, as aggregation reads them."""
         rows = (await conn.execute(LANE_RESULTS, {"j": job_id})).all()
         return [
-            LaneResult(idx, name, status, output, json.loads(key) if key is not None else None)
-            for idx, name, status, output, key in rows
+            LaneResult(
+                idx,
+                name,
+                status,
+                output,
+                json.loads(key) if key is not None else None,
+                weight if weight is not None else 1.0,
+            )
+            for idx, name, status, output, key, weight in rows
         ]
 
     async def _conclude(
@@ -146,7 +160,8 @@ class Decisions:
             await self.finish(tx, job_id, JobStatus.FAILED, items, now, error=decision.error)
             return False
         results = await self.lane_results(tx.conn, job_id)
-        conclusion = conclude(spec, results, partial=decision.partial)
+        stop = _vote_view(decision.vote, spec) if decision.vote is not None else None
+        conclusion = conclude(spec, results, partial=decision.partial, stop=stop)
         if conclusion.status is JobStatus.AGGREGATING:
             await self._await_reducer(tx, job_id, conclusion, now)
             return True
@@ -185,10 +200,17 @@ class Decisions:
             status: count
             for status, count in (await conn.execute(TALLY_STATUSES, {"j": job_id})).all()
         }
-        votes: list[tuple[str, int, int]] = []
+        votes: list[tuple[str, float, int]] = []
+        counted = 0
+        sequence: list[str] = []
         if isinstance(spec.aggregate, MajorityAggregate):
             rows = await conn.execute(TALLY_VOTES, {"j": job_id, "gates": list(gated)})
-            votes = [(key, count, first) for key, count, first in rows.all()]
+            for key, weight, count, first in rows.all():
+                votes.append((key, float(weight), first))
+                counted += count
+            if spec.aggregate.stop_rule.rule == "window":
+                keys = await conn.execute(VOTE_SEQUENCE, {"j": job_id, "gates": list(gated)})
+                sequence = list(keys.scalars().all())
         gate_blocked = None
         if gated:
             gate_rows = (
@@ -208,4 +230,25 @@ class Decisions:
             row = (await conn.execute(FIRST_FAILURE, {"j": job_id})).first()
             if row is not None:
                 first_failure = (row[0], row[1] or "error", row[2] or "")
-        return Tally(sum(by_status.values()), by_status, votes, gate_blocked, first_failure)
+        return Tally(
+            sum(by_status.values()),
+            by_status,
+            votes,
+            gate_blocked,
+            first_failure,
+            sequence,
+            counted,
+        )
+
+
+def _vote_view(vote: VoteState, spec: VotingSpec | SectioningSpec) -> dict[str, Any]:
+    """A vote's state as details and events show it: its rule, whether the rule stopped
+    it, after how many counted votes of how many lanes, and the leader's confidence."""
+    return {
+        "rule": vote.rule,
+        "stopped": vote.stopped,
+        "votes": vote.counted,
+        "of": lane_count(spec),
+        "leader": json.loads(vote.leader) if vote.leader is not None else None,
+        "confidence": round(vote.confidence, 4),
+    }

@@ -150,9 +150,10 @@ class Outcomes:
             }
             lane = {"lane": outcome.idx, "name": name, "attempt": outcome.attempt_no}
             duration = round(outcome.finished_at - outcome.started_at, 4)
+            row["weight"] = row["note"] = None
             if outcome.status is LaneStatus.SUCCEEDED:
-                answer = lane_answer(spec, outcome.idx, output, reply)
-                row["answer_key"] = answer_key(answer)
+                read = lane_answer(spec, outcome.idx, output, reply)
+                row.update(answer_key=answer_key(read.answer), weight=read.weight, note=read.note)
                 fields = {
                     **lane,
                     "output": output,
@@ -160,8 +161,12 @@ class Outcomes:
                     "usage": usage.model_dump(),
                     "duration_s": duration,
                 }
-                if answer is not None:
-                    fields["answer"] = answer
+                if read.answer is not None:
+                    fields["answer"] = read.answer
+                if read.weight is not None:
+                    fields["weight"] = read.weight
+                if read.note is not None:
+                    fields["note"] = read.note
                 items.append((EventType.LANE_SUCCEEDED, fields))
             elif retry:
                 error = f"{outcome.error_type}: {message}"

@@ -10,7 +10,6 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, update
 
-from ..aggregate import reduced
 from ..jsonsafe import scrub
 from ..policy import budget_spent
 from ..states import JobStatus
@@ -76,6 +75,7 @@ class Reductions:
                         spec,
                         await self.decisions.lane_results(tx.conn, job_id),
                         budget_spent(spec.policy, job["total_tokens"], job["cost_usd"]),
+                        bool((job["result"] or {}).get("partial")),
                     )
                 )
         return claims
@@ -95,13 +95,13 @@ class Reductions:
         owner: str,
         *,
         usage: Usage,
-        output: str | None = None,
+        result: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
         retry_in: float | None = None,
     ) -> bool:
-        """One reducer attempt: its answer (the job succeeds), a retry in ``retry_in``
-        seconds, or ``error`` (the job fails). False when ``owner`` no longer holds
-        that attempt (its lease expired and another process took the job)."""
+        """One reducer (or judge) attempt: the job's ``result`` (it succeeds), a retry
+        in ``retry_in`` seconds, or ``error`` (the job fails). False when ``owner`` no
+        longer holds that attempt (its lease expired and another process took it)."""
         now = time.time()
         job_id = claim.job_id
         async with self.db.transaction() as tx:
@@ -131,10 +131,8 @@ class Reductions:
                     tx, job_id, JobStatus.FAILED, items, now, error=scrub(error)
                 )
             else:
-                partial = bool((job["result"] or {}).get("partial"))
-                result = reduced(scrub(output) or "", claim.lanes, partial=partial)
                 await self.decisions.finish(
-                    tx, job_id, JobStatus.SUCCEEDED, items, now, result=result
+                    tx, job_id, JobStatus.SUCCEEDED, items, now, result=scrub(result)
                 )
             await self.log.append(tx, job_id, items, now)
             return True

@@ -28,7 +28,8 @@ def usage_of(row: Mapping[Any, Any]) -> Usage:
     )
 
 
-def lane_view(row: Mapping[Any, Any]) -> LaneView:
+def lane_view(row: Mapping[Any, Any], tasks: int = 0) -> LaneView:
+    """A lane as callers see it; ``tasks``: how many tasks a mixed ensemble has."""
     error = None
     if row["error_type"] is not None and row["status"] != LaneStatus.SUCCEEDED:
         error = ErrorView(type=row["error_type"], message=row["error_message"] or "")
@@ -43,6 +44,9 @@ def lane_view(row: Mapping[Any, Any]) -> LaneView:
         attempts=row["attempts"],
         output=row["output"],
         answer=json.loads(row["answer_key"]) if row["answer_key"] is not None else None,
+        weight=row["weight"],
+        note=row["note"],
+        task=row["idx"] % tasks if tasks else None,
         finish_reason=reply.get("finish_reason"),
         tool_calls=reply.get("tool_calls"),
         refusal=reply.get("refusal"),
@@ -74,7 +78,7 @@ def job_view(job: Mapping[Any, Any], lane_rows: Sequence[Mapping[Any, Any]]) -> 
         started_at=iso(job["started_at"]),
         finished_at=iso(job["finished_at"]),
         progress=progress,
-        lanes=[lane_view(row) for row in lane_rows],
+        lanes=[lane_view(row, len(job["spec"].get("tasks") or ())) for row in lane_rows],
         result=result,
         error=error,
         usage=usage_of(job),

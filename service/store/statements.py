@@ -137,6 +137,8 @@ OUTCOME_UPDATE = (
         output=bindparam("output"),
         reply=bindparam("reply"),
         answer_key=bindparam("answer_key"),
+        weight=bindparam("weight"),
+        note=bindparam("note"),
         error_type=bindparam("error_type"),
         error_message=bindparam("error_message"),
         finished_at=bindparam("finished_at"),
@@ -175,7 +177,12 @@ TALLY_STATUSES = (
     .group_by(lanes.c.status)
 )
 TALLY_VOTES = (
-    select(lanes.c.answer_key, func.count(), func.min(lanes.c.idx))
+    select(
+        lanes.c.answer_key,
+        func.sum(func.coalesce(lanes.c.weight, 1.0)),
+        func.count(),
+        func.min(lanes.c.idx),
+    )
     .where(
         lanes.c.job_id == bindparam("j"),
         lanes.c.status == LaneStatus.SUCCEEDED,
@@ -190,8 +197,26 @@ FIRST_FAILURE = (
     .order_by(lanes.c.finished_at, lanes.c.idx)
     .limit(1)
 )
+# The counted votes in the order they were recorded (the window rule reads them).
+VOTE_SEQUENCE = (
+    select(lanes.c.answer_key)
+    .where(
+        lanes.c.job_id == bindparam("j"),
+        lanes.c.status == LaneStatus.SUCCEEDED,
+        lanes.c.answer_key.is_not(None),
+        lanes.c.idx.not_in(bindparam("gates", expanding=True)),
+    )
+    .order_by(lanes.c.finished_at, lanes.c.idx)
+)
 LANE_RESULTS = (
-    select(lanes.c.idx, lanes.c.name, lanes.c.status, lanes.c.output, lanes.c.answer_key)
+    select(
+        lanes.c.idx,
+        lanes.c.name,
+        lanes.c.status,
+        lanes.c.output,
+        lanes.c.answer_key,
+        lanes.c.weight,
+    )
     .where(lanes.c.job_id == bindparam("j"))
     .order_by(lanes.c.idx)
 )

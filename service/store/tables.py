@@ -69,6 +69,9 @@ class Lane(Base):
     # The vote, score or gate verdict read from the output; its JSON text is the
     # grouping key the policy counts with.
     answer_key: Mapped[str | None] = mapped_column(Text)
+    # The weight of its vote (null: 1), and why it abstained or weighs 1, if it did.
+    weight: Mapped[float | None] = mapped_column(Float)
+    note: Mapped[str | None] = mapped_column(Text)
     error_type: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str | None] = mapped_column(Text)
     # What an llm answer says beside its text: finish_reason, tool_calls, refusal, and

@@ -77,3 +77,4 @@ class ReductionClaim:
     spec: VotingSpec | SectioningSpec
     lanes: list[LaneResult]
     budget_spent: bool
+    partial: bool = False  # lanes ended without a result: so will the result say

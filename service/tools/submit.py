@@ -162,6 +162,7 @@ class Board:
             for lane in job.get("lanes", [])
         ]
         self.last_seq = 0
+        self.vote: dict[str, Any] | None = None  # where a majority stands, as last told
         self.final: ServerEvent | None = None
         self.first_at = _timestamp(job.get("created_at"))
         self._server_time = self.first_at or time.time()
@@ -214,6 +215,8 @@ class Board:
                 row.ended = min(at, row.attempt_started + duration)
             if "answer" in data:
                 row.answer = data["answer"]
+            if isinstance(data.get("vote"), dict):
+                self.vote = data["vote"]
             error = data.get("error")
             row.error = (
                 f"{error.get('type')}: {error.get('message')}" if isinstance(error, dict) else None
@@ -275,13 +278,15 @@ class Board:
         return sorted(chosen, key=lambda row: row.index)
 
     def summary(self) -> Text:
-        """``job ID STATUS · n succeeded, m skipped · 1.2s [· 123 tokens]``."""
+        """``job ID STATUS · n succeeded, m skipped [· the vote] · 1.2s [· 123 tokens]``."""
         with self._lock:
             counts = Counter(row.state for row in self.rows)
             parts = [
                 f"job {self.job_id} {self.status}",
                 ", ".join(f"{counts[state]} {state}" for state in STATE_STYLES if counts[state]),
             ]
+            if self.vote is not None:
+                parts.append(_vote_text(self.vote))
             if self.first_at is not None:
                 parts.append(_seconds(self.now() - self.first_at))
             usage = self.final.data.get("usage") if self.final is not None else None
@@ -302,6 +307,18 @@ def _answer_title(mode: Any, spec: dict[str, Any]) -> str | None:
     if any(isinstance(s, dict) and s.get("gate") for s in sections):
         return "verdict"
     return None
+
+
+def _vote_text(vote: dict[str, Any]) -> str:
+    """``7 leads, 4 of 10 votes, confidence 0.97 · stopped by confidence``."""
+    leader = json.dumps(vote.get("leader"), ensure_ascii=False)
+    text = (
+        f"{leader} leads, {vote.get('votes')} of {vote.get('of')} votes, "
+        f"confidence {float(vote.get('confidence') or 0):.2f}"
+    )
+    if vote.get("stopped"):
+        text += f" · stopped by {vote.get('rule')}"
+    return text
 
 
 def _answer_cell(answer: Any) -> Text:

@@ -11,6 +11,7 @@ import pytest
 
 from service.config import Settings
 from service.http import create_app
+from tests.processes import poll
 from tests.support import app_client, fake_reset, run_job, section, sectioning, voting
 
 NUMBER = {"kind": "majority", "extract": "number"}
@@ -128,6 +129,24 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         "task.messages.0",
     ),
     ("a cost budget of zero", voting(2, policy={"max_cost_usd": 0}), "policy.max_cost_usd"),
+    (
+        "a stopping rule without its parameter",
+        voting(3, aggregate={"kind": "majority", "stop": {"rule": "window"}}),
+        "aggregate.stop",
+    ),
+    (
+        "a confidence of 1",
+        voting(3, aggregate={"kind": "majority", "stop": {"rule": "confidence", "confidence": 1}}),
+        "aggregate.stop.confidence",
+    ),
+    (
+        "a weight on a score",
+        voting(3, aggregate={"kind": "score", "weight": "confidence"}),
+        "aggregate.weight",
+    ),
+    ("a judge without a task", voting(3, aggregate={"kind": "judge"}), "aggregate.task"),
+    ("task and tasks", {**voting(3), "tasks": [voting(1)["task"]]}, ""),
+    ("no tasks", {**voting(3), "task": None, "tasks": []}, "tasks"),
 ]
 
 
@@ -361,10 +380,21 @@ async def test_token_metrics_equal_the_sum_of_the_jobs_usage(client: httpx.Async
             sectioning(section("flaky", model="fake?fail_first=1&fail_status=503&reasoning=3")),
         ),
     ]
-    text = (await client.get("/metrics")).text
-    for kind in ("prompt", "completion", "reasoning"):
-        summed = sum(job["usage"][f"{kind}_tokens"] for job in jobs)
-        assert total(text, "fanout_tokens_total", kind=kind) == summed > 0, kind
+
+    async def agreeing() -> list[tuple[str, float, int]] | None:
+        """Both counts, once they agree: a vote's lane cancelled by its early stop may
+        still answer after the job's final event, and then counts in both."""
+        text = (await client.get("/metrics")).text
+        counts = []
+        for kind in ("prompt", "completion", "reasoning"):
+            summed = 0
+            for job in jobs:
+                usage = (await client.get(f"/v1/jobs/{job['id']}")).json()["usage"]
+                summed += usage[f"{kind}_tokens"]
+            counts.append((kind, total(text, "fanout_tokens_total", kind=kind), summed))
+        return counts if all(metric == summed > 0 for _, metric, summed in counts) else None
+
+    await poll(agreeing, within=5, what="/metrics and the jobs' usage agree")
 
 
 async def test_prices_give_lanes_and_jobs_a_cost(

@@ -175,4 +175,6 @@ async def test_a_small_job_is_not_queued_behind_another_tenants_large_one(
         f"\nthe 5-lane job alone: {alone:.3f} s; behind 1,000 lanes of another tenant: "
         f"{took(shared):.3f} s"
     )
-    assert took(shared) <= 2 * alone, (alone, took(shared))
+    # Queued behind the large job it would wait about 10 s (1,000 lanes, 20 at a time,
+    # 0.2 s each); a fair share leaves it a few claims' delay behind running alone.
+    assert took(shared) < alone + 1.5, (alone, took(shared))

@@ -275,3 +275,47 @@ async def test_a_reasoning_model_reports_its_reasoning_and_where_it_stopped(
     assert job["usage"]["reasoning_tokens"] == 200
     (succeeded,) = [e["data"] for e in events if e["event"] == "lane.succeeded"]
     assert succeeded["finish_reason"] == "length"
+
+
+# --- smarter votes -------------------------------------------------------------------------
+
+
+async def test_a_mixed_ensemble_votes_by_confidence_over_real_logprobs(
+    client: httpx.AsyncClient,
+) -> None:
+    task = {"messages": [{"role": "user", "content": "17*23?"}]}
+    spec = {
+        "mode": "voting",
+        "n": 3,
+        "tasks": [
+            {**task, "model": "fake?answers=391&confidence=0.9"},
+            {**task, "model": "fake?answers=392&confidence=0.3"},
+            {**task, "model": "fake?answers=392&confidence=0.3"},
+        ],
+        "aggregate": {**NUMBER, "weight": "confidence", "early_stop": False},
+    }
+    job = await run_job(client, spec)
+    assert job["status"] == "succeeded", job
+    # One sure vote (0.9) outweighs two unsure ones (0.3 + 0.3).
+    assert job["result"]["output"] == 391
+    assert [lane["task"] for lane in job["lanes"]] == [0, 1, 2]
+    assert [lane["weight"] for lane in job["lanes"]] == pytest.approx([0.9, 0.3, 0.3])
+    assert job["result"]["details"]["votes"] == [
+        {"answer": 391, "count": 1, "weight": 0.9},
+        {"answer": 392, "count": 2, "weight": 0.6},
+    ]
+
+
+async def test_a_judge_over_the_fake_llm_returns_the_candidate_it_named(
+    client: httpx.AsyncClient, fake_llm: str
+) -> None:
+    await fake_reset(fake_llm)
+    judge = {"model": "fake?answers=2", "messages": [{"role": "system", "content": "Pick."}]}
+    spec = voting(
+        3, "fake?answers=391", task={"seed": 1}, aggregate={"kind": "judge", "task": judge}
+    )
+    job = await run_job(client, spec)
+    assert job["status"] == "succeeded", job
+    assert job["result"]["details"]["best"] == 2 and job["result"]["details"]["lane"] == "lane-1"
+    assert job["result"]["output"] == job["lanes"][1]["output"]
+    assert (await fake_stats(fake_llm))["requests"] == 4  # three candidates and the judge

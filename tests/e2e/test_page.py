@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +180,8 @@ async def test_page_shows_a_running_job_live_until_its_result(served: Served, pa
         await expect(page.locator(f'#votes li[data-answer="{answer}"] .count')).to_have_text(
             f"{count} / 5"
         )
+    rule = re.compile(r"^every lane votes · leader confidence 0\.\d\d$")
+    await expect(page.locator("#votes-rule")).to_have_text(rule)
 
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(

@@ -126,7 +126,9 @@ def test_watch_shows_each_lanes_vote_and_prints_the_result(server: str, tmp_path
     assert result["output"] == 391
     votes = Counter(int(row[4]) for row in rows)
     assert votes == {v["answer"]: v["count"] for v in result["details"]["votes"]}
-    assert re.search(r"^job \S+ succeeded · 5 succeeded · ", done.stdout, re.M)
+    # Where the vote stood after its last counted vote.
+    summary = r"^job \S+ succeeded · 5 succeeded · 391 leads, 5 of 5 votes, confidence 0\.\d\d · "
+    assert re.search(summary, done.stdout, re.M), done.stdout
 
 
 @slow

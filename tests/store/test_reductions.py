@@ -7,17 +7,21 @@ import time
 
 import pytest
 
+from service.aggregate import reduced
 from service.store import ReductionClaim, Store
 from service.store.db import Database
 from service.views import NO_USAGE, Usage
 from tests.store.conftest import OWNER, parse
-from tests.store.test_outcomes import answered
+from tests.store.test_outcomes import answered, failed
 from tests.support import section, sectioning
 
 REDUCER = {
     "kind": "reduce",
     "task": {"model": "m", "messages": [{"role": "system", "content": "Merge."}]},
 }
+
+
+LATE = {"output": "late", "details": {}, "partial": False}
 
 
 async def aggregating(store: Store, **fields: object) -> str:
@@ -44,12 +48,28 @@ async def test_the_reducers_answer_ends_the_job_with_its_usage(store: Store) -> 
     job_id = await aggregating(store)
     (claim,) = await store.reductions.claim(OWNER)
     usage = Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7)
-    assert await store.reductions.record(claim, OWNER, usage=usage, output="merged")
+    result = reduced("merged", claim.lanes, partial=claim.partial)
+    assert await store.reductions.record(claim, OWNER, usage=usage, result=result)
     view = await store.jobs.get(job_id, None)
     assert view.status == "succeeded" and view.result is not None
     assert view.result.output == "merged" and view.result.details == {"inputs": 2}
+    assert view.result.partial is False
     assert view.usage.total_tokens == 20 + 7
     assert (await store.log.after(job_id, 0))[-1]["type"] == "job.succeeded"
+
+
+async def test_a_reducer_over_lanes_that_ended_without_a_result_says_partial(
+    store: Store,
+) -> None:
+    spec = sectioning(
+        section("a"), section("b"), aggregate=REDUCER, policy={"on_failure": "best_effort"}
+    )
+    await store.jobs.create(parse(spec), "acme")
+    first, second = (await store.queue.claim(OWNER, 10)).claims
+    await store.outcomes.record(OWNER, [answered(first, "out a"), failed(second)])
+    (claim,) = await store.reductions.claim(OWNER)
+    assert claim.partial is True
+    assert [lane.status for lane in claim.lanes] == ["succeeded", "failed"]
 
 
 async def test_a_retry_waits_in_the_database_for_its_backoff(store: Store) -> None:
@@ -78,7 +98,7 @@ async def test_a_reducer_whose_worker_died_is_claimed_again(db: Database) -> Non
     (claim,) = await dying.reductions.claim("dead-worker")
     (again,) = await Store(db, lease_seconds=30).reductions.claim(OWNER)
     assert (again.job_id, again.attempt_no) == (job_id, 2)
-    assert not await dying.reductions.record(claim, "dead-worker", usage=NO_USAGE, output="late")
+    assert not await dying.reductions.record(claim, "dead-worker", usage=NO_USAGE, result=LATE)
 
 
 async def test_a_reducer_error_fails_the_job(store: Store) -> None:
@@ -102,5 +122,5 @@ async def test_cancel_ends_an_aggregating_job(store: Store) -> None:
     job_id = await aggregating(store)
     (claim,) = await store.reductions.claim(OWNER)
     await store.jobs.cancel(job_id, None)
-    assert not await store.reductions.record(claim, OWNER, usage=NO_USAGE, output="late")
+    assert not await store.reductions.record(claim, OWNER, usage=NO_USAGE, result=LATE)
     assert (await store.jobs.get(job_id, None)).status == "cancelled"

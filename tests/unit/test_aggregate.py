@@ -252,11 +252,11 @@ def test_no_answer_has_no_key() -> None:
 def test_lane_answer_is_the_vote_or_score_of_the_aggregate(
     aggregate: Any, output: str, expected: Any
 ) -> None:
-    assert lane_answer(voting_with(aggregate), 0, output) == expected
+    assert lane_answer(voting_with(aggregate), 0, output).answer == expected
 
 
 def test_score_needs_a_number() -> None:
-    assert lane_answer(voting_with(ScoreAggregate(extract="text")), 0, "good") is None
+    assert lane_answer(voting_with(ScoreAggregate(extract="text")), 0, "good").answer is None
 
 
 def voting_with(aggregate: Any) -> VotingSpec:

@@ -169,8 +169,8 @@ def test_a_vote_over_a_functions_arguments_reads_the_first_tool_call() -> None:
             "aggregate": how.model_dump(),
         }
     )
-    assert lane_answer(spec, 0, None, reply) == 391
-    assert lane_answer(spec, 0, None, {}) is None  # no text, no call: an abstention
+    assert lane_answer(spec, 0, None, reply).answer == 391
+    assert lane_answer(spec, 0, None, {}).answer is None  # no text, no call: an abstention
 
 
 def test_usage_adds_up_and_its_cost_is_absent_without_prices() -> None:

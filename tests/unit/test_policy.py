@@ -53,7 +53,7 @@ def sectioning(
 
 def tally(
     *,
-    votes: list[tuple[str, int, int]] | None = None,
+    votes: list[tuple[str, float, int]] | None = None,
     gate_blocked: str | None = None,
     first_failure: tuple[str, str, str] | None = None,
     **by_status: int,
@@ -64,6 +64,7 @@ def tally(
         votes=votes or [],
         gate_blocked=gate_blocked,
         first_failure=first_failure,
+        counted=int(sum(weight for _, weight, _ in votes or [])),
     )
 
 
@@ -461,7 +462,8 @@ def simulated_tally(answers: list[Any], finished: list[int], rng: random.Random)
     by_status["queued"] = open_lanes - by_status["running"]
     votes = [(key, count, first) for key, (count, first) in grouped.items()]
     rng.shuffle(votes)  # the store's GROUP BY promises no order
-    return Tally(len(answers), by_status, votes)
+    counted = sum(count for _, count, _ in votes)
+    return Tally(len(answers), by_status, votes, counted=counted)
 
 
 def winner(answers: list[Any], finished: set[int]) -> Any:
