@@ -1,22 +1,11 @@
-"""The economy of a vote: each stopping rule beside ``none`` on the same 300 questions.
+"""The economy of a vote: each stopping rule beside ``none`` on the same questions.
 
-Each question is a voting job of n = 40 lanes on the fake LLM, whose answers are drawn
-from the question's distribution (reproducibly: lane i of question q draws with seed
-``1000 q + i``, so every rule sees the same answer from the same lane). The mix:
-
-- 60 % easy: the leading answer has probability 0.9 (``A .9, B .1``);
-- 30 % medium: 0.6 (``A .6, B .2, C .2``);
-- 10 % hard: 0.4 (``A .4, B .2, C .2, D .2``).
-
-The leading answer is reported with confidence 0.9, the others with 0.5 (as the
-token probabilities of a model that knows more often than it guesses, CISC's
-premise). A job runs at most ``max_concurrency`` = 4 lanes at once, so it overshoots
-its stopping point by at most 3 calls. All 300 jobs of a rule run at once; the fake
-answers after 40 to 80 ms.
-
+Each question is a voting job on the fake LLM whose answers are drawn from the
+question's distribution (easy, medium or hard), reproducibly: lane i of question q
+draws with seed ``1000 q + i``, so every rule sees the same answer from the same lane.
 Per rule: mean upstream calls per question (the fake's count, so calls a stop cut
-short count too), agreement of its answer with ``none``'s (all 40 votes), and the wall
-time of the 300 jobs.
+short count too), agreement of its answer with ``none``'s, and the wall time of all
+the jobs at once. :func:`describe` says the rest, from the constants below.
 """
 
 from __future__ import annotations
@@ -33,10 +22,12 @@ from . import client as fc
 QUESTIONS = 300
 N = 40
 MAX_CONCURRENCY = 4
-MIX = (  # kind, share of the questions, answer weights, confidence per answer
-    ("easy", 0.6, "1:9,2:1", "1:0.9,2:0.5"),
-    ("medium", 0.3, "1:6,2:2,3:2", "1:0.9,2:0.5,3:0.5"),
-    ("hard", 0.1, "1:4,2:2,3:2,4:2", "1:0.9,2:0.5,3:0.5,4:0.5"),
+LATENCY_MS, JITTER_MS = 40, 40
+LEADER_CONFIDENCE, OTHER_CONFIDENCE = 0.9, 0.5
+MIX = (  # kind, share of the questions, answer weights (answer 1 leads)
+    ("easy", 0.6, "1:9,2:1"),
+    ("medium", 0.3, "1:6,2:2,3:2"),
+    ("hard", 0.1, "1:4,2:2,3:2,4:2"),
 )
 # Rule name -> what the majority aggregate adds. ``none`` first: the others agree with it.
 RULES: dict[str, dict[str, Any]] = {
@@ -52,20 +43,59 @@ RULES: dict[str, dict[str, Any]] = {
 }
 
 
-def kind_of(question: int) -> tuple[str, str, str]:
-    """The question's kind, answer weights and confidences (by its place in the mix)."""
+def describe(service: str) -> str:
+    """The section's paragraph for the report, from the constants above."""
+    shares = ", ".join(
+        f"{100 * share:.0f} % {kind} ({_weights(answers)})" for kind, share, answers in MIX
+    )
+    return (
+        f"{QUESTIONS} simulated questions, each a voting job of n = {N} lanes on {service}, "
+        "run once per stopping rule with the same answers: lane i of question q draws its "
+        "answer with seed 1000 q + i, so every rule sees the same answer from the same "
+        f"lane. The mix: {shares}; the leading answer comes with token confidence "
+        f"{LEADER_CONFIDENCE}, the others {OTHER_CONFIDENCE}. `max_concurrency: "
+        f"{MAX_CONCURRENCY}` (a job overshoots its stopping point by at most "
+        f"{MAX_CONCURRENCY - 1} calls, which count here); upstream latency {LATENCY_MS} to "
+        f"{LATENCY_MS + JITTER_MS} ms; the {QUESTIONS} jobs of a rule run at once. *Calls* "
+        "are the fake LLM's count of requests; *votes counted* is the mean per question at "
+        "the stop; *agreement* compares each question's answer with `none`'s (all "
+        f"{N} votes). `confidence` is the posterior probability that the leader is the more "
+        "likely of the top two answers, under a uniform Beta prior (Adaptive-Consistency, "
+        "Aggarwal et al., EMNLP 2023)."
+    )
+
+
+def _weights(answers: str) -> str:
+    """``1:6,2:2,3:2`` as ``A .6, B .2, C .2``."""
+    pairs = [pair.split(":") for pair in answers.split(",")]
+    total = sum(int(weight) for _, weight in pairs)
+    return ", ".join(
+        f"{chr(ord('A') + i)} {int(weight) / total:.1f}".replace("0.", ".")
+        for i, (_, weight) in enumerate(pairs)
+    )
+
+
+def kind_of(question: int) -> tuple[str, str]:
+    """The question's kind and answer weights (by its place in the mix)."""
     edge = 0.0
-    for kind, share, answers, confidence in MIX:
+    for kind, share, answers in MIX:
         edge += share * QUESTIONS
         if question < round(edge):
-            return kind, answers, confidence
-    kind, _share, answers, confidence = MIX[-1]
-    return kind, answers, confidence
+            return kind, answers
+    kind, _share, answers = MIX[-1]
+    return kind, answers
 
 
 def question_spec(question: int, rule: dict[str, Any]) -> dict[str, Any]:
-    _kind, answers, confidence = kind_of(question)
-    model = f"fake?latency_ms=40&jitter_ms=40&answers={answers}&confidence={confidence}"
+    _kind, answers = kind_of(question)
+    confidence = ",".join(
+        f"{value}:{LEADER_CONFIDENCE if value == '1' else OTHER_CONFIDENCE}"
+        for value, _weight in (pair.split(":") for pair in answers.split(","))
+    )
+    model = (
+        f"fake?latency_ms={LATENCY_MS}&jitter_ms={JITTER_MS}"
+        f"&answers={answers}&confidence={confidence}"
+    )
     return {
         "mode": "voting",
         "n": N,

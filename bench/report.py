@@ -8,6 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from . import economy
+
 DB_NAMES = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
 LABELS = {"limit": "limit", "raw": "(reference) bare aiohttp, no SDK"}
 # The lane call paths (FANOUT_LLM_CLIENT): the targets are judged on the default, lean;
@@ -253,7 +255,7 @@ def economy_table(rows: list[dict[str, Any]], targets: Targets) -> list[str]:
     lines = [
         "| rule | calls per question | × fewer than none | "
         + " | ".join(f"votes counted, {kind}" for kind in kinds)
-        + " | agreement with none | wall s (300 jobs) | target |",
+        + f" | agreement with none | wall s ({economy.QUESTIONS} jobs) | target |",
         "|---|---:|---:|" + "---:|" * len(kinds) + "---:|---:|---|",
     ]
     for row in rows:
@@ -360,19 +362,7 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> str:
         body += [
             "## The economy of a vote",
             "",
-            f"300 simulated questions, each a voting job of n = 40 lanes on {_service(service)}, "
-            "run once per stopping rule with the same answers: lane i of question q draws "
-            "its answer with seed 1000 q + i, so every rule sees the same answer from the "
-            "same lane. The mix: 60 % easy (leading answer with probability 0.9: A .9, B .1), "
-            "30 % medium (A .6, B .2, C .2), 10 % hard (A .4, B .2, C .2, D .2); the leading "
-            "answer comes with token confidence 0.9, the others 0.5. `max_concurrency: 4` "
-            "(a job overshoots its stopping point by at most 3 calls, which count here); "
-            "upstream latency 40–80 ms; the 300 jobs of a rule run at once. *Calls* are the "
-            "fake LLM's count of requests; *votes counted* is the mean per question at the "
-            "stop; *agreement* compares each question's answer with `none`'s (all 40 votes). "
-            "`confidence` is the posterior probability that the leader is the more likely "
-            "of the top two answers, under a uniform Beta prior (Adaptive-Consistency, "
-            "Aggarwal et al., EMNLP 2023).",
+            economy.describe(_service(service)),
             "",
             *economy_table(results["economy"], targets),
             "",

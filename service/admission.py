@@ -12,6 +12,7 @@ from .spec import (
     HttpTask,
     JudgeAggregate,
     LlmTask,
+    MajorityAggregate,
     OnFailure,
     ReduceAggregate,
     SectioningSpec,
@@ -38,11 +39,24 @@ def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None
             where, f"{lanes} lanes is over the cap of {settings.max_lanes_per_job} lanes per job"
         )
 
+    if isinstance(spec.aggregate, MajorityAggregate) and spec.aggregate.stop is not None:
+        # A rule that needs more votes than the lanes could never fire.
+        rule = spec.aggregate.stop
+        for name in ("k", "size", "min_votes"):
+            value = getattr(rule, name)
+            if value is not None and value > lanes:
+                problem(
+                    ("aggregate", "stop", name),
+                    f"{name} {value} is more than the {lanes} lanes: the rule could never stop",
+                )
+
     tasks: list[tuple[tuple[str | int, ...], LlmTask | HttpTask]] = []
     if isinstance(spec, VotingSpec) and spec.tasks is not None:
+        if len(spec.tasks) > spec.n:
+            problem(("tasks",), f"{len(spec.tasks)} tasks for {spec.n} lanes: some would never run")
         tasks.extend((("tasks", i), task) for i, task in enumerate(spec.tasks))
     elif isinstance(spec, VotingSpec):
-        tasks.extend((("task",), task) for task in spec.ensemble)
+        tasks.append((("task",), spec.ensemble[0]))
     else:
         tasks.extend((("sections", i, "task"), s.task) for i, s in enumerate(spec.sections))
     if isinstance(spec.aggregate, ReduceAggregate | JudgeAggregate):

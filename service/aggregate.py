@@ -67,6 +67,14 @@ def output_text(output: Any) -> str:
     return json.dumps(output)
 
 
+def answer_text(output: Any, reply: dict[str, Any] | None) -> str:
+    """The text a lane answered: its output's or, when it has none and the model called
+    tools, the first call's arguments."""
+    if output is None and reply and reply.get("tool_calls"):
+        return str(reply["tool_calls"][0]["function"]["arguments"])
+    return output_text(output)
+
+
 def shortest_number(text: str) -> int | float | None:
     """``"391."`` -> 391, ``"-2.50"`` -> -2.5, ``"1,234"`` -> 1234."""
     try:
@@ -87,9 +95,7 @@ def extract(how: Extracting, output: Any, reply: dict[str, Any] | None = None) -
 
     ``json`` reads the message text or, when there is none and the model called tools,
     the first tool call's arguments: so a vote over a function's arguments is a vote."""
-    text = output_text(output)
-    if how.extract == "json" and output is None and reply and reply.get("tool_calls"):
-        text = str(reply["tool_calls"][0]["function"]["arguments"])
+    text = answer_text(output, reply) if how.extract == "json" else output_text(output)
     if how.extract == "text":
         normalised = " ".join(text.split()).casefold()
         return normalised or None
@@ -177,7 +183,7 @@ def lane_answer(
         return LaneAnswer(as_score(extract(aggregate, output, reply)))
     if not isinstance(aggregate, MajorityAggregate):
         return LaneAnswer()
-    text = output_text(output)
+    text = answer_text(output, reply)
     if aggregate.max_answer_chars is not None and len(text) > aggregate.max_answer_chars:
         note = f"abstained: the answer is {len(text)} characters, over {aggregate.max_answer_chars}"
         return LaneAnswer(note=note)
@@ -186,10 +192,10 @@ def lane_answer(
     answer = extract(aggregate, output, reply)
     if aggregate.weight is None:
         return LaneAnswer(answer)
-    logprobs = (reply or {}).get("logprobs")
-    if not logprobs:
+    mean = ((reply or {}).get("logprobs") or {}).get("mean")
+    if not isinstance(mean, int | float) or isinstance(mean, bool) or not math.isfinite(mean):
         return LaneAnswer(answer, 1.0, "weight 1: the provider sent no logprobs")
-    return LaneAnswer(answer, math.exp(min(0.0, float(logprobs["mean"]))))
+    return LaneAnswer(answer, math.exp(min(0.0, mean)))
 
 
 # --- gates ---------------------------------------------------------------------------
@@ -366,25 +372,29 @@ def reduced(output: str, lanes: list[LaneResult], *, partial: bool) -> dict[str,
 # --- the judge -----------------------------------------------------------------------------
 
 
-def candidates(lanes: list[LaneResult]) -> list[LaneResult]:
-    """What a judge chooses from: the succeeded lanes, in lane order (numbered from 1)."""
-    return [lane for lane in lanes if lane.succeeded]
+def candidates(spec: VotingSpec | SectioningSpec, lanes: list[LaneResult]) -> list[LaneResult]:
+    """What a judge chooses from: the succeeded lanes that are not gates, in lane order
+    (numbered from 1)."""
+    gated = gates(spec)
+    return [lane for lane in lanes if lane.succeeded and lane.index not in gated]
 
 
-def judge_messages(task: LlmTask, lanes: list[LaneResult]) -> list[Message]:
+def judge_messages(task: LlmTask, candidates: list[LaneResult]) -> list[Message]:
     """The judge's prompt: its own messages, then the candidates numbered from 1 and how
     to name the best."""
     parts = [
         f'<candidate number="{n}">\n{output_text(lane.output)}\n</candidate>'
-        for n, lane in enumerate(candidates(lanes), 1)
+        for n, lane in enumerate(candidates, 1)
     ]
     ask = 'Answer with the number of the best candidate, as {"best": N}.'
     tagged = Message(role="user", content="\n\n".join([*parts, ask]))
     return [*task.messages, tagged]
 
 
-_BEST = re.compile(r'"best"\s*:\s*"?(\d+)')
-_INTEGER = re.compile(r"\d+")
+# Whole numbers of at most 6 digits: no candidate list is longer, and int() of a digit
+# run of thousands of characters raises.
+_BEST = re.compile(r'"best"\s*:\s*"?(\d{1,6})\b')
+_INTEGER = re.compile(r"\b\d{1,6}\b")
 
 
 def judge_choice(text: Any, count: int) -> int | None:
@@ -399,13 +409,10 @@ def judge_choice(text: Any, count: int) -> int | None:
     return choice if 1 <= choice <= count else None
 
 
-def judged(choice: int, lanes: list[LaneResult], judge: str, *, partial: bool) -> dict[str, Any]:
+def judged(
+    choice: int, candidates: list[LaneResult], judge: str, *, partial: bool
+) -> dict[str, Any]:
     """The result of a job whose judge chose candidate ``choice``: that lane's output."""
-    best = candidates(lanes)[choice - 1]
-    details = {
-        "judge": judge,
-        "best": choice,
-        "lane": best.name,
-        "candidates": len(candidates(lanes)),
-    }
+    best = candidates[choice - 1]
+    details = {"judge": judge, "best": choice, "lane": best.name, "candidates": len(candidates)}
     return ResultView(output=best.output, details=details, partial=partial).model_dump()

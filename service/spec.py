@@ -298,12 +298,14 @@ class StopRule(Strict):
 
 class MajorityAggregate(Extracting):
     """A vote. ``early_stop`` is the short form of ``stop`` (true: ``decided``, false:
-    ``none``); ``weight: "confidence"`` weights each vote by the lane's confidence (from
-    its tokens' log probabilities); an answer matching ``reject_if``, or longer than
-    ``max_answer_chars``, is an abstention."""
+    ``none``; without either, ``decided``); ``weight: "confidence"`` weights each vote by
+    the lane's confidence (from its tokens' log probabilities); an answer matching
+    ``reject_if``, or longer than ``max_answer_chars``, is an abstention."""
 
     kind: Literal["majority"] = "majority"
-    early_stop: bool = True
+    # None, not True, by default: a spec stored without the fields left at None
+    # (``exclude_none``) must parse again with ``stop`` alone.
+    early_stop: bool | None = None
     stop: StopRule | None = None
     weight: Literal["confidence"] | None = None
     reject_if: str | None = None
@@ -316,7 +318,7 @@ class MajorityAggregate(Extracting):
 
     @model_validator(mode="after")
     def _one_way_to_stop(self) -> MajorityAggregate:
-        if self.stop is not None and "early_stop" in self.model_fields_set:
+        if self.stop is not None and self.early_stop is not None:
             raise ValueError("give early_stop or stop, not both")
         return self
 
@@ -325,7 +327,7 @@ class MajorityAggregate(Extracting):
         """The stopping rule, early_stop read as ``decided`` or ``none``."""
         if self.stop is not None:
             return self.stop
-        return StopRule(rule="decided" if self.early_stop else "none")
+        return StopRule(rule="none" if self.early_stop is False else "decided")
 
 
 class ScoreAggregate(Extracting):
@@ -444,6 +446,12 @@ TASK_KINDS = frozenset({"llm", "http"})
 AGGREGATE_KINDS = frozenset(
     member.model_fields["kind"].default for member in get_args(get_args(Aggregate)[0])
 )
+
+
+def stored(spec: VotingSpec | SectioningSpec) -> dict[str, Any]:
+    """The spec as it is stored and shown: JSON, without the fields left at None. Any
+    process parses it back into the same spec."""
+    return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def lane_count(spec: VotingSpec | SectioningSpec) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import math
 import os
 import urllib.request
 from collections.abc import Mapping
@@ -160,7 +161,9 @@ def _token_logprobs(logprobs: Any) -> list[float]:
     return [
         float(lp)
         for token in _field(logprobs, "content") or ()
-        if isinstance(lp := _field(token, "logprob"), int | float) and not isinstance(lp, bool)
+        if isinstance(lp := _field(token, "logprob"), int | float)
+        and not isinstance(lp, bool)
+        and math.isfinite(lp)
     ]
 
 

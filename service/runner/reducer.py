@@ -105,7 +105,7 @@ class Reducer:
             await self.writes(record(claim, self.owner, usage=NO_USAGE, error=error))
             return
         if isinstance(aggregate, JudgeAggregate):
-            messages = judge_messages(task, claim.lanes)
+            messages = judge_messages(task, candidates(spec, claim.lanes))
         else:
             messages = reduce_messages(task, claim.lanes)
         attempt = await guarded(
@@ -140,13 +140,12 @@ class Reducer:
         text = output if isinstance(output, str) else ""
         if isinstance(aggregate, ReduceAggregate):
             return reduced(text, claim.lanes, partial=claim.partial), None
-        choice = judge_choice(text, len(candidates(claim.lanes)))
+        among = candidates(claim.spec, claim.lanes)
+        choice = judge_choice(text, len(among))
         if choice is None:
-            message = (
-                f"the judge named no candidate of {len(candidates(claim.lanes))}: {text[:200]!r}"
-            )
+            message = f"the judge named no candidate of {len(among)}: {text[:200]!r}"
             return None, _error(ErrorType.NO_ANSWER, message)
-        return judged(choice, claim.lanes, text, partial=claim.partial), None
+        return judged(choice, among, text, partial=claim.partial), None
 
     def _on_events(self, events: list[Event]) -> None:
         """A cancelled job's reducer stops at once."""

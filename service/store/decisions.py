@@ -72,10 +72,10 @@ class Decisions:
         )
         if decision.vote is not None:
             # Where the vote stands after this batch: the page and the CLI show it live.
-            tally = _vote_view(decision.vote, spec)
+            vote = _vote_view(decision.vote, spec)
             for kind, fields in items:
                 if kind is EventType.LANE_SUCCEEDED:
-                    fields["vote"] = tally
+                    fields["vote"] = vote
         for stop in decision.stops:
             items.extend(await self.stop_lanes(tx, job_id, stop, now))
         needs_reducer = False

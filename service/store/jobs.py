@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import BadCursor, IdempotencyConflict, JobFinished, JobNotFound, TenantAtCapacity
 from ..policy import Stop
-from ..spec import SectioningSpec, VotingSpec, lane_names, lane_providers
+from ..spec import SectioningSpec, VotingSpec, lane_names, lane_providers, stored
 from ..states import (
     OPEN_LANE,
     TERMINAL_JOB,
@@ -134,7 +134,7 @@ class Jobs:
         of the job an Idempotency-Key already names."""
         now = time.time()
         job_id = new_job_id(now)
-        raw = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+        raw = stored(spec)
         deadline = now + spec.policy.deadline_s if spec.policy.deadline_s else None
         names = lane_names(spec)
         providers = lane_providers(spec)

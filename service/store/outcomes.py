@@ -145,6 +145,7 @@ class Outcomes:
                 "error_message": message and message.replace("\x00", ""),
                 **usage_params(usage),
                 "finished_at": None if retry else outcome.finished_at,
+                "recorded_at": now,
                 "available_at": now + outcome.retry_in if retry else now,
                 "lease_owner": None,
             }

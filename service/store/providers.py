@@ -111,18 +111,21 @@ class ProviderGate:
         limited = [name for name in wanted if name in self.limited]
         if limited:
             await self._make_rows(tx)
-            rows = await tx.conn.execute(
-                tx.locking(select(providers).where(providers.c.name.in_(limited))).order_by(
-                    providers.c.name
-                )
+            locked = tx.locking(select(providers).where(providers.c.name.in_(limited))).order_by(
+                providers.c.name
             )
+            rows = (await tx.conn.execute(locked)).mappings().all()
+            if len(rows) < len(limited):
+                # Made by a transaction that rolled back: a missing row is no limit.
+                await self._insert(tx, limited)
+                rows = (await tx.conn.execute(locked)).mappings().all()
             counted = await tx.conn.execute(
                 select(lanes.c.provider, func.count())
                 .where(lanes.c.provider.in_(limited), lanes.c.status == LaneStatus.RUNNING)
                 .group_by(lanes.c.provider)
             )
             in_flight = {str(name): int(count) for name, count in counted.all()}
-            for row in rows.mappings():
+            for row in rows:
                 limits = self.limited[row["name"]]
                 at = row["levels_at"] if row["levels_at"] is not None else now
                 state = _State(limits, in_flight.get(row["name"], 0), row["paused_until"])
@@ -195,15 +198,18 @@ class ProviderGate:
     async def _make_rows(self, tx: Tx, extra: Iterable[str] = ()) -> None:
         """A row for every limited provider (once per process) and for ``extra``."""
         names = set(extra) | (set() if self._rows_made else set(self.limited))
-        if not names:
-            return
+        if names:
+            await self._insert(tx, names)
+            self._rows_made = True
+
+    @staticmethod
+    async def _insert(tx: Tx, names: Iterable[str]) -> None:
         dialect_insert = sqlite_insert if tx.is_sqlite else pg_insert
         await tx.conn.execute(
             dialect_insert(providers)
             .values([{"name": name} for name in sorted(names)])
             .on_conflict_do_nothing(index_elements=["name"])
         )
-        self._rows_made = True
 
 
 def _bucket(per_minute: int | None, level: float | None, at: float) -> TokenBucket | None:

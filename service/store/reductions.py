@@ -101,11 +101,15 @@ class Reductions:
     ) -> bool:
         """One reducer (or judge) attempt: the job's ``result`` (it succeeds), a retry
         in ``retry_in`` seconds, or ``error`` (the job fails). False when ``owner`` no
-        longer holds that attempt (its lease expired and another process took it)."""
+        longer holds that attempt (its lease expired and another process took it, or the
+        job was cancelled); its ``usage`` counts on the job either way."""
         now = time.time()
         job_id = claim.job_id
         async with self.db.transaction() as tx:
             job = (await lock_jobs(tx, [job_id])).get(job_id)
+            if job is not None and usage:
+                # The provider sent this answer: it counts whether or not it still decides.
+                await add_usage(tx, job_id, usage)
             if (
                 job is None
                 or job["status"] != JobStatus.AGGREGATING
@@ -113,8 +117,6 @@ class Reductions:
                 or job["reduce_attempts"] != claim.attempt_no
             ):
                 return False
-            if usage:
-                await add_usage(tx, job_id, usage)
             items: list[Item] = []
             if retry_in is not None:
                 await tx.conn.execute(

@@ -142,6 +142,7 @@ OUTCOME_UPDATE = (
         error_type=bindparam("error_type"),
         error_message=bindparam("error_message"),
         finished_at=bindparam("finished_at"),
+        recorded_at=bindparam("recorded_at"),
         available_at=bindparam("available_at"),
         lease_owner=bindparam("lease_owner"),
         lease_expires_at=None,
@@ -176,6 +177,13 @@ TALLY_STATUSES = (
     .where(lanes.c.job_id == bindparam("j"))
     .group_by(lanes.c.status)
 )
+# A job's counted votes: its succeeded lanes with an answer, gates aside.
+_COUNTED_VOTES = (
+    lanes.c.job_id == bindparam("j"),
+    lanes.c.status == LaneStatus.SUCCEEDED,
+    lanes.c.answer_key.is_not(None),
+    lanes.c.idx.not_in(bindparam("gates", expanding=True)),
+)
 TALLY_VOTES = (
     select(
         lanes.c.answer_key,
@@ -183,12 +191,7 @@ TALLY_VOTES = (
         func.count(),
         func.min(lanes.c.idx),
     )
-    .where(
-        lanes.c.job_id == bindparam("j"),
-        lanes.c.status == LaneStatus.SUCCEEDED,
-        lanes.c.answer_key.is_not(None),
-        lanes.c.idx.not_in(bindparam("gates", expanding=True)),
-    )
+    .where(*_COUNTED_VOTES)
     .group_by(lanes.c.answer_key)
 )
 FIRST_FAILURE = (
@@ -200,13 +203,8 @@ FIRST_FAILURE = (
 # The counted votes in the order they were recorded (the window rule reads them).
 VOTE_SEQUENCE = (
     select(lanes.c.answer_key)
-    .where(
-        lanes.c.job_id == bindparam("j"),
-        lanes.c.status == LaneStatus.SUCCEEDED,
-        lanes.c.answer_key.is_not(None),
-        lanes.c.idx.not_in(bindparam("gates", expanding=True)),
-    )
-    .order_by(lanes.c.finished_at, lanes.c.idx)
+    .where(*_COUNTED_VOTES)
+    .order_by(lanes.c.recorded_at, lanes.c.finished_at, lanes.c.idx)
 )
 LANE_RESULTS = (
     select(

@@ -72,6 +72,9 @@ class Lane(Base):
     # The weight of its vote (null: 1), and why it abstained or weighs 1, if it did.
     weight: Mapped[float | None] = mapped_column(Float)
     note: Mapped[str | None] = mapped_column(Text)
+    # When its last outcome was recorded (the recording transaction's time): a vote's
+    # window rule reads the votes in that order, whichever worker's clock ran ahead.
+    recorded_at: Mapped[float | None] = mapped_column(Float)
     error_type: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str | None] = mapped_column(Text)
     # What an llm answer says beside its text: finish_reason, tool_calls, refusal, and

@@ -147,6 +147,21 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("a judge without a task", voting(3, aggregate={"kind": "judge"}), "aggregate.task"),
     ("task and tasks", {**voting(3), "tasks": [voting(1)["task"]]}, ""),
     ("no tasks", {**voting(3), "task": None, "tasks": []}, "tasks"),
+    (
+        "a window longer than the vote",
+        voting(3, aggregate={"kind": "majority", "stop": {"rule": "window", "size": 4}}),
+        "aggregate.stop.size",
+    ),
+    (
+        "min_votes over n",
+        voting(3, aggregate={"kind": "majority", "stop": {"rule": "none", "min_votes": 9}}),
+        "aggregate.stop.min_votes",
+    ),
+    (
+        "more tasks than lanes",
+        {**voting(1), "task": None, "tasks": [voting(1)["task"]] * 2},
+        "tasks",
+    ),
 ]
 
 

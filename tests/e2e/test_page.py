@@ -180,7 +180,7 @@ async def test_page_shows_a_running_job_live_until_its_result(served: Served, pa
         await expect(page.locator(f'#votes li[data-answer="{answer}"] .count')).to_have_text(
             f"{count} / 5"
         )
-    rule = re.compile(r"^every lane votes · leader confidence 0\.\d\d$")
+    rule = re.compile(r"^every lane votes · 5 of 5 votes · leader confidence 0\.\d\d$")
     await expect(page.locator("#votes-rule")).to_have_text(rule)
 
     ARTIFACTS.mkdir(exist_ok=True)

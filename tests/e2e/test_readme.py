@@ -32,7 +32,7 @@ from pydantic import TypeAdapter
 from service.admission import check_against
 from service.config import Settings, load_providers
 from service.http import create_app
-from service.spec import JobSpec
+from service.spec import JobSpec, stored
 from tests.support import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -268,6 +268,7 @@ def test_spec_examples_are_valid_jobs() -> None:
     for body in blocks("spec"):
         spec = adapter.validate_python(json.loads(body))
         check_against(spec, settings)
+        assert adapter.validate_python(stored(spec)) == spec  # as another process reads it
 
 
 def test_providers_file_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ stale writes rejected, retries queued for later, early stop, the budget, deadlin
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from service.policy import Retrying
@@ -100,6 +101,42 @@ async def test_early_stop_skips_the_lanes_that_can_no_longer_change_the_winner(
     assert view.result.output == 7 and view.result.partial is False
     late = await store.outcomes.record(OWNER, [answered(c) for c in claims[3:]])
     assert late.rejected == 2
+
+
+async def test_a_stopping_rule_holds_in_a_process_that_did_not_create_the_job(
+    db: Database,
+) -> None:
+    """A worker reads the spec as stored: it parses back, rule and all."""
+    creator, worker = Store(db, lease_seconds=30), Store(db, lease_seconds=30)
+    rule = {**NUMBER, "stop": {"rule": "ahead_by", "k": 2}}
+    job, _ = await creator.jobs.create(parse(voting(6, aggregate=rule)), "acme")
+    claims = (await worker.queue.claim(OWNER, 2)).claims
+    await worker.outcomes.record(OWNER, [answered(c) for c in claims])
+    view = await worker.jobs.get(job.id, None)
+    assert [lane.status for lane in view.lanes] == ["succeeded"] * 2 + ["skipped"] * 4
+    assert view.result is not None and view.result.details["stop"]["rule"] == "ahead_by"
+
+
+async def test_the_window_rule_reads_votes_in_the_order_they_were_recorded(
+    store: Store,
+) -> None:
+    """Not by the workers' clocks: a vote recorded later with an earlier finished_at
+    (another worker's clock is behind) still comes last."""
+    window = {**NUMBER, "stop": {"rule": "window", "size": 3}}
+    job, _ = await store.jobs.create(parse(voting(6, aggregate=window)), "acme")
+    lane = (await store.queue.claim(OWNER, 4)).claims
+    now = time.time()
+
+    def at(claim: Claim, answer: int, finished_at: float) -> Outcome:
+        return replace(answered(claim, f"Answer: {answer}"), finished_at=finished_at)
+
+    await store.outcomes.record(OWNER, [at(lane[0], 7, now + 5), at(lane[1], 8, now + 6)])
+    await store.outcomes.record(OWNER, [at(lane[2], 8, now + 1), at(lane[3], 8, now + 7)])
+
+    view = await store.jobs.get(job.id, None)
+    assert view.result is not None and view.result.output == 8
+    assert view.result.details["stop"]["stopped"] is True
+    assert [lane.status for lane in view.lanes] == ["succeeded"] * 4 + ["skipped"] * 2
 
 
 async def test_fail_fast_fails_the_job_and_cancels_the_open_lanes(store: Store) -> None:

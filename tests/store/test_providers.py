@@ -37,6 +37,17 @@ async def test_a_providers_concurrency_holds_across_processes(db: Database) -> N
     assert len((await two.queue.claim("worker-2", 10)).claims) == 1
 
 
+async def test_a_limit_holds_when_its_row_was_lost(db: Database) -> None:
+    """A process that made the provider's row in a transaction that then rolled back
+    (or a table emptied under it) makes the row again: a missing row is no limit."""
+    one = process(db, max_concurrency=2)
+    await one.jobs.create(parse(voting(5, aggregate=NUMBER_ALL)), "acme")
+    assert len((await one.queue.claim("worker-1", 1)).claims) == 1  # the row is made
+    async with db.transaction() as tx:
+        await tx.conn.execute(providers.delete())
+    assert len((await one.queue.claim("worker-1", 10)).claims) == 1  # 2 in flight at most
+
+
 async def test_a_providers_requests_a_minute_are_paced_for_the_cluster(db: Database) -> None:
     one, two = process(db, rpm=60), process(db, rpm=60)  # one a second
     await one.jobs.create(parse(voting(3, aggregate=NUMBER_ALL)), "acme")

@@ -122,5 +122,8 @@ async def test_cancel_ends_an_aggregating_job(store: Store) -> None:
     job_id = await aggregating(store)
     (claim,) = await store.reductions.claim(OWNER)
     await store.jobs.cancel(job_id, None)
-    assert not await store.reductions.record(claim, OWNER, usage=NO_USAGE, result=LATE)
-    assert (await store.jobs.get(job_id, None)).status == "cancelled"
+    usage = Usage(prompt_tokens=4, completion_tokens=1, total_tokens=5)
+    assert not await store.reductions.record(claim, OWNER, usage=usage, result=LATE)
+    view = await store.jobs.get(job_id, None)
+    assert view.status == "cancelled" and view.result is None
+    assert view.usage.total_tokens == 20 + 5  # the answer came, so it counts

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from service.aggregate import (
     LaneResult,
+    candidates,
     judge_choice,
     judge_messages,
     judged,
@@ -20,7 +21,15 @@ from service.aggregate import (
     majority,
 )
 from service.policy import Tally, decide, leader_confidence
-from service.spec import JudgeAggregate, LlmTask, VotingSpec, lane_providers, lane_task
+from service.spec import (
+    JudgeAggregate,
+    LlmTask,
+    SectioningSpec,
+    VotingSpec,
+    lane_providers,
+    lane_task,
+    stored,
+)
 
 TASK = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -210,6 +219,15 @@ def test_a_weighted_vote_without_logprobs_weighs_one_and_says_why() -> None:
     assert read.note == "weight 1: the provider sent no logprobs"
 
 
+@pytest.mark.parametrize("mean", [None, float("-inf"), float("nan"), "x", True])
+def test_logprobs_that_are_not_a_finite_number_weigh_one(mean: Any) -> None:
+    spec = voting(3, {"kind": "majority", "weight": "confidence"})
+
+    read = lane_answer(spec, 0, "A", {"logprobs": {"mean": mean, "tokens": 1}})
+
+    assert (read.weight, read.note) == (1.0, "weight 1: the provider sent no logprobs")
+
+
 def test_an_unweighted_vote_has_no_weight() -> None:
     assert lane_answer(voting(3, {"kind": "majority"}), 0, "A").weight is None
 
@@ -227,6 +245,18 @@ def test_red_flagged_answers_abstain_with_a_note() -> None:
     )
     assert (flagged.answer, flagged.note) == (None, "abstained: the answer matches reject_if")
     assert (fine.answer, fine.note) == ("b", None)
+
+
+def test_red_flags_read_a_tool_calls_arguments() -> None:
+    spec = voting(
+        3,
+        {"kind": "majority", "extract": "json", "field": "answer", "reject_if": "unsure"},
+    )
+    call = {"function": {"name": "answer", "arguments": '{"answer": 4, "note": "unsure"}'}}
+
+    read = lane_answer(spec, 0, None, {"tool_calls": [call]})
+
+    assert (read.answer, read.note) == (None, "abstained: the answer matches reject_if")
 
 
 def test_reject_if_must_compile() -> None:
@@ -319,10 +349,13 @@ def lanes_for_judge() -> list[LaneResult]:
     ]
 
 
+JUDGED = voting(3, {"kind": "judge", "task": TASK})
+
+
 def test_the_judge_sees_the_succeeded_candidates_numbered_in_lane_order() -> None:
     task = LlmTask.model_validate({**TASK, "messages": [{"role": "system", "content": "Judge."}]})
 
-    messages = judge_messages(task, lanes_for_judge())
+    messages = judge_messages(task, candidates(JUDGED, lanes_for_judge()))
 
     assert messages[0].content == "Judge."
     prompt = messages[-1].content
@@ -341,6 +374,7 @@ def test_the_judge_sees_the_succeeded_candidates_numbered_in_lane_order() -> Non
         ('{"best": 3}', None),  # only two candidates
         ("none of them", None),
         ("0", None),
+        ("1" * 5000, None),  # no candidate, and no error either
         (None, None),
     ],
 )
@@ -351,7 +385,7 @@ def test_the_judges_choice_is_read_from_json_or_its_last_number(
 
 
 def test_a_judged_result_is_the_chosen_lanes_output() -> None:
-    result = judged(2, lanes_for_judge(), '{"best": 2}', partial=True)
+    result = judged(2, candidates(JUDGED, lanes_for_judge()), '{"best": 2}', partial=True)
 
     assert result["output"] == "second draft"
     assert result["partial"] is True
@@ -363,6 +397,47 @@ def test_a_judged_result_is_the_chosen_lanes_output() -> None:
     }
 
 
+def test_a_judge_over_sections_does_not_choose_a_gate() -> None:
+    spec = SectioningSpec.model_validate(
+        {
+            "mode": "sectioning",
+            "sections": [
+                {"name": "draft", "task": TASK},
+                {"name": "safety", "task": TASK, "gate": {"block_if": "unsafe"}},
+                {"name": "other", "task": TASK},
+            ],
+            "aggregate": {"kind": "judge", "task": TASK},
+        }
+    )
+    lanes = [
+        LaneResult(i, name, "succeeded", name)
+        for i, name in enumerate(["draft", "safety", "other"])
+    ]
+
+    assert [lane.name for lane in candidates(spec, lanes)] == ["draft", "other"]
+
+
 def test_a_judge_needs_its_task() -> None:
     with pytest.raises(ValidationError, match="task"):
         JudgeAggregate.model_validate({"kind": "judge"})
+
+
+# --- stored and read back -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "aggregate",
+    [
+        {"kind": "majority", "stop": {"rule": "window", "size": 3, "min_votes": 4}},
+        {"kind": "majority", "early_stop": False, "weight": "confidence"},
+        {"kind": "majority", "reject_if": "(?i)sorry", "max_answer_chars": 80},
+        {"kind": "judge", "task": TASK},
+    ],
+)
+def test_a_stored_vote_parses_back_into_the_same_spec(aggregate: dict[str, Any]) -> None:
+    """Any other process (a worker, a replica, a restart) reads the spec as stored."""
+    spec = voting(5, aggregate)
+
+    assert VotingSpec.model_validate(stored(spec)) == spec
+    ensemble = VotingSpec.model_validate({"mode": "voting", "n": 4, "tasks": [TASK, TASK]})
+    assert VotingSpec.model_validate(stored(ensemble)) == ensemble
