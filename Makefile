@@ -21,7 +21,7 @@ browser:
 	fi
 
 run: $(STAMP)
-	$(BIN)/fanout serve
+	$(BIN)/fanout serve --simulator-fallback
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

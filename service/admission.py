@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from .config import Settings
 from .egress import EgressDenied, check_url
 from .errors import InvalidSpec
@@ -16,10 +18,13 @@ from .spec import (
     OnFailure,
     ReduceAggregate,
     SectioningSpec,
+    Task,
     VotingSpec,
     lane_count,
     on_failure,
 )
+
+_task_adapter: TypeAdapter[LlmTask | HttpTask] = TypeAdapter(Task)
 
 
 def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None:
@@ -62,20 +67,7 @@ def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None
     if isinstance(spec.aggregate, ReduceAggregate | JudgeAggregate):
         tasks.append((("aggregate", "task"), spec.aggregate.task))
     for loc, task in tasks:
-        if isinstance(task, LlmTask):
-            if task.provider not in settings.providers:
-                known = ", ".join(sorted(settings.providers))
-                problem((*loc, "provider"), f"unknown provider {task.provider!r} (known: {known})")
-            size = sum(len(str(m.content).encode()) for m in task.messages)
-            if size > settings.max_message_bytes:
-                problem(
-                    (*loc, "messages"),
-                    f"messages are {size} bytes, over the cap of {settings.max_message_bytes}",
-                )
-        else:
-            reason = _destination_problem(task.url)
-            if reason:
-                problem((*loc, "url"), reason)
+        problems.extend(_task_problems(loc, task, settings))
 
     policy = spec.policy
     if policy.quorum is not None:
@@ -109,6 +101,60 @@ def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None
             problem(("webhook", "url"), reason)
     if problems:
         raise InvalidSpec(problems)
+
+
+def check_parts(raw: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
+    """What :func:`check_against` would refuse in the parts of a spec that parse, for a
+    spec that does not: so that one answer names every failing field (the lanes cap, and
+    each task's provider, size and destination)."""
+    found: list[dict[str, Any]] = []
+    n, sections = raw.get("n"), raw.get("sections")
+    lanes = n if isinstance(n, int) else len(sections) if isinstance(sections, list) else 0
+    if lanes > settings.max_lanes_per_job:
+        where = "n" if isinstance(n, int) else "sections"
+        message = f"{lanes} lanes is over the cap of {settings.max_lanes_per_job} lanes per job"
+        found.append({"loc": [where], "msg": message})
+    candidates: list[tuple[tuple[str | int, ...], Any]] = [(("task",), raw.get("task"))]
+    if isinstance(raw.get("tasks"), list):
+        candidates += [(("tasks", i), task) for i, task in enumerate(raw["tasks"])]
+    if isinstance(sections, list):
+        candidates += [
+            (("sections", i, "task"), s.get("task"))
+            for i, s in enumerate(sections)
+            if isinstance(s, dict)
+        ]
+    if isinstance(raw.get("aggregate"), dict):
+        candidates.append((("aggregate", "task"), raw["aggregate"].get("task")))
+    for loc, value in candidates:
+        if not isinstance(value, dict):
+            continue
+        try:
+            task = _task_adapter.validate_python(value)
+        except ValidationError:
+            continue  # pydantic has said what is wrong with it
+        found.extend(_task_problems(loc, task, settings))
+    return found
+
+
+def _task_problems(
+    loc: tuple[str | int, ...], task: LlmTask | HttpTask, settings: Settings
+) -> list[dict[str, Any]]:
+    """A task's provider, the size of its messages, and its destination."""
+    found = []
+    if isinstance(task, LlmTask):
+        if task.provider not in settings.providers:
+            known = ", ".join(sorted(settings.providers))
+            message = f"unknown provider {task.provider!r} (known: {known})"
+            found.append({"loc": [*loc, "provider"], "msg": message})
+        size = sum(len(str(m.content).encode()) for m in task.messages)
+        if size > settings.max_message_bytes:
+            message = f"messages are {size} bytes, over the cap of {settings.max_message_bytes}"
+            found.append({"loc": [*loc, "messages"], "msg": message})
+    else:
+        reason = _destination_problem(task.url)
+        if reason:
+            found.append({"loc": [*loc, "url"], "msg": reason})
+    return found
 
 
 def _destination_problem(url: str) -> str | None:

@@ -340,7 +340,7 @@ def conclude(
     gated = gates(spec)
     for lane in lanes:
         if lane.index in gated and gate_blocks(lane.status, lane.answer):
-            blocked = ResultView(output=None, blocked=True, blocked_by=lane.name)
+            blocked = ResultView(output=None, blocked=True, blocked_by=lane.name, partial=partial)
             return Conclusion(JobStatus.SUCCEEDED, result=blocked.model_dump())
     if isinstance(spec.aggregate, ReduceAggregate | JudgeAggregate):
         return Conclusion(JobStatus.AGGREGATING, result={"partial": partial})

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from pydantic import ValidationError
+from starlette.types import ASGIApp
 
 from .config import ProvidersFileError, Settings
 from .logs import configure as configure_logging
@@ -29,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="default: FANOUT_HOST (127.0.0.1)")
     serve.add_argument("--port", type=int, help="default: FANOUT_PORT (8000)")
     serve.add_argument("--no-runner", action="store_true", help="serve the API only")
+    serve.add_argument(
+        "--simulator-fallback",
+        action="store_true",
+        help="with no provider configured (OPENAI_API_KEY, OPENAI_BASE_URL, "
+        "FANOUT_PROVIDERS_FILE), answer every lane with the built-in simulator (make run)",
+    )
 
     commands.add_parser("worker", help="run lanes only (no HTTP)")
     commands.add_parser("migrate", help="apply database migrations")
@@ -68,6 +75,26 @@ def main(argv: list[str] | None = None) -> int:
     if settings is None:
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    if args.command == "serve" and args.simulator_fallback and _no_provider():
+        # The simulator under /simulator on this server's own port, as the default
+        # provider (read from the environment, like a real one).
+        host = args.host or settings.host
+        loopback = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        os.environ["OPENAI_BASE_URL"] = (
+            f"http://{loopback}:{args.port or settings.port}/simulator/v1"
+        )
+        os.environ["OPENAI_API_KEY"] = "simulator"
+        os.environ["FANOUT_SIMULATOR"] = "true"
+        settings = _settings()
+        if settings is None:
+            return 2
+        log.warning(
+            "no provider configured (OPENAI_API_KEY, OPENAI_BASE_URL, FANOUT_PROVIDERS_FILE): "
+            "every lane is answered by the built-in SIMULATOR (fanout fake-llm) at "
+            "%s. Set OPENAI_API_KEY (and OPENAI_BASE_URL for another provider) and restart "
+            "to call a real model.",
+            os.environ["OPENAI_BASE_URL"],
+        )
     if args.command == "migrate":
         from .store.db import upgrade
 
@@ -85,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         return asyncio.run(_worker(settings))
     return _serve(settings, host=args.host, port=args.port, with_runner=not args.no_runner)
+
+
+def _no_provider() -> bool:
+    """Nothing says which provider to call: no OpenAI key or URL, no providers file."""
+    return not any(
+        os.environ.get(name)
+        for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "FANOUT_PROVIDERS_FILE")
+    )
 
 
 def _settings() -> Settings | None:
@@ -119,12 +154,19 @@ def _serve(settings: Settings, *, host: str | None, port: int | None, with_runne
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             context = getattr(app.state, "fanout", None)
-            if context is not None and context.process.runner is not None:
-                context.process.runner.stop_claiming()
+            if context is not None:
+                context.draining = True
+                if context.process.runner is not None:
+                    context.process.runner.stop_claiming()
             super().handle_exit(sig, frame)
 
+    served: ASGIApp = app
+    if settings.simulator:
+        from .tools.fakellm import beside
+
+        served = beside(app)
     config = uvicorn.Config(
-        app,
+        served,
         host=host or settings.host,
         port=port or settings.port,
         log_level=settings.log_level.lower(),

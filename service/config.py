@@ -59,6 +59,18 @@ class Settings(BaseSettings):
     port: int = 8000
     api_keys: str = ""
     providers_file: Path | None = None
+    # Origins whose web pages may call the API (CORS), comma-separated; "*" for any.
+    # Empty: none (browsers then keep other origins out).
+    cors_origins: str = ""
+    # A key that /metrics then needs (Authorization: Bearer); empty leaves it open.
+    metrics_key: str = ""
+    # Serve /docs and /openapi.json (false: 404).
+    docs: bool = True
+    # How long a job's stream token (for an EventSource, which cannot send headers) lasts.
+    stream_token_ttl_s: float = Field(default=3600.0, gt=0)
+    # Serve the simulator (fanout fake-llm) at /simulator/v1, every model name answered:
+    # what `make run` sets when no provider is configured, with it as the default provider.
+    simulator: bool = False
 
     max_lanes_per_job: int = Field(default=1000, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)

@@ -14,8 +14,10 @@ escapes a route is a bug: logged, and a bare 500 with no detail.
       ├─ TenantAtCapacity      the tenant has its cap of jobs in flight
       ├─ JobNotFound           no such job (or another tenant's)
       ├─ JobFinished           the job has already finished (cancel)
-      ├─ Unauthorized          no API key, or an unknown one
-      └─ RateLimited           over the tenant's request rate
+      ├─ Unauthorized          no API key, or an unknown one (or stream token)
+      ├─ KeyInUrl              an API key in the URL, where it would be logged
+      ├─ RateLimited           over the tenant's request rate
+      └─ Unavailable           not ready, or shutting down: try again soon
 """
 
 from __future__ import annotations
@@ -77,6 +79,20 @@ class Unauthorized(FanoutError):
 
 
 class RateLimited(FanoutError):
+    def __init__(self, detail: str, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
+class KeyInUrl(FanoutError):
+    def __init__(self) -> None:
+        super().__init__(
+            "an API key in the URL (?key=) is refused: send Authorization: Bearer <key>, "
+            "or, for an event stream, the job's stream_token as ?token="
+        )
+
+
+class Unavailable(FanoutError):
     def __init__(self, detail: str, retry_after_s: int) -> None:
         super().__init__(detail)
         self.retry_after_s = retry_after_s

@@ -351,7 +351,7 @@ def decide(
             ErrorType.CANCELLED,
             f"gate {tally.gate_blocked!r} blocked the job",
         )
-        return Decision(tuple(stops), "aggregate")
+        return Decision(tuple(stops), "aggregate", partial=ended_badly > 0)
 
     if policy is OnFailure.FAIL_FAST and ended_badly:
         if tally.first_failure is not None:

@@ -74,6 +74,12 @@ class EventType(StrEnum):
     LANE_CANCELLED = "lane.cancelled"
     LANE_SKIPPED = "lane.skipped"
     LANE_DELTA = "lane.delta"  # live only: never stored, never replayed
+    # The reducer's or judge's call, once the lanes are done (``kind``: reduce, judge).
+    AGGREGATE_STARTED = "aggregate.started"
+    AGGREGATE_RETRYING = "aggregate.retrying"
+    AGGREGATE_SUCCEEDED = "aggregate.succeeded"
+    AGGREGATE_FAILED = "aggregate.failed"
+    AGGREGATE_DELTA = "aggregate.delta"  # live only, like lane.delta
 
 
 # The event of a job entering each status.

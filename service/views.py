@@ -125,6 +125,10 @@ class JobView(BaseModel):
     usage: Usage
     metadata: dict[str, Any] = Field(default_factory=dict)
     webhook: WebhookView | None = None
+    # Lets a browser read this job (its page, and its event stream, as ``?token=``)
+    # without the API key in a URL; for a while (FANOUT_STREAM_TOKEN_TTL_S). Absent on
+    # an open server.
+    stream_token: str | None = None
 
 
 class JobSummary(BaseModel):

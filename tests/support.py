@@ -94,10 +94,13 @@ def parse_sse(body: str) -> list[dict[str, Any]]:
 async def events_of(
     client: httpx.AsyncClient, job_id: str, *, last_event_id: int | None = None, timeout: float = 30
 ) -> list[dict[str, Any]]:
-    """The job's whole event stream (it closes after the final event), within ``timeout``."""
+    """The job's whole event stream (it closes after the final event), within ``timeout``;
+    none after the final event (``204``)."""
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
     async with asyncio.timeout(timeout):
         response = await client.get(f"/v1/jobs/{job_id}/events", headers=headers)
+    if response.status_code == 204 and last_event_id:
+        return []
     assert response.status_code == 200, response.text
     return parse_sse(response.text)
 

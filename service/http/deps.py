@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from ..errors import KeyInUrl
 from ..process import Process
 from .tenants import RateLimiter, Tenants
 
@@ -18,6 +19,10 @@ class Context:
     process: Process
     tenants: Tenants
     limiter: RateLimiter
+    # /metrics needs this key when set (FANOUT_METRICS_KEY).
+    metrics_key: bytes | None = None
+    # Set when the process was told to stop: new jobs are refused (503) from then on.
+    draining: bool = False
 
 
 def context(request: Request) -> Context:
@@ -25,24 +30,40 @@ def context(request: Request) -> Context:
     return found
 
 
+def bearer_token(request: Request) -> str | None:
+    """The credentials of ``Authorization: Bearer <credentials>``, if given."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return None
+
+
 async def caller(request: Request) -> str:
-    """The caller's tenant, from ``Authorization: Bearer <key>`` (or ``?key=``, for
-    browsers' EventSource, which cannot send headers); also charges its rate limit.
+    """The caller's tenant, from ``Authorization: Bearer <key>``; also charges its rate
+    limit. A key in the URL (``?key=``) is refused: logs would keep it.
 
     ``async`` although it never waits: FastAPI runs a plain ``def`` dependency on a
     worker thread, a hop per request (and the rate limiter's buckets would then be
     updated from several threads at once)."""
     ctx = context(request)
-    key = None
-    authorization = request.headers.get("authorization", "")
-    scheme, _, credentials = authorization.partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        key = credentials.strip()
-    elif "key" in request.query_params:
-        key = request.query_params["key"]
-    tenant = ctx.tenants.tenant_for(key)
+    if "key" in request.query_params:
+        raise KeyInUrl()
+    tenant = ctx.tenants.tenant_for(bearer_token(request))
+    ctx.limiter.check(tenant)
+    return tenant
+
+
+async def reader(request: Request, job_id: str) -> str:
+    """The tenant reading the job ``job_id``: by API key, or by the job's stream token
+    (``?token=``, for a page and its EventSource)."""
+    token = request.query_params.get("token")
+    if token is None or bearer_token(request) is not None:
+        return await caller(request)
+    ctx = context(request)
+    tenant = ctx.tenants.tenant_of_token(token, job_id, ctx.process.settings.stream_token_ttl_s)
     ctx.limiter.check(tenant)
     return tenant
 
 
 Tenant = Annotated[str, Depends(caller)]
+Reader = Annotated[str, Depends(reader)]

@@ -1,4 +1,5 @@
-"""Middleware: the request body cap, checked before any route reads the body."""
+"""Middleware: the request body cap, checked before any route reads the body, and a
+trailing slash dropped (``/v1/jobs/`` is ``/v1/jobs``) rather than redirected."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class BodyLimit:
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         detail = f"the request body is over the cap of {self.max_bytes} bytes"
-        await problem(413, detail)(scope, receive, send)
+        await problem("body_too_large", detail)(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -53,3 +54,18 @@ class BodyLimit:
             return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
         await self.app(scope, replay, send)
+
+
+class TrailingSlash:
+    """``/v1/jobs/`` is ``/v1/jobs``: served as it is, not redirected (a redirect behind
+    a proxy names the wrong scheme or host, and a client may not follow it for a POST)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            stripped = path.rstrip("/") or "/"
+            scope = {**scope, "path": stripped, "raw_path": stripped.encode()}
+        await self.app(scope, receive, send)

@@ -10,20 +10,24 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from .problems import PROBLEM_JSON
+from .problems import KINDS, PROBLEM_JSON
 
 # The error responses of each route (``document`` gives every one the ``Problem``
 # schema), and the links from a created job to what can be done with it.
 
 PROBLEMS = {
-    400: "the body cannot be decoded (not UTF-8)",
-    401: "no API key, or an unknown one",
+    400: "the body is not valid JSON (`malformed_json`), or an API key is in the URL "
+    "(`key_in_url`)",
+    401: "no API key, or an unknown one (or an invalid stream token)",
     404: "no such job for this tenant",
     409: "the job has already finished",
     413: "the request body is over the cap",
+    415: "the body is not sent as `application/json`",
     422: "the request is invalid or over a cap; `errors` names each failing field",
-    429: "over the tenant's rate limit",
-    503: "not ready: the database is unreachable or not migrated",
+    429: "over the tenant's rate limit (`rate_limited`) or at its cap of jobs in flight "
+    "(`tenant_at_capacity`): retry after `Retry-After`",
+    503: "not ready (the database is unreachable or not migrated) or shutting down: retry "
+    "after `Retry-After`",
 }
 
 
@@ -112,30 +116,37 @@ CREATED: dict[int | str, dict[str, Any]] = {
 }
 
 
-PROBLEM_SCHEMA: dict[str, Any] = {
-    "title": "Problem",
-    "description": "RFC 9457 problem details. A 422 names each failing field in `errors`.",
-    "type": "object",
-    "required": ["type", "title", "status", "detail"],
-    "properties": {
-        "type": {"type": "string"},
-        "title": {"type": "string"},
-        "status": {"type": "integer", "minimum": 400, "maximum": 599},
-        "detail": {"type": "string"},
-        "errors": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["loc", "msg"],
-                "properties": {
-                    "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
-                    "msg": {"type": "string"},
-                    "type": {"type": "string"},
+def problem_schema() -> dict[str, Any]:
+    """RFC 9457 problem details, with the kinds this service answers as enums."""
+    return {
+        "title": "Problem",
+        "description": "RFC 9457 problem details. `code` (and `type`, its URI) names the kind "
+        "of error, for programs; `detail` says what went wrong, for people; a 422 names "
+        "each failing field in `errors`.",
+        "type": "object",
+        "required": ["type", "title", "status", "detail", "code"],
+        "properties": {
+            "type": {"type": "string", "enum": sorted(kind.type for kind in KINDS.values())},
+            "code": {"type": "string", "enum": sorted(KINDS)},
+            "title": {"type": "string"},
+            "status": {"type": "integer", "minimum": 400, "maximum": 599},
+            "detail": {"type": "string"},
+            "errors": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["loc", "msg"],
+                    "properties": {
+                        "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+                        "msg": {"type": "string"},
+                        "type": {"type": "string"},
+                    },
                 },
             },
         },
-    },
-}
+    }
+
+
 # Headers that come with an error, whichever route refuses.
 ERROR_HEADERS: dict[str, dict[str, Any]] = {
     "401": {
@@ -149,7 +160,14 @@ ERROR_HEADERS: dict[str, dict[str, Any]] = {
         "Retry-After": {
             "required": True,
             "schema": {"type": "integer", "minimum": 1},
-            "description": "seconds until the rate limit lets a request through",
+            "description": "seconds to wait before trying again",
+        }
+    },
+    "503": {
+        "Retry-After": {
+            "required": True,
+            "schema": {"type": "integer", "minimum": 1},
+            "description": "seconds to wait before trying again",
         }
     },
 }
@@ -157,16 +175,22 @@ SECURITY_SCHEMES: dict[str, Any] = {
     "bearer": {
         "type": "http",
         "scheme": "bearer",
-        "description": "An API key from `FANOUT_API_KEYS`; with none configured the service runs"
-        " open (local use only) and ignores it.",
+        "description": "An API key from `FANOUT_API_KEYS`. With none configured the service "
+        "runs open (local use only): then no credentials are needed.",
     },
-    "query-key": {
+    "stream-token": {
         "type": "apiKey",
         "in": "query",
-        "name": "key",
-        "description": "The same key as `?key=`, for EventSource (it cannot send headers).",
+        "name": "token",
+        "description": "A job's `stream_token` (in the job's JSON), for its page, the job "
+        "and its event stream only: an EventSource cannot send headers, and an API key in "
+        "a URL would end up in logs. It expires (`FANOUT_STREAM_TOKEN_TTL_S`).",
     },
 }
+# Every /v1 route: an API key, or nothing on an open server.
+API_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {}]
+# Job-scoped reads (the job, its events, its page) also take the job's stream token.
+READER_SECURITY: dict[str, Any] = {"security": [{"bearer": []}, {"stream-token": []}, {}]}
 
 
 def document(app: FastAPI) -> Callable[[], dict[str, Any]]:
@@ -183,15 +207,15 @@ def document(app: FastAPI) -> Callable[[], dict[str, Any]]:
                 schemas.pop(unused, None)
             for path, operations in document["paths"].items():
                 for operation in operations.values():
-                    if path.startswith("/v1/"):
-                        operation["security"] = [{"bearer": []}, {"query-key": []}]
+                    if path.startswith("/v1/") and "security" not in operation:
+                        operation["security"] = copy.deepcopy(API_SECURITY)
                     for status, response in operation["responses"].items():
                         if status[0] in "45":
                             ref = {"$ref": "#/components/schemas/Problem"}
                             response["content"] = {PROBLEM_JSON: {"schema": ref}}
                             if status in ERROR_HEADERS:
                                 response["headers"] = copy.deepcopy(ERROR_HEADERS[status])
-            schemas["Problem"] = copy.deepcopy(PROBLEM_SCHEMA)
+            schemas["Problem"] = problem_schema()
             components["securitySchemes"] = copy.deepcopy(SECURITY_SCHEMES)
             app.openapi_schema = document
         return app.openapi_schema

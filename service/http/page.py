@@ -25,10 +25,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from ..states import FINAL_EVENTS, TERMINAL_JOB, EventType, JobStatus, LaneStatus
-from .deps import Tenant, context
-from .openapi import problems
+from .deps import Reader, context
+from .openapi import READER_SECURITY, problems
 
 router = APIRouter()
+# The banner that says the answers come from the simulator (`make run` with no provider).
+SIMULATED_HIDDEN = '<div id="simulated" class="banner" hidden>'
+SIMULATED_SHOWN = '<div id="simulated" class="banner">'
 
 PAGE = Path(__file__).with_name("static") / "job.html"
 
@@ -76,14 +79,20 @@ def _page() -> tuple[str, str]:
     response_class=HTMLResponse,
     responses=problems(404),
     tags=["pages"],
+    operation_id="jobPage",
+    openapi_extra=READER_SECURITY,
 )
-async def job_page(request: Request, tenant: Tenant, job_id: str) -> HTMLResponse:
+async def job_page(request: Request, tenant: Reader, job_id: str) -> HTMLResponse:
     """The job's lanes, votes or gate verdicts, usage and result, live in a browser.
 
-    With API keys configured, open it as ``/jobs/{id}?key=...``: the page passes the
-    key on to the API (EventSource cannot send an ``Authorization`` header)."""
-    await context(request).process.store.jobs.status(job_id, tenant)  # another tenant's: 404
+    With API keys configured, open it as ``/jobs/{id}?token=...``, with the job's
+    ``stream_token``: the page passes it on to the API (an EventSource cannot send an
+    ``Authorization`` header, and a key in a URL would end up in logs)."""
+    process = context(request).process
+    await process.store.jobs.status(job_id, tenant)  # another tenant's: 404
     html, policy = _page()
+    if process.settings.simulator:
+        html = html.replace(SIMULATED_HIDDEN, SIMULATED_SHOWN, 1)
     return HTMLResponse(
         html,
         headers={

@@ -11,23 +11,26 @@ from sse_starlette import EventSourceResponse
 
 from .. import events as ev
 from ..admission import check_against
+from ..errors import Unavailable
 from ..spec import SectioningSpec, VotingSpec
 from ..states import JobStatus
 from ..views import JobPage, JobView
-from .deps import Tenant, context
-from .openapi import CREATED, SPEC_EXAMPLES, problems
+from .deps import Context, Reader, Tenant, context
+from .openapi import CREATED, READER_SECURITY, SPEC_EXAMPLES, problems
 from .problems import BadField, refuse_unstorable
 
 router = APIRouter()
 MAX_EVENT_ID = 2**31 - 1  # event sequence numbers are 32-bit integers in the table
+RETRY_HINT = b"retry: 2000\n\n"  # milliseconds
 
 
 @router.post(
     "/v1/jobs",
     status_code=202,
     response_model=JobView,
-    responses={**CREATED, **problems(400, 413, 422)},
+    responses={**CREATED, **problems(400, 413, 415, 422, 503)},
     tags=["jobs"],
+    operation_id="createJob",
 )
 async def create_job(
     request: Request,
@@ -45,7 +48,10 @@ async def create_job(
     With ``Idempotency-Key``, the same key and body return the same job (no second
     one); the same key with another body is a 422. Keys are per tenant.
     """
-    process = context(request).process
+    ctx = context(request)
+    if ctx.draining:
+        raise Unavailable("shutting down: send it again (to another replica)", retry_after_s=1)
+    process = ctx.process
     settings = process.settings
     refuse_unstorable(await request.json())
     check_against(spec, settings)
@@ -63,10 +69,23 @@ async def create_job(
     if created and process.runner is not None:
         process.runner.wake()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return _with_token(ctx, tenant, job)
 
 
-@router.get("/v1/jobs", response_model=JobPage, responses=problems(422), tags=["jobs"])
+def _with_token(ctx: Context, tenant: str, job: JobView) -> JobView:
+    token = ctx.tenants.stream_token(tenant, job.id)
+    return job.model_copy(update={"stream_token": token}) if token else job
+
+
+@router.get(
+    "/v1/jobs",
+    response_model=JobPage,
+    responses=problems(422),
+    tags=["jobs"],
+    operation_id="listJobs",
+)
 async def list_jobs(
     request: Request,
     tenant: Tenant,
@@ -81,9 +100,18 @@ async def list_jobs(
     return JobPage(jobs=jobs, next_cursor=next_cursor)
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobView, responses=problems(404), tags=["jobs"])
-async def get_job(request: Request, tenant: Tenant, job_id: str) -> JobView:
-    return await context(request).process.store.jobs.get(job_id, tenant)
+@router.get(
+    "/v1/jobs/{job_id}",
+    response_model=JobView,
+    responses=problems(404),
+    tags=["jobs"],
+    operation_id="getJob",
+    openapi_extra=READER_SECURITY,
+)
+async def get_job(request: Request, tenant: Reader, job_id: str) -> JobView:
+    """The job, its lanes and, once it has ended, its result or error."""
+    ctx = context(request)
+    return _with_token(ctx, tenant, await ctx.process.store.jobs.get(job_id, tenant))
 
 
 @router.post(
@@ -92,6 +120,7 @@ async def get_job(request: Request, tenant: Tenant, job_id: str) -> JobView:
     response_model=JobView,
     responses=problems(404, 409, 413),
     tags=["jobs"],
+    operation_id="cancelJob",
 )
 async def cancel_job(request: Request, tenant: Tenant, job_id: str) -> JobView:
     """Cancel a job: running lanes are stopped. A finished job is ``409``."""
@@ -105,13 +134,16 @@ async def cancel_job(request: Request, tenant: Tenant, job_id: str) -> JobView:
     response_class=EventSourceResponse,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "the job's events"},
+        204: {"description": "nothing after Last-Event-ID: the job has ended (stop)"},
         **problems(404, 422),
     },
     tags=["jobs"],
+    operation_id="streamJobEvents",
+    openapi_extra=READER_SECURITY,
 )
 async def job_events(
     request: Request,
-    tenant: Tenant,
+    tenant: Reader,
     job_id: str,
     last_event_id: Annotated[str | None, Header()] = None,
     after: Annotated[
@@ -119,25 +151,31 @@ async def job_events(
     ] = None,
 ) -> EventSourceResponse:
     """Server-sent events: every event after ``Last-Event-ID``, then live ones; closes
-    after the final ``job.succeeded`` / ``job.failed`` / ``job.cancelled``."""
+    after the final ``job.succeeded`` / ``job.failed`` / ``job.cancelled``. Asked again
+    after that final event, ``204``: a browser's EventSource then stops reconnecting."""
     process = context(request).process
     # 404 before the stream starts. The status also answers the stream's one question
     # about the job's end without another read: a job that had not finished now has its
     # final event still to come, after the stream's subscription, so the replay or the
     # live events deliver it; a finished one stays finished.
-    finished = (await process.store.jobs.status(job_id, tenant)).terminal
+    status = await process.store.jobs.status(job_id, tenant)
+    finished = status.terminal
 
     async def is_finished(_job_id: str) -> bool:
         return finished
 
     start = after or 0
-    if last_event_id is not None:
-        digits = last_event_id.isascii() and last_event_id.isdigit()  # not "²" nor "٣"
+    if last_event_id is not None and last_event_id.strip():  # empty: none, as SSE says
+        digits = last_event_id.isascii() and last_event_id.strip().isdigit()  # not "²"
         start = int(last_event_id) if digits else -1
         if not 0 <= start <= MAX_EVENT_ID:
             raise BadField(["header", "Last-Event-ID"], "must be an event id (an integer)")
+    if finished and start and not await process.store.log.after(job_id, start, limit=1):
+        return Response(status_code=204)  # type: ignore[return-value]
 
     async def sse() -> AsyncIterator[bytes]:
+        # How long a browser waits before it reconnects after a drop.
+        yield RETRY_HINT
         # Frames are encoded once for every client, and sse-starlette sends bytes as
         # they are: one write per batch, whatever the number of events in it.
         frames = ev.batches(process.hub, job_id, start, process.store.log.after, is_finished)

@@ -91,6 +91,8 @@ class Runner:
             poll_interval_s=config.poll_interval_s,
             default_lane_timeout_s=config.default_lane_timeout_s,
             retrying=config.retrying,
+            publish_deltas=publish_deltas or hub.publish,
+            deltas_sent=deltas_sent,
         )
         self.lanes = LaneRunner(
             store,

@@ -1,4 +1,5 @@
-"""Live text of streaming lanes: ``lane.delta`` events, coalesced."""
+"""Live text of streaming calls: ``lane.delta`` and ``aggregate.delta`` events,
+coalesced."""
 
 from __future__ import annotations
 
@@ -8,19 +9,27 @@ from collections.abc import Callable
 
 from ..events import Event
 from ..states import EventType
-from ..store import Claim
 from ..store.rendering import iso
 
 
 class DeltaCoalescer:
-    """Text chunks of a streaming lane, sent to live subscribers at most ~10 times a
-    second (``lane.delta``, sequence 0: never stored, never replayed)."""
+    """Text chunks of a streaming call, sent to live subscribers at most ~10 times a
+    second as events of type ``kind`` (sequence 0: never stored, never replayed), each
+    with ``fields`` (which lane or aggregate, which attempt) and the new ``text``."""
 
     INTERVAL_S = 0.1
 
-    def __init__(self, publish: Callable[[list[Event]], None], claim: Claim) -> None:
+    def __init__(
+        self,
+        publish: Callable[[list[Event]], None],
+        job_id: str,
+        kind: EventType,
+        fields: dict[str, object],
+    ) -> None:
         self.publish = publish  # to this process's hub, and on PostgreSQL to the others'
-        self.claim = claim
+        self.job_id = job_id
+        self.kind = kind
+        self.fields = fields
         self._parts: list[str] = []
         self._last_sent = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -41,15 +50,6 @@ class DeltaCoalescer:
             return
         text, self._parts = "".join(self._parts), []
         self._last_sent = time.monotonic()
-        data = {
-            "job_id": self.claim.job_id,
-            "seq": 0,
-            "at": iso(time.time()),
-            "lane": self.claim.idx,
-            "name": self.claim.name,
-            "attempt": self.claim.attempt_no,
-            "text": text,
-        }
-        self.publish(
-            [{"job_id": self.claim.job_id, "seq": 0, "type": EventType.LANE_DELTA, "data": data}]
-        )
+        data = {"job_id": self.job_id, "seq": 0, "at": iso(time.time()), **self.fields}
+        data["text"] = text
+        self.publish([{"job_id": self.job_id, "seq": 0, "type": self.kind, "data": data}])

@@ -25,7 +25,7 @@ from ..events import Event, EventHub
 from ..metrics import Metrics
 from ..policy import Retrying, next_step
 from ..spec import LlmTask, lane_task, provider_name
-from ..states import FINAL_EVENTS, LANE_STOPPED, LaneStatus
+from ..states import FINAL_EVENTS, LANE_STOPPED, EventType, LaneStatus
 from ..store import Claim, Outcome, Store
 from .deltas import DeltaCoalescer
 from .lifecycle import Writes, guarded, sleep_until_woken
@@ -159,11 +159,10 @@ class LaneRunner:
         if claim.deadline_at is not None:
             timeout = max(0.001, min(timeout, claim.deadline_at - time.time()))
         started = time.time()
-        deltas = (
-            DeltaCoalescer(self.publish_deltas, claim)
-            if isinstance(task, LlmTask) and task.stream
-            else None
-        )
+        deltas = None
+        if isinstance(task, LlmTask) and task.stream:
+            lane = {"lane": claim.idx, "name": claim.name, "attempt": claim.attempt_no}
+            deltas = DeltaCoalescer(self.publish_deltas, claim.job_id, EventType.LANE_DELTA, lane)
         try:
             attempt = await guarded(
                 self.execute(task, timeout=timeout, on_delta=deltas.add if deltas else None),

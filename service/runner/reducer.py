@@ -1,12 +1,14 @@
 """The reducer: one more LLM call over every lane's output, for jobs aggregated by
-``reduce``. Its attempts are durable like a lane's (:mod:`service.store.reductions`):
-claimed when due, leased, retried after a backoff kept in the database, so a restart
-in the middle of a backoff resumes it wherever a runner is."""
+``reduce`` or ``judge``. Its attempts are durable like a lane's
+(:mod:`service.store.reductions`): claimed when due, leased, retried after a backoff
+kept in the database, so a restart in the middle of a backoff resumes it wherever a
+runner is. Its steps are on the job's stream (``aggregate.*``)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -26,6 +28,7 @@ from ..spec import JudgeAggregate, ReduceAggregate, provider_name
 from ..states import ErrorType, EventType, LaneStatus
 from ..store import ReductionClaim, Store
 from ..views import NO_USAGE
+from .deltas import DeltaCoalescer
 from .lifecycle import Writes, guarded, logged, sleep_until_woken
 
 
@@ -42,8 +45,12 @@ class Reducer:
         poll_interval_s: float,
         default_lane_timeout_s: float,
         retrying: Retrying,
+        publish_deltas: Callable[[list[Event]], None],
+        deltas_sent: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
+        self.publish_deltas = publish_deltas
+        self.deltas_sent = deltas_sent
         self.execute = execute
         self.metrics = metrics
         self.writes = writes
@@ -108,21 +115,37 @@ class Reducer:
             messages = judge_messages(task, candidates(spec, claim.lanes))
         else:
             messages = reduce_messages(task, claim.lanes)
-        attempt = await guarded(
-            self.execute(
-                task,
-                timeout=spec.policy.lane_timeout_s or self.default_lane_timeout_s,
-                messages=messages,
-            ),
-            f"{what} of {claim.job_id}",
-        )
+        deltas = None
+        if task.stream:
+            fields: dict[str, object] = {"kind": aggregate.kind, "attempt": claim.attempt_no}
+            deltas = DeltaCoalescer(
+                self.publish_deltas, claim.job_id, EventType.AGGREGATE_DELTA, fields
+            )
+        try:
+            attempt = await guarded(
+                self.execute(
+                    task,
+                    timeout=spec.policy.lane_timeout_s or self.default_lane_timeout_s,
+                    messages=messages,
+                    on_delta=deltas.add if deltas else None,
+                ),
+                f"{what} of {claim.job_id}",
+            )
+        finally:
+            if deltas is not None:
+                deltas.flush()
+        if deltas is not None and self.deltas_sent is not None:
+            await self.deltas_sent()
         self.metrics.observe_usage(provider_name(task), task.model, attempt.usage)
         step = next_step(attempt, claim.attempt_no, max_attempts, self.retrying)
         if step.status is LaneStatus.SUCCEEDED:
             result, failed = self._result(aggregate, claim, attempt.output)
             work = record(claim, self.owner, usage=attempt.usage, result=result, error=failed)
         elif step.retry:
-            work = record(claim, self.owner, usage=attempt.usage, retry_in=step.retry_in)
+            why = _error(
+                attempt.error_type or ErrorType.INTERNAL_ERROR, attempt.error_message or ""
+            )
+            work = record(claim, self.owner, usage=attempt.usage, retry_in=step.retry_in, error=why)
             asyncio.get_running_loop().call_later(step.retry_in, self.wake)
         else:
             error = _error(

@@ -12,7 +12,7 @@ from sqlalchemy import func, or_, select, update
 
 from ..jsonsafe import scrub
 from ..policy import budget_spent
-from ..states import JobStatus
+from ..states import EventType, JobStatus
 from ..views import Usage
 from .db import Database
 from .decisions import Decisions
@@ -68,6 +68,8 @@ class Reductions:
                     )
                 )
                 spec = self.specs.of(job_id, job["spec"])
+                started = {"kind": spec.aggregate.kind, "attempt": attempt_no}
+                await self.log.append(tx, job_id, [(EventType.AGGREGATE_STARTED, started)], now)
                 claims.append(
                     ReductionClaim(
                         job_id,
@@ -100,9 +102,10 @@ class Reductions:
         retry_in: float | None = None,
     ) -> bool:
         """One reducer (or judge) attempt: the job's ``result`` (it succeeds), a retry
-        in ``retry_in`` seconds, or ``error`` (the job fails). False when ``owner`` no
-        longer holds that attempt (its lease expired and another process took it, or the
-        job was cancelled); its ``usage`` counts on the job either way."""
+        in ``retry_in`` seconds (``error`` then says why), or ``error`` (the job fails).
+        False when ``owner`` no longer holds that attempt (its lease expired and another
+        process took it, or the job was cancelled); its ``usage`` counts on the job
+        either way."""
         now = time.time()
         job_id = claim.job_id
         async with self.db.transaction() as tx:
@@ -117,8 +120,16 @@ class Reductions:
                 or job["reduce_attempts"] != claim.attempt_no
             ):
                 return False
+            attempt = {
+                "kind": claim.spec.aggregate.kind,
+                "attempt": claim.attempt_no,
+                "usage": usage.model_dump(),
+            }
             items: list[Item] = []
             if retry_in is not None:
+                why = f"{error['type']}: {error['message']}" if error else ""
+                retrying = {**attempt, "error": scrub(why), "retry_in_s": round(retry_in, 3)}
+                items.append((EventType.AGGREGATE_RETRYING, retrying))
                 await tx.conn.execute(
                     update(jobs)
                     .where(jobs.c.id == job_id)
@@ -129,10 +140,12 @@ class Reductions:
                     )
                 )
             elif error is not None:
+                items.append((EventType.AGGREGATE_FAILED, {**attempt, "error": scrub(error)}))
                 await self.decisions.finish(
                     tx, job_id, JobStatus.FAILED, items, now, error=scrub(error)
                 )
             else:
+                items.append((EventType.AGGREGATE_SUCCEEDED, attempt))
                 await self.decisions.finish(
                     tx, job_id, JobStatus.SUCCEEDED, items, now, result=scrub(result)
                 )

@@ -83,7 +83,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 DEFAULT_TEMPLATE = "I worked it out. Answer: {answer}"
 
@@ -535,7 +535,10 @@ class _Stats:
 class _ChatCompletions:
     """The ``POST /v1/chat/completions`` endpoint, as a raw ASGI app for low overhead."""
 
-    def __init__(self) -> None:
+    def __init__(self, any_model: bool = False) -> None:
+        # Any model name is ``fake`` (the built-in stand-in for a provider, when none
+        # is configured): a job naming gpt-4o-mini gets an echo, not a 404.
+        self.any_model = any_model
         self.stats = _Stats()
         self._calls: dict[tuple[str, str], int] = {}
         self._attempts: dict[tuple[str, int | None, str], int] = {}
@@ -571,7 +574,10 @@ class _ChatCompletions:
         self.last = body
         try:
             request = _ChatRequest.from_body(body)
-            behaviour = parse_model(request.model)
+            model = request.model
+            if self.any_model and not model.startswith("fake"):
+                model = "fake"
+            behaviour = parse_model(model)
         except RequestError as exc:
             error = _error_body(exc.status, exc.message, exc.param, exc.code)
             return await _send_json(send, exc.status, error)
@@ -814,9 +820,10 @@ class _Simulator(Starlette):
             await super().__call__(scope, receive, send)
 
 
-def create_app() -> Starlette:
-    """A fresh simulator with its own counters; see the module docstring."""
-    chat = _ChatCompletions()
+def create_app(*, any_model: bool = False) -> Starlette:
+    """A fresh simulator with its own counters; see the module docstring. With
+    ``any_model``, every model name that does not start with ``fake`` is ``fake``."""
+    chat = _ChatCompletions(any_model)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
@@ -844,6 +851,25 @@ def create_app() -> Starlette:
         Route("/_last", last),
     ]
     return _Simulator(chat, routes)
+
+
+SIMULATOR_PREFIX = "/simulator"
+
+
+def beside(app: ASGIApp) -> ASGIApp:
+    """``app``, with a simulator (every model name answered) under ``/simulator``: the
+    stand-in provider of ``make run`` when none is configured, on the same port."""
+    simulator = create_app(any_model=True)
+
+    async def both(scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith(SIMULATOR_PREFIX + "/"):
+            inner = path[len(SIMULATOR_PREFIX) :]
+            await simulator({**scope, "path": inner, "raw_path": inner.encode()}, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return both
 
 
 def serve(host: str = "127.0.0.1", port: int = 8001) -> None:

@@ -198,12 +198,18 @@ async def test_cap_is_named_in_the_message(client: httpx.AsyncClient) -> None:
     assert "1000" in response.json()["detail"]
 
 
-async def test_body_that_is_not_json_is_422(client: httpx.AsyncClient) -> None:
+async def test_body_that_is_not_json_is_400_saying_where_it_broke(
+    client: httpx.AsyncClient,
+) -> None:
     response = await client.post(
         "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
     )
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["code"] == "malformed_json" and problem["type"] == "/problems/malformed_json"
+    assert problem["detail"].startswith("the body is not valid JSON: Expecting property name")
+    assert "(at byte 1)" in problem["detail"]
 
 
 async def test_body_over_the_cap_is_413(client: httpx.AsyncClient) -> None:

@@ -193,7 +193,8 @@ class TenantWorkflows(workflows.as_state_machine()):  # type: ignore[misc]
             response, case, additional_checks=[problem_status_is_the_http_status], **kwargs
         )
         if case.path.startswith("/v1/jobs") and 200 <= response.status_code < 300:
-            body = response.json() if "json" in response.headers["content-type"][0] else None
+            content_type = response.headers.get("content-type", [""])[0]  # a 204 has none
+            body = response.json() if "json" in content_type else None
             if isinstance(body, dict) and "id" in body:
                 self.assert_hidden_from_the_other_tenant(body["id"])
 

@@ -11,6 +11,7 @@ and the stream's resume is tested on both in the API tests.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ import httpx
 import pytest
 
 from service.config import Settings
-from tests.support import Served, events_of, section, sectioning, serve, voting
+from tests.support import Served, events_of, receiver, section, sectioning, serve, voting
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, ConsoleMessage, Page
@@ -283,7 +284,9 @@ async def test_page_shows_streamed_text_live_and_ends_on_cancel(
 
 
 @needs_browser
-async def test_page_carries_its_key_to_the_api(page_settings: Settings, pages: Pages) -> None:
+async def test_page_carries_its_stream_token_to_the_api(
+    page_settings: Settings, pages: Pages
+) -> None:
     from playwright.async_api import expect
 
     keyed = page_settings.model_copy(update={"api_keys": "acme:key-acme"})
@@ -292,12 +295,60 @@ async def test_page_carries_its_key_to_the_api(page_settings: Settings, pages: P
         response = await served.http.post(
             "/v1/jobs", json=spec, headers={"Authorization": "Bearer key-acme"}
         )
-        job_id = response.json()["id"]
-        page = await pages.open(f"{served.url}/jobs/{job_id}?key=key-acme")
+        job_id, token = response.json()["id"], response.json()["stream_token"]
+        page = await pages.open(f"{served.url}/jobs/{job_id}?token={token}")
         await expect(page.locator("body")).to_have_attribute(
             "data-job-status", "succeeded", timeout=20_000
         )
         await expect(page.locator("#lanes tr[data-status=succeeded]")).to_have_count(2)
 
         assert (await served.http.get(f"/jobs/{job_id}")).status_code == 401
-        assert (await served.http.get(f"/jobs/{job_id}?key=wrong")).status_code == 401
+        assert (await served.http.get(f"/jobs/{job_id}?token=wrong")).status_code == 401
+        assert (await served.http.get(f"/jobs/{job_id}?key=key-acme")).status_code == 400
+
+
+# --- a web app on another origin ------------------------------------------------------------
+
+APP_PAGE = """<!doctype html><meta charset=utf-8><title>app</title><pre id=out></pre><script>
+const api = new URLSearchParams(location.search).get("api");
+const out = document.getElementById("out");
+const say = (line) => { out.textContent += line + "\\n"; };
+(async () => {
+  const response = await fetch(api + "/v1/jobs", {
+    method: "POST",
+    headers: {"Content-Type": "application/json", "Idempotency-Key": "web-1"},
+    body: JSON.stringify(%s),
+  });
+  say("created " + response.status + " " + response.headers.get("Location"));
+  const job = await response.json();
+  const events = new EventSource(api + "/v1/jobs/" + job.id + "/events");
+  events.addEventListener("job.succeeded", (e) => {
+    say("final " + JSON.parse(e.data).result.output);
+    events.close();
+  });
+  events.onerror = () => say("stream error");
+})();
+</script>"""
+
+
+@needs_browser
+async def test_a_web_app_on_another_origin_creates_and_follows_a_job(
+    page_settings: Settings, pages: Pages
+) -> None:
+    from aiohttp import web
+    from playwright.async_api import expect
+
+    number = {"kind": "majority", "extract": "number"}
+    spec = json.dumps(voting(3, "fake?latency_ms=100&answers=7", aggregate=number))
+
+    async def app_page(_request: web.Request) -> web.Response:
+        return web.Response(text=APP_PAGE % spec, content_type="text/html")
+
+    async with receiver(app_page) as origin:
+        allowed = page_settings.model_copy(update={"cors_origins": origin})
+        async with serve(allowed) as served:
+            page = await pages.open(f"{origin}/?api={served.url}")
+            await expect(page.locator("#out")).to_contain_text("final 7", timeout=20_000)
+            text = await page.locator("#out").inner_text()
+            assert text.splitlines()[0].startswith("created 202 /v1/jobs/")
+            assert "stream error" not in text

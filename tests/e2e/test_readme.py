@@ -3,11 +3,12 @@
 Blocks marked ``<!-- test: NAME -->`` (the line right before a fenced block) are the
 ones checked here:
 
-- ``quickstart``: run, in order, by bash against a real ``fanout fake-llm`` and a real
-  ``fanout serve`` (temp SQLite) on free ports; the README's ports 8000/8001 and
-  ``.venv/bin/`` are substituted, and ``curl`` fails on any HTTP error.
-- ``quickstart-fake-llm``, ``quickstart-server``: the two long-running commands; the
-  test starts their equivalents itself, and checks that they say what it assumes.
+- ``quickstart``: run, in order, by bash against a real ``fanout serve
+  --simulator-fallback`` (what ``make run`` runs; temp SQLite, no provider configured)
+  on a free port; the README's port 8000 and ``.venv/bin/`` are substituted, and
+  ``curl`` fails on any HTTP error.
+- ``quickstart-server``: ``make run``; the test starts its equivalent itself, and
+  checks that the Makefile runs what it assumes.
 - ``spec``: job specs that must parse and pass the server's checks.
 - ``providers``: a providers file that must load.
 """
@@ -40,7 +41,6 @@ README = ROOT / "README.md"
 VENV_BIN = Path(sys.executable).parent
 
 README_API = "http://127.0.0.1:8000"
-README_FAKE = "http://127.0.0.1:8001"
 
 _BLOCK = re.compile(r"<!--\s*test:\s*([\w-]+)\s*-->\s*\n```[\w-]*\n(.*?)^```", re.S | re.M)
 
@@ -89,83 +89,70 @@ def _clean_env() -> dict[str, str]:
 @dataclass(frozen=True)
 class QuickStart:
     api: str  # Fanout's base URL (the README's http://127.0.0.1:8000)
-    fake: str  # the simulator's (the README's http://127.0.0.1:8001)
-    dir: Path  # terminal 3's working directory
-    env: dict[str, str]  # terminal 3's environment
+    dir: Path  # terminal 2's working directory
+    env: dict[str, str]  # terminal 2's environment
+
+
+# What `make run` runs (the test checks the Makefile says so).
+MAKE_RUN = ["serve", "--simulator-fallback"]
 
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuickStart]:
-    """The quick start's terminals 1 and 2: fake-llm, and Fanout using it (SQLite)."""
+    """The quick start's terminal 1: `make run` with no provider configured (SQLite)."""
     tmp = tmp_path_factory.mktemp("readme")
-    fake_port, api_port = free_port(), free_port()
-    fake_url, api_url = f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{api_port}"
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}"
     env = _clean_env()
     server_env = {
         **env,
-        "OPENAI_BASE_URL": f"{fake_url}/v1",
-        "OPENAI_API_KEY": "unused",
         "FANOUT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp}/fanout.db",
         "FANOUT_LOG_FORMAT": "text",
     }
-    procs: list[subprocess.Popen[bytes]] = []
-    waits: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+    log = tmp / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", *MAKE_RUN, "--port", str(port)],
+            cwd=ROOT,
+            env=server_env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        # Both start at once (Fanout needs the simulator only when a lane runs).
-        for name, args, url, proc_env in (
-            ("fake-llm", ["fake-llm", "--port", str(fake_port)], fake_url, env),
-            ("serve", ["serve", "--port", str(api_port)], api_url, server_env),
-        ):
-            log = tmp / f"{name}.log"
-            with log.open("wb") as out:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "service.cli", *args],
-                    cwd=ROOT,
-                    env=proc_env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            procs.append(proc)
-            waits.append((f"{url}/healthz", proc, log))
-        for url, proc, log in waits:
-            wait_http(url, proc, log=log, timeout=60)
-        yield QuickStart(api_url, fake_url, tmp, env)
+        wait_http(f"{api_url}/healthz", proc, log=log, timeout=60)
+        said = log.read_text()
+        assert "SIMULATOR" in said and f"{api_url}/simulator/v1" in said, said
+        yield QuickStart(api_url, tmp, env)
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 # --- the quick start --------------------------------------------------------------
 
 
-def test_quickstart_servers_are_the_ones_the_test_starts() -> None:
-    """Terminals 1 and 2 say what the test assumes: fake-llm on 8001, Fanout on 8000
-    with the simulator as its default provider."""
-    (fake,) = blocks("quickstart-fake-llm")
+def test_quickstart_server_is_the_one_the_test_starts() -> None:
+    """Terminal 1 is `make run`, which serves with the simulator fallback on the
+    default address."""
     (server,) = blocks("quickstart-server")
-    assert ".venv/bin/fanout fake-llm --port 8001" in fake
-    assert f"OPENAI_BASE_URL={README_FAKE}/v1" in server
-    assert "make run" in server
+    assert server.strip() == "make run"
+    makefile = (ROOT / "Makefile").read_text()
+    run = re.search(r"^run:.*\n\t(.*)$", makefile, re.M)
+    assert run and run.group(1) == "$(BIN)/fanout " + " ".join(MAKE_RUN), run
     defaults = Settings.model_fields
     assert f"http://{defaults['host'].default}:{defaults['port'].default}" == README_API
 
 
 @pytest.mark.slow
 def test_quickstart_commands_run_against_real_processes(quickstart: QuickStart) -> None:
-    api, fake = quickstart.api, quickstart.fake
+    api = quickstart.api
     script = PRELUDE + "\n".join(blocks("quickstart"))
-    script = (
-        script.replace(README_API, api)
-        .replace(README_FAKE, fake)
-        .replace(".venv/bin/", f"{VENV_BIN}/")
-    )
+    script = script.replace(README_API, api).replace(".venv/bin/", f"{VENV_BIN}/")
     env = {**quickstart.env, "FANOUT_URL": api}
 
     done = subprocess.run(
@@ -193,6 +180,7 @@ def test_quickstart_commands_run_against_real_processes(quickstart: QuickStart) 
             assert job["result"]["output"] == 391, job  # what the README says it is
         page = httpx.get(f"{api}/jobs/{job['id']}", timeout=10)
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert '<div id="simulated" class="banner">' in page.text  # says who answered
 
 
 # --- the reference ----------------------------------------------------------------

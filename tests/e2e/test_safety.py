@@ -82,8 +82,11 @@ async def test_a_tenant_sees_only_its_own_jobs(settings: Settings) -> None:
         assert [j["id"] for j in (await http.get("/v1/jobs", headers=acme)).json()["jobs"]] == [
             job_id
         ]
-        # The key may come as ?key= (EventSource cannot send headers).
-        assert (await http.get(f"/v1/jobs/{job_id}?key=key-acme")).status_code == 200
+        # The job's stream token reads it (EventSource cannot send headers): only it.
+        token = created.json()["stream_token"]
+        assert (await http.get(f"/v1/jobs/{job_id}?token={token}")).status_code == 200
+        assert (await http.get(f"/v1/jobs?token={token}")).status_code == 401
+        assert (await http.post(f"/v1/jobs/{job_id}/cancel?token={token}")).status_code == 401
         assert (await http.post(f"/v1/jobs/{job_id}/cancel", headers=acme)).status_code == 202
 
 
@@ -105,7 +108,9 @@ async def test_jobs_in_flight_per_tenant_are_capped(settings: Settings) -> None:
         for _ in range(2):
             assert (await http.post("/v1/jobs", json=voting(1, "fake?hang=1"))).status_code == 202
         over = await http.post("/v1/jobs", json=voting(1, "fake?hang=1"))
-        assert over.status_code == 422
+        assert over.status_code == 429  # a temporary refusal: try again later
+        assert over.json()["code"] == "tenant_at_capacity"
+        assert int(over.headers["retry-after"]) >= 1
         assert "cap of 2" in over.json()["detail"]
         assert len((await http.get("/v1/jobs")).json()["jobs"]) == 2
 

@@ -92,3 +92,42 @@ async def test_a_reducer_in_its_backoff_resumes_after_a_restart(harness: Harness
     job = await harness.store.jobs.get(job_id, None)
     assert job.status == "succeeded" and job.result is not None and job.result.output == "merged"
     assert [is_reducer(c) for c in second.calls] == [True]
+
+
+async def test_the_reducers_steps_are_on_the_stream(harness: Harness) -> None:
+    """Started, retrying, its streamed text (live), and how it ended, before the job's end."""
+    tries = 0
+
+    def flaky(call: Call) -> Attempt:
+        nonlocal tries
+        if not is_reducer(call):
+            return echo(call)
+        tries += 1
+        if tries == 1:
+            return Attempt(
+                error_type=ErrorType.UPSTREAM_ERROR, error_message="HTTP 503", transient=True
+            )
+        assert call.on_delta is not None  # the reduce task streams
+        call.on_delta("mer")
+        call.on_delta("ged")
+        return Attempt(output="merged", usage=Usage(total_tokens=5, completion_tokens=5))
+
+    harness.runner(Script(flaky))
+    streamed = {**REDUCE, "task": {**SYNTHESISE, "stream": True}}
+    job_id = await harness.create(sectioning(section("a"), aggregate=streamed))
+    events = await harness.events(job_id)
+
+    stored = [e for e in events if e["seq"]]  # deltas are live only (seq 0)
+    steps = [(e["type"], e["data"].get("attempt")) for e in stored if e["type"].startswith("agg")]
+    assert steps == [
+        ("aggregate.started", 1),
+        ("aggregate.retrying", 1),
+        ("aggregate.started", 2),
+        ("aggregate.succeeded", 2),
+    ]
+    retrying = next(e["data"] for e in events if e["type"] == "aggregate.retrying")
+    assert retrying["kind"] == "reduce" and retrying["error"] == "upstream_error: HTTP 503"
+    assert [e["type"] for e in stored[-2:]] == ["aggregate.succeeded", "job.succeeded"]
+    deltas = harness.live("aggregate.delta")
+    assert "".join(d["data"]["text"] for d in deltas) == "merged"
+    assert {d["data"]["attempt"] for d in deltas} == {2}

@@ -57,7 +57,10 @@ def test_a_blocking_gate_withholds_the_output_and_names_itself() -> None:
 def test_a_gate_that_failed_blocks_too() -> None:
     spec = sections("draft", "safety", gate="safety")
     lanes = [lane(0, "draft"), lane(1, "safety", status="failed", output=None)]
-    assert conclude(spec, lanes, partial=True).result["blocked_by"] == "safety"  # type: ignore[index]
+    result = conclude(spec, lanes, partial=True).result
+    assert result is not None
+    assert result["blocked_by"] == "safety"
+    assert result["partial"] is True  # a lane ended without a result: the README's partial
 
 
 def test_collect_shows_every_section_gates_included() -> None:

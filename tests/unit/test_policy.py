@@ -232,7 +232,7 @@ def test_gate_lane_that_failed_blocks_rather_than_fails_the_job(
         spec, tally(succeeded=1, gate_blocked="safety", first_failure=failure, **{status: 1})
     )
 
-    assert decision == Decision((), "aggregate")
+    assert decision == Decision((), "aggregate", partial=True)
 
 
 def test_gate_blocks_at_the_deadline_too() -> None:
@@ -526,3 +526,69 @@ def test_quorum_failure_decided_early_is_never_wrong() -> None:
                     assert sum(answer is not FAILS for answer in answers) < need
                 break
     assert early_failures > 50
+
+
+# --- what partial means, however the job ends ------------------------------------------------
+
+PARTIAL_WAYS = [
+    # (how the job ends, spec, tally, deadline passed, budget spent, partial)
+    ("every lane succeeded", voting(3), tally(succeeded=3), False, False, False),
+    (
+        "early stop skipped the rest",
+        voting(5),
+        tally(succeeded=3, queued=2, votes=[("a", 3, 0)]),
+        False,
+        False,
+        False,
+    ),
+    ("best effort over a failure", voting(3), tally(succeeded=2, failed=1), False, False, True),
+    (
+        "quorum reached despite a failure",
+        voting(3, on_failure="quorum", quorum=2),
+        tally(succeeded=2, failed=1),
+        False,
+        False,
+        True,
+    ),
+    ("the deadline passed", voting(3), tally(succeeded=2, running=1), True, False, True),
+    (
+        "the budget cancelled the queue",
+        voting(3, aggregate={"kind": "majority", "early_stop": False}),
+        tally(succeeded=1, queued=2),
+        False,
+        True,
+        True,
+    ),
+    (
+        "a gate blocked and open lanes were cancelled",
+        sectioning("draft", "safety", gate="safety"),
+        tally(succeeded=1, running=1, gate_blocked="safety"),
+        False,
+        False,
+        True,
+    ),
+    (
+        "a gate blocked after every lane finished",
+        sectioning("draft", "safety", gate="safety"),
+        tally(succeeded=2, gate_blocked="safety"),
+        False,
+        False,
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("spec", "state", "deadline", "budget", "partial"),
+    [way[1:] for way in PARTIAL_WAYS],
+    ids=[way[0] for way in PARTIAL_WAYS],
+)
+def test_partial_means_some_lane_ended_without_a_result(
+    spec: Any, state: Tally, deadline: bool, budget: bool, partial: bool
+) -> None:
+    """As the README says, for every way a job ends with a result: skipped lanes (an
+    early stop) do not count, failed, timed-out and cancelled ones do."""
+    decision = decide(spec, state, deadline_passed=deadline, budget_spent=budget)
+
+    assert decision.outcome == "aggregate"
+    assert decision.partial is partial
