@@ -16,10 +16,12 @@
 from __future__ import annotations
 
 import heapq
+import json
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .attempts import Attempt
 from .spec import (
@@ -30,6 +32,7 @@ from .spec import (
     SectioningSpec,
     StopRule,
     VotingSpec,
+    lane_count,
     on_failure,
     quorum_size,
 )
@@ -214,6 +217,18 @@ class VoteState:
     leader: str | None
     confidence: float
     stopped: bool = False
+
+    def view(self, spec: VotingSpec | SectioningSpec) -> dict[str, Any]:
+        """As details and events show it: its rule, whether the rule stopped the vote,
+        after how many counted votes of how many lanes, and the leader's confidence."""
+        return {
+            "rule": self.rule,
+            "stopped": self.stopped,
+            "votes": self.counted,
+            "of": lane_count(spec),
+            "leader": json.loads(self.leader) if self.leader is not None else None,
+            "confidence": round(self.confidence, 4),
+        }
 
 
 def leader_confidence(leader: float, runner_up: float) -> float:

@@ -5,11 +5,21 @@ Request models are in :mod:`service.spec`; these are built by the store from its
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from .states import JobStatus, LaneStatus
+from .states import JobStatus, LaneStatus, WebhookStatus
+
+# A time as the API writes it: ISO 8601, UTC, milliseconds ("2026-12-04T10:00:00.123Z").
+Time = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+
+
+class View(BaseModel):
+    """A response body: in the document, every field it always sends is required (null
+    where it has no value), so generated clients need no "unset" for them."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
 
 
 # Tokens used, and their cost: one value type everywhere (an attempt, a lane, a job),
@@ -17,7 +27,7 @@ from .states import JobStatus, LaneStatus
 # are part of the completion tokens and cached tokens part of the prompt tokens, as
 # providers report them. ``cost_usd`` is absent, never 0, without prices.
 class Usage(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, json_schema_serialization_defaults_required=True)
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -55,19 +65,19 @@ class Usage(BaseModel):
 NO_USAGE = Usage()
 
 
-class ErrorView(BaseModel):
+class ErrorView(View):
     type: str
     message: str
 
 
-class LogprobsSummary(BaseModel):
+class LogprobsSummary(View):
     """The answer's token log probabilities in short: their mean, and how many."""
 
     mean: float
     tokens: int
 
 
-class LaneView(BaseModel):
+class LaneView(View):
     index: int
     name: str
     status: LaneStatus
@@ -88,36 +98,130 @@ class LaneView(BaseModel):
     logprobs: LogprobsSummary | None = None
     error: ErrorView | None = None
     usage: Usage
-    queued_at: str | None = None
-    started_at: str | None = None
-    finished_at: str | None = None
+    queued_at: Time | None = None
+    started_at: Time | None = None
+    finished_at: Time | None = None
     duration_s: float | None = None
 
 
-class ResultView(BaseModel):
+# --- a result's details, by the aggregate's kind (what the document says they are) ---
+# Plain models: a field with a default is sent only when it applies (weights, scores).
+# (Forbidding other fields keeps them honest: the tests check real details against them.)
+
+
+class Details(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VoteCount(Details):
+    answer: Any
+    count: int
+    weight: float | None = Field(default=None, description="weighted votes only")
+
+
+class VoteStop(Details):
+    """How a vote's stopping rule went (also each ``lane.succeeded`` event's ``vote``)."""
+
+    rule: Literal["decided", "ahead_by", "window", "confidence", "none"]
+    stopped: bool
+    votes: int = Field(description="counted votes at the stop")
+    of: int = Field(description="the vote's lanes")
+    leader: Any
+    confidence: float
+
+
+class CollectDetails(Details):
+    missing: list[str] = Field(description="sections without a result")
+
+
+class MajorityDetails(Details):
+    votes: list[VoteCount]
+    winner_votes: int
+    counted: int
+    abstained: int
+    agreement: float
+    stop: VoteStop
+    winner_weight: float | None = Field(default=None, description="weighted votes only")
+    weighted_agreement: float | None = Field(default=None, description="weighted votes only")
+
+
+class ScoreDetails(Details):
+    scores: dict[str, Any] = Field(description="each scored lane's score, by lane name")
+    pick: Literal["max", "min", "mean"]
+    counted: int
+    score: Any = None
+    lane: str | None = Field(default=None, description="the picked lane (max, min)")
+
+
+class ReduceDetails(Details):
+    inputs: int = Field(description="the outputs the reducer read")
+
+
+class JudgeDetails(Details):
+    judge: str = Field(description="the judge's answer, as it came")
+    best: int = Field(description="the candidate it named, from 1")
+    lane: str
+    candidates: int
+
+
+DETAILS = (CollectDetails, MajorityDetails, ScoreDetails, ReduceDetails, JudgeDetails)
+
+
+class ResultView(View):
     output: Any = None
-    details: dict[str, Any] = Field(default_factory=dict)
+    details: Annotated[
+        dict[str, Any],
+        WithJsonSchema(
+            {
+                "description": "what the aggregate says of the result, by its kind",
+                "anyOf": [{"$ref": f"#/components/schemas/{model.__name__}"} for model in DETAILS],
+            }
+        ),
+    ] = Field(default_factory=dict)
     partial: bool = False
     blocked: bool = False
     blocked_by: str | None = None
 
 
-class WebhookView(BaseModel):
+class WebhookAttempt(View):
+    at: Time
+    status_code: int | None = None
+    error: str | None = None
+    duration_s: float | None = None
+
+
+class WebhookView(View):
     url: str
-    # waiting (the job is not finished) | pending | delivered | failed
-    status: str
-    # One entry per delivery attempt: at, status_code, error, duration_s.
-    attempts: list[dict[str, Any]] = Field(default_factory=list)
+    status: WebhookStatus
+    attempts: list[WebhookAttempt] = Field(default_factory=list)
 
 
-class JobView(BaseModel):
+class JobView(View):
     id: str
     status: JobStatus
     mode: Literal["voting", "sectioning"]
-    spec: dict[str, Any]
-    created_at: str
-    started_at: str | None = None
-    finished_at: str | None = None
+    spec: Annotated[
+        dict[str, Any],
+        WithJsonSchema(
+            {
+                "description": "the spec as posted, with its defaults filled in",
+                "oneOf": [
+                    {"$ref": "#/components/schemas/VotingSpec"},
+                    {"$ref": "#/components/schemas/SectioningSpec"},
+                ],
+                "discriminator": {
+                    "propertyName": "mode",
+                    "mapping": {
+                        "voting": "#/components/schemas/VotingSpec",
+                        "sectioning": "#/components/schemas/SectioningSpec",
+                    },
+                },
+            }
+        ),
+    ]
+    created_at: Time
+    started_at: Time | None = None
+    finished_at: Time | None = None
     progress: dict[str, int]
     lanes: list[LaneView]
     result: ResultView | None = None
@@ -131,17 +235,17 @@ class JobView(BaseModel):
     stream_token: str | None = None
 
 
-class JobSummary(BaseModel):
+class JobSummary(View):
     id: str
     status: JobStatus
     mode: Literal["voting", "sectioning"]
-    created_at: str
-    finished_at: str | None = None
+    created_at: Time
+    finished_at: Time | None = None
     progress: dict[str, int]
     usage: Usage
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-class JobPage(BaseModel):
+class JobPage(View):
     jobs: list[JobSummary]
     next_cursor: str | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from ..errors import KeyInUrl
 from ..process import Process
@@ -53,10 +53,19 @@ async def caller(request: Request) -> str:
     return tenant
 
 
-async def reader(request: Request, job_id: str) -> str:
+async def reader(
+    request: Request,
+    job_id: str,
+    token: Annotated[
+        str | None,
+        Query(
+            description="the job's `stream_token`, instead of an API key: for a browser's "
+            "page and EventSource, which cannot send headers (it expires)",
+        ),
+    ] = None,
+) -> str:
     """The tenant reading the job ``job_id``: by API key, or by the job's stream token
     (``?token=``, for a page and its EventSource)."""
-    token = request.query_params.get("token")
     if token is None or bearer_token(request) is not None:
         return await caller(request)
     ctx = context(request)

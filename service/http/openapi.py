@@ -10,6 +10,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from ..states import EventType
+from ..views import DETAILS
 from .problems import KINDS, PROBLEM_JSON
 
 # The error responses of each route (``document`` gives every one the ``Problem``
@@ -178,24 +180,134 @@ SECURITY_SCHEMES: dict[str, Any] = {
         "description": "An API key from `FANOUT_API_KEYS`. With none configured the service "
         "runs open (local use only): then no credentials are needed.",
     },
-    "stream-token": {
-        "type": "apiKey",
-        "in": "query",
-        "name": "token",
-        "description": "A job's `stream_token` (in the job's JSON), for its page, the job "
-        "and its event stream only: an EventSource cannot send headers, and an API key in "
-        "a URL would end up in logs. It expires (`FANOUT_STREAM_TOKEN_TTL_S`).",
-    },
 }
-# Every /v1 route: an API key, or nothing on an open server.
+# Every route but the ops ones: an API key, or nothing on an open server. (Job-scoped
+# reads also take the job's stream token, as their ``token`` query parameter.) Given
+# once for the document, so that generated clients take an anonymous client too.
 API_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {}]
-# Job-scoped reads (the job, its events, its page) also take the job's stream token.
-READER_SECURITY: dict[str, Any] = {"security": [{"bearer": []}, {"stream-token": []}, {}]}
+
+
+# --- the event stream --------------------------------------------------------------------
+
+_STR, _INT, _NUM = {"type": "string"}, {"type": "integer"}, {"type": "number"}
+_ANY: dict[str, Any] = {}
+_ERROR = {"$ref": "#/components/schemas/ErrorView"}
+_USAGE = {"$ref": "#/components/schemas/Usage"}
+_LANE = {"lane": _INT, "name": _STR, "attempt": _INT}
+_AGGREGATE = {"kind": {"type": "string", "enum": ["reduce", "judge"]}, "attempt": _INT}
+# Each event's data fields beside job_id, seq and at: (required, optional).
+EVENT_FIELDS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    EventType.JOB_QUEUED: ({"lanes": {"type": "array", "items": _STR}}, {}),
+    EventType.JOB_RUNNING: ({}, {}),
+    EventType.JOB_AGGREGATING: ({}, {}),
+    EventType.LANE_STARTED: (_LANE, {}),
+    EventType.LANE_RETRYING: ({**_LANE, "error": _STR, "retry_in_s": _NUM}, {}),
+    EventType.LANE_SUCCEEDED: (
+        {**_LANE, "output": _ANY, "usage": _USAGE, "duration_s": _NUM},
+        {
+            "answer": _ANY,
+            "weight": _NUM,
+            "note": _STR,
+            "vote": {"$ref": "#/components/schemas/VoteStop"},
+            "finish_reason": _STR,
+            "tool_calls": {"type": "array", "items": {"type": "object"}},
+            "refusal": _STR,
+            "logprobs": {"$ref": "#/components/schemas/LogprobsSummary"},
+        },
+    ),
+    EventType.LANE_FAILED: ({**_LANE, "error": _ERROR, "usage": _USAGE, "duration_s": _NUM}, {}),
+    EventType.LANE_TIMED_OUT: (
+        {**_LANE, "error": _ERROR, "usage": _USAGE, "duration_s": _NUM},
+        {},
+    ),
+    EventType.LANE_CANCELLED: ({**_LANE, "error": _ERROR}, {}),
+    EventType.LANE_SKIPPED: (_LANE, {}),
+    EventType.LANE_DELTA: ({**_LANE, "text": _STR}, {}),
+    EventType.AGGREGATE_STARTED: (_AGGREGATE, {}),
+    EventType.AGGREGATE_RETRYING: (
+        {**_AGGREGATE, "usage": _USAGE, "error": _STR, "retry_in_s": _NUM},
+        {},
+    ),
+    EventType.AGGREGATE_SUCCEEDED: ({**_AGGREGATE, "usage": _USAGE}, {}),
+    EventType.AGGREGATE_FAILED: ({**_AGGREGATE, "usage": _USAGE, "error": _ERROR}, {}),
+    EventType.AGGREGATE_DELTA: ({**_AGGREGATE, "text": _STR}, {}),
+    EventType.JOB_SUCCEEDED: (
+        {"result": {"$ref": "#/components/schemas/ResultView"}, "usage": _USAGE},
+        {},
+    ),
+    EventType.JOB_FAILED: ({"error": _ERROR, "usage": _USAGE}, {}),
+    EventType.JOB_CANCELLED: ({"usage": _USAGE}, {}),
+}
+LIVE_ONLY = (EventType.LANE_DELTA, EventType.AGGREGATE_DELTA)
+EVENTS_DESCRIPTION = (
+    "`text/event-stream`: every event of the job after `Last-Event-ID` (or `after`), then "
+    "live ones, until the final `job.succeeded`, `job.failed` or `job.cancelled`, after "
+    "which the server closes the stream. Each frame has `id:` (the job's event sequence "
+    "number), `event:` (its type) and `data:` (JSON: `job_id`, `seq`, `at` and the fields "
+    "of its type, as the `JobEvent` schema lists them). The stream opens with `retry: "
+    "2000`. Reconnect with `Last-Event-ID: <the last id seen>` to get every later event "
+    "exactly once, in order; after the final event that answers `204` (stop). "
+    "`lane.delta` and `aggregate.delta` are live only: no `id:`, never replayed."
+)
+
+
+def event_schemas() -> dict[str, Any]:
+    """``JobEvent``: one frame of the stream, of any type; for each type, its frame
+    (``Event_<type>``: ``id:``, ``event:`` and ``data:`` as the text they are) and what
+    its ``data:`` holds once parsed as JSON (``EventData_<type>``)."""
+    schemas: dict[str, Any] = {}
+    frames: dict[str, str] = {}
+    for kind, (required, optional) in EVENT_FIELDS.items():
+        name = kind.replace(".", "_")
+        live = kind in LIVE_ONLY
+        schemas[f"EventData_{name}"] = {
+            "type": "object",
+            "required": ["job_id", "seq", "at", *required],
+            "properties": {
+                "job_id": _STR,
+                "seq": {"type": "integer", "const": 0} if live else {**_INT, "minimum": 1},
+                "at": {"type": "string", "format": "date-time"},
+                **required,
+                **optional,
+            },
+        }
+        frames[str(kind)] = f"#/components/schemas/Event_{name}"
+        schemas[f"Event_{name}"] = {
+            "type": "object",
+            "description": "live only: no `id:`" if live else "stored: its `id:` is its `seq`",
+            "required": ["event", "data"] if live else ["id", "event", "data"],
+            "properties": {
+                **({} if live else {"id": {"type": "string", "pattern": "^[1-9][0-9]*$"}}),
+                "event": {"type": "string", "const": str(kind)},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": f"#/components/schemas/EventData_{name}"},
+                },
+            },
+        }
+    schemas["JobEvent"] = {
+        "description": "One server-sent event: its `id:`, `event:` and `data:` lines.",
+        "oneOf": [{"$ref": ref} for ref in frames.values()],
+        "discriminator": {"propertyName": "event", "mapping": frames},
+    }
+    return schemas
+
+
+def not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's schema without its ``null`` (``str | None = None`` in a route): a
+    query parameter or header is sent or not, never null."""
+    kinds = [kind for kind in schema.get("anyOf", []) if kind != {"type": "null"}]
+    if len(kinds) != 1:
+        return schema
+    rest = {key: value for key, value in schema.items() if key != "anyOf"}
+    return {**kinds[0], **rest}
 
 
 def document(app: FastAPI) -> Callable[[], dict[str, Any]]:
     """``app.openapi`` with what FastAPI cannot infer: every error is problem+json with the
-    ``Problem`` schema (and its headers), and ``/v1`` routes need an API key."""
+    ``Problem`` schema (and its headers), every route but the ops ones takes an API key
+    or none, parameters are never null, and the event stream and details are described."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -205,10 +317,13 @@ def document(app: FastAPI) -> Callable[[], dict[str, Any]]:
             schemas = components.setdefault("schemas", {})
             for unused in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(unused, None)
-            for path, operations in document["paths"].items():
+            document["security"] = copy.deepcopy(API_SECURITY)
+            for operations in document["paths"].values():
                 for operation in operations.values():
-                    if path.startswith("/v1/") and "security" not in operation:
-                        operation["security"] = copy.deepcopy(API_SECURITY)
+                    if operation.get("tags") == ["ops"]:
+                        operation["security"] = []  # open, or guarded by their own key
+                    for parameter in operation.get("parameters", []):
+                        parameter["schema"] = not_null(parameter["schema"])
                     for status, response in operation["responses"].items():
                         if status[0] in "45":
                             ref = {"$ref": "#/components/schemas/Problem"}
@@ -216,6 +331,14 @@ def document(app: FastAPI) -> Callable[[], dict[str, Any]]:
                             if status in ERROR_HEADERS:
                                 response["headers"] = copy.deepcopy(ERROR_HEADERS[status])
             schemas["Problem"] = problem_schema()
+            schemas.update(event_schemas())
+            # A result's details, by aggregate kind (ResultView.details refers to them).
+            for model in DETAILS:
+                found = model.model_json_schema(
+                    mode="serialization", ref_template="#/components/schemas/{model}"
+                )
+                schemas.update(found.pop("$defs", {}))
+                schemas[model.__name__] = found
             components["securitySchemes"] = copy.deepcopy(SECURITY_SCHEMES)
             app.openapi_schema = document
         return app.openapi_schema

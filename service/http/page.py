@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse
 
 from ..states import FINAL_EVENTS, TERMINAL_JOB, EventType, JobStatus, LaneStatus
 from .deps import Reader, context
-from .openapi import READER_SECURITY, problems
+from .openapi import problems
 
 router = APIRouter()
 # The banner that says the answers come from the simulator (`make run` with no provider).
@@ -80,7 +80,6 @@ def _page() -> tuple[str, str]:
     responses=problems(404),
     tags=["pages"],
     operation_id="jobPage",
-    openapi_extra=READER_SECURITY,
 )
 async def job_page(request: Request, tenant: Reader, job_id: str) -> HTMLResponse:
     """The job's lanes, votes or gate verdicts, usage and result, live in a browser.

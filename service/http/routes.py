@@ -16,7 +16,7 @@ from ..spec import SectioningSpec, VotingSpec
 from ..states import JobStatus
 from ..views import JobPage, JobView
 from .deps import Context, Reader, Tenant, context
-from .openapi import CREATED, READER_SECURITY, SPEC_EXAMPLES, problems
+from .openapi import CREATED, EVENTS_DESCRIPTION, SPEC_EXAMPLES, problems
 from .problems import BadField, refuse_unstorable
 
 router = APIRouter()
@@ -106,7 +106,6 @@ async def list_jobs(
     responses=problems(404),
     tags=["jobs"],
     operation_id="getJob",
-    openapi_extra=READER_SECURITY,
 )
 async def get_job(request: Request, tenant: Reader, job_id: str) -> JobView:
     """The job, its lanes and, once it has ended, its result or error."""
@@ -133,13 +132,19 @@ async def cancel_job(request: Request, tenant: Tenant, job_id: str) -> JobView:
     "/v1/jobs/{job_id}/events",
     response_class=EventSourceResponse,
     responses={
-        200: {"content": {"text/event-stream": {}}, "description": "the job's events"},
+        200: {
+            "content": {
+                "text/event-stream": {
+                    "itemSchema": {"$ref": "#/components/schemas/JobEvent"},
+                }
+            },
+            "description": EVENTS_DESCRIPTION,
+        },
         204: {"description": "nothing after Last-Event-ID: the job has ended (stop)"},
         **problems(404, 422),
     },
     tags=["jobs"],
     operation_id="streamJobEvents",
-    openapi_extra=READER_SECURITY,
 )
 async def job_events(
     request: Request,

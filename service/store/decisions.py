@@ -16,8 +16,8 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..aggregate import Conclusion, LaneResult, conclude, gate_blocks, gates
-from ..policy import Decision, Stop, Tally, VoteState, budget_spent, decide
-from ..spec import MajorityAggregate, SectioningSpec, VotingSpec, lane_count
+from ..policy import Decision, Stop, Tally, budget_spent, decide
+from ..spec import MajorityAggregate, SectioningSpec, VotingSpec
 from ..states import (
     DECIDING_JOB,
     ENDED_WITHOUT_RESULT,
@@ -72,7 +72,7 @@ class Decisions:
         )
         if decision.vote is not None:
             # Where the vote stands after this batch: the page and the CLI show it live.
-            vote = _vote_view(decision.vote, spec)
+            vote = decision.vote.view(spec)
             for kind, fields in items:
                 if kind is EventType.LANE_SUCCEEDED:
                     fields["vote"] = vote
@@ -160,7 +160,7 @@ class Decisions:
             await self.finish(tx, job_id, JobStatus.FAILED, items, now, error=decision.error)
             return False
         results = await self.lane_results(tx.conn, job_id)
-        stop = _vote_view(decision.vote, spec) if decision.vote is not None else None
+        stop = decision.vote.view(spec) if decision.vote is not None else None
         conclusion = conclude(spec, results, partial=decision.partial, stop=stop)
         if conclusion.status is JobStatus.AGGREGATING:
             await self._await_reducer(tx, job_id, conclusion, now)
@@ -239,16 +239,3 @@ class Decisions:
             sequence,
             counted,
         )
-
-
-def _vote_view(vote: VoteState, spec: VotingSpec | SectioningSpec) -> dict[str, Any]:
-    """A vote's state as details and events show it: its rule, whether the rule stopped
-    it, after how many counted votes of how many lanes, and the leader's confidence."""
-    return {
-        "rule": vote.rule,
-        "stopped": vote.stopped,
-        "votes": vote.counted,
-        "of": lane_count(spec),
-        "leader": json.loads(vote.leader) if vote.leader is not None else None,
-        "confidence": round(vote.confidence, 4),
-    }

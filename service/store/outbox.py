@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..states import WebhookStatus
 from ..views import WebhookView
 from .db import Database, Tx
+from .rendering import iso
 from .tables import webhooks
 
 
@@ -51,7 +52,9 @@ class WebhookOutbox:
         )
         if row is None:
             return WebhookView(url=url, status=WebhookStatus.WAITING, attempts=[])
-        return WebhookView(url=url, status=row["status"], attempts=row["history"])
+        # Attempts are stored with their epoch time; callers read ISO times everywhere.
+        attempts = [{**attempt, "at": iso(attempt["at"])} for attempt in row["history"]]
+        return WebhookView(url=url, status=row["status"], attempts=attempts)
 
     async def claim(self, owner: str, limit: int = 50) -> list[tuple[str, str, int]]:
         """Due deliveries, leased to ``owner``: ``(job id, url, deliveries so far)``."""

@@ -4,11 +4,14 @@ stream tokens, a stream a browser can stop, and the ops routes closed by configu
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema_rs
 import pytest
 from fastapi import FastAPI
 
@@ -262,3 +265,55 @@ async def test_a_stream_before_the_end_is_not_204(client: httpx.AsyncClient) -> 
     job = await run_job(client, voting(2, "fake"))
     events = await events_of(client, job["id"], last_event_id=1)
     assert events and events[-1]["event"] == "job.succeeded"
+
+
+# --- the document describes what the API sends ------------------------------------------------
+
+
+def document_validator(name: str) -> Any:
+    """A validator of the committed document's schema ``name`` (formats checked)."""
+    document = json.loads((Path(__file__).parents[2] / "openapi" / "openapi.json").read_text())
+    schema = {"$ref": f"#/components/schemas/{name}", "components": document["components"]}
+    return jsonschema_rs.Draft202012Validator(schema, validate_formats=True)
+
+
+async def test_every_event_a_job_sends_is_one_the_document_describes(
+    client: httpx.AsyncClient,
+) -> None:
+    frames = document_validator("JobEvent")
+    merge = {"model": "fake?words=3", "messages": HI, "stream": True}
+    jobs = [
+        voting(
+            4,
+            "fake?answers=7:3,8:1",
+            task={"seed": 2, "stream": True},
+            aggregate={"kind": "majority", "extract": "number", "weight": "confidence"},
+        ),
+        voting(2, "fake?fail_first=1&fail_status=503", aggregate={"kind": "reduce", "task": merge}),
+        voting(2, "fake?status=400"),
+    ]
+    seen = set()
+    for spec in jobs:
+        job = await run_job(client, spec)
+        for event in await events_of(client, job["id"]):
+            frame = {**event, "data": json.dumps(event["data"])}
+            errors = [error.message for error in frames.iter_errors(frame)]
+            data = document_validator("EventData_" + event["event"].replace(".", "_"))
+            errors += [error.message for error in data.iter_errors(event["data"])]
+            assert not errors, (event, errors)
+            seen.add(event["event"])
+    assert {"lane.retrying", "lane.succeeded", "lane.failed", "aggregate.succeeded"} <= seen
+    assert {"job.succeeded", "job.failed"} <= seen
+
+
+async def test_the_job_the_api_returns_is_the_one_the_document_describes(
+    client: httpx.AsyncClient,
+) -> None:
+    validator = document_validator("JobView")
+    job = await run_job(
+        client,
+        voting(3, "fake?answers=7", aggregate={"kind": "majority", "extract": "number"}),
+    )
+    assert not [error.message for error in validator.iter_errors(job)]
+    page = (await client.get("/v1/jobs")).json()
+    assert not [error.message for error in document_validator("JobPage").iter_errors(page)]

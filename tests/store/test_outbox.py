@@ -34,7 +34,7 @@ async def test_a_failed_delivery_is_tried_again_at_its_time_then_delivered(store
     await store.outbox.record(job.id, OWNER, delivery=success, delivered=True, retry_at=None)
     webhook = (await store.jobs.get(job.id, None)).webhook
     assert webhook is not None and webhook.status == "delivered"
-    assert [d["status_code"] for d in webhook.attempts] == [503, 200]
+    assert [d.status_code for d in webhook.attempts] == [503, 200]
     assert await store.outbox.claim(OWNER) == []
 
 

@@ -5,9 +5,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.aggregate import LaneResult, conclude, gate_blocks, gate_verdict, gates, reduced
+from service.aggregate import (
+    LaneResult,
+    conclude,
+    gate_blocks,
+    gate_verdict,
+    gates,
+    judged,
+    reduced,
+)
+from service.policy import Tally, decide
 from service.spec import SectioningSpec, VotingSpec
 from service.states import JobStatus
+from service.views import (
+    CollectDetails,
+    JudgeDetails,
+    MajorityDetails,
+    ReduceDetails,
+    ScoreDetails,
+)
 
 TASK = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -101,3 +117,34 @@ def test_a_vote_concludes_with_its_winner() -> None:
     assert conclusion.status is JobStatus.SUCCEEDED
     assert conclusion.result is not None and conclusion.result["output"] == 391
     assert conclusion.result["partial"] is False
+
+
+# --- the details each aggregate writes are what the document says ---------------------
+
+
+def test_each_aggregates_details_are_what_the_document_says() -> None:
+    three = [lane(0, "lane-0", answer=391), lane(1, "lane-1", answer=391), lane(2, "lane-2")]
+    collected = conclude(sections("a", "b"), [lane(0, "a"), lane(1, "b", "failed")], partial=True)
+    assert collected.result is not None
+    CollectDetails.model_validate(collected.result["details"])
+
+    stopping = votes(5, stop={"rule": "ahead_by", "k": 2})
+    state = Tally(5, {"succeeded": 3, "running": 2}, [("391", 2.0, 0)], counted=2)
+    vote = decide(stopping, state).vote
+    assert vote is not None
+    stop = vote.view(stopping)
+    for weight in (None, "confidence"):
+        spec = votes(3, **({"weight": weight} if weight else {}))
+        result = conclude(spec, three, partial=False, stop=stop).result
+        assert result is not None
+        details = MajorityDetails.model_validate(result["details"])
+        assert (details.weighted_agreement is None) == (weight is None)
+
+    for pick in ("max", "mean"):
+        scored = [lane(0, "a", answer=7), lane(1, "b", answer=9)]
+        result = conclude(votes(2, kind="score", pick=pick), scored, partial=False).result
+        assert result is not None
+        ScoreDetails.model_validate(result["details"])
+
+    ReduceDetails.model_validate(reduced("merged", three, partial=False)["details"])
+    JudgeDetails.model_validate(judged(1, three, "Best: 1", partial=False)["details"])
