@@ -72,7 +72,10 @@ def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None
     policy = spec.policy
     if policy.quorum is not None:
         if on_failure(spec) is not OnFailure.QUORUM:
-            problem(("policy", "quorum"), "quorum is only used with on_failure 'quorum'")
+            problem(
+                ("policy", "quorum"),
+                f"a quorum needs on_failure 'quorum' (or none), not '{on_failure(spec)}'",
+            )
         elif policy.quorum > lanes:
             problem(
                 ("policy", "quorum"), f"quorum {policy.quorum} is larger than the {lanes} lanes"

@@ -366,8 +366,17 @@ class OnFailure(StrEnum):
 
 
 class Policy(Strict):
-    on_failure: OnFailure | None = None
-    quorum: int | None = Field(default=None, ge=1)
+    on_failure: OnFailure | None = Field(
+        default=None,
+        description="when not given: 'quorum' if `quorum` is, else 'fail_fast' for "
+        "sections and 'best_effort' for votes",
+    )
+    quorum: int | None = Field(
+        default=None,
+        ge=1,
+        description="successful lanes a quorum job needs (default: a strict majority); "
+        "implies on_failure 'quorum', and any other on_failure with it is refused",
+    )
     lane_timeout_s: float | None = Field(default=None, gt=0)
     deadline_s: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=3, ge=1)
@@ -459,9 +468,12 @@ def lane_count(spec: VotingSpec | SectioningSpec) -> int:
 
 
 def on_failure(spec: VotingSpec | SectioningSpec) -> OnFailure:
-    """The failure policy, defaulting by mode (fail fast for sections, best effort for votes)."""
+    """The failure policy: as given, or quorum when a quorum is, or by mode (fail fast for
+    sections, best effort for votes)."""
     if spec.policy.on_failure is not None:
         return spec.policy.on_failure
+    if spec.policy.quorum is not None:
+        return OnFailure.QUORUM
     return OnFailure.BEST_EFFORT if isinstance(spec, VotingSpec) else OnFailure.FAIL_FAST
 
 

@@ -173,15 +173,6 @@ KIND_OF: dict[type[FanoutError], str] = {
 _KIND_OF_STATUS = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
 
-class BadField(Exception):
-    """A request field the HTTP layer itself refuses (a header, a query parameter)."""
-
-    def __init__(self, loc: list[str | int], msg: str) -> None:
-        super().__init__(msg)
-        self.loc = loc
-        self.msg = msg
-
-
 router = APIRouter()
 
 
@@ -311,12 +302,6 @@ async def _fanout_error(_request: Request, exc: Exception) -> JSONResponse:
     return render(exc)
 
 
-async def _bad_field(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, BadField)
-    errors = [{"loc": exc.loc, "msg": exc.msg}]
-    return problem("invalid_request", _detail(errors), errors=errors)
-
-
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     raw = exc.errors()
@@ -387,7 +372,6 @@ def install(app: FastAPI, routes: list[BaseRoute]) -> None:
     """Every error a route can raise, rendered as problem+json; ``routes`` are the
     app's own (a 405 names every method they serve at its path)."""
     app.add_exception_handler(FanoutError, _fanout_error)
-    app.add_exception_handler(BadField, _bad_field)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error(routes))
     app.add_exception_handler(Exception, _unexpected_error)

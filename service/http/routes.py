@@ -14,10 +14,11 @@ from ..admission import check_against
 from ..errors import Unavailable
 from ..spec import SectioningSpec, VotingSpec
 from ..states import JobStatus
+from ..store.jobs import CURSOR_PATTERN
 from ..views import JobPage, JobView
 from .deps import Context, Reader, Tenant, context
 from .openapi import CREATED, EVENTS_DESCRIPTION, SPEC_EXAMPLES, problems
-from .problems import BadField, refuse_unstorable
+from .problems import refuse_unstorable
 
 router = APIRouter()
 MAX_EVENT_ID = 2**31 - 1  # event sequence numbers are 32-bit integers in the table
@@ -90,7 +91,13 @@ async def list_jobs(
     request: Request,
     tenant: Tenant,
     status: JobStatus | None = None,
-    cursor: str | None = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            pattern=CURSOR_PATTERN,
+            description="a page's `next_cursor`, as it came: the next page starts after it",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobPage:
     """The caller's jobs, newest first. Pass ``next_cursor`` back as ``cursor`` for more."""
@@ -150,7 +157,14 @@ async def job_events(
     request: Request,
     tenant: Reader,
     job_id: str,
-    last_event_id: Annotated[str | None, Header()] = None,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            pattern=r"^[0-9]{0,20}$",
+            description="the id of the last event seen: the stream resumes after it "
+            "(empty: from the start)",
+        ),
+    ] = None,
     after: Annotated[
         int | None, Query(ge=0, le=MAX_EVENT_ID, description="like Last-Event-ID")
     ] = None,
@@ -170,11 +184,8 @@ async def job_events(
         return finished
 
     start = after or 0
-    if last_event_id is not None and last_event_id.strip():  # empty: none, as SSE says
-        digits = last_event_id.isascii() and last_event_id.strip().isdigit()  # not "²"
-        start = int(last_event_id) if digits else -1
-        if not 0 <= start <= MAX_EVENT_ID:
-            raise BadField(["header", "Last-Event-ID"], "must be an event id (an integer)")
+    if last_event_id:  # empty is none, as SSE says; past the last event, the end
+        start = min(int(last_event_id), MAX_EVENT_ID)
     if finished and start and not await process.store.log.after(job_id, start, limit=1):
         return Response(status_code=204)  # type: ignore[return-value]
 

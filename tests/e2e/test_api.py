@@ -86,6 +86,11 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
         "policy.quorum",
     ),
     (
+        "quorum with another failure policy",
+        voting(3, policy={"on_failure": "best_effort", "quorum": 2}),
+        "policy.quorum",
+    ),
+    (
         "bad gate regex",
         sectioning(section("a", gate={"block_if": "(unclosed"})),
         "sections.0.gate.block_if",
@@ -251,6 +256,12 @@ async def test_list_is_newest_first_with_cursor_and_status_filter(
     assert [job["id"] for job in only_failed["jobs"]] == [failed]
     bad = await client.get("/v1/jobs", params={"cursor": "garbage"})
     assert bad.status_code == 422
+    # A cursor is a position of the form the document states, given out or not.
+    created_at, last_id = page["next_cursor"].split("_")
+    older = f"{created_at}_{'0' * 8}-0000-0000-0000-{'0' * 12}"
+    assert (await client.get("/v1/jobs", params={"cursor": older})).json()["jobs"] == rest["jobs"]
+    before_all = (await client.get("/v1/jobs", params={"cursor": f"0_{last_id}"})).json()
+    assert before_all == {"jobs": [], "next_cursor": None}
 
 
 async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
@@ -366,7 +377,7 @@ async def test_malformed_ids_and_event_ids_are_refused_not_crashed(
         await client.get(f"/v1/jobs/{job['id']}/events", params={"after": huge})
     ).status_code == 422
     # Headers arrive as latin-1: "²" (0xB2) passes str.isdigit() but not int().
-    for bad in (str(huge), "²", "¹0", "-1", "x"):
+    for bad in (str(huge), "²", "¹0", "-1", "x", " 1"):
         header = {"Last-Event-ID": bad.encode("latin-1")}
         response = await client.get(f"/v1/jobs/{job['id']}/events", headers=header)
         assert response.status_code == 422, bad

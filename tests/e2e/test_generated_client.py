@@ -118,9 +118,11 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     where = tmp_path_factory.mktemp("generated")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # it runs ruff
     subprocess.run(
-        [BIN / "openapi-python-client", "generate", "--meta", "none"]
-        + ["--path", str(ROOT / "openapi" / "openapi.json")]
-        + ["--output-path", str(where / "fanout_api")],
+        [
+            *(BIN / "openapi-python-client", "generate", "--meta", "none"),
+            *("--path", ROOT / "openapi" / "openapi.json"),
+            *("--output-path", where / "fanout_api"),
+        ],
         check=True,
         capture_output=True,
         env=env,

@@ -248,6 +248,9 @@ async def test_the_stream_tells_a_browser_when_to_retry_and_when_to_stop(
     # Reconnecting after the final event: 204, which makes an EventSource stop.
     again = await client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": last["id"]})
     assert again.status_code == 204 and again.content == b""
+    # An id past the last one (any that the document's pattern admits) is the end too.
+    past = await client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "9" * 20})
+    assert past.status_code == 204
     # An empty Last-Event-ID is none: the whole stream again.
     fresh = await events_of_with(client, job["id"], {"Last-Event-ID": ""})
     assert [event["id"] for event in fresh] == [event["id"] for event in parse_sse(whole.text)]

@@ -63,6 +63,7 @@ def test_sections_keep_their_names_and_tasks() -> None:
             OnFailure.FAIL_FAST,
         ),
         (voting(3, policy={"on_failure": "quorum"}), OnFailure.QUORUM),
+        (voting(3, policy={"quorum": 2}), OnFailure.QUORUM),  # a quorum implies its policy
     ],
 )
 def test_the_failure_policy_defaults_by_mode(spec: Any, policy: OnFailure) -> None:
