@@ -5,14 +5,13 @@ the job is followed on its event stream and shown as one row per lane (a live ta
 on a terminal; one final table otherwise, so pipes and logs get plain, stable text),
 then its result or error is printed as JSON.
 
-Following a job::
+Following a job, through the client (:mod:`service.client`)::
 
-    POST /v1/jobs ──202──► the job and its lanes ──► Board: one row per lane
-                                                       ▲ each event, once
-    GET /v1/jobs/{id}/events ──────────────────────────┘
-        the stream drops → reopen it with Last-Event-ID: <last seq seen> (an event at or
-        below that seq is ignored); after len(RETRY_DELAYS) reconnects in a row that
-        bring no new event, give up
+    Fanout.create ──► the job and its lanes ──► Board: one row per lane
+                                                  ▲ each event, once
+    Fanout.stream(job id) ────────────────────────┘
+        the client reopens a dropped stream after the last event seen; after
+        len(RETRY_DELAYS) reconnects in a row that bring no new event, it gives up
 
 Exit codes: 0 the job succeeded; 1 it failed, was cancelled or was blocked by a gate;
 2 it was not created (the spec was refused or unreadable, or the server unreachable);
@@ -28,12 +27,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from rich import box
@@ -42,6 +42,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from ..client import Event, Fanout, FanoutError, Job, Retries, StreamLost
 from ..states import (
     FINAL_EVENTS,
     JOB_EVENT,
@@ -60,9 +61,6 @@ EXIT_INTERRUPTED = 130
 
 # Pauses before each reconnect in a row that brings no new event; then the watch gives up.
 RETRY_DELAYS: tuple[float, ...] = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
-# The server sends a keep-alive comment every 15 s: a longer silence is a dead connection.
-STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)
-REQUEST_TIMEOUT = httpx.Timeout(30.0)
 
 STATE_STYLES: dict[str, str] = {
     LaneStatus.QUEUED: "dim",
@@ -77,43 +75,6 @@ STATE_STYLES: dict[str, str] = {
 JOB_STATUS_OF: dict[str, JobStatus] = {event: status for status, event in JOB_EVENT.items()}
 LANE_ENDED_BY: dict[str, LaneStatus] = {event: status for status, event in LANE_ENDED.items()}
 VERDICT_STYLES = {"passed": "green", "blocked": "bold red"}
-
-
-@dataclass(frozen=True)
-class ServerEvent:
-    """One server-sent event. ``id`` is the job's event seq; None for live-only events."""
-
-    id: int | None
-    type: str
-    data: dict[str, Any]
-
-
-def sse_events(lines: Iterable[str]) -> Iterator[ServerEvent]:
-    """Parse the lines of a ``text/event-stream`` body into events (comments dropped)."""
-    event_id: int | None = None
-    kind = "message"
-    data: list[str] = []
-    for line in lines:
-        if not line:
-            if data:
-                try:
-                    payload = json.loads("\n".join(data))
-                except ValueError:
-                    payload = None
-                if isinstance(payload, dict):
-                    yield ServerEvent(event_id, kind, payload)
-            event_id, kind, data = None, "message", []
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "event":
-            kind = value
-        elif field == "data":
-            data.append(value)
-        elif field == "id":
-            event_id = int(value) if value.isdigit() else None
 
 
 def _timestamp(at: Any) -> float | None:
@@ -147,7 +108,7 @@ class Board:
     never shows in the elapsed times.
     """
 
-    def __init__(self, job: dict[str, Any]) -> None:
+    def __init__(self, job: Mapping[str, Any]) -> None:
         self.job_id: str = job["id"]
         self.status: str = job.get("status", JobStatus.QUEUED)
         spec = job.get("spec") or {}
@@ -163,15 +124,15 @@ class Board:
         ]
         self.last_seq = 0
         self.vote: dict[str, Any] | None = None  # where a majority stands, as last told
-        self.final: ServerEvent | None = None
+        self.final: Event | None = None
         self.first_at = _timestamp(job.get("created_at"))
         self._server_time = self.first_at or time.time()
         self._received = time.monotonic()
         self._lock = threading.Lock()
 
-    def apply(self, event: ServerEvent) -> bool:
+    def apply(self, event: Event) -> bool:
         """Take one event into account; False when it was seen already (or is live-only)."""
-        if event.id is None or event.id <= self.last_seq:
+        if event.id <= self.last_seq:
             return False
         with self._lock:
             self.last_seq = event.id
@@ -346,70 +307,25 @@ def _seconds(seconds: float) -> str:
     return f"{minutes}m{rest:02d}s"
 
 
-class StreamLost(Exception):
-    """The event stream could not be (re)opened; the job may still be running."""
+def follow(fanout: Fanout, board: Board) -> None:
+    """Read the job's events into ``board`` until its final event (the client resumes a
+    dropped stream). Raises :class:`StreamLost`, or :class:`FanoutError` when the
+    stream is refused (the job is not found, the key is not known)."""
+    for event in fanout.stream(board.job_id, after=board.last_seq or None):
+        board.apply(event)
 
 
-def follow(client: httpx.Client, board: Board) -> None:
-    """Read the job's events into ``board`` until its final event, reconnecting after
-    the last event seen when the stream drops. Raises :class:`StreamLost`."""
-    failures = 0
-    while board.final is None:
-        headers = {"Last-Event-ID": str(board.last_seq)} if board.last_seq else {}
-        progressed = False
-        try:
-            with client.stream(
-                "GET", f"/v1/jobs/{board.job_id}/events", headers=headers, timeout=STREAM_TIMEOUT
-            ) as response:
-                if response.status_code != 200:
-                    response.read()
-                    problem = _problem_text(response)
-                    if response.status_code < 500:  # not found, unauthorized: retrying won't help
-                        raise StreamLost(problem)
-                    reason = problem
-                else:
-                    reason = "the stream closed before the job finished"
-                    for event in sse_events(response.iter_lines()):
-                        progressed = board.apply(event) or progressed
-                        if board.final is not None:
-                            return
-        except httpx.TransportError as exc:
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if progressed:  # a stream that brought news is reopened at once
-            failures = 0
-            continue
-        failures += 1
-        delays = RETRY_DELAYS
-        if failures > len(delays):
-            raise StreamLost(f"{reason} (gave up after {len(delays)} reconnects)")
-        time.sleep(delays[failures - 1])
-
-
-def _problem_text(response: httpx.Response) -> str:
-    """``HTTP 422 Unprocessable Content: detail`` plus one line per failing field."""
-    try:
-        problem = response.json()
-    except ValueError:
-        problem = None
-    if not isinstance(problem, dict):
-        return f"HTTP {response.status_code}: {response.text.strip()[:500]}"
-    title = problem.get("title") or response.reason_phrase
-    lines = [f"HTTP {response.status_code} {title}: {problem.get('detail', '')}".rstrip(": ")]
-    errors = problem.get("errors") or []
-    for error in errors if len(errors) > 1 else []:  # the detail tells of the first
-        if isinstance(error, dict):
-            where = ".".join(str(part) for part in error.get("loc", []) if part != "body")
-            lines.append(f"  {where or '(body)'}: {error.get('msg')}")
-    return "\n".join(lines)
+def page_url(base: str, job: Job) -> str:
+    """The job's page; with the job's stream token on a server with keys, so that a
+    browser, which sends no key, may open it."""
+    page = f"{base}/jobs/{quote(job['id'], safe='')}"
+    token = job.get("stream_token")
+    return f"{page}?token={quote(token, safe='')}" if token else page
 
 
 def _say(message: str) -> None:
     """A message for the person, not the pipe: standard error, never wrapped."""
     print(message, file=sys.stderr, flush=True)
-
-
-def _headers(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def submit(
@@ -428,29 +344,25 @@ def submit(
         _say(f"cannot read the spec: {exc}")
         return EXIT_NOT_CREATED
     base = url.rstrip("/")
-    with httpx.Client(
-        base_url=base, headers=_headers(api_key), timeout=REQUEST_TIMEOUT, transport=transport
-    ) as client:
+    retries = Retries(reconnect_s=RETRY_DELAYS)
+    with Fanout(base, api_key, transport=transport, retries=retries) as fanout:
         try:
-            response = client.post(
-                "/v1/jobs", content=body, headers={"Content-Type": "application/json"}
-            )
+            job = fanout.create(body)  # the file's JSON as it is: the server says what is wrong
         except httpx.TransportError as exc:
             _say(f"cannot reach {base}: {exc}")
+            return EXIT_NOT_CREATED
+        except FanoutError as exc:
+            _say(f"job refused: {exc}")
             return EXIT_NOT_CREATED
         except KeyboardInterrupt:
             _say("interrupted while posting the job; it may or may not have been created")
             return EXIT_INTERRUPTED
-        if response.status_code != 202:
-            _say(f"job refused: {_problem_text(response)}")
-            return EXIT_NOT_CREATED
-        job = response.json()
         console = Console(highlight=False)
-        page = f"{base}/jobs/{job['id']}"
+        page = page_url(base, job)
         if not watch:
             print(f"job {job['id']} {job.get('status', 'queued')}\n{page}", flush=True)
             return EXIT_SUCCEEDED
-        return _watch(client, Board(job), console, page, cancel_on_exit=cancel_on_exit)
+        return _watch(fanout, Board(job), console, page, cancel_on_exit=cancel_on_exit)
 
 
 @contextmanager
@@ -468,7 +380,7 @@ def _interruptible() -> Iterator[None]:
 
 
 def _watch(
-    client: httpx.Client, board: Board, console: Console, page: str, *, cancel_on_exit: bool
+    fanout: Fanout, board: Board, console: Console, page: str, *, cancel_on_exit: bool
 ) -> int:
     try:
         with _interruptible():
@@ -483,13 +395,13 @@ def _watch(
                     transient=True,
                     refresh_per_second=8,
                 ):
-                    follow(client, board)
+                    follow(fanout, board)
             else:
-                follow(client, board)
+                follow(fanout, board)
     except KeyboardInterrupt:
         console.print(board.table())
-        return _interrupted(client, board, cancel_on_exit=cancel_on_exit)
-    except StreamLost as exc:
+        return _interrupted(fanout, board, cancel_on_exit=cancel_on_exit)
+    except (StreamLost, FanoutError) as exc:
         console.print(board.table())
         _say(
             f"lost the event stream of job {board.job_id}: {exc}\n"
@@ -501,25 +413,22 @@ def _watch(
     return _report(board.final, console)
 
 
-def _interrupted(client: httpx.Client, board: Board, *, cancel_on_exit: bool) -> int:
+def _interrupted(fanout: Fanout, board: Board, *, cancel_on_exit: bool) -> int:
     if not cancel_on_exit:
         _say(f"stopped watching; job {board.job_id} goes on")
         return EXIT_INTERRUPTED
     try:
-        response = client.post(f"/v1/jobs/{board.job_id}/cancel", timeout=10)
-    except httpx.TransportError as exc:
+        fanout.cancel(board.job_id)
+    except (httpx.TransportError, FanoutError) as exc:
         _say(f"could not cancel job {board.job_id}: {exc}")
     except KeyboardInterrupt:
         pass
     else:
-        if response.status_code == 202:
-            _say(f"cancelled job {board.job_id}")
-        else:
-            _say(f"could not cancel job {board.job_id}: {_problem_text(response)}")
+        _say(f"cancelled job {board.job_id}")
     return EXIT_INTERRUPTED
 
 
-def _report(final: ServerEvent | None, console: Console) -> int:
+def _report(final: Event | None, console: Console) -> int:
     assert final is not None
     if final.type == EventType.JOB_SUCCEEDED:
         result = final.data.get("result") or {}

@@ -5,6 +5,7 @@ stream be made to drop at a chosen event."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -20,9 +21,10 @@ from typing import Any
 import httpx
 import pytest
 
+from service.config import Settings
 from service.tools import submit as submit_module
 from service.tools.submit import submit
-from tests.support import free_port, section, sectioning, voting, wait_http
+from tests.support import free_port, section, sectioning, serve, voting, wait_http
 
 CLI = [sys.executable, "-m", "service.cli"]
 # Variables that would change what the CLI or the server does if the caller's shell set them.
@@ -227,6 +229,24 @@ def test_ctrl_c_with_cancel_on_exit_cancels_the_job(server: str, tmp_path: Path)
     assert job["progress"] == {"cancelled": 3}
     assert "cancelled job" in err.read_text()
     assert lane_row(out.read_text(), "lane-0")[1] == "running"  # the table as last seen
+
+
+async def test_on_a_server_with_keys_the_page_it_prints_opens_without_the_key(
+    sqlite_settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with serve(sqlite_settings.model_copy(update={"api_keys": "acme:key-acme"})) as served:
+        spec = spec_file(tmp_path, voting(1, "fake"))
+        code = await asyncio.to_thread(
+            submit, spec, url=served.url, api_key="key-acme", watch=False, cancel_on_exit=False
+        )
+        page = capsys.readouterr().out.splitlines()[1]
+        with_token = await served.http.get(page)  # as a browser opens it: no key
+        without = await served.http.get(page.partition("?")[0])
+
+    assert code == 0
+    assert re.fullmatch(rf"{served.url}/jobs/\S+\?token=\S+", page), page
+    assert with_token.status_code == 200, with_token.text
+    assert without.status_code == 401
 
 
 # --- reconnecting, in-process --------------------------------------------------------------
