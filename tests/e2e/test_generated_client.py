@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from service.config import Settings
+from tests.e2e.test_readme import blocks
 from tests.support import serve
 
 ROOT = Path(__file__).parents[2]
@@ -116,17 +117,12 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The client openapi-python-client makes of the committed document, and the
     program beside it."""
     where = tmp_path_factory.mktemp("generated")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # it runs ruff
-    subprocess.run(
-        [
-            *(BIN / "openapi-python-client", "generate", "--meta", "none"),
-            *("--path", ROOT / "openapi" / "openapi.json"),
-            *("--output-path", where / "fanout_api"),
-        ],
-        check=True,
-        capture_output=True,
-        env=env,
+    (command,) = blocks("generate-client")  # the README's command, as written
+    command = command.replace(".venv/bin/", f"{BIN}/").replace(
+        "openapi/openapi.json", str(ROOT / "openapi" / "openapi.json")
     )
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # it runs ruff
+    subprocess.run(["bash", "-c", command], cwd=where, check=True, capture_output=True, env=env)
     (where / "program.py").write_text(PROGRAM)
     return where
 
