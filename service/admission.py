@@ -12,22 +12,26 @@ from .egress import EgressDenied, check_url
 from .errors import InvalidSpec
 from .spec import (
     HttpTask,
+    JobSpec,
     JudgeAggregate,
     LlmTask,
     MajorityAggregate,
+    MapSpec,
+    MissingField,
     OnFailure,
     ReduceAggregate,
-    SectioningSpec,
     Task,
     VotingSpec,
+    item_task,
     lane_count,
     on_failure,
+    placeholders,
 )
 
 _task_adapter: TypeAdapter[LlmTask | HttpTask] = TypeAdapter(Task)
 
 
-def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None:
+def check_against(spec: JobSpec, settings: Settings) -> None:
     """Reject what this server cannot run: caps, unknown providers, impossible policies.
 
     Raises :class:`InvalidSpec` naming every failing field, before anything is stored.
@@ -39,7 +43,13 @@ def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None
 
     lanes = lane_count(spec)
     if lanes > settings.max_lanes_per_job:
-        where: tuple[str, ...] = ("n",) if isinstance(spec, VotingSpec) else ("sections",)
+        where: tuple[str, ...] = (
+            ("n",)
+            if isinstance(spec, VotingSpec)
+            else ("items",)
+            if isinstance(spec, MapSpec)
+            else ("sections",)
+        )
         problem(
             where, f"{lanes} lanes is over the cap of {settings.max_lanes_per_job} lanes per job"
         )
@@ -62,6 +72,9 @@ def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None
         tasks.extend((("tasks", i), task) for i, task in enumerate(spec.tasks))
     elif isinstance(spec, VotingSpec):
         tasks.append((("task",), spec.ensemble[0]))
+    elif isinstance(spec, MapSpec):
+        tasks.append((("task",), spec.task))
+        problems.extend(_item_problems(spec))
     else:
         tasks.extend((("sections", i, "task"), s.task) for i, s in enumerate(spec.sections))
     if isinstance(spec.aggregate, ReduceAggregate | JudgeAggregate):
@@ -106,15 +119,46 @@ def check_against(spec: VotingSpec | SectioningSpec, settings: Settings) -> None
         raise InvalidSpec(problems)
 
 
+# Items named in one refusal at most: a batch of 10,000 that lacks a field everywhere
+# gets the first few and a count, not 10,000 lines.
+MAX_ITEM_PROBLEMS = 10
+
+
+def _item_problems(spec: MapSpec) -> list[dict[str, Any]]:
+    """Each item that cannot fill a placeholder of the task, naming the item and the
+    placeholder."""
+    found: list[dict[str, Any]] = []
+    missing = 0
+    if not placeholders(spec.task):
+        return found
+    for index, item in enumerate(spec.items):
+        try:
+            item_task(spec.task, item, index)
+        except MissingField as exc:
+            missing += 1
+            if len(found) < MAX_ITEM_PROBLEMS:
+                what = "an object" if isinstance(item, dict) else "a string"
+                message = f"item {index} ({what}) has no value for {exc.placeholder} in the task"
+                found.append({"loc": ["items", index], "msg": message})
+    if missing > len(found):
+        found.append({"loc": ["items"], "msg": f"and {missing - len(found)} more items like these"})
+    return found
+
+
 def check_parts(raw: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
     """What :func:`check_against` would refuse in the parts of a spec that parse, for a
     spec that does not: so that one answer names every failing field (the lanes cap, and
     each task's provider, size and destination)."""
     found: list[dict[str, Any]] = []
-    n, sections = raw.get("n"), raw.get("sections")
-    lanes = n if isinstance(n, int) else len(sections) if isinstance(sections, list) else 0
+    lanes, where = 0, "n"
+    for name in ("n", "sections", "items"):  # whichever the spec has: its lanes
+        value = raw.get(name)
+        if isinstance(value, list):
+            lanes, where = len(value), name
+        elif isinstance(value, int) and not isinstance(value, bool):
+            lanes, where = value, name
+    sections = raw.get("sections")
     if lanes > settings.max_lanes_per_job:
-        where = "n" if isinstance(n, int) else "sections"
         message = f"{lanes} lanes is over the cap of {settings.max_lanes_per_job} lanes per job"
         found.append({"loc": [where], "msg": message})
     candidates: list[tuple[tuple[str | int, ...], Any]] = [(("task",), raw.get("task"))]

@@ -19,14 +19,16 @@ from typing import Any
 from .spec import (
     CollectAggregate,
     Extracting,
+    JobSpec,
     JudgeAggregate,
     LlmTask,
     MajorityAggregate,
+    MapSpec,
+    MergeAggregate,
     Message,
     ReduceAggregate,
     ScoreAggregate,
     SectioningSpec,
-    VotingSpec,
 )
 from .states import ErrorType, JobStatus, LaneStatus
 from .views import ResultView
@@ -49,6 +51,7 @@ class LaneResult:
     output: Any
     answer: Any = None  # extracted vote or score (a gate's verdict); None is an abstention
     weight: float = 1.0  # a vote's weight (its confidence when votes are weighted)
+    error: dict[str, Any] | None = None  # why it ended without a result
 
     @property
     def succeeded(self) -> bool:
@@ -112,13 +115,19 @@ def extract(how: Extracting, output: Any, reply: dict[str, Any] | None = None) -
         value = match.group(1) if match.re.groups else match.group(0)
         return (value or "").strip() or None  # an empty capture is no answer
     assert how.field is not None
+    return json_at(text, how.field)
+
+
+def json_at(text: str, field: str | None) -> Any:
+    """The value at a dotted path (``None``: the whole) in a JSON text, code fences
+    aside; ``None`` when the text is not JSON or has nothing there."""
     try:
         document = json.loads(
             _FENCE.sub("", text.strip()), parse_float=_finite, parse_constant=_finite
         )
     except ValueError:
         return None
-    for part in how.field.split("."):
+    for part in field.split(".") if field else ():
         if isinstance(document, dict) and part in document:
             document = document[part]
         elif isinstance(document, list) and part.lstrip("-").isdigit():
@@ -168,7 +177,7 @@ class LaneAnswer:
 
 
 def lane_answer(
-    spec: VotingSpec | SectioningSpec,
+    spec: JobSpec,
     idx: int,
     output: Any,
     reply: dict[str, Any] | None = None,
@@ -181,6 +190,8 @@ def lane_answer(
     aggregate = spec.aggregate
     if isinstance(aggregate, ScoreAggregate):
         return LaneAnswer(as_score(extract(aggregate, output, reply)))
+    if isinstance(aggregate, MergeAggregate):
+        return LaneAnswer(list_answer(aggregate, output, reply))
     if not isinstance(aggregate, MajorityAggregate):
         return LaneAnswer()
     text = answer_text(output, reply)
@@ -203,7 +214,7 @@ def lane_answer(
 BLOCKED, PASSED = "blocked", "passed"
 
 
-def gates(spec: VotingSpec | SectioningSpec) -> dict[int, str]:
+def gates(spec: JobSpec) -> dict[int, str]:
     """``{lane index: block_if}`` of the sections that gate the job."""
     if not isinstance(spec, SectioningSpec):
         return {}
@@ -300,10 +311,70 @@ def reduce_messages(task: LlmTask, lanes: list[LaneResult]) -> list[Message]:
     return [*task.messages, tagged]
 
 
+# --- map: the items' answers as a list, or merged -------------------------------------
+
+_MARKER = re.compile(r"^\s*(?:[-*•]|\d{1,4}[.)])\s+")
+
+
+def list_answer(how: MergeAggregate, output: Any, reply: dict[str, Any] | None) -> Any:
+    """An item's answer read as a list (``None``: it did not answer one)."""
+    if how.extract == "lines":
+        lines = (_MARKER.sub("", line).strip() for line in output_text(output).splitlines())
+        return [line for line in lines if line] or None
+    found = json_at(answer_text(output, reply), how.field)
+    return found if isinstance(found, list) else None
+
+
+def without_result(lanes: list[LaneResult]) -> list[dict[str, Any]]:
+    """The items that ended without a result: which, how, and why."""
+    return [
+        {"index": lane.index, "name": lane.name, "status": lane.status, "error": lane.error}
+        for lane in lanes
+        if not lane.succeeded
+    ]
+
+
+def collect_items(lanes: list[LaneResult]) -> tuple[Any, dict[str, Any]]:
+    """Each item's output in item order; ``None`` for an item without one."""
+    output = [lane.output if lane.succeeded else None for lane in lanes]
+    return output, {"items": without_result(lanes)}
+
+
+def merge_key(element: Any, dedupe: str) -> str:
+    if dedupe == "normalized" and isinstance(element, str):
+        return json.dumps(" ".join(element.split()).casefold())
+    return json.dumps(element, sort_keys=True, separators=(",", ":"))
+
+
+def merge(lanes: list[LaneResult], dedupe: str) -> tuple[Any, dict[str, Any]]:
+    """The elements of every item's list, in item order, equal ones once: each with its
+    count and the items it came from (the first form seen is the one shown)."""
+    merged: dict[str, dict[str, Any]] = {}
+    unreadable, read = [], 0
+    for lane in lanes:
+        if not lane.succeeded:
+            continue
+        if not isinstance(lane.answer, list):
+            unreadable.append(lane.name)
+            continue
+        for element in lane.answer:
+            read += 1
+            entry = merged.setdefault(
+                merge_key(element, dedupe), {"value": element, "count": 0, "items": []}
+            )
+            entry["count"] += 1
+            if not entry["items"] or entry["items"][-1] != lane.name:
+                entry["items"].append(lane.name)
+    details = {"items": without_result(lanes), "unreadable": unreadable, "elements": read}
+    return list(merged.values()), details
+
+
 def combine(aggregate: Any, lanes: list[LaneResult]) -> tuple[Any, dict[str, Any]]:
     """Every aggregate but ``reduce`` (whose output is the reducer call's text)."""
     if isinstance(aggregate, CollectAggregate):
         return collect(lanes)
+    if isinstance(aggregate, MergeAggregate):
+        return merge(lanes, aggregate.dedupe)
     if isinstance(aggregate, MajorityAggregate):
         return majority(lanes, weighted=aggregate.weight is not None)
     if isinstance(aggregate, ScoreAggregate):
@@ -328,7 +399,7 @@ class Conclusion:
 
 
 def conclude(
-    spec: VotingSpec | SectioningSpec,
+    spec: JobSpec,
     lanes: list[LaneResult],
     *,
     partial: bool,
@@ -350,7 +421,10 @@ def conclude(
         if isinstance(spec.aggregate, CollectAggregate)
         else [lane for lane in lanes if lane.index not in gated]
     )
-    output, details = combine(spec.aggregate, inputs)
+    if isinstance(spec, MapSpec) and isinstance(spec.aggregate, CollectAggregate):
+        output, details = collect_items(lanes)
+    else:
+        output, details = combine(spec.aggregate, inputs)
     if isinstance(spec.aggregate, MajorityAggregate | ScoreAggregate) and output is None:
         error = {
             "type": ErrorType.NO_ANSWER,
@@ -372,7 +446,7 @@ def reduced(output: str, lanes: list[LaneResult], *, partial: bool) -> dict[str,
 # --- the judge -----------------------------------------------------------------------------
 
 
-def candidates(spec: VotingSpec | SectioningSpec, lanes: list[LaneResult]) -> list[LaneResult]:
+def candidates(spec: JobSpec, lanes: list[LaneResult]) -> list[LaneResult]:
     """What a judge chooses from: the succeeded lanes that are not gates, in lane order
     (numbered from 1)."""
     gated = gates(spec)

@@ -25,13 +25,12 @@ from typing import Any
 
 from .attempts import Attempt
 from .spec import (
+    JobSpec,
     LlmTask,
     MajorityAggregate,
     OnFailure,
     Policy,
-    SectioningSpec,
     StopRule,
-    VotingSpec,
     lane_count,
     on_failure,
     quorum_size,
@@ -218,7 +217,7 @@ class VoteState:
     confidence: float
     stopped: bool = False
 
-    def view(self, spec: VotingSpec | SectioningSpec) -> dict[str, Any]:
+    def view(self, spec: JobSpec) -> dict[str, Any]:
         """As details and events show it: its rule, whether the rule stopped the vote,
         after how many counted votes of how many lanes, and the leader's confidence."""
         return {
@@ -323,7 +322,7 @@ class Decision:
 
 
 def decide(
-    spec: VotingSpec | SectioningSpec,
+    spec: JobSpec,
     tally: Tally,
     *,
     deadline_passed: bool = False,

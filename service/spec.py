@@ -8,6 +8,7 @@ what callers read back is in :mod:`service.views`.
 
 from __future__ import annotations
 
+import json
 import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
@@ -20,6 +21,7 @@ from pydantic import (
     StrictBool,
     StrictFloat,
     StrictInt,
+    StrictStr,
     Tag,
     field_validator,
     model_validator,
@@ -350,9 +352,41 @@ class JudgeAggregate(Strict):
     task: LlmTask
 
 
+class MergeAggregate(Strict):
+    """Map jobs: the lists the items answered, merged without an LLM call. Each item's
+    answer is read as a list (``json``: a JSON array, the whole answer or at ``field``;
+    ``lines``: its non-empty lines, list markers dropped); the elements are merged in
+    item order, equal ones (``exact``, or ``normalized``: case and whitespace aside) once,
+    each with its count and the items it came from."""
+
+    kind: Literal["merge"] = "merge"
+    extract: Literal["json", "lines"] = "json"
+    field: str | None = Field(default=None, description="json: a dotted path to the list")
+    dedupe: Literal["exact", "normalized"] = "normalized"
+
+    @field_validator("extract", mode="before")
+    @classmethod
+    def _yields_a_list(cls, value: Any) -> Any:
+        if value in ("text", "number", "regex"):
+            raise ValueError(
+                f"extract {value!r} cannot yield a list: use 'json' (a JSON array) or 'lines'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _field_is_for_json(self) -> MergeAggregate:
+        if self.field is not None and self.extract != "json":
+            raise ValueError("'field' is a parameter of extract 'json' only")
+        return self
+
+
 Aggregate = Annotated[
     CollectAggregate | MajorityAggregate | ScoreAggregate | ReduceAggregate | JudgeAggregate,
     Field(discriminator="kind"),
+]
+# A map job's fan-in: the items' answers as a list, merged, or reduced by one more call.
+MapAggregate = Annotated[
+    CollectAggregate | ReduceAggregate | MergeAggregate, Field(discriminator="kind")
 ]
 
 
@@ -448,47 +482,164 @@ class SectioningSpec(_JobSpecBase):
         return sections
 
 
-JobSpec = Annotated[VotingSpec | SectioningSpec, Field(discriminator="mode")]
+class MapSpec(_JobSpecBase):
+    """One task over many items: lane *i* runs ``task`` with item *i* put into its
+    placeholders (:func:`fill`). An object item's ``id`` names its lane."""
+
+    mode: Literal["map"]
+    items: list[StrictStr | dict[str, Any]] = Field(
+        min_length=1, description="strings or JSON objects; an object's `id` names its lane"
+    )
+    task: LlmTask
+    aggregate: MapAggregate = Field(default_factory=CollectAggregate)
+
+    @field_validator("items")
+    @classmethod
+    def _ids_name_lanes(cls, items: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+        seen: set[str] = set()
+        for index, item in enumerate(items):
+            name = item_name(item, index)
+            if not name or len(name) > 200 or _CONTROL.search(name):
+                raise ValueError(f"item {index}: an id is 1 to 200 characters, no control ones")
+            if name in seen:
+                raise ValueError(f"item {index}: duplicate id {name!r}")
+            seen.add(name)
+        return items
+
+
+JobSpec = Annotated[VotingSpec | SectioningSpec | MapSpec, Field(discriminator="mode")]
 
 # The tags of the unions a spec holds (pydantic names them in an error's location).
 TASK_KINDS = frozenset({"llm", "http"})
 AGGREGATE_KINDS = frozenset(
-    member.model_fields["kind"].default for member in get_args(get_args(Aggregate)[0])
+    member.model_fields["kind"].default
+    for union in (Aggregate, MapAggregate)
+    for member in get_args(get_args(union)[0])
+)
+MODES = frozenset(
+    get_args(member.model_fields["mode"].annotation)[0] for member in get_args(get_args(JobSpec)[0])
 )
 
 
-def stored(spec: VotingSpec | SectioningSpec) -> dict[str, Any]:
+# --- map: an item put into the task ------------------------------------------------
+
+# {{item}}, {{item.a.b}} (a dotted path into an object item) and {{index}}; any other
+# {{...}} is text. Plain replacement: nothing in an item or a task is ever evaluated.
+PLACEHOLDER = re.compile(r"\{\{\s*(index|item(?:\.[^\s{}.]+)*)\s*\}\}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def item_name(item: str | dict[str, Any], index: int) -> str:
+    """An item's lane name: its ``id`` (an object's), else ``item-<index>``."""
+    if isinstance(item, dict) and isinstance(item.get("id"), str | int):
+        return str(item["id"])
+    return f"item-{index}"
+
+
+class MissingField(ValueError):
+    def __init__(self, placeholder: str) -> None:
+        super().__init__(placeholder)
+        self.placeholder = placeholder
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def fill(text: str, item: str | dict[str, Any], index: int) -> str:
+    """``text`` with its placeholders replaced by the item's values; raises
+    :class:`MissingField` naming a placeholder the item cannot fill."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name == "index":
+            return str(index)
+        found: Any = item
+        for part in name.split(".")[1:]:
+            if not isinstance(found, dict) or part not in found:
+                raise MissingField("{{" + name + "}}")
+            found = found[part]
+        return _as_text(found)
+
+    return PLACEHOLDER.sub(value, text)
+
+
+def _texts(task: LlmTask) -> list[str]:
+    """The message contents and text parts of a task: where placeholders may be."""
+    found: list[str] = []
+    for message in task.messages:
+        if isinstance(message.content, str):
+            found.append(message.content)
+        elif message.content is not None:
+            for part in message.content:
+                text = (part.model_extra or {}).get("text")
+                if part.type == "text" and isinstance(text, str):
+                    found.append(text)
+    return found
+
+
+def placeholders(task: LlmTask) -> list[str]:
+    """The task's placeholders, each once, in the order they appear."""
+    return list(dict.fromkeys(m.group(0) for t in _texts(task) for m in PLACEHOLDER.finditer(t)))
+
+
+def item_task(task: LlmTask, item: str | dict[str, Any], index: int) -> LlmTask:
+    """The task with the item in its message contents and text parts."""
+
+    def part(content: ContentPart) -> ContentPart:
+        text = (content.model_extra or {}).get("text")
+        if content.type != "text" or not isinstance(text, str):
+            return content
+        return content.model_copy(update={"text": fill(text, item, index)})
+
+    messages = []
+    for message in task.messages:
+        content = message.content
+        if isinstance(content, str):
+            content = fill(content, item, index)
+        elif content is not None:
+            content = [part(p) for p in content]
+        messages.append(message.model_copy(update={"content": content}))
+    return task.model_copy(update={"messages": messages})
+
+
+def stored(spec: JobSpec) -> dict[str, Any]:
     """The spec as it is stored and shown: JSON, without the fields left at None. Any
     process parses it back into the same spec."""
     return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def lane_count(spec: VotingSpec | SectioningSpec) -> int:
+def lane_count(spec: JobSpec) -> int:
+    if isinstance(spec, MapSpec):
+        return len(spec.items)
     return spec.n if isinstance(spec, VotingSpec) else len(spec.sections)
 
 
-def on_failure(spec: VotingSpec | SectioningSpec) -> OnFailure:
+def on_failure(spec: JobSpec) -> OnFailure:
     """The failure policy: as given, or quorum when a quorum is, or by mode (fail fast for
     sections, best effort for votes)."""
     if spec.policy.on_failure is not None:
         return spec.policy.on_failure
     if spec.policy.quorum is not None:
         return OnFailure.QUORUM
-    return OnFailure.BEST_EFFORT if isinstance(spec, VotingSpec) else OnFailure.FAIL_FAST
+    return OnFailure.FAIL_FAST if isinstance(spec, SectioningSpec) else OnFailure.BEST_EFFORT
 
 
-def quorum_size(spec: VotingSpec | SectioningSpec) -> int:
+def quorum_size(spec: JobSpec) -> int:
     """Successful lanes a quorum job needs: as given, or a strict majority."""
     return spec.policy.quorum or lane_count(spec) // 2 + 1
 
 
-def lane_task(spec: VotingSpec | SectioningSpec, i: int) -> tuple[str, LlmTask | HttpTask]:
+def lane_task(spec: JobSpec, i: int) -> tuple[str, LlmTask | HttpTask]:
     """Lane *i*'s name and task: voting lane *i* runs ``tasks[i % len(tasks)]``, with
     ``seed + i`` when a seed is given, and asks for logprobs when its votes are
     weighted by confidence."""
     if isinstance(spec, SectioningSpec):
         section = spec.sections[i]
         return section.name, section.task
+    if isinstance(spec, MapSpec):
+        item = spec.items[i]
+        return item_name(item, i), item_task(spec.task, item, i)
     ensemble = spec.ensemble
     task = ensemble[i % len(ensemble)]
     if isinstance(task, LlmTask):
@@ -503,9 +654,11 @@ def lane_task(spec: VotingSpec | SectioningSpec, i: int) -> tuple[str, LlmTask |
     return f"lane-{i}", task
 
 
-def lane_names(spec: VotingSpec | SectioningSpec) -> list[str]:
+def lane_names(spec: JobSpec) -> list[str]:
     if isinstance(spec, SectioningSpec):
         return [section.name for section in spec.sections]
+    if isinstance(spec, MapSpec):
+        return [item_name(item, i) for i, item in enumerate(spec.items)]
     return [f"lane-{i}" for i in range(spec.n)]
 
 
@@ -514,9 +667,11 @@ def provider_name(task: LlmTask | HttpTask) -> str:
     return task.provider if isinstance(task, LlmTask) else "http"
 
 
-def lane_providers(spec: VotingSpec | SectioningSpec) -> list[str]:
+def lane_providers(spec: JobSpec) -> list[str]:
     """The provider each lane calls, in lane order."""
     if isinstance(spec, SectioningSpec):
         return [provider_name(section.task) for section in spec.sections]
+    if isinstance(spec, MapSpec):
+        return [provider_name(spec.task)] * len(spec.items)
     ensemble = spec.ensemble
     return [provider_name(ensemble[i % len(ensemble)]) for i in range(spec.n)]

@@ -164,7 +164,33 @@ class JudgeDetails(Details):
     candidates: int
 
 
-DETAILS = (CollectDetails, MajorityDetails, ScoreDetails, ReduceDetails, JudgeDetails)
+class ItemWithoutResult(Details):
+    index: int
+    name: str
+    status: LaneStatus
+    error: ErrorView | None
+
+
+class ItemsDetails(Details):
+    """A map job's collected list."""
+
+    items: list[ItemWithoutResult] = Field(description="the items without a result")
+
+
+class MergeDetails(ItemsDetails):
+    unreadable: list[str] = Field(description="items whose answer was not a list")
+    elements: int = Field(description="elements read, before equal ones were merged")
+
+
+DETAILS = (
+    CollectDetails,
+    MajorityDetails,
+    ScoreDetails,
+    ReduceDetails,
+    JudgeDetails,
+    ItemsDetails,
+    MergeDetails,
+)
 
 
 class ResultView(View):
@@ -199,7 +225,7 @@ class WebhookView(View):
 class JobView(View):
     id: str
     status: JobStatus
-    mode: Literal["voting", "sectioning"]
+    mode: Literal["voting", "sectioning", "map"]
     spec: Annotated[
         dict[str, Any],
         WithJsonSchema(
@@ -208,12 +234,14 @@ class JobView(View):
                 "oneOf": [
                     {"$ref": "#/components/schemas/VotingSpec"},
                     {"$ref": "#/components/schemas/SectioningSpec"},
+                    {"$ref": "#/components/schemas/MapSpec"},
                 ],
                 "discriminator": {
                     "propertyName": "mode",
                     "mapping": {
                         "voting": "#/components/schemas/VotingSpec",
                         "sectioning": "#/components/schemas/SectioningSpec",
+                        "map": "#/components/schemas/MapSpec",
                     },
                 },
             }
@@ -238,7 +266,7 @@ class JobView(View):
 class JobSummary(View):
     id: str
     status: JobStatus
-    mode: Literal["voting", "sectioning"]
+    mode: Literal["voting", "sectioning", "map"]
     created_at: Time
     finished_at: Time | None = None
     progress: dict[str, int]

@@ -123,6 +123,12 @@ async def fake_stats(fake_url: str) -> dict[str, Any]:
         return dict((await client.get(fake_url.removesuffix("/v1") + "/_stats")).json())
 
 
+async def fake_last(fake_url: str) -> dict[str, Any]:
+    """The body of the last chat request the simulator received, as sent."""
+    async with httpx.AsyncClient() as client:
+        return dict((await client.get(fake_url.removesuffix("/v1") + "/_last")).json())
+
+
 async def fake_reset(fake_url: str) -> None:
     async with httpx.AsyncClient() as client:
         (await client.post(fake_url.removesuffix("/v1") + "/_reset")).raise_for_status()

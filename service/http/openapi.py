@@ -94,6 +94,21 @@ SPEC_EXAMPLES: dict[str, Any] = {
             ],
         },
     },
+    "map": {
+        "summary": "one task over many items: each essay graded, the grades as a list",
+        "value": {
+            "mode": "map",
+            "items": [
+                {"id": "essay-1", "text": "Rain is the sky's way of saying hello."},
+                {"id": "essay-2", "text": "Cats rule the internet."},
+            ],
+            "task": {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "Grade 1-10: {{item.text}}"}],
+            },
+            "aggregate": {"kind": "collect"},
+        },
+    },
     "fake-llm": {
         "summary": "a vote against the simulator (`fanout fake-llm`)",
         "value": {

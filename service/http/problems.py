@@ -32,7 +32,7 @@ from ..errors import (
     Unauthorized,
     Unavailable,
 )
-from ..spec import AGGREGATE_KINDS, OWNED_FIELDS, TASK_KINDS
+from ..spec import AGGREGATE_KINDS, MODES, OWNED_FIELDS, TASK_KINDS
 
 log = logging.getLogger("fanout")
 PROBLEM_JSON = "application/problem+json"
@@ -262,7 +262,7 @@ def refuse_unstorable(body: Any) -> None:
 
 # Tags of the spec's unions: pydantic puts them in error paths, callers never wrote them.
 _UNION_TAGS = {
-    "body": {"voting", "sectioning"},
+    "body": MODES,
     "task": TASK_KINDS,
     "tasks": TASK_KINDS,  # tasks.<i>.<kind>
     "aggregate": AGGREGATE_KINDS,

@@ -12,7 +12,7 @@ from sse_starlette import EventSourceResponse
 from .. import events as ev
 from ..admission import check_against
 from ..errors import Unavailable
-from ..spec import SectioningSpec, VotingSpec
+from ..spec import JobSpec
 from ..states import JobStatus
 from ..store.jobs import CURSOR_PATTERN
 from ..views import JobPage, JobView
@@ -37,9 +37,7 @@ async def create_job(
     request: Request,
     response: Response,
     tenant: Tenant,
-    spec: Annotated[
-        VotingSpec | SectioningSpec, Body(discriminator="mode", openapi_examples=SPEC_EXAMPLES)
-    ],
+    spec: Annotated[JobSpec, Body(discriminator="mode", openapi_examples=SPEC_EXAMPLES)],
     idempotency_key: Annotated[
         str | None, Header(max_length=255, pattern=r"^[\x20-\x7e]+$")
     ] = None,

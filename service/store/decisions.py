@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..aggregate import Conclusion, LaneResult, conclude, gate_blocks, gates
 from ..policy import Decision, Stop, Tally, budget_spent, decide
-from ..spec import MajorityAggregate, SectioningSpec, VotingSpec
+from ..spec import JobSpec, MajorityAggregate
 from ..states import (
     DECIDING_JOB,
     ENDED_WITHOUT_RESULT,
@@ -52,7 +52,7 @@ class Decisions:
         self,
         tx: Tx,
         job: Mapping[Any, Any],
-        spec: VotingSpec | SectioningSpec,
+        spec: JobSpec,
         now: float,
         *,
         items: list[Item],
@@ -143,15 +143,16 @@ class Decisions:
                 output,
                 json.loads(key) if key is not None else None,
                 weight if weight is not None else 1.0,
+                {"type": kind, "message": message or ""} if kind is not None else None,
             )
-            for idx, name, status, output, key, weight in rows
+            for idx, name, status, output, key, weight, kind, message in rows
         ]
 
     async def _conclude(
         self,
         tx: Tx,
         job_id: str,
-        spec: VotingSpec | SectioningSpec,
+        spec: JobSpec,
         decision: Decision,
         items: list[Item],
         now: float,
@@ -192,9 +193,7 @@ class Decisions:
             )
         )
 
-    async def _tally(
-        self, conn: AsyncConnection, job_id: str, spec: VotingSpec | SectioningSpec
-    ) -> Tally:
+    async def _tally(self, conn: AsyncConnection, job_id: str, spec: JobSpec) -> Tally:
         gated = gates(spec)
         by_status = {
             status: count

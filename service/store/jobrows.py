@@ -19,12 +19,12 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import JobNotFound
-from ..spec import JobSpec, SectioningSpec, VotingSpec
+from ..spec import JobSpec
 from .db import Tx
 from .statements import LOCK_JOBS, LOCK_JOBS_FOR_UPDATE
 from .tables import jobs
 
-_spec_adapter: TypeAdapter[VotingSpec | SectioningSpec] = TypeAdapter(JobSpec)
+_spec_adapter: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
 
 
 class SpecCache:
@@ -33,16 +33,16 @@ class SpecCache:
 
     def __init__(self, size: int = 2048) -> None:
         self.size = size
-        self._specs: OrderedDict[str, VotingSpec | SectioningSpec] = OrderedDict()
+        self._specs: OrderedDict[str, JobSpec] = OrderedDict()
 
-    def of(self, job_id: str, raw: dict[str, Any]) -> VotingSpec | SectioningSpec:
+    def of(self, job_id: str, raw: dict[str, Any]) -> JobSpec:
         spec = self._specs.get(job_id)
         if spec is None:
             spec = _spec_adapter.validate_python(raw)
             self.put(job_id, spec)
         return spec
 
-    def put(self, job_id: str, spec: VotingSpec | SectioningSpec) -> None:
+    def put(self, job_id: str, spec: JobSpec) -> None:
         self._specs[job_id] = spec
         if len(self._specs) > self.size:
             self._specs.popitem(last=False)

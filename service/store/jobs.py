@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import BadCursor, IdempotencyConflict, JobFinished, JobNotFound, TenantAtCapacity
 from ..policy import Stop
-from ..spec import SectioningSpec, VotingSpec, lane_names, lane_providers, stored
+from ..spec import JobSpec, lane_names, lane_providers, stored
 from ..states import (
     OPEN_LANE,
     TERMINAL_JOB,
@@ -79,7 +79,7 @@ class Jobs:
 
     async def create(
         self,
-        spec: VotingSpec | SectioningSpec,
+        spec: JobSpec,
         tenant: str,
         *,
         idempotency: tuple[str, str] | None = None,
@@ -128,7 +128,7 @@ class Jobs:
 
     async def _create(
         self,
-        spec: VotingSpec | SectioningSpec,
+        spec: JobSpec,
         tenant: str,
         idempotency: tuple[str, str] | None,
         max_in_flight: int | None,

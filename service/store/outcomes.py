@@ -13,7 +13,7 @@ from ..aggregate import answer_key, lane_answer
 from ..attempts import Attempt
 from ..jsonsafe import scrub
 from ..policy import Retrying, next_step
-from ..spec import SectioningSpec, VotingSpec
+from ..spec import JobSpec
 from ..states import DECIDING_JOB, LANE_ENDED, ErrorType, EventType, LaneStatus
 from ..views import NO_USAGE, Usage
 from .db import Database, Tx
@@ -118,7 +118,7 @@ class Outcomes:
         self,
         tx: Tx,
         job_id: str,
-        spec: VotingSpec | SectioningSpec,
+        spec: JobSpec,
         valid: list[tuple[Outcome, str]],
         now: float,
     ) -> tuple[list[Item], Usage]:

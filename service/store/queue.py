@@ -12,7 +12,7 @@ from sqlalchemy import and_, func, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 
 from ..policy import Runnable, fair_share
-from ..spec import SectioningSpec, VotingSpec, lane_task
+from ..spec import JobSpec, lane_task
 from ..states import DECIDING_JOB, ErrorType, EventType, JobStatus, LaneStatus
 from .db import Database, Tx
 from .eventlog import EventLog, Item
@@ -156,7 +156,7 @@ class LaneQueue:
         self,
         tx: Tx,
         job: RowMapping,
-        spec: VotingSpec | SectioningSpec,
+        spec: JobSpec,
         admitted: list[tuple[int, int]],
         owner: str,
         now: float,

@@ -214,6 +214,8 @@ LANE_RESULTS = (
         lanes.c.output,
         lanes.c.answer_key,
         lanes.c.weight,
+        lanes.c.error_type,
+        lanes.c.error_message,
     )
     .where(lanes.c.job_id == bindparam("j"))
     .order_by(lanes.c.idx)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..aggregate import LaneResult
-from ..spec import SectioningSpec, VotingSpec
+from ..spec import JobSpec
 from ..states import ErrorType, LaneStatus
 from ..views import NO_USAGE, Usage
 
@@ -19,7 +19,7 @@ class Claim:
     idx: int
     name: str
     attempt_no: int
-    spec: VotingSpec | SectioningSpec
+    spec: JobSpec
     deadline_at: float | None
     waited_s: float = 0.0  # from claimable to claimed
 
@@ -74,7 +74,7 @@ class ReductionClaim:
 
     job_id: str
     attempt_no: int
-    spec: VotingSpec | SectioningSpec
+    spec: JobSpec
     lanes: list[LaneResult]
     budget_spent: bool
     partial: bool = False  # lanes ended without a result: so will the result say

@@ -170,8 +170,10 @@ def test_quickstart_commands_run_against_real_processes(quickstart: QuickStart) 
     # Both `curl -sN .../events` streams ran to their final event.
     assert done.stdout.count("event: job.succeeded") == 2, output
     jobs = httpx.get(f"{api}/v1/jobs", timeout=10).json()["jobs"]
-    # voting, sectioning, fanout submit, a vote over tool calls, a reasoning model
-    assert len(jobs) == 5, jobs
+    # voting, sectioning, fanout submit, a vote over tool calls, a reasoning model, two maps
+    assert len(jobs) == 7, jobs
+    assert "['essay-1', 'essay-2', 'essay-3'] ['Echo: Grade 1-10: Rain" in done.stdout, output
+    assert "('Rain', 2, ['doc-1', 'doc-2'])" in done.stdout, output
     for summary in jobs:
         job: dict[str, Any] = httpx.get(f"{api}/v1/jobs/{summary['id']}", timeout=10).json()
         assert job["status"] == "succeeded", job
