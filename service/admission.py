@@ -11,6 +11,7 @@ from .config import Settings
 from .egress import EgressDenied, check_url
 from .errors import InvalidSpec
 from .spec import (
+    PLACEHOLDER,
     HttpTask,
     JobSpec,
     JudgeAggregate,
@@ -22,10 +23,11 @@ from .spec import (
     ReduceAggregate,
     Task,
     VotingSpec,
-    item_task,
+    fill,
     lane_count,
     on_failure,
-    placeholders,
+    task_texts,
+    voters,
 )
 
 _task_adapter: TypeAdapter[LlmTask | HttpTask] = TypeAdapter(Task)
@@ -50,19 +52,28 @@ def check_against(spec: JobSpec, settings: Settings) -> None:
             if isinstance(spec, MapSpec)
             else ("sections",)
         )
+        votes = ""
+        if isinstance(spec, MapSpec) and spec.per_item is not None:
+            votes = f" ({len(spec.items)} items of {spec.votes} votes)"
         problem(
-            where, f"{lanes} lanes is over the cap of {settings.max_lanes_per_job} lanes per job"
+            where,
+            f"{lanes} lanes{votes} is over the cap of {settings.max_lanes_per_job} lanes per job",
         )
 
-    if isinstance(spec.aggregate, MajorityAggregate) and spec.aggregate.stop is not None:
-        # A rule that needs more votes than the lanes could never fire.
-        rule = spec.aggregate.stop
+    # A stopping rule that needs more votes than the vote has lanes could never fire.
+    vote: tuple[tuple[str, ...], Any, int] | None = None
+    if isinstance(spec, MapSpec) and spec.per_item is not None:
+        vote = (("per_item", "aggregate"), spec.per_item.aggregate, spec.per_item.n)
+    elif isinstance(spec, VotingSpec):
+        vote = (("aggregate",), spec.aggregate, lanes)
+    if vote is not None and isinstance(vote[1], MajorityAggregate) and vote[1].stop is not None:
+        where, aggregate, of = vote
         for name in ("k", "size", "min_votes"):
-            value = getattr(rule, name)
-            if value is not None and value > lanes:
+            value = getattr(aggregate.stop, name)
+            if value is not None and value > of:
                 problem(
-                    ("aggregate", "stop", name),
-                    f"{name} {value} is more than the {lanes} lanes: the rule could never stop",
+                    (*where, "stop", name),
+                    f"{name} {value} is more than the {of} lanes: the rule could never stop",
                 )
 
     tasks: list[tuple[tuple[str | int, ...], LlmTask | HttpTask]] = []
@@ -89,9 +100,11 @@ def check_against(spec: JobSpec, settings: Settings) -> None:
                 ("policy", "quorum"),
                 f"a quorum needs on_failure 'quorum' (or none), not '{on_failure(spec)}'",
             )
-        elif policy.quorum > lanes:
+        elif policy.quorum > voters(spec):
+            counted = "items" if voters(spec) != lanes else "lanes"
             problem(
-                ("policy", "quorum"), f"quorum {policy.quorum} is larger than the {lanes} lanes"
+                ("policy", "quorum"),
+                f"quorum {policy.quorum} is larger than the {voters(spec)} {counted}",
             )
     if policy.max_attempts > settings.max_attempts:
         problem(("policy", "max_attempts"), f"over the server maximum of {settings.max_attempts}")
@@ -129,11 +142,11 @@ def _item_problems(spec: MapSpec) -> list[dict[str, Any]]:
     placeholder."""
     found: list[dict[str, Any]] = []
     missing = 0
-    if not placeholders(spec.task):
-        return found
+    texts = [text for text in task_texts(spec.task) if PLACEHOLDER.search(text)]
     for index, item in enumerate(spec.items):
         try:
-            item_task(spec.task, item, index)
+            for text in texts:
+                fill(text, item, index)
         except MissingField as exc:
             missing += 1
             if len(found) < MAX_ITEM_PROBLEMS:

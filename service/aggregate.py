@@ -12,7 +12,7 @@ import json
 import math
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -26,9 +26,13 @@ from .spec import (
     MapSpec,
     MergeAggregate,
     Message,
+    OnFailure,
     ReduceAggregate,
     ScoreAggregate,
     SectioningSpec,
+    item_name,
+    on_failure,
+    quorum_size,
 )
 from .states import ErrorType, JobStatus, LaneStatus
 from .views import ResultView
@@ -187,7 +191,9 @@ def lane_answer(
     pattern = gates(spec).get(idx)
     if pattern is not None:
         return LaneAnswer(gate_verdict(pattern, output))
-    aggregate = spec.aggregate
+    # A per-item map's lanes are votes: its items' aggregate reads them.
+    per_item = spec.per_item if isinstance(spec, MapSpec) else None
+    aggregate = per_item.aggregate if per_item is not None else spec.aggregate
     if isinstance(aggregate, ScoreAggregate):
         return LaneAnswer(as_score(extract(aggregate, output, reply)))
     if isinstance(aggregate, MergeAggregate):
@@ -302,13 +308,67 @@ def score(lanes: list[LaneResult], pick: str) -> tuple[Any, dict[str, Any]]:
 
 def reduce_messages(task: LlmTask, lanes: list[LaneResult]) -> list[Message]:
     """The reducer's prompt: its own messages, then every lane's output tagged by name."""
-    parts = [
-        f'<lane name="{html.escape(lane.name)}">\n{output_text(lane.output)}\n</lane>'
-        for lane in lanes
-        if lane.succeeded
-    ]
-    tagged = Message(role="user", content="\n\n".join(parts))
-    return [*task.messages, tagged]
+    return tagged_messages(task, reduce_inputs(lanes))
+
+
+def reduce_inputs(lanes: list[LaneResult]) -> list[tuple[str, str]]:
+    """What a reducer reads: each succeeded lane's name and text, in lane order."""
+    return [(lane.name, output_text(lane.output)) for lane in lanes if lane.succeeded]
+
+
+def tagged_messages(task: LlmTask, inputs: list[tuple[str, str]]) -> list[Message]:
+    """The task's messages, then one message with each input tagged by its name."""
+    parts = [f'<lane name="{html.escape(name)}">\n{text}\n</lane>' for name, text in inputs]
+    return [*task.messages, Message(role="user", content="\n\n".join(parts))]
+
+
+# --- a hierarchical reduce (group_size) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tree:
+    """Where a hierarchical reduce stands: ``level`` (0: the lanes' outputs), its
+    ``inputs`` (None at level 0: read from the lanes), and the ``outputs`` of the groups
+    of that level done so far (by group index). Kept with the job while it aggregates,
+    so a later attempt runs only the groups still to do."""
+
+    level: int = 0
+    inputs: list[tuple[str, str]] | None = None
+    outputs: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, saved: dict[str, Any] | None) -> Tree:
+        if not saved:
+            return cls()
+        inputs = saved.get("inputs")
+        return cls(
+            saved["level"],
+            [(name, text) for name, text in inputs] if inputs is not None else None,
+            {int(i): text for i, text in saved["outputs"].items()},
+        )
+
+    def saved(self) -> dict[str, Any]:
+        inputs = [list(pair) for pair in self.inputs] if self.inputs is not None else None
+        outputs = {str(i): text for i, text in self.outputs.items()}
+        return {"level": self.level, "inputs": inputs, "outputs": outputs}
+
+    def level_inputs(self, lanes: list[LaneResult]) -> list[tuple[str, str]]:
+        return self.inputs if self.inputs is not None else reduce_inputs(lanes)
+
+    def groups(self, lanes: list[LaneResult], size: int) -> list[list[tuple[str, str]]]:
+        """This level's groups of at most ``size`` inputs; one group: the last call."""
+        inputs = self.level_inputs(lanes)
+        return [inputs[i : i + size] for i in range(0, len(inputs), size)] or [[]]
+
+    def done(self, group: int, text: str) -> Tree:
+        return replace(self, outputs={**self.outputs, group: text})
+
+    def next_level(self, groups: int) -> Tree:
+        """Every group of this level answered: their outputs are the next level's
+        inputs, in group order."""
+        level = self.level + 1
+        inputs = [(f"level-{level}.{i}", self.outputs[i]) for i in range(groups)]
+        return Tree(level, inputs)
 
 
 # --- map: the items' answers as a list, or merged -------------------------------------
@@ -413,6 +473,8 @@ def conclude(
         if lane.index in gated and gate_blocks(lane.status, lane.answer):
             blocked = ResultView(output=None, blocked=True, blocked_by=lane.name, partial=partial)
             return Conclusion(JobStatus.SUCCEEDED, result=blocked.model_dump())
+    if isinstance(spec, MapSpec):
+        return conclude_map(spec, lanes, partial=partial)
     if isinstance(spec.aggregate, ReduceAggregate | JudgeAggregate):
         return Conclusion(JobStatus.AGGREGATING, result={"partial": partial})
     # Gate verdicts are not votes or scores; collect shows every section.
@@ -421,10 +483,7 @@ def conclude(
         if isinstance(spec.aggregate, CollectAggregate)
         else [lane for lane in lanes if lane.index not in gated]
     )
-    if isinstance(spec, MapSpec) and isinstance(spec.aggregate, CollectAggregate):
-        output, details = collect_items(lanes)
-    else:
-        output, details = combine(spec.aggregate, inputs)
+    output, details = combine(spec.aggregate, inputs)
     if isinstance(spec.aggregate, MajorityAggregate | ScoreAggregate) and output is None:
         error = {
             "type": ErrorType.NO_ANSWER,
@@ -437,9 +496,84 @@ def conclude(
     return Conclusion(JobStatus.SUCCEEDED, result=result.model_dump())
 
 
-def reduced(output: str, lanes: list[LaneResult], *, partial: bool) -> dict[str, Any]:
-    """The result of a job whose reducer answered ``output``."""
-    details = {"inputs": sum(1 for lane in lanes if lane.succeeded)}
+# --- how a map concludes ---------------------------------------------------------------
+
+
+def decided_items(
+    spec: MapSpec, lanes: list[LaneResult]
+) -> tuple[list[LaneResult], list[dict[str, Any]] | None]:
+    """Each item's answer, as a result in item order: its lane's, or with ``per_item``
+    its vote's (the winner, or the score), with each vote's details."""
+    if spec.per_item is None:
+        return lanes, None
+    how, n = spec.per_item.aggregate, spec.per_item.n
+    items: list[LaneResult] = []
+    details: list[dict[str, Any]] = []
+    for index, item in enumerate(spec.items):
+        votes = lanes[index * n : index * n + n]
+        name = item_name(item, index)
+        if isinstance(how, MajorityAggregate):
+            answer, found = majority(votes, weighted=how.weight is not None)
+        else:
+            answer, found = score(votes, how.pick)
+        details.append({"name": name, **found})
+        if answer is not None:
+            items.append(LaneResult(index, name, LaneStatus.SUCCEEDED, answer, answer))
+            continue
+        # Why: the first vote's error, when none succeeded; else no vote had an answer.
+        error = next((vote.error for vote in votes if vote.error is not None), None)
+        if any(vote.succeeded for vote in votes) or error is None:
+            error = {"type": ErrorType.NO_ANSWER, "message": "no vote gave an answer"}
+        items.append(LaneResult(index, name, LaneStatus.FAILED, None, error=error))
+    return items, details
+
+
+def fan_in(spec: JobSpec, lanes: list[LaneResult]) -> list[LaneResult]:
+    """What the fan-in (a reducer too) reads: the lanes, or a per-item map's items."""
+    return decided_items(spec, lanes)[0] if isinstance(spec, MapSpec) else lanes
+
+
+def conclude_map(spec: MapSpec, lanes: list[LaneResult], *, partial: bool) -> Conclusion:
+    """A map's result: its items' answers as a list, merged, or left to a reducer. With
+    ``per_item``, the failure policy is about items (a vote without an answer is an item
+    without one)."""
+    items, votes = decided_items(spec, lanes)
+    if votes is not None:
+        answered = sum(item.succeeded for item in items)
+        policy, need = on_failure(spec), quorum_size(spec)
+        failed = next((item for item in items if not item.succeeded), None)
+        error = None
+        if not answered:
+            error = {"type": ErrorType.NO_ANSWER, "message": "no item's vote gave an answer"}
+        elif policy is OnFailure.FAIL_FAST and failed is not None:
+            message = f"item {failed.name!r} has no answer: {(failed.error or {}).get('message')}"
+            error = {"type": ErrorType.NO_ANSWER, "message": message}
+        elif policy is OnFailure.QUORUM and answered < need:
+            message = f"{answered} items have an answer, fewer than the quorum of {need}"
+            error = {"type": ErrorType.QUORUM, "message": message}
+        if error is not None:
+            return Conclusion(JobStatus.FAILED, error=error)
+        partial = partial or failed is not None
+    if isinstance(spec.aggregate, ReduceAggregate):
+        return Conclusion(JobStatus.AGGREGATING, result={"partial": partial})
+    if isinstance(spec.aggregate, MergeAggregate):
+        output, details = merge(items, spec.aggregate.dedupe)
+    else:
+        output, details = collect_items(items)
+    if votes is not None:
+        details["votes"] = votes
+    result = ResultView(output=output, details=details, partial=partial)
+    return Conclusion(JobStatus.SUCCEEDED, result=result.model_dump())
+
+
+def reduced(
+    output: str, lanes: list[LaneResult], *, partial: bool, levels: int = 1
+) -> dict[str, Any]:
+    """The result of a job whose reducer answered ``output`` (after ``levels`` levels
+    of a hierarchical reduce)."""
+    details: dict[str, Any] = {"inputs": sum(1 for lane in lanes if lane.succeeded)}
+    if levels > 1:
+        details["levels"] = levels
     return ResultView(output=output, details=details, partial=partial).model_dump()
 
 

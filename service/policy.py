@@ -28,6 +28,7 @@ from .spec import (
     JobSpec,
     LlmTask,
     MajorityAggregate,
+    MapSpec,
     OnFailure,
     Policy,
     StopRule,
@@ -200,6 +201,8 @@ class Tally:
     # the window rule only).
     sequence: list[str] = field(default_factory=list)
     counted: int = 0  # lanes that voted (not weighted)
+    # A per-item map's votes: each item's own tally (its lanes' statuses and votes).
+    items: dict[int, Tally] = field(default_factory=dict)
 
     def count(self, *statuses: str) -> int:
         return sum(self.by_status.get(s, 0) for s in statuses)
@@ -306,6 +309,8 @@ class Stop:
     status: LaneStatus
     error_type: ErrorType | None
     message: str | None
+    # Lane indexes [from, to): a per-item map's item; None: every lane.
+    lanes: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -328,7 +333,10 @@ def decide(
     deadline_passed: bool = False,
     budget_spent: bool = False,
 ) -> Decision:
-    policy = on_failure(spec)
+    # A per-item map's failure policy is about its items: the job concludes on them
+    # (:func:`service.aggregate.conclude`); its lanes are votes, best effort.
+    per_item = spec.per_item if isinstance(spec, MapSpec) else None
+    policy = on_failure(spec) if per_item is None else OnFailure.BEST_EFFORT
     queued, running = tally.count(LaneStatus.QUEUED), tally.count(LaneStatus.RUNNING)
     succeeded = tally.count(LaneStatus.SUCCEEDED)
     ended_badly = tally.count(*ENDED_WITHOUT_RESULT)
@@ -397,6 +405,19 @@ def decide(
             stop_open(LaneStatus.SKIPPED, None, None)
         else:
             vote = replace(vote, stopped=False)
+
+    if per_item is not None and isinstance(per_item.aggregate, MajorityAggregate):
+        rule = per_item.aggregate.stop_rule
+        for item, votes in sorted(tally.items.items()):
+            open_lanes = votes.count(LaneStatus.QUEUED, LaneStatus.RUNNING)
+            stopped = open_lanes and (queued or running)
+            if stopped and vote_state(rule, votes, open_lanes).stopped:
+                first = item * per_item.n
+                stops.append(
+                    Stop(OPEN_LANE, LaneStatus.SKIPPED, None, None, (first, first + per_item.n))
+                )
+                queued = max(0, queued - votes.count(LaneStatus.QUEUED))
+                running = max(0, running - votes.count(LaneStatus.RUNNING))
 
     if queued or running:
         return Decision(tuple(stops), vote=vote)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
 
@@ -227,15 +228,20 @@ class HttpTask(Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-def _task_kind(value: Any) -> str:
-    if isinstance(value, dict):
-        return str(value.get("kind", "llm"))
-    return str(getattr(value, "kind", "llm"))
+def kind_or(default: str) -> Callable[[Any], str]:
+    """A union's discriminator: a value's ``kind``, ``default`` when it gives none."""
+
+    def kind(value: Any) -> str:
+        if isinstance(value, dict):
+            return str(value.get("kind", default))
+        return str(getattr(value, "kind", default))
+
+    return kind
 
 
 Task = Annotated[
     Annotated[LlmTask, Tag("llm")] | Annotated[HttpTask, Tag("http")],
-    Discriminator(_task_kind),
+    Discriminator(kind_or("llm")),
 ]
 
 
@@ -339,8 +345,13 @@ class ScoreAggregate(Extracting):
 
 
 class ReduceAggregate(Strict):
+    """One more LLM call (``task``) over every lane's output. With ``group_size`` k it
+    reduces hierarchically: groups of k outputs, then groups of those results, until
+    one call reads k or fewer."""
+
     kind: Literal["reduce"] = "reduce"
     task: LlmTask
+    group_size: int | None = Field(default=None, ge=2)
 
 
 class JudgeAggregate(Strict):
@@ -432,8 +443,12 @@ class Gate(Strict):
         return _compiles(value)
 
 
+# A lane's name: a section's, or an item's id (and "/<k>" for its votes).
+LANE_NAME_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+
+
 class Section(Strict):
-    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    name: str = Field(min_length=1, max_length=200, pattern=LANE_NAME_PATTERN)
     task: Task
     gate: Gate | None = None
 
@@ -482,16 +497,35 @@ class SectioningSpec(_JobSpecBase):
         return sections
 
 
+class PerItem(Strict):
+    """Each item of a map as its own vote: ``n`` lanes, and how the item's answer is
+    decided from them (a majority, with its stopping rule and weights, or a score)."""
+
+    n: int = Field(ge=1)
+    aggregate: Annotated[
+        Annotated[MajorityAggregate, Tag("majority")] | Annotated[ScoreAggregate, Tag("score")],
+        Discriminator(kind_or("majority")),
+    ] = Field(default_factory=MajorityAggregate)
+
+
 class MapSpec(_JobSpecBase):
     """One task over many items: lane *i* runs ``task`` with item *i* put into its
-    placeholders (:func:`fill`). An object item's ``id`` names its lane."""
+    placeholders (:func:`fill`). An object item's ``id`` names its lane. With
+    ``per_item``, each item is a vote of ``per_item.n`` lanes (item *i*'s are lanes
+    ``i*n`` to ``i*n + n - 1``, named ``<item>/<k>``)."""
 
     mode: Literal["map"]
     items: list[StrictStr | dict[str, Any]] = Field(
         min_length=1, description="strings or JSON objects; an object's `id` names its lane"
     )
     task: LlmTask
+    per_item: PerItem | None = None
     aggregate: MapAggregate = Field(default_factory=CollectAggregate)
+
+    @property
+    def votes(self) -> int:
+        """Lanes an item runs: ``per_item.n``, or 1."""
+        return self.per_item.n if self.per_item is not None else 1
 
     @field_validator("items")
     @classmethod
@@ -499,8 +533,10 @@ class MapSpec(_JobSpecBase):
         seen: set[str] = set()
         for index, item in enumerate(items):
             name = item_name(item, index)
-            if not name or len(name) > 200 or _CONTROL.search(name):
-                raise ValueError(f"item {index}: an id is 1 to 200 characters, no control ones")
+            if not name or len(name) > MAX_ITEM_ID or _CONTROL.search(name):
+                raise ValueError(
+                    f"item {index}: an id is 1 to {MAX_ITEM_ID} characters, no control ones"
+                )
             if name in seen:
                 raise ValueError(f"item {index}: duplicate id {name!r}")
             seen.add(name)
@@ -526,6 +562,8 @@ MODES = frozenset(
 # {{item}}, {{item.a.b}} (a dotted path into an object item) and {{index}}; any other
 # {{...}} is text. Plain replacement: nothing in an item or a task is ever evaluated.
 PLACEHOLDER = re.compile(r"\{\{\s*(index|item(?:\.[^\s{}.]+)*)\s*\}\}")
+# A lane name is 200 characters at most: an item's id, and "/<k>" for its votes.
+MAX_ITEM_ID = 180
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -564,7 +602,7 @@ def fill(text: str, item: str | dict[str, Any], index: int) -> str:
     return PLACEHOLDER.sub(value, text)
 
 
-def _texts(task: LlmTask) -> list[str]:
+def task_texts(task: LlmTask) -> list[str]:
     """The message contents and text parts of a task: where placeholders may be."""
     found: list[str] = []
     for message in task.messages:
@@ -576,11 +614,6 @@ def _texts(task: LlmTask) -> list[str]:
                 if part.type == "text" and isinstance(text, str):
                     found.append(text)
     return found
-
-
-def placeholders(task: LlmTask) -> list[str]:
-    """The task's placeholders, each once, in the order they appear."""
-    return list(dict.fromkeys(m.group(0) for t in _texts(task) for m in PLACEHOLDER.finditer(t)))
 
 
 def item_task(task: LlmTask, item: str | dict[str, Any], index: int) -> LlmTask:
@@ -611,7 +644,7 @@ def stored(spec: JobSpec) -> dict[str, Any]:
 
 def lane_count(spec: JobSpec) -> int:
     if isinstance(spec, MapSpec):
-        return len(spec.items)
+        return len(spec.items) * spec.votes
     return spec.n if isinstance(spec, VotingSpec) else len(spec.sections)
 
 
@@ -625,9 +658,17 @@ def on_failure(spec: JobSpec) -> OnFailure:
     return OnFailure.FAIL_FAST if isinstance(spec, SectioningSpec) else OnFailure.BEST_EFFORT
 
 
+def voters(spec: JobSpec) -> int:
+    """What the failure policy counts: lanes, or a per-item map's items."""
+    if isinstance(spec, MapSpec) and spec.per_item is not None:
+        return len(spec.items)
+    return lane_count(spec)
+
+
 def quorum_size(spec: JobSpec) -> int:
-    """Successful lanes a quorum job needs: as given, or a strict majority."""
-    return spec.policy.quorum or lane_count(spec) // 2 + 1
+    """Successful lanes (a per-item map's items with an answer) a quorum job needs: as
+    given, or a strict majority."""
+    return spec.policy.quorum or voters(spec) // 2 + 1
 
 
 def lane_task(spec: JobSpec, i: int) -> tuple[str, LlmTask | HttpTask]:
@@ -638,27 +679,37 @@ def lane_task(spec: JobSpec, i: int) -> tuple[str, LlmTask | HttpTask]:
         section = spec.sections[i]
         return section.name, section.task
     if isinstance(spec, MapSpec):
-        item = spec.items[i]
-        return item_name(item, i), item_task(spec.task, item, i)
+        index, k = divmod(i, spec.votes)
+        item = spec.items[index]
+        task = item_task(spec.task, item, index)
+        if spec.per_item is None:
+            return item_name(item, index), task
+        return f"{item_name(item, index)}/{k}", _voter(task, k, spec.per_item.aggregate)
     ensemble = spec.ensemble
-    task = ensemble[i % len(ensemble)]
-    if isinstance(task, LlmTask):
-        update: dict[str, Any] = {}
-        if task.seed is not None:
-            update["seed"] = task.seed + i
-        weighted = isinstance(spec.aggregate, MajorityAggregate) and spec.aggregate.weight
-        if weighted and not task.logprobs:
-            update["logprobs"] = True
-        if update:
-            task = task.model_copy(update=update)
-    return f"lane-{i}", task
+    return f"lane-{i}", _voter(ensemble[i % len(ensemble)], i, spec.aggregate)
+
+
+def _voter(task: LlmTask | HttpTask, k: int, aggregate: Any) -> LlmTask | HttpTask:
+    """A vote's lane *k*: ``seed + k`` when a seed is given, and logprobs asked for when
+    the votes are weighted by confidence."""
+    if not isinstance(task, LlmTask):
+        return task
+    update: dict[str, Any] = {}
+    if task.seed is not None:
+        update["seed"] = task.seed + k
+    if isinstance(aggregate, MajorityAggregate) and aggregate.weight and not task.logprobs:
+        update["logprobs"] = True
+    return task.model_copy(update=update) if update else task
 
 
 def lane_names(spec: JobSpec) -> list[str]:
     if isinstance(spec, SectioningSpec):
         return [section.name for section in spec.sections]
     if isinstance(spec, MapSpec):
-        return [item_name(item, i) for i, item in enumerate(spec.items)]
+        names = [item_name(item, i) for i, item in enumerate(spec.items)]
+        if spec.per_item is None:
+            return names
+        return [f"{name}/{k}" for name in names for k in range(spec.per_item.n)]
     return [f"lane-{i}" for i in range(spec.n)]
 
 
@@ -672,6 +723,6 @@ def lane_providers(spec: JobSpec) -> list[str]:
     if isinstance(spec, SectioningSpec):
         return [provider_name(section.task) for section in spec.sections]
     if isinstance(spec, MapSpec):
-        return [provider_name(spec.task)] * len(spec.items)
+        return [provider_name(spec.task)] * lane_count(spec)
     ensemble = spec.ensemble
     return [provider_name(ensemble[i % len(ensemble)]) for i in range(spec.n)]

@@ -155,6 +155,7 @@ class ScoreDetails(Details):
 
 class ReduceDetails(Details):
     inputs: int = Field(description="the outputs the reducer read")
+    levels: int | None = Field(default=None, description="group_size: the levels of reduces")
 
 
 class JudgeDetails(Details):
@@ -175,6 +176,11 @@ class ItemsDetails(Details):
     """A map job's collected list."""
 
     items: list[ItemWithoutResult] = Field(description="the items without a result")
+    votes: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="per_item: each item's vote (its `name`, and a majority's or a score's "
+        "details)",
+    )
 
 
 class MergeDetails(ItemsDetails):
@@ -263,6 +269,12 @@ class JobView(View):
     stream_token: str | None = None
 
 
+def _never_null(schema: dict[str, Any]) -> None:
+    """The schema of a field left out when it is None: its value's, without ``null``."""
+    (kind,) = [kind for kind in schema.pop("anyOf") if kind != {"type": "null"}]
+    schema.update(kind)
+
+
 class JobSummary(View):
     id: str
     status: JobStatus
@@ -272,8 +284,29 @@ class JobSummary(View):
     progress: dict[str, int]
     usage: Usage
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # Sent only when asked for (``GET /v1/jobs?results=true``: a page of big results is
+    # big) and the job has one: never null, and not required, in the document.
+    result: ResultView | None = Field(
+        default=None,
+        exclude_if=lambda result: result is None,
+        description="with `results=true`: the result, once the job has succeeded",
+        json_schema_extra=_never_null,
+    )
+    error: ErrorView | None = Field(
+        default=None,
+        exclude_if=lambda error: error is None,
+        description="with `results=true`: why the job failed or was cancelled",
+        json_schema_extra=_never_null,
+    )
 
 
 class JobPage(View):
     jobs: list[JobSummary]
+    next_cursor: str | None = None
+
+
+class LanePage(View):
+    """A page of a job's lanes, in lane order (``GET /v1/jobs/{id}/lanes``)."""
+
+    lanes: list[LaneView]
     next_cursor: str | None = None

@@ -53,6 +53,7 @@ JOB_LINKS = {
     "GetJob": _link("/v1/jobs/{job_id}", "get"),
     "CancelJob": _link("/v1/jobs/{job_id}/cancel", "post"),
     "JobEvents": _link("/v1/jobs/{job_id}/events", "get"),
+    "JobLanes": _link("/v1/jobs/{job_id}/lanes", "get"),
 }
 SPEC_EXAMPLES: dict[str, Any] = {
     "voting": {
@@ -243,7 +244,10 @@ EVENT_FIELDS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {**_AGGREGATE, "usage": _USAGE, "error": _STR, "retry_in_s": _NUM},
         {},
     ),
-    EventType.AGGREGATE_SUCCEEDED: ({**_AGGREGATE, "usage": _USAGE}, {}),
+    EventType.AGGREGATE_SUCCEEDED: (
+        {**_AGGREGATE, "usage": _USAGE},
+        {"level": _INT, "group": _INT},  # a hierarchical reduce's group (group_size)
+    ),
     EventType.AGGREGATE_FAILED: ({**_AGGREGATE, "usage": _USAGE, "error": _ERROR}, {}),
     EventType.AGGREGATE_DELTA: ({**_AGGREGATE, "text": _STR}, {}),
     EventType.JOB_SUCCEEDED: (

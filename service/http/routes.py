@@ -12,15 +12,19 @@ from sse_starlette import EventSourceResponse
 from .. import events as ev
 from ..admission import check_against
 from ..errors import Unavailable
-from ..spec import JobSpec
-from ..states import JobStatus
-from ..store.jobs import CURSOR_PATTERN
-from ..views import JobPage, JobView
+from ..spec import LANE_NAME_PATTERN, JobSpec
+from ..states import JobStatus, LaneStatus
+from ..store.jobs import CURSOR_PATTERN, LANE_CURSOR_PATTERN
+from ..views import JobPage, JobView, LanePage
 from .deps import Context, Reader, Tenant, context
 from .openapi import CREATED, EVENTS_DESCRIPTION, SPEC_EXAMPLES, problems
 from .problems import refuse_unstorable
 
 router = APIRouter()
+WITH_LANES = (
+    "false: the job without its lanes (`lanes` is empty; `progress` counts them by status; "
+    "`GET /v1/jobs/{id}/lanes` pages them)"
+)
 MAX_EVENT_ID = 2**31 - 1  # event sequence numbers are 32-bit integers in the table
 RETRY_HINT = b"retry: 2000\n\n"  # milliseconds
 
@@ -41,6 +45,7 @@ async def create_job(
     idempotency_key: Annotated[
         str | None, Header(max_length=255, pattern=r"^[\x20-\x7e]+$")
     ] = None,
+    lanes: Annotated[bool, Query(description=WITH_LANES)] = True,
 ) -> JobView:
     """Create a job; it runs at once. ``Location`` names the job.
 
@@ -64,6 +69,7 @@ async def create_job(
         idempotency=idempotency,
         max_in_flight=settings.max_jobs_in_flight,
         idempotency_ttl_s=settings.idempotency_ttl_s,
+        with_lanes=lanes,
     )
     if created and process.runner is not None:
         process.runner.wake()
@@ -97,10 +103,18 @@ async def list_jobs(
         ),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    results: Annotated[
+        bool,
+        Query(
+            description="true: each job also carries its `result` (once it has succeeded) "
+            "or `error` (once it has failed or been cancelled)",
+        ),
+    ] = False,
 ) -> JobPage:
-    """The caller's jobs, newest first. Pass ``next_cursor`` back as ``cursor`` for more."""
+    """The caller's jobs, newest first. Pass ``next_cursor`` back as ``cursor`` for more.
+    With ``results=true``, each job also has its ``result`` or ``error`` when it has one."""
     jobs, next_cursor = await context(request).process.store.jobs.page(
-        tenant, status=status, cursor=cursor, limit=limit
+        tenant, status=status, cursor=cursor, limit=limit, with_results=results
     )
     return JobPage(jobs=jobs, next_cursor=next_cursor)
 
@@ -108,14 +122,62 @@ async def list_jobs(
 @router.get(
     "/v1/jobs/{job_id}",
     response_model=JobView,
-    responses=problems(404),
+    responses=problems(404, 422),
     tags=["jobs"],
     operation_id="getJob",
 )
-async def get_job(request: Request, tenant: Reader, job_id: str) -> JobView:
-    """The job, its lanes and, once it has ended, its result or error."""
+async def get_job(
+    request: Request,
+    tenant: Reader,
+    job_id: str,
+    lanes: Annotated[bool, Query(description=WITH_LANES)] = True,
+) -> JobView:
+    """The job, its lanes and, once it has ended, its result or error. With
+    ``lanes=false``, ``lanes`` is empty (``[]``) and ``progress`` still counts the lanes
+    per status: a big job is then cheap to follow, and its lanes are read a page at a
+    time from ``GET /v1/jobs/{job_id}/lanes``."""
     ctx = context(request)
-    return _with_token(ctx, tenant, await ctx.process.store.jobs.get(job_id, tenant))
+    job = await ctx.process.store.jobs.get(job_id, tenant, with_lanes=lanes)
+    return _with_token(ctx, tenant, job)
+
+
+@router.get(
+    "/v1/jobs/{job_id}/lanes",
+    response_model=LanePage,
+    responses=problems(404, 422),
+    tags=["jobs"],
+    operation_id="listJobLanes",
+)
+async def list_job_lanes(
+    request: Request,
+    tenant: Reader,
+    job_id: str,
+    status: Annotated[LaneStatus | None, Query(description="only lanes of this status")] = None,
+    name: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=200,
+            pattern=LANE_NAME_PATTERN,
+            description="only the lane of this name (a section's name, an item's id)",
+        ),
+    ] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            pattern=LANE_CURSOR_PATTERN,
+            description="a page's `next_cursor`, as it came (the index of its last lane, "
+            "in digits): the next page starts after it",
+        ),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> LanePage:
+    """The job's lanes in lane order, a page at a time: pass ``next_cursor`` back as
+    ``cursor`` for more (``null``: the last page). ``status`` and ``name`` filter them."""
+    lanes, next_cursor = await context(request).process.store.jobs.lane_page(
+        job_id, tenant, status=status, name=name, cursor=cursor, limit=limit
+    )
+    return LanePage(lanes=lanes, next_cursor=next_cursor)
 
 
 @router.post(
@@ -126,11 +188,16 @@ async def get_job(request: Request, tenant: Reader, job_id: str) -> JobView:
     tags=["jobs"],
     operation_id="cancelJob",
 )
-async def cancel_job(request: Request, tenant: Tenant, job_id: str) -> JobView:
+async def cancel_job(
+    request: Request,
+    tenant: Tenant,
+    job_id: str,
+    lanes: Annotated[bool, Query(description=WITH_LANES)] = True,
+) -> JobView:
     """Cancel a job: running lanes are stopped. A finished job is ``409``."""
     jobs = context(request).process.store.jobs
     await jobs.cancel(job_id, tenant)
-    return await jobs.get(job_id, tenant)
+    return await jobs.get(job_id, tenant, with_lanes=lanes)
 
 
 @router.get(

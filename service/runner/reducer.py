@@ -13,23 +13,28 @@ from functools import partial
 from typing import Any
 
 from ..aggregate import (
+    Tree,
     candidates,
     judge_choice,
     judge_messages,
     judged,
-    reduce_messages,
     reduced,
+    tagged_messages,
 )
-from ..attempts import Executor
+from ..attempts import Attempt, Executor
 from ..events import Event, EventHub
 from ..metrics import Metrics
 from ..policy import Retrying, next_step
-from ..spec import JudgeAggregate, ReduceAggregate, provider_name
+from ..spec import JudgeAggregate, LlmTask, ReduceAggregate, provider_name
 from ..states import ErrorType, EventType, LaneStatus
 from ..store import ReductionClaim, Store
 from ..views import NO_USAGE
 from .deltas import DeltaCoalescer
 from .lifecycle import Writes, guarded, logged, sleep_until_woken
+
+# A hierarchical reduce's group calls in flight at once, unless the job's
+# max_concurrency says otherwise.
+MAX_GROUPS_AT_ONCE = 16
 
 
 class Reducer:
@@ -111,10 +116,15 @@ class Reducer:
             error = _error(ErrorType.BUDGET, f"the budget was spent before the {what} ran")
             await self.writes(record(claim, self.owner, usage=NO_USAGE, error=error))
             return
+        levels = 1
         if isinstance(aggregate, JudgeAggregate):
             messages = judge_messages(task, candidates(spec, claim.lanes))
         else:
-            messages = reduce_messages(task, claim.lanes)
+            tree = await self._levels(claim, aggregate, what)
+            if tree is None:
+                return  # a group failed (recorded), or another process holds the job now
+            messages = tagged_messages(task, tree.level_inputs(claim.lanes))
+            levels = tree.level + 1
         deltas = None
         if task.stream:
             fields: dict[str, object] = {"kind": aggregate.kind, "attempt": claim.attempt_no}
@@ -139,7 +149,7 @@ class Reducer:
         self.metrics.observe_usage(provider_name(task), task.model, attempt.usage)
         step = next_step(attempt, claim.attempt_no, max_attempts, self.retrying)
         if step.status is LaneStatus.SUCCEEDED:
-            result, failed = self._result(aggregate, claim, attempt.output)
+            result, failed = self._result(aggregate, claim, attempt.output, levels)
             work = record(claim, self.owner, usage=attempt.usage, result=result, error=failed)
         elif step.retry:
             why = _error(
@@ -154,15 +164,63 @@ class Reducer:
             work = record(claim, self.owner, usage=attempt.usage, error=error)
         await self.writes(work)
 
+    async def _levels(
+        self, claim: ReductionClaim, aggregate: ReduceAggregate, what: str
+    ) -> Tree | None:
+        """A hierarchical reduce's levels below its last call: each level's groups (at
+        most ``group_size`` inputs each) reduced at once, each answer kept with the job
+        as it comes. The tree the last call reads, or None when this attempt has ended:
+        a group's call failed (recorded: a retry, or the job's failure), or the lease
+        was lost."""
+        tree, size = claim.tree, aggregate.group_size
+        if size is None:
+            return tree
+        while len(tree.level_inputs(claim.lanes)) > size:
+            groups = tree.groups(claim.lanes, size)
+            level = _Level(self, claim, aggregate.task, tree, groups, what)
+            await level.run()
+            if level.lost:
+                return None
+            if level.failed:
+                await self._group_failed(claim, level.failed, what)
+                return None
+            tree = level.tree.next_level(len(groups))
+            if not await self.writes(
+                self.store.reductions.step(claim, self.owner, tree, usage=NO_USAGE)
+            ):
+                return None
+        return tree
+
+    async def _group_failed(self, claim: ReductionClaim, failed: list[Attempt], what: str) -> None:
+        """A level's group calls failed: the attempt is retried after a backoff (the
+        groups done are kept), or the job fails."""
+        first = failed[0]
+        usage = sum((attempt.usage for attempt in failed), NO_USAGE)
+        step = next_step(first, claim.attempt_no, claim.spec.policy.max_attempts, self.retrying)
+        kind = first.error_type or ErrorType.INTERNAL_ERROR
+        record = self.store.reductions.record
+        if step.retry:
+            why = _error(kind, first.error_message or "")
+            await self.writes(
+                record(claim, self.owner, usage=usage, retry_in=step.retry_in, error=why)
+            )
+            asyncio.get_running_loop().call_later(step.retry_in, self.wake)
+        else:
+            error = _error(kind, f"{what}: {first.error_message}")
+            await self.writes(record(claim, self.owner, usage=usage, error=error))
+
     @staticmethod
     def _result(
-        aggregate: ReduceAggregate | JudgeAggregate, claim: ReductionClaim, output: Any
+        aggregate: ReduceAggregate | JudgeAggregate,
+        claim: ReductionClaim,
+        output: Any,
+        levels: int = 1,
     ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """The job's result from the call's answer, or the error when a judge named no
         candidate."""
         text = output if isinstance(output, str) else ""
         if isinstance(aggregate, ReduceAggregate):
-            return reduced(text, claim.lanes, partial=claim.partial), None
+            return reduced(text, claim.lanes, partial=claim.partial, levels=levels), None
         among = candidates(claim.spec, claim.lanes)
         choice = judge_choice(text, len(among))
         if choice is None:
@@ -177,6 +235,53 @@ class Reducer:
                 task = self.running.get(event["job_id"])
                 if task is not None:
                     task.cancel()
+
+
+class _Level:
+    """One level of a hierarchical reduce: its groups still to do, called at once (at
+    most the job's max_concurrency, or MAX_GROUPS_AT_ONCE); each answer kept as it
+    comes. After a failure or a lost lease no further group starts."""
+
+    def __init__(
+        self,
+        reducer: Reducer,
+        claim: ReductionClaim,
+        task: LlmTask,
+        tree: Tree,
+        groups: list[list[tuple[str, str]]],
+        what: str,
+    ) -> None:
+        self.reducer, self.claim, self.task = reducer, claim, task
+        self.tree, self.groups, self.what = tree, groups, what
+        self.failed: list[Attempt] = []
+        self.lost = False
+        policy = claim.spec.policy
+        self.timeout = policy.lane_timeout_s or reducer.default_lane_timeout_s
+        self.at_once = asyncio.Semaphore(policy.max_concurrency or MAX_GROUPS_AT_ONCE)
+
+    async def run(self) -> None:
+        todo = [i for i in range(len(self.groups)) if i not in self.tree.outputs]
+        await asyncio.gather(*(self.group(i) for i in todo))
+
+    async def group(self, index: int) -> None:
+        reducer, task, level = self.reducer, self.task, self.tree.level
+        async with self.at_once:
+            if self.failed or self.lost:
+                return  # this attempt is over: the rest wait for the next
+            messages = tagged_messages(task, self.groups[index])
+            attempt = await guarded(
+                reducer.execute(task, timeout=self.timeout, messages=messages),
+                f"{self.what} group {level}.{index} of {self.claim.job_id}",
+            )
+        reducer.metrics.observe_usage(provider_name(task), task.model, attempt.usage)
+        if not attempt.ok:
+            self.failed.append(attempt)
+            return
+        self.tree = self.tree.done(index, attempt.output if isinstance(attempt.output, str) else "")
+        step = reducer.store.reductions.step(
+            self.claim, reducer.owner, self.tree, usage=attempt.usage, group=(level, index)
+        )
+        self.lost = not await reducer.writes(step) or self.lost
 
 
 def _error(error_type: str, message: str) -> dict[str, Any]:

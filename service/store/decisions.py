@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..aggregate import Conclusion, LaneResult, conclude, gate_blocks, gates
 from ..policy import Decision, Stop, Tally, budget_spent, decide
-from ..spec import JobSpec, MajorityAggregate
+from ..spec import JobSpec, MajorityAggregate, MapSpec
 from ..states import (
     DECIDING_JOB,
     ENDED_WITHOUT_RESULT,
@@ -34,6 +34,9 @@ from .rendering import usage_of
 from .statements import (
     FINISH_JOB,
     FIRST_FAILURE,
+    ITEM_SEQUENCE,
+    ITEM_STATUSES,
+    ITEM_VOTES,
     LANE_RESULTS,
     STOP_LANES,
     TALLY_STATUSES,
@@ -41,6 +44,9 @@ from .statements import (
     VOTE_SEQUENCE,
 )
 from .tables import jobs, lanes
+
+# Past any lane of a job: a stop of every lane.
+MAX_LANE_INDEX = 2**31 - 1
 
 
 class Decisions:
@@ -87,8 +93,11 @@ class Decisions:
 
     async def stop_lanes(self, tx: Tx, job_id: str, stop: Stop, now: float) -> list[Item]:
         """End the job's lanes in ``stop.statuses``; their events (in lane order)."""
+        first, end = stop.lanes or (0, MAX_LANE_INDEX)
         params = {
             "j": job_id,
+            "from": first,
+            "to": end,
             "statuses": list(stop.statuses),
             "status": stop.status,
             "error_type": stop.error_type,
@@ -237,4 +246,37 @@ class Decisions:
             first_failure,
             sequence,
             counted,
+            await self._item_tallies(conn, job_id, spec),
         )
+
+    async def _item_tallies(
+        self, conn: AsyncConnection, job_id: str, spec: JobSpec
+    ) -> dict[int, Tally]:
+        """A per-item map's votes: each item's tally (what its stopping rule reads)."""
+        if not isinstance(spec, MapSpec) or spec.per_item is None:
+            return {}
+        if not isinstance(spec.per_item.aggregate, MajorityAggregate):
+            return {}
+        params = {"j": job_id, "n": spec.per_item.n, "gates": []}
+        statuses: dict[int, dict[str, int]] = {}
+        for item, status, count in (await conn.execute(ITEM_STATUSES, params)).all():
+            statuses.setdefault(item, {})[status] = count
+        votes: dict[int, list[tuple[str, float, int]]] = {}
+        counted: dict[int, int] = {}
+        for item, key, weight, count, first in (await conn.execute(ITEM_VOTES, params)).all():
+            votes.setdefault(item, []).append((key, float(weight), first))
+            counted[item] = counted.get(item, 0) + count
+        sequences: dict[int, list[str]] = {}
+        if spec.per_item.aggregate.stop_rule.rule == "window":
+            for item, key in (await conn.execute(ITEM_SEQUENCE, params)).all():
+                sequences.setdefault(item, []).append(key)
+        return {
+            item: Tally(
+                sum(by_status.values()),
+                by_status,
+                votes.get(item, []),
+                sequence=sequences.get(item, []),
+                counted=counted.get(item, 0),
+            )
+            for item, by_status in statuses.items()
+        }

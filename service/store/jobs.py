@@ -23,14 +23,21 @@ from ..states import (
     LaneStatus,
     WebhookStatus,
 )
-from ..views import NO_USAGE, JobSummary, JobView, WebhookView
+from ..views import NO_USAGE, JobSummary, JobView, LaneView, WebhookView
 from .db import Database
 from .decisions import Decisions
 from .eventlog import EventLog
 from .jobrows import SpecCache, job_row, known_form, lock_jobs
 from .outbox import WebhookOutbox
-from .rendering import job_summary, job_view
-from .statements import IN_FLIGHT, INSERT_JOB, INSERT_LANES, JOB_STATUS, TENANT_JOB_STATUS
+from .rendering import job_summary, job_view, lane_view, progress_of
+from .statements import (
+    IN_FLIGHT,
+    INSERT_JOB,
+    INSERT_LANES,
+    JOB_STATUS,
+    JOB_TASKS,
+    TENANT_JOB_STATUS,
+)
 from .tables import idempotency_keys, jobs, lanes
 
 
@@ -62,6 +69,19 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
     return float(created_at), job_id
 
 
+# A lane cursor is the index of the last lane of a page, in digits: every such string
+# is a position (nine digits stay within the 32-bit index column).
+LANE_CURSOR_PATTERN = r"^[0-9]{1,9}$"
+_LANE_CURSOR = re.compile(LANE_CURSOR_PATTERN)
+
+
+def decode_lane_cursor(cursor: str) -> int:
+    """The lane index a lane cursor names; a string of another form is no cursor."""
+    if _LANE_CURSOR.fullmatch(cursor) is None:
+        raise BadCursor()
+    return int(cursor)
+
+
 class Jobs:
     def __init__(
         self,
@@ -85,6 +105,7 @@ class Jobs:
         idempotency: tuple[str, str] | None = None,
         max_in_flight: int | None = None,
         idempotency_ttl_s: float = 86_400.0,
+        with_lanes: bool = True,
     ) -> tuple[JobView, bool]:
         """Store a job and its lanes; returns ``(the job as created, True)``.
 
@@ -93,11 +114,12 @@ class Jobs:
         :class:`IdempotencyConflict`. Concurrent requests with one key race on the
         key's primary key: the losers' transactions roll back, job included, and they
         return the winner's job. Over ``max_in_flight`` open jobs of the tenant:
-        :class:`TenantAtCapacity`.
+        :class:`TenantAtCapacity`. Without ``with_lanes``, the view's ``lanes`` are
+        empty (a big map's are megabytes).
         """
         try:
             created = await self._create(
-                spec, tenant, idempotency, max_in_flight, idempotency_ttl_s
+                spec, tenant, idempotency, max_in_flight, idempotency_ttl_s, with_lanes
             )
         except IntegrityError:
             if idempotency is None:
@@ -107,7 +129,7 @@ class Jobs:
                 raise
             created = existing
         if isinstance(created, str):
-            return await self.get(created, tenant), False
+            return await self.get(created, tenant, with_lanes=with_lanes), False
         return created, True
 
     async def _idempotent_job(self, tenant: str, idempotency: tuple[str, str]) -> str | None:
@@ -133,6 +155,7 @@ class Jobs:
         idempotency: tuple[str, str] | None,
         max_in_flight: int | None,
         idempotency_ttl_s: float,
+        with_lanes: bool = True,
     ) -> JobView | str:
         """The new job's view (built from what was written, not read back), or the id
         of the job an Idempotency-Key already names."""
@@ -216,7 +239,8 @@ class Jobs:
         # The columns written as NULL (not started, no result...) read back as None.
         view = job_view(
             dict.fromkeys(jobs.c.keys()) | job,
-            [dict.fromkeys(lanes.c.keys()) | row for row in lane_rows],
+            [dict.fromkeys(lanes.c.keys()) | row for row in lane_rows] if with_lanes else [],
+            progress_of(lane_rows),
         )
         if spec.webhook is not None:
             view.webhook = WebhookView(
@@ -224,22 +248,64 @@ class Jobs:
             )
         return view
 
-    async def get(self, job_id: str, tenant: str | None) -> JobView:
+    async def get(self, job_id: str, tenant: str | None, *, with_lanes: bool = True) -> JobView:
+        """The job. Without ``with_lanes``, its ``lanes`` are empty and no lane row is
+        read: ``progress`` (lanes per status) is counted on the (job, status) index."""
         async with self.db.read() as conn:
             job = await job_row(conn, job_id, tenant)
-            lane_rows = (
-                (
-                    await conn.execute(
-                        select(lanes).where(lanes.c.job_id == job_id).order_by(lanes.c.idx)
+            if with_lanes:
+                lane_rows = (
+                    (
+                        await conn.execute(
+                            select(lanes).where(lanes.c.job_id == job_id).order_by(lanes.c.idx)
+                        )
                     )
+                    .mappings()
+                    .all()
                 )
-                .mappings()
-                .all()
-            )
+                progress = progress_of(lane_rows)
+            else:
+                lane_rows = []
+                progress = (await self._progress(conn, [job_id])).get(job_id, {})
             webhook = await self.outbox.view(conn, job_id, job["spec"])
-        view = job_view(job, lane_rows)
+        view = job_view(job, lane_rows, progress)
         view.webhook = webhook
         return view
+
+    async def lane_page(
+        self,
+        job_id: str,
+        tenant: str | None,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        cursor: str | None = None,
+        limit: int,
+    ) -> tuple[list[LaneView], str | None]:
+        """The job's lanes after ``cursor``, in lane order, at most ``limit``, of
+        ``status`` and named ``name`` if given; and the cursor of the next page (None:
+        this was the last). One range read of the lanes' primary key (job, index)."""
+        known_form(job_id)
+        after = decode_lane_cursor(cursor) if cursor is not None else -1
+        query = (
+            select(lanes)
+            .where(lanes.c.job_id == job_id, lanes.c.idx > after)
+            .order_by(lanes.c.idx)
+            .limit(limit + 1)
+        )
+        if status is not None:
+            query = query.where(lanes.c.status == status)
+        if name is not None:
+            query = query.where(lanes.c.name == name)
+        async with self.db.read() as conn:
+            found = (await conn.execute(JOB_TASKS, {"job_id": job_id})).first()
+            if found is None or (tenant is not None and found.tenant != tenant):
+                raise JobNotFound(job_id)
+            rows = (await conn.execute(query)).mappings().all()
+        tasks = len(found.tasks or ())
+        page = [lane_view(row, tasks) for row in rows[:limit]]
+        next_cursor = str(page[-1].index) if len(rows) > limit else None
+        return page, next_cursor
 
     async def status(self, job_id: str, tenant: str | None) -> JobStatus:
         known_form(job_id)
@@ -257,8 +323,16 @@ class Jobs:
         return (await self.status(job_id, None)).terminal
 
     async def page(
-        self, tenant: str | None, *, status: str | None, cursor: str | None, limit: int
+        self,
+        tenant: str | None,
+        *,
+        status: str | None,
+        cursor: str | None,
+        limit: int,
+        with_results: bool = False,
     ) -> tuple[list[JobSummary], str | None]:
+        """The tenant's jobs after ``cursor``, newest first, and the next page's cursor;
+        ``with_results``: each with its result or error (the row has them: no more reads)."""
         query = select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
         if tenant is not None:
             query = query.where(jobs.c.tenant == tenant)
@@ -276,7 +350,9 @@ class Jobs:
             rows = (await conn.execute(query)).mappings().all()
             page = rows[:limit]
             progress = await self._progress(conn, [row["id"] for row in page])
-        summaries = [job_summary(row, progress.get(row["id"], {})) for row in page]
+        summaries = [
+            job_summary(row, progress.get(row["id"], {}), with_result=with_results) for row in page
+        ]
         next_cursor = (
             encode_cursor(page[-1]["created_at"], page[-1]["id"]) if len(rows) > limit else None
         )

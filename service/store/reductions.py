@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, update
 
+from ..aggregate import Tree, fan_in
 from ..jsonsafe import scrub
 from ..policy import budget_spent
 from ..states import EventType, JobStatus
@@ -75,9 +76,10 @@ class Reductions:
                         job_id,
                         attempt_no,
                         spec,
-                        await self.decisions.lane_results(tx.conn, job_id),
+                        fan_in(spec, await self.decisions.lane_results(tx.conn, job_id)),
                         budget_spent(spec.policy, job["total_tokens"], job["cost_usd"]),
                         bool((job["result"] or {}).get("partial")),
+                        Tree.of((job["result"] or {}).get("tree")),
                     )
                 )
         return claims
@@ -90,6 +92,57 @@ class Reductions:
         async with self.db.read() as conn:
             due = (await conn.execute(query)).scalar_one_or_none()
         return None if due is None else float(due)
+
+    async def step(
+        self,
+        claim: ReductionClaim,
+        owner: str,
+        tree: Tree,
+        *,
+        usage: Usage,
+        group: tuple[int, int] | None = None,
+    ) -> bool:
+        """A hierarchical reduce's progress, kept with the job (a later attempt runs only
+        the groups still to do): ``group`` (level, index) answered, with its ``usage``,
+        or a level done. Renews the lease. False when ``owner`` no longer holds the
+        attempt."""
+        now = time.time()
+        job_id = claim.job_id
+        async with self.db.transaction() as tx:
+            job = (await lock_jobs(tx, [job_id])).get(job_id)
+            if job is not None and usage:
+                await add_usage(tx, job_id, usage)
+            if job is None or not self._holds(job, claim, owner):
+                return False
+            await tx.conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(
+                    result={**(job["result"] or {}), "tree": tree.saved()},
+                    lease_expires_at=now + self.lease_seconds,
+                )
+            )
+            if group is not None:
+                level, index = group
+                done = {
+                    "kind": claim.spec.aggregate.kind,
+                    "attempt": claim.attempt_no,
+                    "usage": usage.model_dump(),
+                    "level": level,
+                    "group": index,
+                }
+                await self.log.append(tx, job_id, [(EventType.AGGREGATE_SUCCEEDED, done)], now)
+            return True
+
+    @staticmethod
+    def _holds(job: Any, claim: ReductionClaim, owner: str) -> bool:
+        """Whether ``owner`` still holds the claim's attempt of an aggregating job."""
+        return (
+            job is not None
+            and job["status"] == JobStatus.AGGREGATING
+            and job["lease_owner"] == owner
+            and job["reduce_attempts"] == claim.attempt_no
+        )
 
     async def record(
         self,
@@ -113,12 +166,7 @@ class Reductions:
             if job is not None and usage:
                 # The provider sent this answer: it counts whether or not it still decides.
                 await add_usage(tx, job_id, usage)
-            if (
-                job is None
-                or job["status"] != JobStatus.AGGREGATING
-                or job["lease_owner"] != owner
-                or job["reduce_attempts"] != claim.attempt_no
-            ):
+            if not self._holds(job, claim, owner):
                 return False
             attempt = {
                 "kind": claim.spec.aggregate.kind,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -60,18 +61,29 @@ def lane_view(row: Mapping[Any, Any], tasks: int = 0) -> LaneView:
     )
 
 
-def job_view(job: Mapping[Any, Any], lane_rows: Sequence[Mapping[Any, Any]]) -> JobView:
-    progress: dict[str, int] = {}
-    for row in lane_rows:
-        progress[row["status"]] = progress.get(row["status"], 0) + 1
-    status = JobStatus(job["status"])
-    result = None
-    if job["result"] is not None and status is JobStatus.SUCCEEDED:
-        result = ResultView(**job["result"])
-    error = ErrorView(**job["error"]) if job["error"] is not None else None
+def progress_of(lane_rows: Sequence[Mapping[Any, Any]]) -> dict[str, int]:
+    """Lanes per status, counted from every lane row of a job."""
+    return dict(Counter(row["status"] for row in lane_rows))
+
+
+def result_of(job: Mapping[Any, Any]) -> ResultView | None:
+    if job["result"] is None or job["status"] != JobStatus.SUCCEEDED:
+        return None
+    return ResultView(**job["result"])
+
+
+def error_of(job: Mapping[Any, Any]) -> ErrorView | None:
+    return ErrorView(**job["error"]) if job["error"] is not None else None
+
+
+def job_view(
+    job: Mapping[Any, Any], lane_rows: Sequence[Mapping[Any, Any]], progress: dict[str, int]
+) -> JobView:
+    """The job with ``lane_rows`` as its lanes (all of them, or none) and ``progress``,
+    its lanes per status (all of them, always)."""
     return JobView(
         id=job["id"],
-        status=status,
+        status=JobStatus(job["status"]),
         mode=job["mode"],
         spec=job["spec"],
         created_at=iso(job["created_at"]) or "",
@@ -79,14 +91,17 @@ def job_view(job: Mapping[Any, Any], lane_rows: Sequence[Mapping[Any, Any]]) -> 
         finished_at=iso(job["finished_at"]),
         progress=progress,
         lanes=[lane_view(row, len(job["spec"].get("tasks") or ())) for row in lane_rows],
-        result=result,
-        error=error,
+        result=result_of(job),
+        error=error_of(job),
         usage=usage_of(job),
         metadata=job["spec"].get("metadata", {}),
     )
 
 
-def job_summary(job: Mapping[Any, Any], progress: dict[str, int]) -> JobSummary:
+def job_summary(
+    job: Mapping[Any, Any], progress: dict[str, int], *, with_result: bool = False
+) -> JobSummary:
+    """The job in a list; ``with_result``: with its result or error, if it has one."""
     return JobSummary(
         id=job["id"],
         status=job["status"],
@@ -96,4 +111,6 @@ def job_summary(job: Mapping[Any, Any], progress: dict[str, int]) -> JobSummary:
         progress=progress,
         usage=usage_of(job),
         metadata=job["spec"].get("metadata", {}),
+        result=result_of(job) if with_result else None,
+        error=error_of(job) if with_result else None,
     )

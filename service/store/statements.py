@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Float, bindparam, case, func, insert, select, update
+from sqlalchemy import Float, Integer, bindparam, case, func, insert, select, update
 
 from ..states import ENDED_WITHOUT_RESULT, OPEN_JOB, TERMINAL_JOB, JobStatus, LaneStatus
 from .tables import events, jobs, lanes
@@ -102,6 +102,11 @@ START_JOB = (
 )
 JOB_STATUS = select(jobs.c.status).where(jobs.c.id == bindparam("job_id"))
 TENANT_JOB_STATUS = JOB_STATUS.where(jobs.c.tenant == bindparam("tenant"))
+# What a page of a job's lanes needs of the job: its tenant, and a mixed ensemble's
+# tasks (lane i ran task i % len), not the whole spec (a map job's holds every item).
+JOB_TASKS = select(jobs.c.tenant, jobs.c.spec["tasks"].label("tasks")).where(
+    jobs.c.id == bindparam("job_id")
+)
 EVENTS_AFTER = (
     select(events.c.seq, events.c.type, events.c.data)
     .where(events.c.job_id == bindparam("job_id"), events.c.seq > bindparam("after"))
@@ -206,6 +211,29 @@ VOTE_SEQUENCE = (
     .where(*_COUNTED_VOTES)
     .order_by(lanes.c.recorded_at, lanes.c.finished_at, lanes.c.idx)
 )
+# A per-item map's votes, by item: item i's lanes are i*n .. i*n + n - 1.
+_ITEM = (lanes.c.idx // bindparam("n", type_=Integer)).label("item")  # floor division
+ITEM_STATUSES = (
+    select(_ITEM, lanes.c.status, func.count())
+    .where(lanes.c.job_id == bindparam("j"))
+    .group_by(_ITEM, lanes.c.status)
+)
+ITEM_VOTES = (
+    select(
+        _ITEM,
+        lanes.c.answer_key,
+        func.sum(func.coalesce(lanes.c.weight, 1.0)),
+        func.count(),
+        func.min(lanes.c.idx),
+    )
+    .where(*_COUNTED_VOTES)
+    .group_by(_ITEM, lanes.c.answer_key)
+)
+ITEM_SEQUENCE = (
+    select(_ITEM, lanes.c.answer_key)
+    .where(*_COUNTED_VOTES)
+    .order_by(lanes.c.recorded_at, lanes.c.finished_at, lanes.c.idx)
+)
 LANE_RESULTS = (
     select(
         lanes.c.idx,
@@ -225,6 +253,8 @@ STOP_LANES = (
     .where(
         lanes.c.job_id == bindparam("j"),
         lanes.c.status.in_(bindparam("statuses", expanding=True)),
+        lanes.c.idx >= bindparam("from"),
+        lanes.c.idx < bindparam("to"),
     )
     .values(
         status=bindparam("status"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..aggregate import LaneResult
+from ..aggregate import LaneResult, Tree
 from ..spec import JobSpec
 from ..states import ErrorType, LaneStatus
 from ..views import NO_USAGE, Usage
@@ -78,3 +78,4 @@ class ReductionClaim:
     lanes: list[LaneResult]
     budget_spent: bool
     partial: bool = False  # lanes ended without a result: so will the result say
+    tree: Tree = field(default_factory=Tree)  # a hierarchical reduce's progress

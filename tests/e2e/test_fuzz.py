@@ -12,8 +12,8 @@ provider, so created jobs really run), with two tenants' API keys.
   headers and body as declared; schema-invalid input refused with a 4xx; a problem's
   ``status`` equal to the HTTP status; an undeclared method a 405 with ``Allow``.
 - ``test_workflows_follow_links_and_keep_tenants_apart``: sequences of calls that
-  create jobs and follow the document's links (get, cancel, events), with the same
-  checks; every job one tenant gets back is a 404 for the other.
+  create jobs and follow the document's links (get, cancel, events, lanes), with the
+  same checks; every job one tenant gets back is a 404 for the other.
 
 The event stream never ends while its job runs: here it is fuzzed with unknown ids,
 ``after`` and ``Last-Event-ID`` (refused before any stream starts), and opened on real
@@ -176,7 +176,8 @@ def test_every_operation_conforms_to_the_document(case: Any, live_app: ASGIApp) 
 
 class TenantWorkflows(workflows.as_state_machine()):  # type: ignore[misc]
     """Calls as acme, following the links from each created job; every job acme gets
-    back must be invisible to globex: a 404 to read, cancel or stream, and unlisted."""
+    back must be invisible to globex: a 404 to read, cancel, stream or page its lanes,
+    and unlisted."""
 
     owner, other = "acme", "globex"
 
@@ -198,6 +199,7 @@ class TenantWorkflows(workflows.as_state_machine()):  # type: ignore[misc]
             ("GET", "/v1/jobs/{job_id}"),
             ("POST", "/v1/jobs/{job_id}/cancel"),
             ("GET", "/v1/jobs/{job_id}/events"),
+            ("GET", "/v1/jobs/{job_id}/lanes"),
         ]:
             probe = workflows[path][method].Case(path_parameters={"job_id": job_id})
             response = probe.call(headers=bearer(self.other))

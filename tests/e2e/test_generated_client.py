@@ -1,7 +1,7 @@
 """The committed OpenAPI document makes a good client: openapi-python-client generates
 one, a small program written against it type-checks under ``mypy --strict``, and that
-program runs against a live server (create, get, list with the cursor, cancel, a typed
-422)."""
+program runs against a live server (create, get with and without lanes, a job's lanes
+and the list paged with their cursors, cancel, a typed 422)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,17 @@ import sys
 import time
 
 from fanout_api import Client
-from fanout_api.api.jobs import cancel_job, create_job, get_job, list_jobs
-from fanout_api.models import JobStatus, JobView, MajorityDetails, Problem, VotingSpec
+from fanout_api.api.jobs import cancel_job, create_job, get_job, list_job_lanes, list_jobs
+from fanout_api.models import (
+    JobPage,
+    JobStatus,
+    JobView,
+    LanePage,
+    MajorityDetails,
+    Problem,
+    ResultView,
+    VotingSpec,
+)
 from fanout_api.types import UNSET, Unset
 
 FINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
@@ -75,6 +84,25 @@ def main(base_url: str) -> None:
             and job.created_at <= job.finished_at,
         }
         report["same_key_same_job"] = created(client, spec(3), key="first-job").id == job.id
+
+        slim = get_job.sync(job.id, client=client, lanes=False)
+        assert isinstance(slim, JobView), slim
+        report["slim"] = {"lanes": len(slim.lanes), "progress": slim.progress.to_dict()}
+        paged: list[list[int]] = []
+        lane_cursor: str | Unset = UNSET
+        while len(paged) < 10:
+            lanes = list_job_lanes.sync(job.id, client=client, limit=2, cursor=lane_cursor)
+            assert isinstance(lanes, LanePage), lanes
+            paged.append([lane.index for lane in lanes.lanes])
+            if lanes.next_cursor is None:
+                break
+            lane_cursor = lanes.next_cursor
+        report["lanes_paged"] = paged
+        with_results = list_jobs.sync(client=client, results=True)
+        assert isinstance(with_results, JobPage), with_results
+        (summary,) = [summary for summary in with_results.jobs if summary.id == job.id]
+        assert isinstance(summary.result, ResultView), summary.result
+        report["listed_output"] = summary.result.output
 
         ids = {created(client, spec(1)).id for _ in range(3)} | {job.id}
         listed: list[str] = []
@@ -160,6 +188,9 @@ async def test_a_program_on_the_generated_client_runs_against_a_live_server(
         "created_before_finished": True,
     }
     assert report["same_key_same_job"] is True
+    assert report["slim"] == {"lanes": 0, "progress": {"succeeded": 3}}
+    assert report["lanes_paged"] == [[0, 1], [2]]
+    assert report["listed_output"] == 7
     assert report["listed_all"] is True
     assert report["cancelled"] == "cancelled"
     assert report["cancel_again"] == {"status": 409, "code": "job_finished"}

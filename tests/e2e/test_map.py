@@ -169,6 +169,25 @@ async def test_map_specs_that_cannot_run_are_refused_naming_the_field(
             ["body", "aggregate"],
             "majority",
         ),
+        (
+            mapping(["a"], "{{item}}", per_item={"n": 0}),
+            ["body", "per_item", "n"],
+            "greater than or equal to 1",
+        ),
+        (
+            mapping(
+                ["a"],
+                "{{item}}",
+                per_item={"n": 3, "aggregate": {"stop": {"rule": "ahead_by", "k": 4}}},
+            ),
+            ["body", "per_item", "aggregate", "stop", "k"],
+            "k 4 is more than the 3 lanes",
+        ),
+        (
+            mapping(["a", "b"], "{{item}}", per_item={"n": 3}, policy={"quorum": 3}),
+            ["body", "policy", "quorum"],
+            "quorum 3 is larger than the 2 items",
+        ),
     ]
     for spec, loc, why in cases:
         errors = await refused(client, spec)
@@ -180,6 +199,39 @@ async def test_more_items_than_the_cap_is_refused_naming_the_cap(
 ) -> None:
     async with app_client(sqlite_settings, max_lanes_per_job=3) as client:
         errors = await refused(client, mapping(["a", "b", "c", "d"], "{{item}}"))
+        votes = await refused(client, mapping(["a", "b"], "{{item}}", per_item={"n": 2}))
     assert errors == [
         {"loc": ["body", "items"], "msg": "4 lanes is over the cap of 3 lanes per job"}
     ]
+    message = "4 lanes (2 items of 2 votes) is over the cap of 3 lanes per job"
+    assert votes == [{"loc": ["body", "items"], "msg": message}]
+
+
+async def test_a_vote_per_item_stops_each_item_when_it_is_settled(
+    client: httpx.AsyncClient,
+) -> None:
+    spec = mapping(
+        ["7?", "also 7?", "and 7?"],
+        "{{item}}",
+        model="fake?answers=7",
+        per_item={
+            "n": 5,
+            "aggregate": {
+                "kind": "majority",
+                "extract": "number",
+                "stop": {"rule": "ahead_by", "k": 2},
+            },
+        },
+        policy={"max_concurrency": 2},
+    )
+    job = await run_job(client, spec)
+    assert job["status"] == "succeeded", (job["error"], [lane["error"] for lane in job["lanes"]])
+    assert job["result"]["output"] == [7, 7, 7]
+    by_item: dict[str, list[str]] = {}
+    for lane in job["lanes"]:
+        by_item.setdefault(lane["name"].split("/")[0], []).append(lane["status"])
+    # Two agreeing votes settle an item: its other three lanes never run.
+    assert by_item == {
+        name: ["succeeded"] * 2 + ["skipped"] * 3 for name in ("item-0", "item-1", "item-2")
+    }
+    assert [vote["counted"] for vote in job["result"]["details"]["votes"]] == [2, 2, 2]

@@ -170,8 +170,11 @@ def test_quickstart_commands_run_against_real_processes(quickstart: QuickStart) 
     # Both `curl -sN .../events` streams ran to their final event.
     assert done.stdout.count("event: job.succeeded") == 2, output
     jobs = httpx.get(f"{api}/v1/jobs", timeout=10).json()["jobs"]
-    # voting, sectioning, fanout submit, a vote over tool calls, a reasoning model, two maps
-    assert len(jobs) == 7, jobs
+    # voting, sectioning, fanout submit, a vote over tool calls, a reasoning model, 4 maps
+    assert len(jobs) == 9, jobs
+    # 10 summaries in groups of 3: 4 groups, then 2, then the last call over those 2.
+    assert "succeeded {'inputs': 10, 'levels': 3}" in done.stdout, output
+    assert "9 lanes; mean grades: [" in done.stdout, output
     assert "['essay-1', 'essay-2', 'essay-3'] ['Echo: Grade 1-10: Rain" in done.stdout, output
     assert "('Rain', 2, ['doc-1', 'doc-2'])" in done.stdout, output
     for summary in jobs:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from service.attempts import Attempt
 from service.states import ErrorType
 from service.views import Usage
@@ -131,3 +133,69 @@ async def test_the_reducers_steps_are_on_the_stream(harness: Harness) -> None:
     deltas = harness.live("aggregate.delta")
     assert "".join(d["data"]["text"] for d in deltas) == "merged"
     assert {d["data"]["attempt"] for d in deltas} == {2}
+
+
+# --- a hierarchical reduce (group_size) -------------------------------------------------
+
+
+def reduced_names(call: Call) -> list[str]:
+    return re.findall(r'<lane name="([^"]+)">', call.text)
+
+
+async def test_a_hierarchical_reduce_reduces_groups_then_their_results(harness: Harness) -> None:
+    script = Script(
+        lambda call: (
+            Attempt(output=f"sum of {len(reduced_names(call))}") if is_reducer(call) else echo(call)
+        )
+    )
+    harness.runner(script)
+    names = [f"s{i}" for i in range(7)]
+    spec = sectioning(*(section(name) for name in names), aggregate={**REDUCE, "group_size": 3})
+    job_id = await harness.create(spec)
+    events = await harness.events(job_id)
+    job = await harness.store.jobs.get(job_id, None)
+    assert job.status == "succeeded" and job.result is not None
+    assert job.result.details == {"inputs": 7, "levels": 2}
+    reducers = [reduced_names(call) for call in script.calls if is_reducer(call)]
+    # Level 0: groups of three lanes' outputs, in lane order; then one call over theirs.
+    assert sorted(reducers[:3]) == [["s0", "s1", "s2"], ["s3", "s4", "s5"], ["s6"]]
+    assert reducers[3] == ["level-1.0", "level-1.1", "level-1.2"]
+    assert job.result.output == "sum of 3"
+    groups = [
+        (e["data"]["level"], e["data"]["group"])
+        for e in events
+        if e["type"] == "aggregate.succeeded" and "group" in e["data"]
+    ]
+    assert sorted(groups) == [(0, 0), (0, 1), (0, 2)]
+    assert job.usage.total_tokens == 7 * 2  # echo lanes; the reducer here reports none
+
+
+async def test_a_failed_group_is_retried_and_the_groups_done_are_kept(harness: Harness) -> None:
+    failures = {"s3": 1}  # the group that starts with s3 fails once
+
+    def answer(call: Call) -> Attempt:
+        if not is_reducer(call):
+            return echo(call)
+        first = reduced_names(call)[0]
+        if failures.get(first):
+            failures[first] -= 1
+            return Attempt(
+                error_type=ErrorType.UPSTREAM_ERROR, error_message="HTTP 503", transient=True
+            )
+        return Attempt(output=f"from {first}")
+
+    script = Script(answer)
+    harness.runner(script)
+    names = [f"s{i}" for i in range(6)]
+    spec = sectioning(*(section(name) for name in names), aggregate={**REDUCE, "group_size": 3})
+    job_id = await harness.create(spec)
+    events = await harness.events(job_id)
+    job = await harness.store.jobs.get(job_id, None)
+    assert job.status == "succeeded" and job.result is not None
+    firsts = [reduced_names(call)[0] for call in script.calls if is_reducer(call)]
+    # s0's group answered on the first attempt and is not asked again.
+    assert sorted(firsts[:2]) == ["s0", "s3"] and firsts[2:] == ["s3", "level-1.0"]
+    assert [e["type"] for e in events if e["type"].startswith("aggregate.retrying")] == [
+        "aggregate.retrying"
+    ]
+    assert job.result.output == "from level-1.0"
