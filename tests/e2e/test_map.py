@@ -184,6 +184,28 @@ async def test_map_specs_that_cannot_run_are_refused_naming_the_field(
             "k 4 is more than the 3 lanes",
         ),
         (
+            mapping(
+                ["a"],
+                "{{item}}",
+                aggregate={"kind": "reduce", "task": {"model": "fake", "messages": []}},
+            ),
+            ["body", "aggregate", "task", "messages"],
+            "at least 1",
+        ),
+        (
+            mapping(
+                ["a"],
+                "{{item}}",
+                aggregate={
+                    "kind": "reduce",
+                    "group_size": 1,
+                    "task": {"model": "fake", "messages": [{"role": "user", "content": "x"}]},
+                },
+            ),
+            ["body", "aggregate", "group_size"],
+            "greater than or equal to 2",
+        ),
+        (
             mapping(["a", "b"], "{{item}}", per_item={"n": 3}, policy={"quorum": 3}),
             ["body", "policy", "quorum"],
             "quorum 3 is larger than the 2 items",
