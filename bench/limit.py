@@ -10,12 +10,18 @@ repetitions as the service's does::
 
     {"cmd": "run", "n": 1000, "model": "fake?latency_ms=200&answers=391:1"}
         -> {"wall_s": 1.52, "ok": 1000, "errors": 0, "first_error": null}
+    {"cmd": "run", "n": 10000, "model": "...", "concurrency": 1000, "prompt": "{index}: ..."}
     {"cmd": "quit"}
+
+``concurrency`` caps the calls in flight (a semaphore; default: all N at once), as a
+job's ``policy.max_concurrency`` does; ``prompt`` gives call i its own user message,
+``{index}`` replaced by i (a map job's items), instead of the one question.
 
 ``--client raw`` makes the same calls on bare aiohttp without the SDK: not the
 limit, a reference for what a lean call path could reach.
 
-Run by hand: ``python -m bench.limit --base-url http://127.0.0.1:8001/v1 --once 1000``.
+Run by hand: ``python -m bench.limit --base-url http://127.0.0.1:8001/v1 --once 1000``
+(``--concurrency 100`` to cap the calls in flight).
 """
 
 from __future__ import annotations
@@ -31,7 +37,15 @@ import aiohttp
 import httpx2
 import openai
 
-MESSAGES = [{"role": "user", "content": "What is 17*23? End with 'Answer: N'."}]
+QUESTION = "What is 17*23? End with 'Answer: N'."
+MESSAGES = [{"role": "user", "content": QUESTION}]
+
+
+def messages_for(prompt: str | None, index: int) -> list[dict[str, str]]:
+    """The one question, or call ``index``'s own (``prompt`` with ``{index}`` filled)."""
+    if prompt is None:
+        return MESSAGES
+    return [{"role": "user", "content": prompt.replace("{index}", str(index))}]
 
 
 def make_client(base_url: str, max_connections: int) -> openai.AsyncOpenAI:
@@ -52,8 +66,8 @@ class SdkCaller:
     def __init__(self, base_url: str, max_connections: int) -> None:
         self.client = make_client(base_url, max_connections)
 
-    async def call(self, model: str) -> str | None:
-        completion = await self.client.chat.completions.create(model=model, messages=MESSAGES)  # type: ignore[arg-type]
+    async def call(self, model: str, messages: list[dict[str, str]] = MESSAGES) -> str | None:
+        completion = await self.client.chat.completions.create(model=model, messages=messages)  # type: ignore[arg-type]
         return completion.choices[0].message.content
 
     async def close(self) -> None:
@@ -71,8 +85,8 @@ class RawCaller:
             connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=5.0)
         )
 
-    async def call(self, model: str) -> str | None:
-        body = json.dumps({"model": model, "messages": MESSAGES}).encode()
+    async def call(self, model: str, messages: list[dict[str, str]] = MESSAGES) -> str | None:
+        body = json.dumps({"model": model, "messages": messages}).encode()
         async with self.session.post(self.url, data=body, headers=self.headers) as response:
             response.raise_for_status()
             completion = json.loads(await response.read())
@@ -87,9 +101,25 @@ Caller = SdkCaller | RawCaller
 CALLERS: dict[str, type[SdkCaller] | type[RawCaller]] = {"sdk": SdkCaller, "raw": RawCaller}
 
 
-async def gather(caller: Caller, n: int, model: str) -> dict[str, Any]:
+async def gather(
+    caller: Caller,
+    n: int,
+    model: str,
+    concurrency: int | None = None,
+    prompt: str | None = None,
+) -> dict[str, Any]:
+    """N calls at once, or at most ``concurrency`` of them in flight."""
+    gate = asyncio.Semaphore(concurrency) if concurrency else None
+
+    async def call(index: int) -> str | None:
+        messages = messages_for(prompt, index)
+        if gate is None:
+            return await caller.call(model, messages)
+        async with gate:
+            return await caller.call(model, messages)
+
     started = time.perf_counter()
-    results = await asyncio.gather(*(caller.call(model) for _ in range(n)), return_exceptions=True)
+    results = await asyncio.gather(*(call(i) for i in range(n)), return_exceptions=True)
     wall = time.perf_counter() - started
     errors = [r for r in results if isinstance(r, BaseException)]
     return {
@@ -123,7 +153,13 @@ async def serve(caller: Caller) -> None:
             if command["cmd"] == "ping":
                 reply = {"ok": True}
             elif command["cmd"] == "run":
-                reply = await gather(caller, int(command["n"]), str(command["model"]))
+                reply = await gather(
+                    caller,
+                    int(command["n"]),
+                    str(command["model"]),
+                    command.get("concurrency"),
+                    command.get("prompt"),
+                )
             else:
                 reply = {"error": f"unknown command {command['cmd']!r}"}
             sys.stdout.write(json.dumps(reply) + "\n")
@@ -132,9 +168,9 @@ async def serve(caller: Caller) -> None:
         await caller.close()
 
 
-async def once(caller: Caller, n: int, model: str) -> None:
+async def once(caller: Caller, n: int, model: str, concurrency: int | None) -> None:
     try:
-        print(json.dumps(await gather(caller, n, model)))
+        print(json.dumps(await gather(caller, n, model, concurrency)))
     finally:
         await caller.close()
 
@@ -147,12 +183,15 @@ def main() -> None:
     parser.add_argument("--once", type=int, metavar="N", help="make N calls, print, exit")
     parser.add_argument("--model", default="fake?latency_ms=200&answers=391:1")
     parser.add_argument("--client", choices=sorted(CALLERS), default="sdk")
+    parser.add_argument(
+        "--concurrency", type=int, help="with --once: at most this many calls in flight"
+    )
     args = parser.parse_args()
 
     async def run() -> None:
         caller = CALLERS[args.client](args.base_url, args.max_connections)
         if args.once:
-            await once(caller, args.once, args.model)
+            await once(caller, args.once, args.model, args.concurrency)
         else:
             await serve(caller)
 

@@ -15,7 +15,7 @@ from ..jsonsafe import scrub
 from ..policy import budget_spent
 from ..states import EventType, JobStatus
 from ..views import Usage
-from .db import Database
+from .db import Database, Tx
 from .decisions import Decisions
 from .eventlog import EventLog, Item
 from .jobrows import SpecCache, lock_jobs
@@ -109,10 +109,8 @@ class Reductions:
         now = time.time()
         job_id = claim.job_id
         async with self.db.transaction() as tx:
-            job = (await lock_jobs(tx, [job_id])).get(job_id)
-            if job is not None and usage:
-                await add_usage(tx, job_id, usage)
-            if job is None or not self._holds(job, claim, owner):
+            job = await self._held(tx, claim, owner, usage)
+            if job is None:
                 return False
             await tx.conn.execute(
                 update(jobs)
@@ -135,14 +133,20 @@ class Reductions:
             return True
 
     @staticmethod
-    def _holds(job: Any, claim: ReductionClaim, owner: str) -> bool:
-        """Whether ``owner`` still holds the claim's attempt of an aggregating job."""
-        return (
+    async def _held(tx: Tx, claim: ReductionClaim, owner: str, usage: Usage) -> Any:
+        """The job's row, locked, while ``owner`` still holds the claim's attempt (else
+        None). The call's ``usage`` counts on the job either way: the provider sent that
+        answer."""
+        job = (await lock_jobs(tx, [claim.job_id])).get(claim.job_id)
+        if job is not None and usage:
+            await add_usage(tx, claim.job_id, usage)
+        held = (
             job is not None
             and job["status"] == JobStatus.AGGREGATING
             and job["lease_owner"] == owner
             and job["reduce_attempts"] == claim.attempt_no
         )
+        return job if held else None
 
     async def record(
         self,
@@ -162,11 +166,7 @@ class Reductions:
         now = time.time()
         job_id = claim.job_id
         async with self.db.transaction() as tx:
-            job = (await lock_jobs(tx, [job_id])).get(job_id)
-            if job is not None and usage:
-                # The provider sent this answer: it counts whether or not it still decides.
-                await add_usage(tx, job_id, usage)
-            if not self._holds(job, claim, owner):
+            if await self._held(tx, claim, owner, usage) is None:
                 return False
             attempt = {
                 "kind": claim.spec.aggregate.kind,
