@@ -410,8 +410,8 @@ def decide(
         rule = per_item.aggregate.stop_rule
         for item, votes in sorted(tally.items.items()):
             open_lanes = votes.count(LaneStatus.QUEUED, LaneStatus.RUNNING)
-            stopped = open_lanes and (queued or running)
-            if stopped and vote_state(rule, votes, open_lanes).stopped:
+            may_stop = open_lanes and (queued or running)
+            if may_stop and vote_state(rule, votes, open_lanes).stopped:
                 first = item * per_item.n
                 stops.append(
                     Stop(OPEN_LANE, LaneStatus.SKIPPED, None, None, (first, first + per_item.n))
