@@ -569,8 +569,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def item_name(item: str | dict[str, Any], index: int) -> str:
     """An item's lane name: its ``id`` (an object's), else ``item-<index>``."""
-    if isinstance(item, dict) and isinstance(item.get("id"), str | int):
-        return str(item["id"])
+    found = item.get("id") if isinstance(item, dict) else None
+    if isinstance(found, str | int) and not isinstance(found, bool):
+        return str(found)
     return f"item-{index}"
 
 

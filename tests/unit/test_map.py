@@ -49,6 +49,7 @@ def test_an_items_id_names_its_lane_and_each_lane_gets_its_item() -> None:
     job = spec([{"id": "doc-1", "t": "x"}, {"id": 7, "t": "y"}, "z"], "{{index}} {{item}}")
     assert lane_names(job) == ["doc-1", "7", "item-2"]
     assert item_name("z", 2) == "item-2"
+    assert item_name({"id": True}, 3) == "item-3"  # not an id: a flag
     name, task = lane_task(job, 2)
     assert name == "item-2" and task.messages[0].content == "2 z"
     assert job.task.messages[0].content == "{{index}} {{item}}"  # the spec's task is kept
