@@ -172,9 +172,10 @@ def test_quickstart_commands_run_against_real_processes(quickstart: QuickStart) 
     jobs = httpx.get(f"{api}/v1/jobs", timeout=10).json()["jobs"]
     # voting, sectioning, fanout submit, a vote over tool calls, a reasoning model, 4 maps
     assert len(jobs) == 9, jobs
-    # 10 summaries in groups of 3: 4 groups, then 2, then the last call over those 2.
-    assert "succeeded {'inputs': 10, 'levels': 3}" in done.stdout, output
-    assert "9 lanes; mean grades: [" in done.stdout, output
+    # 500 summaries in groups of 10: 50 groups, then 5, then the last call over those 5.
+    assert "\n55\n" in done.stdout, output
+    assert "succeeded {'inputs': 500, 'levels': 3}" in done.stdout, output
+    assert "{'succeeded': 300} mean grades: [" in done.stdout, output
     assert "['essay-1', 'essay-2', 'essay-3'] ['Echo: Grade 1-10: Rain" in done.stdout, output
     assert "('Rain', 2, ['doc-1', 'doc-2'])" in done.stdout, output
     for summary in jobs:
