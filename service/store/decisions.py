@@ -69,9 +69,10 @@ class Decisions:
         transaction already made for the job: they are appended first, with the
         decision's. True when the job now waits for its reducer."""
         job_id = job["id"]
+        touched = {fields["lane"] for _kind, fields in items if "lane" in fields}
         decision = decide(
             spec,
-            await self._tally(tx.conn, job_id, spec),
+            await self._tally(tx.conn, job_id, spec, touched),
             deadline_passed=deadline_passed
             or (job["deadline_at"] is not None and job["deadline_at"] <= now),
             budget_spent=budget_spent(spec.policy, job["total_tokens"], job["cost_usd"]),
@@ -202,7 +203,12 @@ class Decisions:
             )
         )
 
-    async def _tally(self, conn: AsyncConnection, job_id: str, spec: JobSpec) -> Tally:
+    async def _tally(
+        self, conn: AsyncConnection, job_id: str, spec: JobSpec, touched: set[int]
+    ) -> Tally:
+        """What the decision reads: the job's lanes by status, its votes, a blocking gate,
+        its first failure; for a per-item map, the votes of the items whose lanes
+        ``touched`` (the others' votes have not changed)."""
         gated = gates(spec)
         by_status = {
             status: count
@@ -246,18 +252,22 @@ class Decisions:
             first_failure,
             sequence,
             counted,
-            await self._item_tallies(conn, job_id, spec),
+            await self._item_tallies(conn, job_id, spec, touched),
         )
 
     async def _item_tallies(
-        self, conn: AsyncConnection, job_id: str, spec: JobSpec
+        self, conn: AsyncConnection, job_id: str, spec: JobSpec, touched: set[int]
     ) -> dict[int, Tally]:
-        """A per-item map's votes: each item's tally (what its stopping rule reads)."""
-        if not isinstance(spec, MapSpec) or spec.per_item is None:
+        """A per-item map's votes: the tally of each item a lane in ``touched`` is a vote
+        of (what its stopping rule reads)."""
+        if not isinstance(spec, MapSpec) or spec.per_item is None or not touched:
             return {}
         if not isinstance(spec.per_item.aggregate, MajorityAggregate):
             return {}
-        params = {"j": job_id, "n": spec.per_item.n, "gates": []}
+        n = spec.per_item.n
+        wanted = {lane // n for lane in touched}
+        span = {"from": min(wanted) * n, "to": (max(wanted) + 1) * n}
+        params = {"j": job_id, "n": n, "gates": [], **span}
         statuses: dict[int, dict[str, int]] = {}
         for item, status, count in (await conn.execute(ITEM_STATUSES, params)).all():
             statuses.setdefault(item, {})[status] = count
@@ -279,4 +289,5 @@ class Decisions:
                 counted=counted.get(item, 0),
             )
             for item, by_status in statuses.items()
+            if item in wanted
         }

@@ -213,9 +213,11 @@ VOTE_SEQUENCE = (
 )
 # A per-item map's votes, by item: item i's lanes are i*n .. i*n + n - 1.
 _ITEM = (lanes.c.idx // bindparam("n", type_=Integer)).label("item")  # floor division
+# The lanes of the items a batch touched: [from, to) on the (job, idx) key.
+_ITEM_RANGE = (lanes.c.idx >= bindparam("from"), lanes.c.idx < bindparam("to"))
 ITEM_STATUSES = (
     select(_ITEM, lanes.c.status, func.count())
-    .where(lanes.c.job_id == bindparam("j"))
+    .where(lanes.c.job_id == bindparam("j"), *_ITEM_RANGE)
     .group_by(_ITEM, lanes.c.status)
 )
 ITEM_VOTES = (
@@ -226,12 +228,12 @@ ITEM_VOTES = (
         func.count(),
         func.min(lanes.c.idx),
     )
-    .where(*_COUNTED_VOTES)
+    .where(*_COUNTED_VOTES, *_ITEM_RANGE)
     .group_by(_ITEM, lanes.c.answer_key)
 )
 ITEM_SEQUENCE = (
     select(_ITEM, lanes.c.answer_key)
-    .where(*_COUNTED_VOTES)
+    .where(*_COUNTED_VOTES, *_ITEM_RANGE)
     .order_by(lanes.c.recorded_at, lanes.c.finished_at, lanes.c.idx)
 )
 LANE_RESULTS = (
