@@ -85,6 +85,8 @@ def check_against(spec: JobSpec, settings: Settings) -> None:
         tasks.append((("task",), spec.ensemble[0]))
     elif isinstance(spec, MapSpec):
         tasks.append((("task",), spec.task))
+        if spec.per_item is not None and isinstance(spec.per_item.aggregate, JudgeAggregate):
+            tasks.append((("per_item", "aggregate", "task"), spec.per_item.aggregate.task))
         problems.extend(_item_problems(spec))
     else:
         tasks.extend((("sections", i, "task"), s.task) for i, s in enumerate(spec.sections))

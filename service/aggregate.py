@@ -499,23 +499,32 @@ def conclude(
 # --- how a map concludes ---------------------------------------------------------------
 
 
+def item_votes(spec: MapSpec, lanes: list[LaneResult], index: int) -> list[LaneResult]:
+    """Item ``index``'s lanes (a per-item map's: its votes)."""
+    n = spec.votes
+    return lanes[index * n : index * n + n]
+
+
 def decided_items(
-    spec: MapSpec, lanes: list[LaneResult]
+    spec: MapSpec, lanes: list[LaneResult], judged: dict[int, int] | None = None
 ) -> tuple[list[LaneResult], list[dict[str, Any]] | None]:
     """Each item's answer, as a result in item order: its lane's, or with ``per_item``
-    its vote's (the winner, or the score), with each vote's details."""
+    its vote's (the winner, the score, or the output its judge named: ``judged`` says
+    which candidate, from 1, or 0 for none), with each vote's details."""
     if spec.per_item is None:
         return lanes, None
-    how, n = spec.per_item.aggregate, spec.per_item.n
+    how = spec.per_item.aggregate
     items: list[LaneResult] = []
     details: list[dict[str, Any]] = []
     for index, item in enumerate(spec.items):
-        votes = lanes[index * n : index * n + n]
+        votes = item_votes(spec, lanes, index)
         name = item_name(item, index)
         if isinstance(how, MajorityAggregate):
             answer, found = majority(votes, weighted=how.weight is not None)
-        else:
+        elif isinstance(how, ScoreAggregate):
             answer, found = score(votes, how.pick)
+        else:
+            answer, found = judged_item(votes, (judged or {}).get(index, 0))
         details.append({"name": name, **found})
         if answer is not None:
             items.append(LaneResult(index, name, LaneStatus.SUCCEEDED, answer, answer))
@@ -523,21 +532,47 @@ def decided_items(
         # Why: the first vote's error, when none succeeded; else no vote had an answer.
         error = next((vote.error for vote in votes if vote.error is not None), None)
         if any(vote.succeeded for vote in votes) or error is None:
-            error = {"type": ErrorType.NO_ANSWER, "message": "no vote gave an answer"}
+            why = "its judge named no candidate" if spec.per_item.judged else "no vote answered"
+            error = {"type": ErrorType.NO_ANSWER, "message": why}
         items.append(LaneResult(index, name, LaneStatus.FAILED, None, error=error))
     return items, details
 
 
-def fan_in(spec: JobSpec, lanes: list[LaneResult]) -> list[LaneResult]:
+def judged_item(votes: list[LaneResult], choice: int) -> tuple[Any, dict[str, Any]]:
+    """An item's answer by its judge's ``choice`` of its succeeded lanes (from 1; 0:
+    it named none)."""
+    among = [vote for vote in votes if vote.succeeded]
+    details: dict[str, Any] = {"best": choice or None, "candidates": len(among)}
+    if not 1 <= choice <= len(among):
+        return None, details
+    return among[choice - 1].output, {**details, "lane": among[choice - 1].name}
+
+
+def fan_in(
+    spec: JobSpec, lanes: list[LaneResult], judged: dict[int, int] | None = None
+) -> list[LaneResult]:
     """What the fan-in (a reducer too) reads: the lanes, or a per-item map's items."""
-    return decided_items(spec, lanes)[0] if isinstance(spec, MapSpec) else lanes
+    return decided_items(spec, lanes, judged)[0] if isinstance(spec, MapSpec) else lanes
 
 
-def conclude_map(spec: MapSpec, lanes: list[LaneResult], *, partial: bool) -> Conclusion:
+def judges_items(spec: JobSpec) -> bool:
+    """Whether a judge call decides each item of the map (the reducer makes them)."""
+    return isinstance(spec, MapSpec) and spec.per_item is not None and spec.per_item.judged
+
+
+def conclude_map(
+    spec: MapSpec,
+    lanes: list[LaneResult],
+    *,
+    partial: bool,
+    judged: dict[int, int] | None = None,
+) -> Conclusion:
     """A map's result: its items' answers as a list, merged, or left to a reducer. With
     ``per_item``, the failure policy is about items (a vote without an answer is an item
-    without one)."""
-    items, votes = decided_items(spec, lanes)
+    without one); items decided by a judge wait for their judges' ``judged`` choices."""
+    if judges_items(spec) and judged is None:
+        return Conclusion(JobStatus.AGGREGATING, result={"partial": partial})
+    items, votes = decided_items(spec, lanes, judged)
     if votes is not None:
         answered = sum(item.succeeded for item in items)
         policy, need = on_failure(spec), quorum_size(spec)

@@ -499,13 +499,21 @@ class SectioningSpec(_JobSpecBase):
 
 class PerItem(Strict):
     """Each item of a map as its own vote: ``n`` lanes, and how the item's answer is
-    decided from them (a majority, with its stopping rule and weights, or a score)."""
+    decided from them (a majority, with its stopping rule and weights, a score, or a
+    judge: one more call per item that names the best of its lanes' outputs)."""
 
     n: int = Field(ge=1)
     aggregate: Annotated[
-        Annotated[MajorityAggregate, Tag("majority")] | Annotated[ScoreAggregate, Tag("score")],
+        Annotated[MajorityAggregate, Tag("majority")]
+        | Annotated[ScoreAggregate, Tag("score")]
+        | Annotated[JudgeAggregate, Tag("judge")],
         Discriminator(kind_or("majority")),
     ] = Field(default_factory=MajorityAggregate)
+
+    @property
+    def judged(self) -> bool:
+        """Whether a judge call decides each item (after its lanes, before the fan-in)."""
+        return isinstance(self.aggregate, JudgeAggregate)
 
 
 class MapSpec(_JobSpecBase):

@@ -246,7 +246,8 @@ EVENT_FIELDS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     EventType.AGGREGATE_SUCCEEDED: (
         {**_AGGREGATE, "usage": _USAGE},
-        {"level": _INT, "group": _INT},  # a hierarchical reduce's group (group_size)
+        # A hierarchical reduce's group (group_size); a map's item judge.
+        {"level": _INT, "group": _INT, "item": _INT},
     ),
     EventType.AGGREGATE_FAILED: ({**_AGGREGATE, "usage": _USAGE, "error": _ERROR}, {}),
     EventType.AGGREGATE_DELTA: ({**_AGGREGATE, "text": _STR}, {}),

@@ -9,15 +9,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 from ..aggregate import (
     Tree,
     candidates,
+    conclude_map,
+    fan_in,
+    item_votes,
     judge_choice,
     judge_messages,
     judged,
+    judges_items,
     reduced,
     tagged_messages,
 )
@@ -25,16 +30,16 @@ from ..attempts import Attempt, Executor
 from ..events import Event, EventHub
 from ..metrics import Metrics
 from ..policy import Retrying, next_step
-from ..spec import JudgeAggregate, LlmTask, ReduceAggregate, provider_name
-from ..states import ErrorType, EventType, LaneStatus
+from ..spec import JudgeAggregate, LlmTask, MapSpec, Message, ReduceAggregate, provider_name
+from ..states import ErrorType, EventType, JobStatus, LaneStatus
 from ..store import ReductionClaim, Store
 from ..views import NO_USAGE
 from .deltas import DeltaCoalescer
 from .lifecycle import Writes, guarded, logged, sleep_until_woken
 
-# A hierarchical reduce's group calls in flight at once, unless the job's
-# max_concurrency says otherwise.
-MAX_GROUPS_AT_ONCE = 16
+# A reducer's calls in flight at once (a hierarchical reduce's groups, a map's item
+# judges), unless the job's max_concurrency says otherwise.
+MAX_CALLS_AT_ONCE = 16
 
 
 class Reducer:
@@ -101,12 +106,11 @@ class Reducer:
 
     async def _reduce(self, claim: ReductionClaim) -> None:
         spec = claim.spec
-        aggregate = spec.aggregate
-        assert isinstance(aggregate, ReduceAggregate | JudgeAggregate)
-        task = aggregate.task
         max_attempts = spec.policy.max_attempts
         record = self.store.reductions.record
-        what = "reducer" if isinstance(aggregate, ReduceAggregate) else "judge"
+        what = "judge" if isinstance(spec.aggregate, JudgeAggregate) else "reducer"
+        if judges_items(spec):
+            what = "item judge"
         if claim.attempt_no > max_attempts:
             # Every attempt was started and none reported: their processes went away.
             error = _error(ErrorType.LEASE_LOST, f"{what}: every attempt's worker went away")
@@ -116,6 +120,30 @@ class Reducer:
             error = _error(ErrorType.BUDGET, f"the budget was spent before the {what} ran")
             await self.writes(record(claim, self.owner, usage=NO_USAGE, error=error))
             return
+        judged = None
+        if judges_items(spec):
+            assert isinstance(spec, MapSpec)
+            judged = await self._judge_items(claim, spec, what)
+            if judged is None:
+                return  # a judge failed (recorded), or another process holds the job now
+            conclusion = conclude_map(spec, claim.lanes, partial=claim.partial, judged=judged)
+            if conclusion.status is not JobStatus.AGGREGATING:
+                work = record(
+                    claim,
+                    self.owner,
+                    usage=NO_USAGE,
+                    result=conclusion.result,
+                    error=conclusion.error,
+                )
+                await self.writes(work)
+                return
+            what = "reducer"
+            claim = replace(claim, partial=bool((conclusion.result or {}).get("partial")))
+        # What the fan-in reads: the lanes, or a per-item map's items.
+        claim = replace(claim, lanes=fan_in(spec, claim.lanes, judged))
+        aggregate = spec.aggregate
+        assert isinstance(aggregate, ReduceAggregate | JudgeAggregate)
+        task = aggregate.task
         levels = 1
         if isinstance(aggregate, JudgeAggregate):
             messages = judge_messages(task, candidates(spec, claim.lanes))
@@ -172,24 +200,89 @@ class Reducer:
         as it comes. The tree the last call reads, or None when this attempt has ended:
         a group's call failed (recorded: a retry, or the job's failure), or the lease
         was lost."""
-        tree, size = claim.tree, aggregate.group_size
+        tree, size, task = claim.tree, aggregate.group_size, aggregate.task
         if size is None:
             return tree
         while len(tree.level_inputs(claim.lanes)) > size:
             groups = tree.groups(claim.lanes, size)
-            level = _Level(self, claim, aggregate.task, tree, groups, what)
-            await level.run()
-            if level.lost:
-                return None
-            if level.failed:
-                await self._group_failed(claim, level.failed, what)
+            level = _Level(tree)
+            todo = [
+                (i, tagged_messages(task, group))
+                for i, group in enumerate(groups)
+                if i not in tree.outputs
+            ]
+            if not await self._calls(claim, task, todo, level.answered, what):
                 return None
             tree = level.tree.next_level(len(groups))
+            kept = {"tree": tree.saved()}
             if not await self.writes(
-                self.store.reductions.step(claim, self.owner, tree, usage=NO_USAGE)
+                self.store.reductions.step(claim, self.owner, kept, usage=NO_USAGE)
             ):
                 return None
         return tree
+
+    async def _judge_items(
+        self, claim: ReductionClaim, spec: MapSpec, what: str
+    ) -> dict[int, int] | None:
+        """A map's item judges, at once: each names the best of its item's succeeded
+        lanes, kept with the job as it answers. Every item's choice (an item without a
+        succeeded lane gets none, and no call), or None when this attempt has ended."""
+        assert spec.per_item is not None and isinstance(spec.per_item.aggregate, JudgeAggregate)
+        task = spec.per_item.aggregate.task
+        judges = _Judges(claim.judged)
+        todo = []
+        for index in range(len(spec.items)):
+            among = [vote for vote in item_votes(spec, claim.lanes, index) if vote.succeeded]
+            judges.counts[index] = len(among)
+            if index not in claim.judged and among:
+                todo.append((index, judge_messages(task, among)))
+        if not await self._calls(claim, task, todo, judges.answered, what):
+            return None
+        return {index: judges.judged.get(index, 0) for index in range(len(spec.items))}
+
+    async def _calls(
+        self,
+        claim: ReductionClaim,
+        task: LlmTask,
+        todo: list[tuple[int, list[Message]]],
+        answered: Callable[[int, str], tuple[dict[str, Any], dict[str, Any]]],
+        what: str,
+    ) -> bool:
+        """The calls of one step of a reducer of many (a level's groups, a map's item
+        judges), made at once: at most the job's max_concurrency, or MAX_CALLS_AT_ONCE.
+        Each answer is kept with the job as it comes (``answered`` says what to keep and
+        what its event says). False when this attempt has ended: a call failed (then
+        recorded: a retry after a backoff, or the job's failure) or the lease was lost;
+        after either, no further call starts."""
+        policy = claim.spec.policy
+        timeout = policy.lane_timeout_s or self.default_lane_timeout_s
+        at_once = asyncio.Semaphore(policy.max_concurrency or MAX_CALLS_AT_ONCE)
+        failed: list[Attempt] = []
+        lost: list[bool] = []
+
+        async def call(key: int, messages: list[Message]) -> None:
+            async with at_once:
+                if failed or lost:
+                    return  # this attempt is over: the rest wait for the next
+                attempt = await guarded(
+                    self.execute(task, timeout=timeout, messages=messages),
+                    f"{what} {key} of {claim.job_id}",
+                )
+            self.metrics.observe_usage(provider_name(task), task.model, attempt.usage)
+            if not attempt.ok:
+                failed.append(attempt)
+                return
+            kept, done = answered(key, attempt.output if isinstance(attempt.output, str) else "")
+            step = self.store.reductions.step(
+                claim, self.owner, kept, usage=attempt.usage, done=done
+            )
+            if not await self.writes(step):
+                lost.append(True)
+
+        await asyncio.gather(*(call(key, messages) for key, messages in todo))
+        if failed and not lost:
+            await self._group_failed(claim, failed, what)
+        return not (failed or lost)
 
     async def _group_failed(self, claim: ReductionClaim, failed: list[Attempt], what: str) -> None:
         """A level's group calls failed: the attempt is retried after a backoff (the
@@ -238,50 +331,27 @@ class Reducer:
 
 
 class _Level:
-    """One level of a hierarchical reduce: its groups still to do, called at once (at
-    most the job's max_concurrency, or MAX_GROUPS_AT_ONCE); each answer kept as it
-    comes. After a failure or a lost lease no further group starts."""
+    """A level of a hierarchical reduce as its groups answer."""
 
-    def __init__(
-        self,
-        reducer: Reducer,
-        claim: ReductionClaim,
-        task: LlmTask,
-        tree: Tree,
-        groups: list[list[tuple[str, str]]],
-        what: str,
-    ) -> None:
-        self.reducer, self.claim, self.task = reducer, claim, task
-        self.tree, self.groups, self.what = tree, groups, what
-        self.failed: list[Attempt] = []
-        self.lost = False
-        policy = claim.spec.policy
-        self.timeout = policy.lane_timeout_s or reducer.default_lane_timeout_s
-        self.at_once = asyncio.Semaphore(policy.max_concurrency or MAX_GROUPS_AT_ONCE)
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
 
-    async def run(self) -> None:
-        todo = [i for i in range(len(self.groups)) if i not in self.tree.outputs]
-        await asyncio.gather(*(self.group(i) for i in todo))
+    def answered(self, index: int, text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        self.tree = self.tree.done(index, text)
+        return {"tree": self.tree.saved()}, {"level": self.tree.level, "group": index}
 
-    async def group(self, index: int) -> None:
-        reducer, task, level = self.reducer, self.task, self.tree.level
-        async with self.at_once:
-            if self.failed or self.lost:
-                return  # this attempt is over: the rest wait for the next
-            messages = tagged_messages(task, self.groups[index])
-            attempt = await guarded(
-                reducer.execute(task, timeout=self.timeout, messages=messages),
-                f"{self.what} group {level}.{index} of {self.claim.job_id}",
-            )
-        reducer.metrics.observe_usage(provider_name(task), task.model, attempt.usage)
-        if not attempt.ok:
-            self.failed.append(attempt)
-            return
-        self.tree = self.tree.done(index, attempt.output if isinstance(attempt.output, str) else "")
-        step = reducer.store.reductions.step(
-            self.claim, reducer.owner, self.tree, usage=attempt.usage, group=(level, index)
-        )
-        self.lost = not await reducer.writes(step) or self.lost
+
+class _Judges:
+    """A map's item judges as they answer: each item's choice (from 1; 0: none)."""
+
+    def __init__(self, judged: dict[int, int]) -> None:
+        self.judged = dict(judged)
+        self.counts: dict[int, int] = {}  # each item's candidates
+
+    def answered(self, index: int, text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        self.judged[index] = judge_choice(text, self.counts[index]) or 0
+        kept = {"judged": {str(i): choice for i, choice in self.judged.items()}}
+        return kept, {"kind": "judge", "item": index}
 
 
 def _error(error_type: str, message: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, update
 
-from ..aggregate import Tree, fan_in
+from ..aggregate import Tree
 from ..jsonsafe import scrub
 from ..policy import budget_spent
 from ..states import EventType, JobStatus
@@ -69,6 +69,7 @@ class Reductions:
                     )
                 )
                 spec = self.specs.of(job_id, job["spec"])
+                kept = job["result"] or {}  # what the reducer keeps while it aggregates
                 started = {"kind": spec.aggregate.kind, "attempt": attempt_no}
                 await self.log.append(tx, job_id, [(EventType.AGGREGATE_STARTED, started)], now)
                 claims.append(
@@ -76,10 +77,11 @@ class Reductions:
                         job_id,
                         attempt_no,
                         spec,
-                        fan_in(spec, await self.decisions.lane_results(tx.conn, job_id)),
+                        await self.decisions.lane_results(tx.conn, job_id),
                         budget_spent(spec.policy, job["total_tokens"], job["cost_usd"]),
-                        bool((job["result"] or {}).get("partial")),
-                        Tree.of((job["result"] or {}).get("tree")),
+                        bool(kept.get("partial")),
+                        Tree.of(kept.get("tree")),
+                        {int(i): choice for i, choice in kept.get("judged", {}).items()},
                     )
                 )
         return claims
@@ -97,15 +99,16 @@ class Reductions:
         self,
         claim: ReductionClaim,
         owner: str,
-        tree: Tree,
+        kept: dict[str, Any],
         *,
         usage: Usage,
-        group: tuple[int, int] | None = None,
+        done: dict[str, Any] | None = None,
     ) -> bool:
-        """A hierarchical reduce's progress, kept with the job (a later attempt runs only
-        the groups still to do): ``group`` (level, index) answered, with its ``usage``,
-        or a level done. Renews the lease. False when ``owner`` no longer holds the
-        attempt."""
+        """A step of a reducer of many calls, ``kept`` with the job (a later attempt
+        makes only the calls still to do): a hierarchical reduce's ``tree``, a map's
+        item ``judged``. ``done`` names the call that answered, with its ``usage``, for
+        its ``aggregate.succeeded`` event (a group's ``level`` and ``group``, an item's
+        ``item``). Renews the lease. False when ``owner`` no longer holds the attempt."""
         now = time.time()
         job_id = claim.job_id
         async with self.db.transaction() as tx:
@@ -116,20 +119,19 @@ class Reductions:
                 update(jobs)
                 .where(jobs.c.id == job_id)
                 .values(
-                    result={**(job["result"] or {}), "tree": tree.saved()},
+                    result={**(job["result"] or {}), **kept},
                     lease_expires_at=now + self.lease_seconds,
                 )
             )
-            if group is not None:
-                level, index = group
-                done = {
-                    "kind": claim.spec.aggregate.kind,
+            if done is not None:
+                answered = {
+                    "kind": done.pop("kind", claim.spec.aggregate.kind),
                     "attempt": claim.attempt_no,
                     "usage": usage.model_dump(),
-                    "level": level,
-                    "group": index,
+                    **done,
                 }
-                await self.log.append(tx, job_id, [(EventType.AGGREGATE_SUCCEEDED, done)], now)
+                event = [(EventType.AGGREGATE_SUCCEEDED, answered)]
+                await self.log.append(tx, job_id, event, now)
             return True
 
     @staticmethod

@@ -69,8 +69,9 @@ class Recorded:
 @dataclass(frozen=True, slots=True)
 class ReductionClaim:
     """A reducer attempt this process now holds the job's lease for: attempt
-    ``attempt_no`` over ``lanes`` (every lane, in order); ``budget_spent``: the job's
-    tokens or cost leave it nothing to run on."""
+    ``attempt_no`` over ``lanes`` (every lane, in order; what the fan-in reads is
+    :func:`~service.aggregate.fan_in` of them); ``budget_spent``: the job's tokens or
+    cost leave it nothing to run on."""
 
     job_id: str
     attempt_no: int
@@ -79,3 +80,5 @@ class ReductionClaim:
     budget_spent: bool
     partial: bool = False  # lanes ended without a result: so will the result say
     tree: Tree = field(default_factory=Tree)  # a hierarchical reduce's progress
+    # A map's item judges so far: item index -> the candidate named (from 1; 0: none).
+    judged: dict[int, int] = field(default_factory=dict)

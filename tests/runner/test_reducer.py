@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from service.attempts import Attempt
 from service.states import ErrorType
@@ -199,3 +200,78 @@ async def test_a_failed_group_is_retried_and_the_groups_done_are_kept(harness: H
         "aggregate.retrying"
     ]
     assert job.result.output == "from level-1.0"
+
+
+# --- a judge per item -------------------------------------------------------------------
+
+
+def item_map(items: list[str], n: int, **fields: Any) -> dict[str, Any]:
+    task = {"model": "m", "messages": [{"role": "user", "content": "{{item}}"}]}
+    judge = {
+        "kind": "judge",
+        "task": {"model": "j", "messages": [{"role": "system", "content": "Judge."}]},
+    }
+    return {
+        "mode": "map",
+        "items": items,
+        "task": task,
+        "per_item": {"n": n, "aggregate": judge},
+        **fields,
+    }
+
+
+def is_judge(call: Call) -> bool:
+    return is_reducer(call) and "<candidate" in call.text
+
+
+async def test_each_item_is_decided_by_its_own_judge_then_fanned_in(harness: Harness) -> None:
+    def answer(call: Call) -> Attempt:
+        if is_judge(call):
+            return Attempt(output='{"best": 2}', usage=Usage(total_tokens=3, completion_tokens=3))
+        return Attempt(output=f"{call.text} #{call.task.seed}", usage=Usage(total_tokens=2))
+
+    script = Script(answer)
+    harness.runner(script)
+    spec = item_map(["a", "b"], 3)
+    spec["task"]["seed"] = 0
+    job_id = await harness.create(spec)
+    events = await harness.events(job_id)
+    job = await harness.store.jobs.get(job_id, None)
+    assert job.status == "succeeded" and job.result is not None
+    assert job.result.output == ["a #1", "b #1"]  # each item's second lane
+    assert [(v["name"], v["best"], v["lane"]) for v in job.result.details["votes"]] == [
+        ("item-0", 2, "item-0/1"),
+        ("item-1", 2, "item-1/1"),
+    ]
+    judges = [call for call in script.calls if is_judge(call)]
+    assert len(judges) == 2 and all(call.text.count("<candidate") == 3 for call in judges)
+    items = sorted(e["data"]["item"] for e in events if "item" in e["data"])
+    assert items == [0, 1]
+    assert job.usage.total_tokens == 6 * 2 + 2 * 3
+
+
+async def test_a_failed_item_judge_is_retried_and_the_judged_items_are_kept(
+    harness: Harness,
+) -> None:
+    fails = {"b": 1}
+
+    def answer(call: Call) -> Attempt:
+        if not is_judge(call):
+            return echo(call)
+        item = "b" if "Echo: b" in call.text else "a"
+        if fails.get(item):
+            fails[item] -= 1
+            return Attempt(
+                error_type=ErrorType.UPSTREAM_ERROR, error_message="HTTP 503", transient=True
+            )
+        return Attempt(output="1")
+
+    script = Script(answer)
+    harness.runner(script)
+    job_id = await harness.create(item_map(["a", "b"], 2, policy={"max_concurrency": 1}))
+    await harness.events(job_id)
+    job = await harness.store.jobs.get(job_id, None)
+    assert job.status == "succeeded" and job.result is not None
+    assert job.result.output == ["Echo: a", "Echo: b"]
+    judged = ["b" if "Echo: b" in call.text else "a" for call in script.calls if is_judge(call)]
+    assert judged == ["a", "b", "b"]  # a's verdict was kept across the retry
