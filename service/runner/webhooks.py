@@ -88,6 +88,10 @@ async def deliver(
     return record
 
 
+# A finished job is delivered with its lanes up to this many; a bigger one (a 10,000-item
+# map's lanes are megabytes) without them: the receiver pages them if it wants them.
+WEBHOOK_MAX_LANES = 1000
+
 class WebhookSender:
     """Delivers due webhooks; woken when a job ends (its webhook was queued in the
     same transaction) and when a retry is due."""
@@ -136,7 +140,9 @@ class WebhookSender:
             )
 
     async def _deliver(self, job_id: str, url: str, sent: int, secret: str) -> None:
-        view = await self.store.jobs.get(job_id, None)
+        view = await self.store.jobs.get(job_id, None, with_lanes=False)
+        if sum(view.progress.values()) <= WEBHOOK_MAX_LANES:
+            view = await self.store.jobs.get(job_id, None)
         view.webhook = None  # the delivery history is not part of what is delivered
         body = view.model_dump_json().encode()
         delivery = await deliver(

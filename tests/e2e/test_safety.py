@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from service.config import Settings
+from service.runner import webhooks
 from tests.support import (
     app_client,
     events_of,
@@ -288,6 +289,31 @@ async def test_cancelled_job_also_sends_its_webhook(settings: Settings) -> None:
             await got.wait()
         await events_of(http, created.json()["id"])
     assert bodies[0]["status"] == "cancelled"
+
+
+async def test_a_big_jobs_webhook_comes_without_its_lanes(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhooks, "WEBHOOK_MAX_LANES", 2)
+    bodies: list[dict[str, Any]] = []
+    got = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        bodies.append(await request.json())
+        if len(bodies) == 2:
+            got.set()
+        return web.Response(status=200)
+
+    async with (
+        receiver(hook) as url,
+        app_client(settings, egress_allow="127.0.0.1", webhook_secret=SECRET) as http,
+    ):
+        for n in (2, 3):
+            await run_job(http, voting(n, "fake?answers=5", webhook={"url": url}))
+        async with asyncio.timeout(10):
+            await got.wait()
+    by_lanes = sorted((sum(b["progress"].values()), len(b["lanes"])) for b in bodies)
+    assert by_lanes == [(2, 2), (3, 0)]  # over the cap: counted, not listed
 
 
 # --- provider limits -----------------------------------------------------------------
