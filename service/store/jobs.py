@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import BadCursor, IdempotencyConflict, JobFinished, JobNotFound, TenantAtCapacity
 from ..policy import Stop
-from ..spec import JobSpec, lane_names, lane_providers, stored
+from ..spec import JobSpec, MapSpec, lane_names, lane_providers, stored
 from ..states import (
     OPEN_LANE,
     TERMINAL_JOB,
@@ -68,6 +68,12 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
     created_at, job_id = cursor.split("_")
     return float(created_at), job_id
 
+
+# A per-item map's vote k of every item is ready k steps of this after the job is
+# stored: claims (which take lanes in the order they became ready) then take the
+# items' first votes, then their second ones, and so on, so an item's votes come back
+# one after another, and its stopping rule can stop it before its other lanes run.
+VOTE_STAGGER_S = 1e-5
 
 # A lane cursor is the index of the last lane of a page, in digits: every such string
 # is a position (nine digits stay within the 32-bit index column).
@@ -165,6 +171,7 @@ class Jobs:
         deadline = now + spec.policy.deadline_s if spec.policy.deadline_s else None
         names = lane_names(spec)
         providers = lane_providers(spec)
+        votes = spec.votes if isinstance(spec, MapSpec) else 1
         job = {
             "id": job_id,
             "tenant": tenant,
@@ -188,7 +195,8 @@ class Jobs:
                 "attempts": 0,
                 **NO_USAGE.model_dump(),
                 "queued_at": now,
-                "available_at": now,
+                # A per-item map's votes become ready vote by vote (see VOTE_STAGGER_S).
+                "available_at": now + (i % votes) * VOTE_STAGGER_S,
                 "provider": providers[i],
                 "reserved_tokens": 0,
             }

@@ -158,3 +158,31 @@ async def test_a_judge_that_names_no_candidate_fails_the_job_with_what_it_said(
     assert job.error.type == ErrorType.NO_ANSWER
     assert job.error.message == "the judge named no candidate of 2: 'they are all fine'"
     assert [lane.status for lane in job.lanes] == ["succeeded", "succeeded"]
+
+
+# --- a vote per item of a map -------------------------------------------------------------
+
+
+async def test_a_maps_item_votes_are_taken_vote_by_vote_so_each_item_stops_early(
+    harness: Harness,
+) -> None:
+    """Claims take every item's first vote, then every item's second: an item's votes
+    come back one after another, and two that agree settle it before its third runs."""
+    script = Script(lambda call: Attempt(output="Answer: 7", usage=Usage(total_tokens=1)))
+    harness.runner(script)
+    task = {"model": "m", "seed": 0, "messages": [{"role": "user", "content": "{{item}}"}]}
+    spec = {
+        "mode": "map",
+        "items": ["a", "b", "c"],
+        "task": task,
+        "per_item": {"n": 4, "aggregate": {**NUMBER, "stop": {"rule": "ahead_by", "k": 2}}},
+        "policy": {"max_concurrency": 3},
+    }
+    job = await harness.run(spec)
+    assert job.result is not None and job.result.output == [7, 7, 7]
+    order = [(call.text, call.task.seed) for call in script.calls]  # type: ignore[union-attr]
+    assert set(order[:3]) == {("a", 0), ("b", 0), ("c", 0)}  # first votes first
+    # Two votes an item, of four. (In lane order, item a's first three would have been
+    # in flight at once, and run whether the first two agreed or not.)
+    assert len(script.calls) == 6
+    assert sorted(lane.status for lane in job.lanes) == ["skipped"] * 6 + ["succeeded"] * 6
