@@ -60,8 +60,15 @@ class JobRun:
     reconnects: int = 0  # streams the server closed before the final event
 
 
-async def post_job(http: aiohttp.ClientSession, base: str, spec: dict[str, Any]) -> str:
-    async with http.post(f"{base}/v1/jobs", json=spec) as response:
+async def post_job(
+    http: aiohttp.ClientSession,
+    base: str,
+    spec: dict[str, Any],
+    params: dict[str, str] | None = None,
+) -> str:
+    """Create the job; its id. ``params``: the query (``{"lanes": "false"}``: the 202
+    without the job's lanes)."""
+    async with http.post(f"{base}/v1/jobs", json=spec, params=params) as response:
         body = await response.read()
         if response.status != 202:
             raise JobFailed(f"POST /v1/jobs: {response.status} {body[:300]!r}")
@@ -108,11 +115,16 @@ async def wait_final(
     raise StreamEnded(f"the stream of {job_id} ended without a final event")
 
 
-async def run_job(http: aiohttp.ClientSession, base: str, spec: dict[str, Any]) -> JobRun:
+async def run_job(
+    http: aiohttp.ClientSession,
+    base: str,
+    spec: dict[str, Any],
+    params: dict[str, str] | None = None,
+) -> JobRun:
     """POST a job and follow it to its final event: the time a caller waits."""
     sent_at = time.time()
     started = time.perf_counter()
-    job_id = await post_job(http, base, spec)
+    job_id = await post_job(http, base, spec, params)
     posted = time.perf_counter() - started
     reconnects = 0
     while True:

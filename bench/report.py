@@ -8,15 +8,23 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from . import economy
+from . import economy, mapjob
 
 DB_NAMES = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
 LABELS = {"limit": "limit", "raw": "(reference) bare aiohttp, no SDK"}
+FLOOR = "the floor: bare aiohttp, no SDK"
 # The lane call paths (FANOUT_LLM_CLIENT): the targets are judged on the default, lean;
 # the SDK path is the reference, reported beside it.
 CLIENTS = ("lean", "sdk", "limited")
 PATH_NAMES = {"sdk": "SDK path", "limited": "provider limits (not binding)"}
 PASS, MISS = "✓ pass", "✗ miss"
+SECTION_TITLES = {
+    "voting": "voting jobs",
+    "small": "many small jobs",
+    "stream": "stream delay",
+    "economy": "the economy of a vote",
+    "map": "map jobs",
+}
 
 
 def _split(who: str) -> tuple[str, str]:
@@ -280,6 +288,99 @@ def economy_table(rows: list[dict[str, Any]], targets: Targets) -> list[str]:
     return lines
 
 
+def map_table(scale: dict[str, Any], targets: Targets) -> list[str]:
+    """The big map job on each database against the floor, with issue 13's targets."""
+    items, concurrency = scale["n"], scale["max_concurrency"]
+    floor = _m(scale["samples"]["raw"], "wall_s")
+    lines = [
+        "| who | wall s | × the floor | items/s | POST → 202 s | CPU s | peak MB | in flight "
+        "| targets |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    size = f"{items:,} items @ {scale['latency_ms']} ms, max_concurrency {concurrency:,}"
+    for who in sorted(scale["samples"], key=_order):
+        samples = scale["samples"][who]
+        wall, peak = _m(samples, "wall_s"), scale["peak_mb"][who]
+        post, cell = "", ""
+        if _is_service(who):
+            db, client = _split(who)
+            post_s = _median([s["extra"]["post_s"] for s in samples])
+            post = _fmt(post_s, 2)
+            bound = mapjob.RATIO_TARGETS.get(db, float("nan"))
+            where = f"map of {size} on {DB_NAMES[db]}"
+            marks = [
+                targets.check(
+                    f"≤ {bound:.1f}×",
+                    f"{where}: ≤ {bound:.1f}× the floor",
+                    f"{wall / floor:.2f}×",
+                    wall / floor <= bound,
+                    client,
+                ),
+                targets.check(
+                    f"POST < {mapjob.POST_TARGET_S:.0f} s",
+                    f"{where}: POST → 202 < {mapjob.POST_TARGET_S:.0f} s",
+                    f"{post_s:.2f} s",
+                    post_s < mapjob.POST_TARGET_S,
+                    client,
+                ),
+                targets.check(
+                    f"peak < {mapjob.PEAK_TARGET_MB:.0f} MB",
+                    f"{where}: service peak memory < {mapjob.PEAK_TARGET_MB:.0f} MB",
+                    f"{peak:.0f} MB",
+                    peak < mapjob.PEAK_TARGET_MB,
+                    client,
+                ),
+            ]
+            cell = "; ".join(marks)
+        label = FLOOR if who == "raw" else _label(who)
+        lines.append(
+            f"| {label} | {_fmt(wall)} | {wall / floor:.2f} | {items / wall:,.0f} | {post or '—'} "
+            f"| {_fmt(_m(samples, 'cpu_s'), 2)} | {peak:.0f} | {int(_m(samples, 'in_flight'))} "
+            f"| {cell} |"
+        )
+    return lines
+
+
+def map_phases_table(scale: dict[str, Any]) -> list[str]:
+    lines = [
+        "| service | POST → job stored | → first lane claimed | → last attempt ended "
+        "| → job decided | → caller has the final event | wall |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for who, phases in sorted(scale.get("phases", {}).items(), key=lambda kv: _order(kv[0])):
+        total = sum(phases[p] for p in PHASES)
+        cells = " | ".join(f"{1000 * phases[p]:,.0f}" for p in PHASES)
+        lines.append(f"| {_service(who)} | {cells} | {1000 * total:,.0f} |")
+    return lines
+
+
+def map_economy_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Each rule beside ``none`` at each concurrency: lanes that ran, calls, agreement."""
+    lines = [
+        "| questions | max_concurrency | rule | lanes that ran per item | × fewer than none "
+        "| calls per item (simulator) | votes counted per item | agreement with none "
+        "| items without an answer | wall s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        none = next(
+            r
+            for r in rows
+            if r["rule"] == "none"
+            and r["max_concurrency"] == row["max_concurrency"]
+            and r.get("questions") == row.get("questions")
+        )
+        items = row["items"]
+        fewer = none["lanes_ran"] / row["lanes_ran"] if row["lanes_ran"] else float("nan")
+        lines.append(
+            f"| {row.get('questions', '')} (`{row.get('answers', '')}`) "
+            f"| {row['max_concurrency']} | {row['rule']} | {row['lanes_ran'] / items:.1f} "
+            f"| {_fmt(fewer, 2)}× | {row['calls'] / items:.1f} | {_fmt(row['votes_counted'], 1)} "
+            f"| {100 * row['agreement']:.1f} % | {row['unanswered']} | {_fmt(row['wall_s'], 1)} |"
+        )
+    return lines
+
+
 def _limit_1000(results: dict[str, Any]) -> float:
     """The limit's time for 1,000 calls at 200 ms (the small jobs' total work), if measured."""
     for sc in results.get("voting") or []:
@@ -367,6 +468,37 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> str:
             *economy_table(results["economy"], targets),
             "",
         ]
+    found = results.get("map")
+    if isinstance(found, dict) and (found.get("scale") or found.get("economy")):
+        body += ["## Map jobs", ""]
+        scale = found.get("scale")
+        if scale:
+            body += [
+                f"### {scale['n']:,} items against the floor",
+                "",
+                mapjob.describe_scale(scale["n"], scale["max_concurrency"]),
+                "",
+                *map_table(scale, targets),
+                "",
+            ]
+            if scale.get("phases"):
+                body += [
+                    "Where the time went, in milliseconds, in each service's last run (its "
+                    "stored timestamps, as in the voting section):",
+                    "",
+                    *map_phases_table(scale),
+                    "",
+                ]
+        rows = found.get("economy")
+        if rows:
+            body += [
+                f"### A vote per item: {rows[0]['items']} items of n = {mapjob.VOTES}",
+                "",
+                mapjob.describe_economy(_service(rows[0]["service"]), rows[0]["items"]),
+                "",
+                *map_economy_table(rows),
+                "",
+            ]
     head = [
         "# Fanout benchmark results",
         "",
@@ -383,11 +515,13 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> str:
         "contender runs its warm-up and repetitions back to back, so its upstream connections "
         "stay warm (pools drop them after 5 idle seconds); who goes first rotates. The fake "
         "LLM keeps idle connections 75 s. Service "
-        "settings: `FANOUT_MAX_CONCURRENCY=2000`, `FANOUT_MAX_LANES_PER_JOB=1000`, "
+        "settings: `FANOUT_MAX_CONCURRENCY=2000`, `FANOUT_MAX_LANES_PER_JOB=10000` and "
+        "`FANOUT_MAX_BODY_BYTES=16000000` (raised for the map section's job; they only "
+        "admit bigger jobs), "
         "`FANOUT_LOG_LEVEL=WARNING`, per-tenant caps off (`FANOUT_RATE_LIMIT_PER_MINUTE=0`, "
         "`FANOUT_MAX_JOBS_IN_FLIGHT=100000`), `FANOUT_LLM_CLIENT=lean` (the default) or `sdk` "
-        "(the voting section only; the small-jobs and stream sections use the lean path, "
-        "which keeps the bench's time bounded); each service has a database of its own; "
+        "(the voting section only; the small-jobs, stream and map sections use the lean "
+        "path, which keeps the bench's time bounded); each service has a database of its own; "
         "jobs: `fake?latency_ms=L&answers=391:1`, majority "
         "vote on the number, `early_stop: false`, `max_concurrency: N`.",
         "",
@@ -415,8 +549,29 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> str:
         ]
     for note in results.get("notes", []):
         head += [f"> {note}", ""]
+    merged = results.get("merged")
+    if merged and merged.get("origins"):
+        by_run: dict[tuple[str, str], list[str]] = {}
+        for section, origin in merged["origins"].items():
+            by_run.setdefault((origin["date"], origin["service"]), []).append(section)
+        for (date, commit), sections in by_run.items():
+            origin = merged["origins"][sections[0]]
+            duration = origin.get("duration_s")
+            head += [
+                f"> Kept from an earlier run (`--merge`): the section(s) "
+                f"{', '.join(SECTION_TITLES.get(s, s) for s in sections)}, run on {date} "
+                f"with commit {commit}"
+                + (f" ({duration:.0f} s)" if isinstance(duration, int | float) else "")
+                + "; this run measured "
+                + ", ".join(SECTION_TITLES.get(s, s) for s in args.only)
+                + ".",
+                "",
+            ]
+            head += [f"> (earlier run) {note}" for note in origin.get("notes", [])]
+            if origin.get("notes"):
+                head.append("")
     if targets.rows:
-        head += ["## Targets (issues 6 and 12)", ""]
+        head += ["## Targets (issues 6, 12 and 13)", ""]
         if any("sdk" in paths for paths in targets.rows.values()):
             head += [
                 "Judged on the default, lean call path; the last column is the same target "
@@ -433,7 +588,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
         out.append("--quick")
     if args.reps != (1 if args.quick else 3):
         out.append(f"--reps {args.reps}")
-    if args.only != ["voting", "small", "stream", "economy"]:
+    if args.only != ["voting", "small", "stream", "economy", "map"]:
         out.append(f"--only {','.join(args.only)}")
     if args.dbs != ["sqlite", "postgres"]:
         out.append(f"--db {','.join(args.dbs)}")
@@ -443,6 +598,24 @@ def _argv(args: argparse.Namespace) -> list[str]:
         out.append(f"--ns {','.join(map(str, args.ns))}")
     if args.latencies != [200, 0]:
         out.append(f"--latencies {','.join(map(str, args.latencies))}")
+    quick = args.quick
+    for flag, value, default in (
+        ("--map-items", args.map_items, mapjob.QUICK_ITEMS if quick else mapjob.ITEMS),
+        (
+            "--map-concurrency",
+            args.map_concurrency,
+            mapjob.QUICK_MAX_CONCURRENCY if quick else mapjob.MAX_CONCURRENCY,
+        ),
+        (
+            "--map-economy-items",
+            args.map_economy_items,
+            mapjob.QUICK_ECONOMY_ITEMS if quick else mapjob.ECONOMY_ITEMS,
+        ),
+    ):
+        if value != default:
+            out.append(f"{flag} {value}")
+    if args.merge:
+        out.append("--merge")
     if args.tree.resolve() != Path(__file__).resolve().parent.parent:
         out.append(f"--tree {args.tree}")
     return out

@@ -20,14 +20,23 @@ the reference) as real processes on loopback, then measures:
 - **economy**: each stopping rule beside ``none`` on the same 300 simulated questions
   of 40 lanes (:mod:`bench.economy`): calls per question, agreement, wall time. The
   first lean service only.
+- **map** (:mod:`bench.mapjob`): one map job of 10,000 items at 200 ms with
+  ``max_concurrency`` 1,000 against the floor, the same calls on bare aiohttp with at
+  most 1,000 in flight; POST to 202, POST to the final event, peak memory. Then the
+  economy of a vote per item: 200 items of n = 10 under ``confidence`` 0.95 and
+  ``none`` (lanes that ran, agreement per item, wall time), on the first lean service.
+  Lean services only.
 
 Medians over repetitions; CPU seconds per process from ``/proc/<pid>/stat``; peak
 memory from ``VmHWM``, reset before each scenario. Writes ``bench/results.md``
-(and the raw numbers to ``bench/results.json``) and prints the table.
+(and the raw numbers to ``bench/results.json``) and prints the table; with
+``--merge``, the sections not run this time are kept from the last ``results.json``.
+The services of the other call paths (``sdk``, ``limited``) start only for the voting
+section.
 
-    python -m bench.run [--quick] [--reps 3] [--only voting,small,stream,economy] [--db sqlite]
-                        [--clients lean] [--tree ../other-checkout] [--keep-logs]
-                        (--help for all)
+    python -m bench.run [--quick] [--reps 3] [--only voting,small,stream,economy,map]
+                        [--db sqlite] [--clients lean] [--merge] [--tree ../other-checkout]
+                        [--keep-logs] (--help for all)
 """
 
 from __future__ import annotations
@@ -51,13 +60,13 @@ from typing import Any
 import aiohttp
 
 from . import client as fc
-from . import economy
+from . import economy, mapjob
 from .procs import REPO, Proc, free_port, python_argv, raise_fd_limit
 from .report import write_report
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
-SECTIONS = ("voting", "small", "stream", "economy")
+SECTIONS = ("voting", "small", "stream", "economy", "map")
 # FANOUT_LLM_CLIENT (lean is the service's default), and "limited": the lean path with
 # the default provider's limits configured, so high that they never bind: what the
 # cluster-wide provider limits cost a claim.
@@ -101,9 +110,17 @@ class Limit:
         reply: dict[str, Any] = json.loads(line)
         return reply
 
-    async def run(self, n: int, model: str) -> dict[str, Any]:
+    async def run(
+        self, n: int, model: str, concurrency: int | None = None, prompt: str | None = None
+    ) -> dict[str, Any]:
+        """N calls; at most ``concurrency`` in flight, call i asking ``prompt`` for i."""
         cpu = self.proc.cpu_s()
-        reply = await asyncio.to_thread(self._call, {"cmd": "run", "n": n, "model": model})
+        command: dict[str, Any] = {"cmd": "run", "n": n, "model": model}
+        if concurrency is not None:
+            command["concurrency"] = concurrency
+        if prompt is not None:
+            command["prompt"] = prompt
+        reply = await asyncio.to_thread(self._call, command)
         reply["cpu_s"] = self.proc.cpu_s() - cpu
         if reply.get("errors"):
             raise RuntimeError(
@@ -135,8 +152,18 @@ def service_key(db: str, client: str) -> str:
     return db if client == "lean" else f"{db}-{client}"
 
 
+# The caps a 10,000-item map job needs (lanes per job, its body); they only admit more.
+MAX_LANES_PER_JOB = 10_000
+MAX_BODY_BYTES = 16_000_000
+
+
 def service_env(
-    database_url: str, fake_url: str, port: int, client: str, logs: Path
+    database_url: str,
+    fake_url: str,
+    port: int,
+    client: str,
+    logs: Path,
+    max_lanes: int = MAX_LANES_PER_JOB,
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FANOUT_", "OPENAI_"))}
     if client == "limited":
@@ -149,7 +176,8 @@ def service_env(
         FANOUT_DATABASE_URL=database_url,
         FANOUT_PORT=str(port),
         FANOUT_MAX_CONCURRENCY="2000",
-        FANOUT_MAX_LANES_PER_JOB="1000",
+        FANOUT_MAX_LANES_PER_JOB=str(max_lanes),
+        FANOUT_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
         FANOUT_LOG_LEVEL="WARNING",
         FANOUT_LLM_CLIENT="lean" if client == "limited" else client,
         # One tenant does the work of many here: its per-tenant caps must not bind.
@@ -162,14 +190,20 @@ def service_env(
 
 
 def start_service(
-    db: str, client: str, database_url: str, fake_url: str, logs: Path, tree: Path = REPO
+    db: str,
+    client: str,
+    database_url: str,
+    fake_url: str,
+    logs: Path,
+    tree: Path = REPO,
+    max_lanes: int = MAX_LANES_PER_JOB,
 ) -> Service:
     port = free_port()
     key = service_key(db, client)
     proc = Proc(
         f"fanout serve ({db}, {client})",
         python_argv("-m", "service.cli", "serve", "--port", str(port)),
-        env=service_env(database_url, fake_url, port, client, logs),
+        env=service_env(database_url, fake_url, port, client, logs, max_lanes),
         log=logs / f"serve-{key}.log",
         tree=tree,
     )
@@ -277,10 +311,17 @@ class Bench:
         # Quick runs skip the small jobs' warm-up: each burst takes seconds.
         self.small_warmup = 0 if args.quick else args.warmup
 
-    async def measure_limit(self, limit: Limit, n: int, latency_ms: int) -> Sample:
+    async def measure_limit(
+        self,
+        limit: Limit,
+        n: int,
+        latency_ms: int,
+        concurrency: int | None = None,
+        prompt: str | None = None,
+    ) -> Sample:
         await self.fake.reset(self.http)
         fake_cpu = self.fake.proc.cpu_s()
-        reply = await limit.run(n, model_for(latency_ms))
+        reply = await limit.run(n, model_for(latency_ms), concurrency, prompt)
         fake_cpu = self.fake.proc.cpu_s() - fake_cpu
         stats = await self.fake.stats(self.http)
         return Sample(reply["wall_s"], reply["cpu_s"], fake_cpu, stats["max_in_flight"])
@@ -321,9 +362,11 @@ class Bench:
 
     async def voting_scenario(self, n: int, latency_ms: int) -> Scenario:
         scenario = Scenario(f"voting N={n} @ {latency_ms} ms", n, latency_ms)
-        contenders: list[str] = [*self.limits, *self.services]
+        # The bare-aiohttp reference joins unless --no-raw (it may run for the map alone).
+        limits = {who: limit for who, limit in self.limits.items() if who != "raw" or self.args.raw}
+        contenders: list[str] = [*limits, *self.services]
         procs = {
-            **{who: limit.proc for who, limit in self.limits.items()},
+            **{who: limit.proc for who, limit in limits.items()},
             **{key: service.proc for key, service in self.services.items()},
         }
         for who, proc in procs.items():
@@ -336,8 +379,8 @@ class Bench:
         shift = self.rotation % len(contenders)
         for who in contenders[shift:] + contenders[:shift]:
             for rep in range(-self.args.warmup, self.args.reps):
-                if who in self.limits:
-                    sample = await self.measure_limit(self.limits[who], n, latency_ms)
+                if who in limits:
+                    sample = await self.measure_limit(limits[who], n, latency_ms)
                 else:
                     sample = await self.measure_job(self.services[who], n, latency_ms)
                 if rep >= 0:
@@ -419,6 +462,124 @@ class Bench:
             self.http, service.url, lambda: self.fake.reset(self.http), requests, log
         )
         return [{"service": key, **row} for row in rows]
+
+    # --- map: one big job against the floor; a vote per item -------------------------
+
+    async def map_section(self) -> dict[str, Any]:
+        """The scale scenario on every main service, then the per-item economy on the
+        first; one failing does not lose the other."""
+        found: dict[str, Any] = {
+            "items": self.args.map_items,
+            "max_concurrency": self.args.map_concurrency,
+        }
+        failures = []
+        try:
+            found["scale"] = await self.map_scale()
+        except Exception as exc:
+            failures.append(f"map scale: {type(exc).__name__}: {exc}")
+            self.notes.append(f"section 'map' (scale) failed: {failures[-1]}")
+            log(self.notes[-1])
+        key, service = next(iter(self.main_services.items()))
+
+        async def requests() -> int:
+            return int((await self.fake.stats(self.http))["requests"])
+
+        try:
+            rows = await mapjob.economy(
+                self.http,
+                service.url,
+                self.args.map_economy_items,
+                lambda: self.fake.reset(self.http),
+                requests,
+                log,
+            )
+            found["economy"] = [{"service": key, **row} for row in rows]
+        except Exception as exc:
+            failures.append(f"map economy: {type(exc).__name__}: {exc}")
+            self.notes.append(f"section 'map' (economy) failed: {failures[-1]}")
+            log(self.notes[-1])
+        if len(failures) == 2:
+            raise RuntimeError("; ".join(failures))
+        return found
+
+    async def measure_map_job(self, service: Service, items: int, concurrency: int) -> Sample:
+        await self.fake.reset(self.http)
+        spec = mapjob.scale_spec(items, concurrency)
+        cpu, fake_cpu = service.proc.cpu_s(), self.fake.proc.cpu_s()
+        run = await fc.run_job(self.http, service.url, spec, params={"lanes": "false"})
+        cpu, fake_cpu = service.proc.cpu_s() - cpu, self.fake.proc.cpu_s() - fake_cpu
+        mapjob.check_scale(run, items)
+        stats = await self.fake.stats(self.http)
+        if stats["requests"] != items:
+            self.notes.append(
+                f"{service.key}, map of {items:,} items: {stats['requests']} upstream calls "
+                "(retried or re-run lanes; see the service log)"
+            )
+            log(self.notes[-1])
+        extra = {
+            "job_id": run.job_id,
+            "upstream_calls": stats["requests"],
+            "post_s": run.posted_s,
+            "reconnects": run.reconnects,
+            "sent_at": run.sent_at,
+            "final_at": run.final_at,
+        }
+        return Sample(run.wall_s, cpu, fake_cpu, stats["max_in_flight"], extra)
+
+    async def map_scale(self) -> dict[str, Any]:
+        items, concurrency = self.args.map_items, self.args.map_concurrency
+        latency_ms = mapjob.LATENCY_MS
+        scenario = Scenario(f"map {items:,} items @ {latency_ms} ms", items, latency_ms)
+        floor = self.limits["raw"]
+        contenders: list[str] = ["raw", *self.main_services]
+        procs = {
+            "raw": floor.proc,
+            **{key: service.proc for key, service in self.main_services.items()},
+        }
+        for who, proc in procs.items():
+            proc.reset_peak()
+            scenario.base_mb[who] = proc.rss_mb()
+        self.rotation += 1
+        shift = self.rotation % len(contenders)
+        for who in contenders[shift:] + contenders[:shift]:
+            for rep in range(-self.args.warmup, self.args.reps):
+                if who == "raw":
+                    sample = await self.measure_limit(
+                        floor, items, latency_ms, concurrency, mapjob.PROMPT
+                    )
+                else:
+                    sample = await self.measure_map_job(self.main_services[who], items, concurrency)
+                if rep >= 0:
+                    scenario.add(who, sample)
+                log(
+                    f"{scenario.name}: {who} {'warm-up' if rep < 0 else f'rep {rep + 1}'} "
+                    f"{sample.wall_s:.2f}s"
+                    + (f" (POST {sample.extra['post_s']:.2f}s)" if "post_s" in sample.extra else "")
+                )
+                await self.settle()
+        for who, proc in procs.items():
+            scenario.peak_mb[who] = proc.peak_mb()
+        # Where the time went, in each service's last run: read after the peaks (a job's
+        # 10,000 lanes are a big read).
+        phases = {}
+        for who, samples in scenario.samples.items():
+            if who in self.main_services and samples:
+                x = samples[-1].extra
+                run = fc.JobRun(
+                    x["job_id"],
+                    samples[-1].wall_s,
+                    x["post_s"],
+                    "",
+                    {},
+                    x["sent_at"],
+                    x["final_at"],
+                )
+                phases[who] = await fc.phases(self.http, self.main_services[who].url, run)
+        line = "  ".join(
+            f"{who} {median([s.wall_s for s in scenario.samples[who]]):.3f}s" for who in contenders
+        )
+        log(f"{scenario.name:<24} {line}")
+        return {**scenario.to_json(), "max_concurrency": concurrency, "phases": phases}
 
     # --- stream delay -------------------------------------------------------------
 
@@ -526,7 +687,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="one repetition; the stream section on SQLite only",
+        help="one repetition; the stream section on SQLite only; a smaller map section",
     )
     parser.add_argument(
         "--reps", type=int, help="measured repetitions per scenario (default 3, quick 1)"
@@ -535,7 +696,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup", type=int, default=1, help="unmeasured repetitions first (default 1)"
     )
     parser.add_argument(
-        "--only", default=",".join(SECTIONS), help="sections: voting,small,stream,economy"
+        "--only", default=",".join(SECTIONS), help="sections: voting,small,stream,economy,map"
     )
     parser.add_argument("--db", default="sqlite,postgres", help="databases: sqlite,postgres")
     parser.add_argument(
@@ -560,6 +721,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--stream-timeout", type=float, default=300, help="seconds for one stream run"
     )
+    parser.add_argument(
+        "--map-items",
+        type=int,
+        help=f"items of the map section's big job (default {mapjob.ITEMS:,}, "
+        f"quick {mapjob.QUICK_ITEMS:,})",
+    )
+    parser.add_argument(
+        "--map-concurrency",
+        type=int,
+        help="its policy.max_concurrency, and the floor's calls in flight (default "
+        f"{mapjob.MAX_CONCURRENCY:,}, quick {mapjob.QUICK_MAX_CONCURRENCY})",
+    )
+    parser.add_argument(
+        "--map-economy-items",
+        type=int,
+        help=f"items of the per-item votes (default {mapjob.ECONOMY_ITEMS}, "
+        f"quick {mapjob.QUICK_ECONOMY_ITEMS})",
+    )
     parser.add_argument("--pause", type=float, default=0.3, help="seconds between runs")
     parser.add_argument(
         "--postgres-url",
@@ -579,12 +758,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip the reference row: the same calls on bare aiohttp, without the SDK",
     )
     parser.add_argument("--out", type=Path, default=HERE / "results.md")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the sections not run this time from the last results (--out's .json), "
+        "marked with that run's date and commit",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     args = parser.parse_args(argv)
     args.reps = args.reps if args.reps is not None else (1 if args.quick else 3)
     args.stream_reps = (
         args.stream_reps if args.stream_reps is not None else (1 if args.quick else 2)
     )
+    quick = args.quick
+    if args.map_items is None:
+        args.map_items = mapjob.QUICK_ITEMS if quick else mapjob.ITEMS
+    if args.map_concurrency is None:
+        args.map_concurrency = mapjob.QUICK_MAX_CONCURRENCY if quick else mapjob.MAX_CONCURRENCY
+    if args.map_economy_items is None:
+        args.map_economy_items = mapjob.QUICK_ECONOMY_ITEMS if quick else mapjob.ECONOMY_ITEMS
     args.only = [s for s in args.only.split(",") if s]
     args.dbs = [d for d in args.db.split(",") if d]
     args.clients = [c for c in args.clients.split(",") if c]
@@ -681,10 +873,16 @@ async def amain(args: argparse.Namespace) -> int:
     try:
         fake.proc.wait_http(f"{fake.root}/healthz")
         limits["limit"] = Limit(fake.url, logs)
-        if args.raw:
+        if args.raw or "map" in args.only:  # the map section's floor
             limits["raw"] = Limit(fake.url, logs, client="raw")
+        # Only the voting section runs the other call paths: without it, lean alone (or
+        # the first path asked for, when lean is not).
+        clients = args.clients
+        if "voting" not in args.only:
+            clients = ["lean"] if "lean" in clients else clients[:1]
+        max_lanes = max(MAX_LANES_PER_JOB, args.map_items, mapjob.ECONOMY_ITEMS * mapjob.VOTES)
         if "sqlite" in args.dbs:
-            for client in args.clients:  # a database file per service: no shared writer
+            for client in clients:  # a database file per service: no shared writer
                 services[service_key("sqlite", client)] = start_service(
                     "sqlite",
                     client,
@@ -692,13 +890,14 @@ async def amain(args: argparse.Namespace) -> int:
                     fake.url,
                     logs,
                     args.tree,
+                    max_lanes,
                 )
         if "postgres" in args.dbs:
             stamp = f"fanout_bench_{os.getpid()}_{int(time.time())}"
             base = args.postgres_url.rsplit("/", 1)[0].replace(
                 "postgresql://", "postgresql+asyncpg://"
             )
-            for client in args.clients:  # a database per service, like SQLite's files
+            for client in clients:  # a database per service, like SQLite's files
                 database = f"{stamp}_{client}"
                 try:
                     await postgres_admin(args.postgres_url, f'CREATE DATABASE "{database}"')
@@ -711,7 +910,13 @@ async def amain(args: argparse.Namespace) -> int:
                     break
                 pg_databases.append(database)
                 services[service_key("postgres", client)] = start_service(
-                    "postgres", client, f"{base}/{database}", fake.url, logs, args.tree
+                    "postgres",
+                    client,
+                    f"{base}/{database}",
+                    fake.url,
+                    logs,
+                    args.tree,
+                    max_lanes,
                 )
         for limit in limits.values():  # imports done, client built
             await asyncio.to_thread(limit._call, {"cmd": "ping"})
@@ -726,6 +931,7 @@ async def amain(args: argparse.Namespace) -> int:
                 "small": lambda: bench.small_jobs(),
                 "stream": lambda: bench.stream_delay(),
                 "economy": lambda: bench.economy(),
+                "map": lambda: bench.map_section(),
             }
             for section in args.only:
                 try:
@@ -738,7 +944,11 @@ async def amain(args: argparse.Namespace) -> int:
                     if dead(services, notes):
                         break
                     continue
-                results[section] = [x.to_json() if isinstance(x, Scenario) else x for x in found]
+                results[section] = (
+                    found
+                    if isinstance(found, dict)
+                    else [x.to_json() if isinstance(x, Scenario) else x for x in found]
+                )
                 notes.extend(bench.notes)
                 bench.notes.clear()
                 if dead(services, notes):
@@ -758,6 +968,8 @@ async def amain(args: argparse.Namespace) -> int:
                 log(f"could not drop {database}: {exc}")
     results["notes"] = notes
     results["duration_s"] = time.perf_counter() - started
+    if args.merge:
+        merge_earlier(results, args)
     facts["load_after"] = [round(x, 2) for x in os.getloadavg()]
     markdown = write_report(results, args)
     args.out.write_text(markdown)
@@ -770,6 +982,36 @@ async def amain(args: argparse.Namespace) -> int:
     if not args.keep_logs:
         shutil.rmtree(logs, ignore_errors=True)
     return 0
+
+
+def merge_earlier(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Keep the sections this run did not measure from the last results (``--merge``),
+    with that run's date, commit, command and notes, so the report stays whole."""
+    path = args.out.with_suffix(".json")
+    try:
+        earlier: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log(f"--merge: nothing to keep ({exc})")
+        return
+    kept = [s for s in SECTIONS if s not in args.only and earlier.get(s)]
+    # An earlier merge's own provenance goes along: each kept section says where it is from.
+    origins: dict[str, Any] = earlier.get("merged", {}).get("origins", {})
+    this = {
+        "date": earlier["facts"]["date"],
+        "service": earlier["facts"]["service"],
+        "args": earlier.get("args", {}),
+        "duration_s": earlier.get("duration_s"),
+        "notes": earlier.get("notes", []),
+    }
+    for section in kept:
+        results[section] = earlier[section]
+    results["merged"] = {
+        "from": str(path),
+        "origins": {s: origins.get(s, this) for s in kept},
+    }
+    idle = earlier.get("idle_mb") or {}
+    results["idle_mb"] = {**idle, **(results.get("idle_mb") or {})}
+    log(f"--merge: kept {', '.join(kept) or 'nothing'} from {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
