@@ -626,7 +626,8 @@ def task_texts(task: LlmTask) -> list[str]:
 
 
 def item_task(task: LlmTask, item: str | dict[str, Any], index: int) -> LlmTask:
-    """The task with the item in its message contents and text parts."""
+    """The task with the item in its message contents and text parts (a message without
+    a placeholder is the task's own, and so is a task without any)."""
 
     def part(content: ContentPart) -> ContentPart:
         text = (content.model_extra or {}).get("text")
@@ -636,11 +637,15 @@ def item_task(task: LlmTask, item: str | dict[str, Any], index: int) -> LlmTask:
 
     messages = []
     for message in task.messages:
-        content = message.content
-        if isinstance(content, str):
-            content = fill(content, item, index)
-        elif content is not None:
-            content = [part(p) for p in content]
+        if isinstance(message.content, str) and PLACEHOLDER.search(message.content):
+            content: Any = fill(message.content, item, index)
+        elif isinstance(message.content, list) and any(
+            PLACEHOLDER.search(str((p.model_extra or {}).get("text", ""))) for p in message.content
+        ):
+            content = [part(p) for p in message.content]
+        else:
+            messages.append(message)
+            continue
         messages.append(message.model_copy(update={"content": content}))
     return task.model_copy(update={"messages": messages})
 

@@ -24,7 +24,7 @@ from ..attempts import Attempt, Executor
 from ..events import Event, EventHub
 from ..metrics import Metrics
 from ..policy import Retrying, next_step
-from ..spec import LlmTask, lane_task, provider_name
+from ..spec import LlmTask, provider_name
 from ..states import FINAL_EVENTS, LANE_STOPPED, EventType, LaneStatus
 from ..store import Claim, Outcome, Store
 from .deltas import DeltaCoalescer
@@ -154,7 +154,7 @@ class LaneRunner:
 
     async def _run_lane(self, claim: Claim) -> None:
         """Run one attempt and report it."""
-        _name, task = lane_task(claim.spec, claim.idx)
+        task = claim.task
         timeout = claim.spec.policy.lane_timeout_s or self.default_lane_timeout_s
         if claim.deadline_at is not None:
             timeout = max(0.001, min(timeout, claim.deadline_at - time.time()))

@@ -12,7 +12,7 @@ from sqlalchemy import and_, func, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 
 from ..policy import Runnable, fair_share
-from ..spec import JobSpec, lane_task
+from ..spec import HttpTask, JobSpec, LlmTask, lane_task
 from ..states import DECIDING_JOB, ErrorType, EventType, JobStatus, LaneStatus
 from .db import Database, Tx
 from .eventlog import EventLog, Item
@@ -81,11 +81,12 @@ class LaneQueue:
                 spec = self.specs.of(job_id, job["spec"])
                 admitted = []
                 for idx, provider in ready_lanes:
-                    reserved = admission.admit(provider, lane_task(spec, idx)[1])
+                    task = lane_task(spec, idx)[1]
+                    reserved = admission.admit(provider, task)
                     if reserved is None:
                         held_back = True  # it waits for its provider, queued
                     else:
-                        admitted.append((idx, reserved))
+                        admitted.append((idx, reserved, task))
                 if admitted:
                     claims += await self._take(tx, job, spec, admitted, owner, now, expires)
             await self.gate.close(tx, admission)
@@ -157,20 +158,21 @@ class LaneQueue:
         tx: Tx,
         job: RowMapping,
         spec: JobSpec,
-        admitted: list[tuple[int, int]],
+        admitted: list[tuple[int, int, LlmTask | HttpTask]],
         owner: str,
         now: float,
         expires: float,
     ) -> list[Claim]:
-        """Lease the admitted lanes of one locked job; its ``job.running`` (the first
-        time) and ``lane.started`` events."""
+        """Lease the admitted lanes of one locked job (index, tokens reserved, task);
+        its ``job.running`` (the first time) and ``lane.started`` events."""
         job_id = job["id"]
         params = {"j": job_id, "now": now, "owner": owner, "expires": expires}
-        idxs = [idx for idx, _reserved in admitted]
+        idxs = [idx for idx, _reserved, _task in admitted]
+        tasks = {idx: task for idx, _reserved, task in admitted}
         claimed = sorted((await tx.conn.execute(CLAIM_LANES, {**params, "idxs": idxs})).all())
         if not claimed:
             return []
-        reserved = [{"j": job_id, "i": idx, "r": tokens} for idx, tokens in admitted if tokens]
+        reserved = [{"j": job_id, "i": i, "r": tokens} for i, tokens, _task in admitted if tokens]
         if reserved:
             await tx.conn.execute(RESERVE_TOKENS, reserved)
         items: list[Item] = []
@@ -183,7 +185,16 @@ class LaneQueue:
         )
         await self.log.append(tx, job_id, items, now)
         return [
-            Claim(job_id, idx, name, attempt_no, spec, job["deadline_at"], now - available_at)
+            Claim(
+                job_id,
+                idx,
+                name,
+                attempt_no,
+                spec,
+                tasks[idx],
+                job["deadline_at"],
+                now - available_at,
+            )
             for idx, name, attempt_no, available_at in claimed
         ]
 

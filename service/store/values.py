@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..aggregate import LaneResult, Tree
-from ..spec import JobSpec
+from ..spec import HttpTask, JobSpec, LlmTask
 from ..states import ErrorType, LaneStatus
 from ..views import NO_USAGE, Usage
 
@@ -20,6 +20,7 @@ class Claim:
     name: str
     attempt_no: int
     spec: JobSpec
+    task: LlmTask | HttpTask  # what the lane runs (lane_task of the spec, made once)
     deadline_at: float | None
     waited_s: float = 0.0  # from claimable to claimed
 
