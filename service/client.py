@@ -315,7 +315,12 @@ def _job_path(job_id: str) -> str:
     return f"/v1/jobs/{quote(job_id, safe='')}"
 
 
-def _create(spec: Mapping[str, Any] | str | bytes, key: str | None) -> _Call:
+def _lanes_param(lanes: bool) -> dict[str, str | int]:
+    """``?lanes=false``: the job without its lanes (a 10,000-item map's are megabytes)."""
+    return {} if lanes else {"lanes": "false"}
+
+
+def _create(spec: Mapping[str, Any] | str | bytes, key: str | None, lanes: bool) -> _Call:
     if isinstance(spec, bytes):
         content = spec
     elif isinstance(spec, str):
@@ -324,16 +329,31 @@ def _create(spec: Mapping[str, Any] | str | bytes, key: str | None) -> _Call:
         content = json.dumps(spec, ensure_ascii=False).encode()
     # The key makes a second send of the same job the same job: retrying is safe.
     headers = {"Content-Type": "application/json", "Idempotency-Key": key or str(uuid.uuid4())}
-    return _Call("POST", "/v1/jobs", content=content, headers=headers)
+    return _Call("POST", "/v1/jobs", params=_lanes_param(lanes), content=content, headers=headers)
 
 
-def _get(job_id: str) -> _Call:
-    return _Call("GET", _job_path(job_id))
+def _get(job_id: str, lanes: bool) -> _Call:
+    return _Call("GET", _job_path(job_id), params=_lanes_param(lanes))
 
 
-def _cancel(job_id: str) -> _Call:
+def _cancel(job_id: str, lanes: bool) -> _Call:
     # Not repeatable: a second cancel of a job the first one ended is a 409.
-    return _Call("POST", f"{_job_path(job_id)}/cancel", repeatable=False)
+    return _Call(
+        "POST", f"{_job_path(job_id)}/cancel", params=_lanes_param(lanes), repeatable=False
+    )
+
+
+def _lane_page(
+    job_id: str, status: str | None, name: str | None, page_size: int, cursor: str | None
+) -> _Call:
+    params: dict[str, str | int] = {"limit": page_size}
+    if status is not None:
+        params["status"] = status
+    if name is not None:
+        params["name"] = name
+    if cursor is not None:
+        params["cursor"] = cursor
+    return _Call("GET", f"{_job_path(job_id)}/lanes", params=params)
 
 
 def _page(status: str | None, page_size: int, cursor: str | None) -> _Call:
@@ -521,21 +541,46 @@ class Fanout(_Base):
         self._http.close()
 
     def create(
-        self, spec: Mapping[str, Any] | str | bytes, *, idempotency_key: str | None = None
+        self,
+        spec: Mapping[str, Any] | str | bytes,
+        *,
+        idempotency_key: str | None = None,
+        lanes: bool = True,
     ) -> Job:
         """Create a job from its spec (a mapping, or JSON text sent as it is); the job
         as created (``202``). The same ``idempotency_key`` and spec give the same job;
-        without a key, a new one is made for this call, so its retries are safe."""
-        return cast(Job, self._send(_create(spec, idempotency_key)))
+        without a key, a new one is made for this call, so its retries are safe. With
+        ``lanes=False`` the job comes without its lanes (``progress`` counts them)."""
+        return cast(Job, self._send(_create(spec, idempotency_key, lanes)))
 
-    def get(self, job_id: str) -> Job:
-        """The job, its lanes and, once it has ended, its result or error."""
-        return cast(Job, self._send(_get(job_id)))
+    def get(self, job_id: str, *, lanes: bool = True) -> Job:
+        """The job, its lanes and, once it has ended, its result or error. With
+        ``lanes=False``, ``lanes`` is empty and ``progress`` counts them per state: a big
+        job stays cheap to poll, and :meth:`lanes` reads them a page at a time."""
+        return cast(Job, self._send(_get(job_id, lanes)))
 
-    def cancel(self, job_id: str) -> Job:
-        """Cancel the job (running lanes are stopped); the job after. A finished job
-        raises :class:`Conflict`."""
-        return cast(Job, self._send(_cancel(job_id)))
+    def cancel(self, job_id: str, *, lanes: bool = True) -> Job:
+        """Cancel the job (running lanes are stopped); the job after (without its lanes
+        with ``lanes=False``). A finished job raises :class:`Conflict`."""
+        return cast(Job, self._send(_cancel(job_id, lanes)))
+
+    def lanes(
+        self,
+        job_id: str,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        page_size: int = 100,
+    ) -> Iterator[dict[str, Any]]:
+        """The job's lanes in lane order (with ``status``, only those in that
+        :class:`service.states.LaneStatus`; with ``name``, the one of that name), fetched
+        ``page_size`` (1 to 1000) at a time as the iteration goes."""
+        cursor = None
+        while True:
+            page = self._send(_lane_page(job_id, status, name, page_size, cursor))
+            yield from page["lanes"]
+            if not (cursor := page.get("next_cursor")):
+                return
 
     def list(self, *, status: str | None = None, page_size: int = 50) -> Iterator[JobSummary]:
         """The caller's jobs, newest first (with ``status``, only those), fetched
@@ -639,16 +684,39 @@ class AsyncFanout(_Base):
         await self._http.aclose()
 
     async def create(
-        self, spec: Mapping[str, Any] | str | bytes, *, idempotency_key: str | None = None
+        self,
+        spec: Mapping[str, Any] | str | bytes,
+        *,
+        idempotency_key: str | None = None,
+        lanes: bool = True,
     ) -> Job:
         """See :meth:`Fanout.create`."""
-        return cast(Job, await self._send(_create(spec, idempotency_key)))
+        return cast(Job, await self._send(_create(spec, idempotency_key, lanes)))
 
-    async def get(self, job_id: str) -> Job:
-        return cast(Job, await self._send(_get(job_id)))
+    async def get(self, job_id: str, *, lanes: bool = True) -> Job:
+        """See :meth:`Fanout.get`."""
+        return cast(Job, await self._send(_get(job_id, lanes)))
 
-    async def cancel(self, job_id: str) -> Job:
-        return cast(Job, await self._send(_cancel(job_id)))
+    async def cancel(self, job_id: str, *, lanes: bool = True) -> Job:
+        """See :meth:`Fanout.cancel`."""
+        return cast(Job, await self._send(_cancel(job_id, lanes)))
+
+    async def lanes(
+        self,
+        job_id: str,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        page_size: int = 100,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """See :meth:`Fanout.lanes`."""
+        cursor = None
+        while True:
+            page = await self._send(_lane_page(job_id, status, name, page_size, cursor))
+            for lane in page["lanes"]:
+                yield lane
+            if not (cursor := page.get("next_cursor")):
+                return
 
     async def list(
         self, *, status: str | None = None, page_size: int = 50

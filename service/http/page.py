@@ -5,6 +5,12 @@ step). Its script reads the job id from its own URL, draws the job from
 ``GET /v1/jobs/{id}``, then follows ``GET /v1/jobs/{id}/events``; this route only
 checks that the caller's tenant has the job, so an unknown id is a plain 404.
 
+A big job (over 200 lanes: a 10,000-item map) is read with ``?lanes=false``; the page
+counts its lanes by state, and a per-item map's items, from the stream (read from its
+first event), and shows its lanes a page of 100 at a time from
+``GET /v1/jobs/{id}/lanes``, updating only the rows shown; drawing waits for the next
+animation frame, so a burst of events is drawn once.
+
 Everything the page shows comes from callers and LLMs, so the page never parses it
 as HTML; the Content-Security-Policy makes that a rule the browser enforces: only the
 page's own inline script and style run (pinned by hash), and Trusted Types make any

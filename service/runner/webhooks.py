@@ -92,6 +92,7 @@ async def deliver(
 # map's lanes are megabytes) without them: the receiver pages them if it wants them.
 WEBHOOK_MAX_LANES = 1000
 
+
 class WebhookSender:
     """Delivers due webhooks; woken when a job ends (its webhook was queued in the
     same transaction) and when a retry is due."""

@@ -3,13 +3,15 @@
 Without ``--watch`` the command prints the job's id and page URL and returns. With it,
 the job is followed on its event stream and shown as one row per lane (a live table
 on a terminal; one final table otherwise, so pipes and logs get plain, stable text),
-then its result or error is printed as JSON.
+then its result or error is printed as JSON. A big job (more than ``BIG_JOB`` lanes:
+a 10,000-item map, say) shows at most a screenful of rows, the busiest (running,
+failed, the latest to end), under its counts by state and, for a vote per item, by item.
 
 Following a job, through the client (:mod:`service.client`)::
 
-    Fanout.create ──► the job and its lanes ──► Board: one row per lane
-                                                  ▲ each event, once
-    Fanout.stream(job id) ────────────────────────┘
+    Fanout.create(lanes=False) ──► the job ──► Board: counts, one row per lane
+                                                  ▲ each event, once (the first,
+    Fanout.stream(job id) ────────────────────────┘ job.queued, names the lanes)
         the client reopens a dropped stream after the last event seen; after
         len(RETRY_DELAYS) reconnects in a row that bring no new event, it gives up
 
@@ -61,6 +63,8 @@ EXIT_INTERRUPTED = 130
 
 # Pauses before each reconnect in a row that brings no new event; then the watch gives up.
 RETRY_DELAYS: tuple[float, ...] = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+# A job of more lanes than this ends with a screenful of rows, not one row per lane.
+BIG_JOB = 200
 
 STATE_STYLES: dict[str, str] = {
     LaneStatus.QUEUED: "dim",
@@ -75,6 +79,8 @@ STATE_STYLES: dict[str, str] = {
 JOB_STATUS_OF: dict[str, JobStatus] = {event: status for status, event in JOB_EVENT.items()}
 LANE_ENDED_BY: dict[str, LaneStatus] = {event: status for status, event in LANE_ENDED.items()}
 VERDICT_STYLES = {"passed": "green", "blocked": "bold red"}
+# Shown first when not every row fits: lanes that ended badly.
+TROUBLE = (LaneStatus.FAILED, LaneStatus.TIMED_OUT)
 
 
 def _timestamp(at: Any) -> float | None:
@@ -113,6 +119,12 @@ class Board:
         self.status: str = job.get("status", JobStatus.QUEUED)
         spec = job.get("spec") or {}
         self.answer_title = _answer_title(job.get("mode"), spec)
+        # Lanes an item has, for a map with a vote per item (its items are counted).
+        per_item = spec.get("per_item") if job.get("mode") == "map" else None
+        self.votes_per_item: int = per_item.get("n", 0) if isinstance(per_item, dict) else 0
+        # The counts by state the job came with (created without its lanes), until the
+        # stream's job.queued names the lanes.
+        self.progress: dict[str, int] = dict(job.get("progress") or {})
         self.rows = [
             LaneRow(
                 lane["index"],
@@ -190,7 +202,8 @@ class Board:
         return self._server_time + time.monotonic() - self._received
 
     def table(self, limit: int | None = None) -> Table:
-        """The lanes as a table; with ``limit``, at most that many rows (the busiest)."""
+        """The lanes as a table; with ``limit``, at most that many rows (the busiest),
+        the last of which says how many more there are."""
         with self._lock:
             rows = self._visible(limit)
             now = self.now()
@@ -220,32 +233,42 @@ class Board:
                 table.add_row(*cells)
             hidden = len(self.rows) - len(rows)
             if hidden:
-                table.add_row(Text(f"... {hidden} more", style="dim"))
+                table.add_row(Text(f"... {hidden} more lanes", style="dim"))
             return table
+
+    def final_limit(self, screen: int) -> int | None:
+        """Rows of the table printed at the end: every lane's, unless the job is big."""
+        return None if len(self.rows) <= BIG_JOB else screen
 
     def _visible(self, limit: int | None) -> list[LaneRow]:
         if limit is None or len(self.rows) <= limit:
             return self.rows
 
-        # Running lanes first, then the most recently finished, then the ones waiting.
+        # Running lanes first, then those that failed, then the most recently finished,
+        # then the ones waiting.
         def busy(row: LaneRow) -> tuple[int, float]:
             if row.state == LaneStatus.RUNNING:
                 return (0, 0.0)
             if row.ended is not None:
-                return (1, -row.ended)
-            return (2, float(row.index))
+                return (1 if row.state in TROUBLE else 2, -row.ended)
+            return (3, float(row.index))
 
         chosen = sorted(self.rows, key=busy)[: max(1, limit - 1)]
         return sorted(chosen, key=lambda row: row.index)
 
     def summary(self) -> Text:
-        """``job ID STATUS · n succeeded, m skipped [· the vote] · 1.2s [· 123 tokens]``."""
+        """``job ID STATUS · n succeeded, m skipped [· items: i settled, j voting, k
+        without an answer] [· the vote] · 1.2s [· 123 tokens]``."""
         with self._lock:
-            counts = Counter(row.state for row in self.rows)
+            counts = Counter(row.state for row in self.rows) if self.rows else self.progress
             parts = [
                 f"job {self.job_id} {self.status}",
-                ", ".join(f"{counts[state]} {state}" for state in STATE_STYLES if counts[state]),
+                ", ".join(
+                    f"{counts[state]} {state}" for state in STATE_STYLES if counts.get(state)
+                ),
             ]
+            if self.votes_per_item and self.rows:
+                parts.append(_items_text(self.rows, self.votes_per_item))
             if self.vote is not None:
                 parts.append(_vote_text(self.vote))
             if self.first_at is not None:
@@ -259,10 +282,31 @@ class Board:
         return Group(self.table(limit), self.summary())
 
 
+def _items_text(rows: list[LaneRow], n: int) -> str:
+    """``items: 3 settled, 1 voting, 0 without an answer``: a vote per item's items,
+    settled once every lane has ended with an answer among them."""
+    items = Counter[str]()
+    for first in range(0, len(rows), n):
+        votes = rows[first : first + n]
+        if any(row.state in OPEN_LANE for row in votes):
+            items["voting"] += 1
+        elif any(row.state == LaneStatus.SUCCEEDED and row.answer is not None for row in votes):
+            items["settled"] += 1
+        else:
+            items["without an answer"] += 1
+    return "items: " + ", ".join(
+        f"{items[state]} {state}" for state in ("settled", "voting", "without an answer")
+    )
+
+
 def _answer_title(mode: Any, spec: dict[str, Any]) -> str | None:
     """The header of the vote/verdict column, or None when no lane has one."""
     if mode == "voting":
         kind = (spec.get("aggregate") or {}).get("kind", "majority")
+        return {"majority": "vote", "score": "score"}.get(kind)
+    per_item = spec.get("per_item") if mode == "map" else None
+    if isinstance(per_item, dict):
+        kind = (per_item.get("aggregate") or {}).get("kind", "majority")
         return {"majority": "vote", "score": "score"}.get(kind)
     sections = spec.get("sections") or []
     if any(isinstance(s, dict) and s.get("gate") for s in sections):
@@ -347,7 +391,9 @@ def submit(
     retries = Retries(reconnect_s=RETRY_DELAYS)
     with Fanout(base, api_key, transport=transport, retries=retries) as fanout:
         try:
-            job = fanout.create(body)  # the file's JSON as it is: the server says what is wrong
+            # The file's JSON as it is (the server says what is wrong), and the job back
+            # without its lanes: a 10,000-item map's are megabytes, and job.queued names them.
+            job = fanout.create(body, lanes=False)
         except httpx.TransportError as exc:
             _say(f"cannot reach {base}: {exc}")
             return EXIT_NOT_CREATED
@@ -382,16 +428,17 @@ def _interruptible() -> Iterator[None]:
 def _watch(
     fanout: Fanout, board: Board, console: Console, page: str, *, cancel_on_exit: bool
 ) -> int:
+    # Rows that fit on the screen with the table's head and the summary under it.
+    screen = max(3, console.size.height - 6)
     try:
         with _interruptible():
             # Printed once Ctrl-C is sure to be handled: a script that waits for this
             # line may interrupt the watch from then on.
             print(f"job {board.job_id}  {page}", flush=True)
             if console.is_terminal:
-                limit = max(3, console.size.height - 6)
                 with Live(
                     console=console,
-                    get_renderable=lambda: board.render(limit),
+                    get_renderable=lambda: board.render(screen),
                     transient=True,
                     refresh_per_second=8,
                 ):
@@ -399,16 +446,16 @@ def _watch(
             else:
                 follow(fanout, board)
     except KeyboardInterrupt:
-        console.print(board.table())
+        console.print(board.table(board.final_limit(screen)))
         return _interrupted(fanout, board, cancel_on_exit=cancel_on_exit)
     except (StreamLost, FanoutError) as exc:
-        console.print(board.table())
+        console.print(board.table(board.final_limit(screen)))
         _say(
             f"lost the event stream of job {board.job_id}: {exc}\n"
             f"the job may still be running: GET /v1/jobs/{board.job_id}"
         )
         return EXIT_LOST
-    console.print(board.table())
+    console.print(board.table(board.final_limit(screen)))
     console.print(board.summary(), soft_wrap=True)
     return _report(board.final, console)
 
@@ -418,7 +465,7 @@ def _interrupted(fanout: Fanout, board: Board, *, cancel_on_exit: bool) -> int:
         _say(f"stopped watching; job {board.job_id} goes on")
         return EXIT_INTERRUPTED
     try:
-        fanout.cancel(board.job_id)
+        fanout.cancel(board.job_id, lanes=False)
     except (httpx.TransportError, FanoutError) as exc:
         _say(f"could not cancel job {board.job_id}: {exc}")
     except KeyboardInterrupt:

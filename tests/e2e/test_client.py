@@ -274,6 +274,50 @@ async def test_cancel_ends_the_job_and_a_second_cancel_is_a_conflict(served: Ser
     assert (conflict.status, conflict.code) == (409, "job_finished")
 
 
+# --- big jobs: without their lanes, and their lanes a page at a time ----------------------
+
+
+async def test_lanes_are_read_a_page_at_a_time_and_the_job_without_them(served: Served) -> None:
+    network = Recording()
+    async with AsyncFanout(served.url, KEY, transport=network) as fanout:
+        job = await fanout.create(voting(5, "fake?answers=391", aggregate=EVERY_VOTE), lanes=False)
+        done = await fanout.wait(job["id"], timeout=20)
+        slim = await fanout.get(job["id"], lanes=False)
+        paged = [lane async for lane in fanout.lanes(job["id"], page_size=2)]
+        named = [lane async for lane in fanout.lanes(job["id"], name="lane-3")]
+        failed = [lane async for lane in fanout.lanes(job["id"], status="failed")]
+
+    assert job["lanes"] == [] and sum(job["progress"].values()) == 5
+    assert slim["lanes"] == [] and slim["progress"] == {"succeeded": 5}
+    assert slim["result"] == done["result"]
+    assert paged == done["lanes"]
+    assert [lane["index"] for lane in named] == [3]
+    assert failed == []
+    pages = [request.url.params for request, _ in network.to("GET", "/lanes")]
+    assert [page.get("cursor") for page in pages[:3]] == [None, "1", "3"]  # 2, 2, then 1
+
+
+async def test_the_blocking_client_cancels_without_lanes_and_reads_them_by_state(
+    served: Served,
+) -> None:
+    def run() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        with Fanout(served.url, KEY) as fanout:
+            job = fanout.create(voting(3, "fake?hang=1"), lanes=False)
+            cancelled = fanout.cancel(job["id"], lanes=False)
+            fanout.wait(job["id"], timeout=10)
+            return dict(cancelled), list(fanout.lanes(job["id"], status="cancelled", page_size=1))
+
+    cancelled, lanes = await in_thread(run)
+
+    assert cancelled["status"] == "cancelled" and cancelled["lanes"] == []
+    assert cancelled["progress"] == {"cancelled": 3}
+    assert [(lane["index"], lane["status"]) for lane in lanes] == [
+        (0, "cancelled"),
+        (1, "cancelled"),
+        (2, "cancelled"),
+    ]
+
+
 # --- streams that drop ---------------------------------------------------------------------
 
 

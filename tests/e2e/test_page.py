@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,8 @@ import httpx
 import pytest
 
 from service.config import Settings
-from tests.support import Served, events_of, receiver, section, sectioning, serve, voting
+from tests.processes import Fleet, process_env, started
+from tests.support import Served, events_of, receiver, section, sectioning, serve, user, voting
 
 if TYPE_CHECKING:
     from playwright.async_api import Browser, ConsoleMessage, Page
@@ -42,6 +44,15 @@ CHROMIUM_ARGS = [
 ]
 REQUIRE_BROWSER = os.environ.get("FANOUT_REQUIRE_BROWSER") == "1"
 ARTIFACTS = Path(__file__).parents[1] / "artifacts"
+# A big job (more lanes than the page's BIG_JOB) is shown a page of PAGE_SIZE rows at a time.
+PAGE_SIZE = 100
+BIG_MAP = 10_000
+DASH = "\N{EN DASH}"  # as the page writes a range of lanes
+# Every long task (a script run of over 50 ms, when the tab answers nothing) as it ends.
+LONG_TASKS = """window.longTasks = [];
+new PerformanceObserver((list) => {
+  for (const entry of list.getEntries()) window.longTasks.push(entry.duration);
+}).observe({ type: "longtask", buffered: true });"""
 
 
 def _browser_missing() -> str | None:
@@ -74,14 +85,43 @@ async def served(page_settings: Settings) -> AsyncIterator[Served]:
 
 
 @dataclass
+class Remote:
+    """A server in a process of its own, and a client of it."""
+
+    url: str
+    http: httpx.AsyncClient
+
+
+@pytest.fixture
+async def big_server(sqlite_url: str, fake_llm: str, tmp_path: Path) -> AsyncIterator[Remote]:
+    """``fanout serve`` as a process of its own that takes a map of BIG_MAP items (its
+    spec, about 130 KB, is under the default FANOUT_MAX_BODY_BYTES of 1 MB).
+
+    Not in the test's process: there, its 10,000 lanes would share the event loop that
+    drives the browser, and Playwright would wait seconds for each step."""
+    env = process_env(sqlite_url, fake_llm, max_lanes_per_job=str(BIG_MAP), log_level="WARNING")
+    fleet = Fleet(tmp_path, env)
+    try:
+        server = fleet.serve("serve")
+        await started(server)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            yield Remote(server.url, http)
+    finally:
+        fleet.close()
+
+
+@dataclass
 class Pages:
     """A browser context; every page it opens must raise no script or CSP error."""
 
     browser: Browser
     errors: list[str] = field(default_factory=list)
 
-    async def open(self, url: str) -> Page:
+    async def open(self, url: str, *, init_script: str | None = None) -> Page:
+        """The page at ``url``; ``init_script`` runs in it before the page's own."""
         context = await self.browser.new_context(viewport={"width": 1280, "height": 860})
+        if init_script is not None:
+            await context.add_init_script(init_script)
         page = await context.new_page()
         page.on("pageerror", lambda exc: self.errors.append(f"page error: {exc}"))
         page.on("console", self._console)
@@ -117,6 +157,26 @@ async def post_job(served: Served, spec: dict[str, Any]) -> str:
     response = await served.http.post("/v1/jobs", json=spec)
     assert response.status_code == 202, response.text
     return str(response.json()["id"])
+
+
+def map_of(items: int, model: str, **fields: Any) -> dict[str, Any]:
+    task = {"model": model, "messages": user("Say {{item}}."), **fields.pop("task", {})}
+    return {"mode": "map", "items": [f"item-{i}" for i in range(items)], "task": task, **fields}
+
+
+async def shown_counts(page: Page, selector: str, key: str) -> dict[str, int]:
+    """The counts a summary list shows: ``{data-<key>: number}``."""
+    return dict(
+        await page.locator(selector).evaluate_all(
+            f"""items => items.map(li => [li.dataset.{key},
+                 Number(li.querySelector("b").textContent.replaceAll(",", ""))])"""
+        )
+    )
+
+
+async def shown_lanes(page: Page) -> list[int]:
+    rows = await page.locator("#lanes tr").evaluate_all("rows => rows.map(r => r.dataset.lane)")
+    return [int(index) for index in rows]
 
 
 # --- the route -----------------------------------------------------------------------
@@ -305,6 +365,117 @@ async def test_page_carries_its_stream_token_to_the_api(
         assert (await served.http.get(f"/jobs/{job_id}")).status_code == 401
         assert (await served.http.get(f"/jobs/{job_id}?token=wrong")).status_code == 401
         assert (await served.http.get(f"/jobs/{job_id}?key=key-acme")).status_code == 400
+
+
+# --- big jobs: counts, and a page of lanes at a time ---------------------------------------
+
+
+@needs_browser
+async def test_page_of_a_10000_item_map_shows_live_counts_and_a_page_of_lanes(
+    big_server: Remote, pages: Pages
+) -> None:
+    from playwright.async_api import expect
+
+    spec = map_of(BIG_MAP, "fake?latency_ms=5", policy={"max_concurrency": 500})
+    response = await big_server.http.post("/v1/jobs?lanes=false", json=spec)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    opened = time.monotonic()
+    page = await pages.open(f"{big_server.url}/jobs/{job_id}", init_script=LONG_TASKS)
+
+    # One page of rows, not 10,000, soon; and counts that move while the job runs.
+    await expect(page.locator("#lanes tr")).to_have_count(PAGE_SIZE)
+    assert time.monotonic() - opened < 5, f"the page took {time.monotonic() - opened:.1f} s"
+    assert await shown_lanes(page) == list(range(PAGE_SIZE))
+    await expect(page.locator("#page-info")).to_have_text(f"lanes 1{DASH}100 of 10,000")
+    await page.wait_for_function(
+        """() => {
+             const shown = document.querySelector("#legend li[data-state=succeeded] b");
+             const n = Number(shown.textContent.replaceAll(",", ""));
+             return n > 0 && n < 10000;
+           }""",
+        timeout=20_000,
+    )
+
+    await page.locator("#page-next").click()
+    await expect(page.locator("#lanes tr").first).to_have_attribute("data-lane", "100")
+    assert await shown_lanes(page) == list(range(PAGE_SIZE, 2 * PAGE_SIZE))
+    await expect(page.locator("#page-info")).to_have_text(f"lanes 101{DASH}200 of 10,000")
+
+    await expect(page.locator("body")).to_have_attribute(
+        "data-job-status", "succeeded", timeout=30_000
+    )
+    job = (await big_server.http.get(f"/v1/jobs/{job_id}?lanes=false")).json()
+    assert job["progress"] == {"succeeded": BIG_MAP}
+    await expect(page.locator("#legend li[data-state=succeeded] b")).to_have_text("10,000")
+    assert await shown_counts(page, "#legend li", "state") == job["progress"]
+    # The rows shown were followed live: queued or running when read, succeeded now.
+    await expect(page.locator("#lanes tr[data-status=succeeded]")).to_have_count(PAGE_SIZE)
+    await page.locator("#page-prev").click()
+    await expect(page.locator("#lanes tr").first).to_have_attribute("data-lane", "0")
+    await page.locator("#lane-filter").select_option("running")
+    await expect(page.locator("#page-info")).to_have_text("no running lanes")
+    await expect(page.locator("#lanes tr")).to_have_count(0)
+    # The tab never froze: no script ran long enough to be felt (a row each: seconds).
+    longest = await page.evaluate("Math.max(0, ...window.longTasks)")
+    assert longest < 1000, f"the longest task took {longest:.0f} ms"
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "job-page-big.png"), animations="disabled")
+
+
+@needs_browser
+async def test_page_of_a_vote_per_item_counts_items_and_carries_the_token_to_the_lanes(
+    page_settings: Settings, pages: Pages
+) -> None:
+    from playwright.async_api import expect
+
+    keyed = page_settings.model_copy(update={"api_keys": "acme:key-acme"})
+    async with serve(keyed) as served:
+        # 70 items, 3 votes each: 210 lanes, over the page's threshold of 200.
+        spec = map_of(
+            70,
+            "fake?latency_ms=20&answers=7:2,8:1",
+            task={"temperature": 0.8},
+            per_item={"n": 3, "aggregate": {"kind": "majority", "extract": "number"}},
+        )
+        response = await served.http.post(
+            "/v1/jobs?lanes=false", json=spec, headers={"Authorization": "Bearer key-acme"}
+        )
+        job_id, token = response.json()["id"], response.json()["stream_token"]
+        page = await pages.open(f"{served.url}/jobs/{job_id}?token={token}")
+        await expect(page.locator("body")).to_have_attribute(
+            "data-job-status", "succeeded", timeout=20_000
+        )
+        headers = {"Authorization": "Bearer key-acme"}
+        job = (await served.http.get(f"/v1/jobs/{job_id}?lanes=false", headers=headers)).json()
+
+        await expect(page.locator("#items li[data-item=settled] b")).to_have_text("70")
+        items = await shown_counts(page, "#items li[data-item]", "item")
+        assert items == {"settled": 70, "voting": 0, "unanswered": 0}
+        assert await shown_counts(page, "#legend li", "state") == job["progress"]
+        # The first page of lanes, read from /v1/jobs/{id}/lanes with the token.
+        await expect(page.locator("#lanes tr")).to_have_count(PAGE_SIZE)
+        await expect(page.locator("#lanes tr td.name").first).to_have_text("item-0/0")
+
+
+@needs_browser
+async def test_page_of_a_big_vote_tallies_every_lane(served: Served, pages: Pages) -> None:
+    from playwright.async_api import expect
+
+    number = {"kind": "majority", "extract": "number", "early_stop": False}
+    job_id = await post_job(served, voting(250, "fake?answers=7", aggregate=number))
+    page = await pages.open(f"{served.url}/jobs/{job_id}")
+    await expect(page.locator("body")).to_have_attribute(
+        "data-job-status", "succeeded", timeout=20_000
+    )
+
+    await expect(page.locator("#votes li[data-answer='7'] .count")).to_have_text("250 / 250")
+    await expect(page.locator("#lanes tr")).to_have_count(PAGE_SIZE)
+    await page.locator("#page-next").click()
+    await page.locator("#page-next").click()
+    await expect(page.locator("#page-info")).to_have_text(f"lanes 201{DASH}250 of 250")
+    assert await shown_lanes(page) == list(range(200, 250))
+    await expect(page.locator("#page-next")).to_be_disabled()
 
 
 # --- a web app on another origin ------------------------------------------------------------

@@ -27,6 +27,9 @@ from service.tools.submit import submit
 from tests.support import free_port, section, sectioning, serve, voting, wait_http
 
 CLI = [sys.executable, "-m", "service.cli"]
+# A map of 2,000 items, each a vote of 2 lanes.
+BIG_MAP_ITEMS, VOTES_PER_ITEM = 2_000, 2
+BIG_MAP_LANES = BIG_MAP_ITEMS * VOTES_PER_ITEM
 # Variables that would change what the CLI or the server does if the caller's shell set them.
 _FOREIGN = ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "LINES")
 
@@ -45,6 +48,7 @@ def server(fake_llm: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     env = _env(
         FANOUT_DATABASE_URL=f"sqlite+aiosqlite:///{directory}/f.db",
         FANOUT_POLL_INTERVAL_S="0.2",
+        FANOUT_MAX_LANES_PER_JOB=str(BIG_MAP_LANES),
         OPENAI_BASE_URL=fake_llm,
         OPENAI_API_KEY="x",
     )
@@ -229,6 +233,40 @@ def test_ctrl_c_with_cancel_on_exit_cancels_the_job(server: str, tmp_path: Path)
     assert job["progress"] == {"cancelled": 3}
     assert "cancelled job" in err.read_text()
     assert lane_row(out.read_text(), "lane-0")[1] == "running"  # the table as last seen
+
+
+@slow
+def test_watch_of_a_big_map_shows_a_screenful_of_lanes_and_the_counts(
+    server: str, tmp_path: Path
+) -> None:
+    spec = {
+        "mode": "map",
+        "items": [f"item-{i}" for i in range(BIG_MAP_ITEMS)],
+        "task": {
+            "model": "fake?latency_ms=5&answers=7",
+            "messages": [{"role": "user", "content": "Grade {{item}}, end with Answer: N."}],
+        },
+        "per_item": {"n": VOTES_PER_ITEM, "aggregate": {"kind": "majority", "extract": "number"}},
+        "policy": {"max_concurrency": 500},
+    }
+    done = fanout_submit(spec_file(tmp_path, spec), "--watch", "--url", server)
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    shown = lines[: lines.index("{")]  # then the result: a list of 2,000 answers
+    job_id = shown[0].split()[1]
+    job = httpx.get(f"{server}/v1/jobs/{job_id}?lanes=false").json()
+    # A screenful (25 lines, not a terminal: 19 rows), not a row per lane.
+    rows = [line for line in shown if re.match(r"item-\d+/\d ", line)]
+    assert 3 <= len(rows) <= 19, done.stdout[:5000]
+    assert len(shown) <= 25, "\n".join(shown)
+    assert f"... {BIG_MAP_LANES - len(rows)} more lanes" in done.stdout
+    summary = re.search(r"^job \S+ succeeded · (.+?) · items: (.+?) · ", done.stdout, re.M)
+    assert summary is not None, "\n".join(shown)
+    counts = {state: int(n) for n, state in (c.split() for c in summary[1].split(", "))}
+    assert counts == job["progress"]
+    assert summary[2] == f"{BIG_MAP_ITEMS} settled, 0 voting, 0 without an answer"
+    assert printed_json(done.stdout)["output"] == [7] * BIG_MAP_ITEMS
 
 
 async def test_on_a_server_with_keys_the_page_it_prints_opens_without_the_key(
