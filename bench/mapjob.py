@@ -208,8 +208,8 @@ def describe_economy(service: str, items: int) -> str:
         + ", ".join(f"{kind} `answers={answers}`" for kind, answers in QUESTIONS.items())
         + f"; upstream latency {ECONOMY_LATENCY_MS} to "
         f"{ECONOMY_LATENCY_MS + ECONOMY_JITTER_MS} ms; at a job-wide `max_concurrency` below "
-        f"n and far above it (a claim takes a job's lanes in lane order, so above n an "
-        "item's lanes are all in flight before its first vote is in). The stop: `confidence` "
+        "n and far above it (an item's votes become ready vote by vote, so a claim takes "
+        "every item's first vote before any item's second). The stop: `confidence` "
         "0.95 against `none`. *Lanes that ran* are the lanes not "
         "skipped; *calls* are the simulator's count of requests (a running lane that a "
         "stop cut short counts there, and ends skipped); *votes counted* is the mean per "
