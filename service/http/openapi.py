@@ -34,10 +34,11 @@ PROBLEMS = {
 
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """Declared error responses: the given ones, plus 401 and 429 on every ``/v1`` route."""
+    """Declared error responses: the given ones, plus what every route with a caller may
+    answer: 400 (a key in the URL), 401 and 429."""
     return {
         status: {"description": PROBLEMS[status], "content": {"application/problem+json": {}}}
-        for status in sorted({401, *statuses, 429})
+        for status in sorted({400, 401, *statuses, 429})
     }
 
 

@@ -33,7 +33,7 @@ RETRY_HINT = b"retry: 2000\n\n"  # milliseconds
     "/v1/jobs",
     status_code=202,
     response_model=JobView,
-    responses={**CREATED, **problems(400, 413, 415, 422, 503)},
+    responses={**CREATED, **problems(413, 415, 422, 503)},
     tags=["jobs"],
     operation_id="createJob",
 )
