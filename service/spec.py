@@ -627,7 +627,7 @@ def task_texts(task: LlmTask) -> list[str]:
 
 def item_task(task: LlmTask, item: str | dict[str, Any], index: int) -> LlmTask:
     """The task with the item in its message contents and text parts (a message without
-    a placeholder is the task's own, and so is a task without any)."""
+    a placeholder is the task's own, not a copy)."""
 
     def part(content: ContentPart) -> ContentPart:
         text = (content.model_extra or {}).get("text")
