@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from . import economy, mapjob
+from . import economy, mapjob, overhead
 
 DB_NAMES = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
 LABELS = {"limit": "limit", "raw": "(reference) bare aiohttp, no SDK"}
@@ -20,6 +20,7 @@ PATH_NAMES = {"sdk": "SDK path", "limited": "provider limits (not binding)"}
 PASS, MISS = "✓ pass", "✗ miss"
 SECTION_TITLES = {
     "voting": "voting jobs",
+    "overhead": "overhead",
     "small": "many small jobs",
     "stream": "stream delay",
     "economy": "the economy of a vote",
@@ -430,6 +431,16 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> str:
             *phases_table(results["voting"], results.get("small") or []),
             "",
         ]
+    found = results.get("overhead")
+    if isinstance(found, dict) and found.get("samples"):
+        body += [
+            f"## Overhead: a {found['n']}-lane vote at 0 ms against the floor",
+            "",
+            overhead.describe(found["reps"], found["warmup"]),
+            "",
+            *overhead.table(found, targets.check, _service),
+            "",
+        ]
     if results.get("small"):
         body += [
             "## Many small jobs at once",
@@ -571,7 +582,7 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> str:
             if origin.get("notes"):
                 head.append("")
     if targets.rows:
-        head += ["## Targets (issues 6, 12 and 13)", ""]
+        head += ["## Targets (issues 6, 12, 13 and 16)", ""]
         if any("sdk" in paths for paths in targets.rows.values()):
             head += [
                 "Judged on the default, lean call path; the last column is the same target "
@@ -588,7 +599,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
         out.append("--quick")
     if args.reps != (1 if args.quick else 3):
         out.append(f"--reps {args.reps}")
-    if args.only != ["voting", "small", "stream", "economy", "map"]:
+    if args.only != ["voting", "overhead", "small", "stream", "economy", "map"]:
         out.append(f"--only {','.join(args.only)}")
     if args.dbs != ["sqlite", "postgres"]:
         out.append(f"--db {','.join(args.dbs)}")
@@ -599,6 +610,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
     if args.latencies != [200, 0]:
         out.append(f"--latencies {','.join(map(str, args.latencies))}")
     quick = args.quick
+    if args.overhead_reps != (overhead.QUICK_REPS if quick else overhead.REPS):
+        out.append(f"--overhead-reps {args.overhead_reps}")
     for flag, value, default in (
         ("--map-items", args.map_items, mapjob.QUICK_ITEMS if quick else mapjob.ITEMS),
         (

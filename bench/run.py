@@ -12,6 +12,10 @@ the reference) as real processes on loopback, then measures:
   service) runs its warm-up and repetitions back to back, so its upstream connections
   stay warm (the client's pool drops them after 5 idle seconds); who goes first
   rotates.
+- **overhead** (:mod:`bench.overhead`): a 10-lane vote at 0 ms upstream latency,
+  30 runs after 5 warm-ups, against the floor (the same 10 calls on bare aiohttp);
+  POST to the final event, and where that time goes, phase by phase, from the
+  events' ``at``. Lean services only.
 - **small jobs**: 200 jobs of 5 lanes posted at once; the time until every job's
   final event against the time of one such job alone. Lean services only.
 - **stream delay**: one 1,000-lane job followed by 100 stream clients; the delay
@@ -34,7 +38,7 @@ memory from ``VmHWM``, reset before each scenario. Writes ``bench/results.md``
 The services of the other call paths (``sdk``, ``limited``) start only for the voting
 section.
 
-    python -m bench.run [--quick] [--reps 3] [--only voting,small,stream,economy,map]
+    python -m bench.run [--quick] [--reps 3] [--only voting,overhead,small,stream,economy,map]
                         [--db sqlite] [--clients lean] [--merge] [--tree ../other-checkout]
                         [--keep-logs] (--help for all)
 """
@@ -60,13 +64,13 @@ from typing import Any
 import aiohttp
 
 from . import client as fc
-from . import economy, mapjob
+from . import economy, mapjob, overhead
 from .procs import REPO, Proc, free_port, python_argv, raise_fd_limit
 from .report import write_report
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
-SECTIONS = ("voting", "small", "stream", "economy", "map")
+SECTIONS = ("voting", "overhead", "small", "stream", "economy", "map")
 # FANOUT_LLM_CLIENT (lean is the service's default), and "limited": the lean path with
 # the default provider's limits configured, so high that they never bind: what the
 # cluster-wide provider limits cost a claim.
@@ -394,6 +398,49 @@ class Bench:
         log(f"{scenario.name:<24} {line}")
         return scenario
 
+    # --- overhead: a 10-lane vote at 0 ms against the floor ---------------------------
+
+    async def overhead_section(self) -> dict[str, Any]:
+        """The floor and each main service, runs back to back (warm-ups first); who goes
+        first rotates."""
+        floor = self.limits["raw"]
+        samples: dict[str, list[dict[str, Any]]] = {}
+        contenders: list[str] = ["raw", *self.main_services]
+        self.rotation += 1
+        shift = self.rotation % len(contenders)
+        started = time.perf_counter()
+        for who in contenders[shift:] + contenders[:shift]:
+            for rep in range(-self.args.overhead_warmup, self.args.overhead_reps):
+                await self.fake.reset(self.http)
+                if who == "raw":
+                    reply = await floor.run(overhead.N, overhead.MODEL)
+                    sample: dict[str, Any] = {"wall_s": reply["wall_s"]}
+                else:
+                    sample = await overhead.measure(self.http, self.main_services[who].url)
+                    stats = await self.fake.stats(self.http)
+                    if stats["requests"] != overhead.N:
+                        self.notes.append(
+                            f"{who}, overhead: {stats['requests']} upstream calls for "
+                            f"{overhead.N} lanes"
+                        )
+                        log(self.notes[-1])
+                if rep >= 0:
+                    samples.setdefault(who, []).append(sample)
+                await self.settle()
+        line = "  ".join(
+            f"{who} {1000 * median([s.get('total_s', s.get('wall_s', 0)) for s in runs]):.1f}ms"
+            for who, runs in samples.items()
+        )
+        log(f"{'overhead N=10 @ 0 ms':<24} {line}")
+        return {
+            "n": overhead.N,
+            "model": overhead.MODEL,
+            "reps": self.args.overhead_reps,
+            "warmup": self.args.overhead_warmup,
+            "duration_s": time.perf_counter() - started,
+            "samples": samples,
+        }
+
     # --- many small jobs at once ------------------------------------------------
 
     async def small_jobs(self) -> list[Scenario]:
@@ -696,7 +743,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup", type=int, default=1, help="unmeasured repetitions first (default 1)"
     )
     parser.add_argument(
-        "--only", default=",".join(SECTIONS), help="sections: voting,small,stream,economy,map"
+        "--only",
+        default=",".join(SECTIONS),
+        help="sections: voting,overhead,small,stream,economy,map",
+    )
+    parser.add_argument(
+        "--overhead-reps",
+        type=int,
+        help=f"measured runs per contender in the overhead section (default {overhead.REPS}, "
+        f"quick {overhead.QUICK_REPS}; after {overhead.WARMUP} warm-ups, quick "
+        f"{overhead.QUICK_WARMUP})",
     )
     parser.add_argument("--db", default="sqlite,postgres", help="databases: sqlite,postgres")
     parser.add_argument(
@@ -771,6 +827,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.stream_reps if args.stream_reps is not None else (1 if args.quick else 2)
     )
     quick = args.quick
+    if args.overhead_reps is None:
+        args.overhead_reps = overhead.QUICK_REPS if quick else overhead.REPS
+    args.overhead_warmup = overhead.QUICK_WARMUP if quick else overhead.WARMUP
     if args.map_items is None:
         args.map_items = mapjob.QUICK_ITEMS if quick else mapjob.ITEMS
     if args.map_concurrency is None:
@@ -873,7 +932,7 @@ async def amain(args: argparse.Namespace) -> int:
     try:
         fake.proc.wait_http(f"{fake.root}/healthz")
         limits["limit"] = Limit(fake.url, logs)
-        if args.raw or "map" in args.only:  # the map section's floor
+        if args.raw or {"map", "overhead"} & set(args.only):  # their floor
             limits["raw"] = Limit(fake.url, logs, client="raw")
         # Only the voting section runs the other call paths: without it, lean alone (or
         # the first path asked for, when lean is not).
@@ -928,6 +987,7 @@ async def amain(args: argparse.Namespace) -> int:
             bench = Bench(args, fake, limits, services, http)
             sections = {
                 "voting": lambda: bench.voting(),
+                "overhead": lambda: bench.overhead_section(),
                 "small": lambda: bench.small_jobs(),
                 "stream": lambda: bench.stream_delay(),
                 "economy": lambda: bench.economy(),
