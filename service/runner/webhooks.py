@@ -141,9 +141,7 @@ class WebhookSender:
             )
 
     async def _deliver(self, job_id: str, url: str, sent: int, secret: str) -> None:
-        view = await self.store.jobs.get(job_id, None, with_lanes=False)
-        if sum(view.progress.values()) <= WEBHOOK_MAX_LANES:
-            view = await self.store.jobs.get(job_id, None)
+        view = await self.store.jobs.get(job_id, None, max_lanes=WEBHOOK_MAX_LANES)
         view.webhook = None  # the delivery history is not part of what is delivered
         body = view.model_dump_json().encode()
         delivery = await deliver(

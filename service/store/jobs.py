@@ -256,11 +256,21 @@ class Jobs:
             )
         return view
 
-    async def get(self, job_id: str, tenant: str | None, *, with_lanes: bool = True) -> JobView:
-        """The job. Without ``with_lanes``, its ``lanes`` are empty and no lane row is
-        read: ``progress`` (lanes per status) is counted on the (job, status) index."""
+    async def get(
+        self,
+        job_id: str,
+        tenant: str | None,
+        *,
+        with_lanes: bool = True,
+        max_lanes: int | None = None,
+    ) -> JobView:
+        """The job. Without ``with_lanes`` (or when it has more than ``max_lanes``), its
+        ``lanes`` are empty and no lane row is read: ``progress`` (lanes per status) is
+        counted on the (job, status) index."""
         async with self.db.read() as conn:
             job = await job_row(conn, job_id, tenant)
+            if max_lanes is not None and job["lanes_total"] > max_lanes:
+                with_lanes = False
             if with_lanes:
                 lane_rows = (
                     (
