@@ -364,6 +364,13 @@ class Bench:
                 scenarios.append(await self.voting_scenario(n, latency_ms))
         return scenarios
 
+    def in_turn(self, contenders: list[str]) -> list[str]:
+        """The order the contenders run in this scenario: who goes first rotates by
+        scenario."""
+        self.rotation += 1
+        shift = self.rotation % len(contenders)
+        return contenders[shift:] + contenders[:shift]
+
     async def voting_scenario(self, n: int, latency_ms: int) -> Scenario:
         scenario = Scenario(f"voting N={n} @ {latency_ms} ms", n, latency_ms)
         # The bare-aiohttp reference joins unless --no-raw (it may run for the map alone).
@@ -379,9 +386,7 @@ class Bench:
         # Each contender's runs go back to back, warm-up first: both ends of the upstream
         # connections drop them after 5 idle seconds, and reconnecting 1,000 of them costs
         # more than the difference being measured. Who goes first rotates by scenario.
-        self.rotation += 1
-        shift = self.rotation % len(contenders)
-        for who in contenders[shift:] + contenders[:shift]:
+        for who in self.in_turn(contenders):
             for rep in range(-self.args.warmup, self.args.reps):
                 if who in limits:
                     sample = await self.measure_limit(limits[who], n, latency_ms)
@@ -406,10 +411,8 @@ class Bench:
         floor = self.limits["raw"]
         samples: dict[str, list[dict[str, Any]]] = {}
         contenders: list[str] = ["raw", *self.main_services]
-        self.rotation += 1
-        shift = self.rotation % len(contenders)
         started = time.perf_counter()
-        for who in contenders[shift:] + contenders[:shift]:
+        for who in self.in_turn(contenders):
             for rep in range(-self.args.overhead_warmup, self.args.overhead_reps):
                 await self.fake.reset(self.http)
                 if who == "raw":
@@ -586,9 +589,7 @@ class Bench:
         for who, proc in procs.items():
             proc.reset_peak()
             scenario.base_mb[who] = proc.rss_mb()
-        self.rotation += 1
-        shift = self.rotation % len(contenders)
-        for who in contenders[shift:] + contenders[:shift]:
+        for who in self.in_turn(contenders):
             for rep in range(-self.args.warmup, self.args.reps):
                 if who == "raw":
                     sample = await self.measure_limit(
