@@ -47,7 +47,7 @@ FINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
 
 def spec(n: int, model: str = "fake?answers=7") -> VotingSpec:
     task = {"model": model, "messages": [{"role": "user", "content": "7?"}]}
-    aggregate = {"kind": "majority", "extract": "number"}
+    aggregate = {"kind": "majority", "extract": "number", "early_stop": False}
     return VotingSpec.from_dict({"mode": "voting", "n": n, "task": task, "aggregate": aggregate})
 
 
