@@ -5,17 +5,16 @@ transaction are handed to ``on_commit`` only after the commit succeeded, so a
 subscriber never sees an event that the database does not have.
 
 SQLite allows one writer at a time. Rather than let connections race for the
-file lock (and fail with "database is locked" under load), all writes share one
-connection (a pool of size one queues them in order) and open with
-``BEGIN IMMEDIATE``; reads use their own pool and never block on writes in WAL
-mode. PostgreSQL uses one pool for both.
+file lock (and fail with "database is locked" under load), writes take turns on one
+connection and open with ``BEGIN IMMEDIATE``; reads use their own pool and never
+block on writes in WAL mode. PostgreSQL uses one pool for both.
 
-SQLite statements run on the event loop's own thread (:class:`InlineSqlite`), not on
-aiosqlite's worker thread: a statement on a local file takes tens of microseconds,
-and handing each one to a thread and back cost about seven times that (measured:
-210 µs against 28 µs per indexed select). Nothing here waits on a lock either: the
-process is SQLite's only writer and WAL readers never block. What can still stall
-the loop is a WAL checkpoint's sync, a few milliseconds every thousand pages.
+SQLite statements run on the event loop's own thread, through SQLAlchemy's
+synchronous engine (:class:`SqliteConnection`): a statement on a local file takes
+tens of microseconds, less than handing it to a thread and back, or than SQLAlchemy's
+asyncio layer around it. Nothing here waits on a lock either: the process is
+SQLite's only writer and WAL readers never block. What can still stall the loop is a
+WAL checkpoint's sync, a few milliseconds every thousand pages.
 
 On PostgreSQL a transaction that appended events also notifies other processes
 (:mod:`service.notify`): the ``pg_notify`` calls run just before the commit, so
@@ -27,21 +26,30 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from uuid import uuid4
 
-import aiosqlite
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import Select, event, make_url, text
+from sqlalchemy import (
+    CursorResult,
+    Engine,
+    Executable,
+    Select,
+    create_engine,
+    event,
+    make_url,
+    text,
+)
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .. import notify
@@ -51,7 +59,7 @@ from .. import notify
 class Tx:
     """An open write transaction and the events it appended (published on commit)."""
 
-    conn: AsyncConnection
+    conn: Conn
     is_sqlite: bool
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -67,96 +75,144 @@ class Tx:
 BUSY_TIMEOUT_MS = 30_000
 
 
-class InlineSqlite(aiosqlite.Connection):
-    """aiosqlite's connection without the thread hop: each ``sqlite3`` call runs at once
-    on the calling (event loop) thread. The worker thread still opens the connection,
-    and waits on locks (below); ``check_same_thread`` is off, as SQLAlchemy sets it
-    for aiosqlite.
+T = TypeVar("T")
+# A statement's result: rows of any shape (typed statements' shapes are not kept).
+Rows = CursorResult[*tuple[Any, ...]]
 
-    The connection's own busy timeout is 0, so a call never waits for a lock on the
-    loop's thread. The lock only another process can hold (``fanout migrate``, a
-    ``sqlite3`` shell; this process has one writer) makes the call fail at once with
-    "database is locked": it is then made again on the worker thread, which waits up
-    to ``BUSY_TIMEOUT_MS`` while the loop serves everything else. Until the worker is
-    done with it (even if its caller was cancelled meanwhile), every later call on
-    the connection queues behind it on the worker too: ``sqlite3`` must never be in
-    two threads at once on one connection.
+
+class Conn(Protocol):
+    """What the store asks of a connection: SQLAlchemy's ``AsyncConnection`` on
+    PostgreSQL, :class:`SqliteConnection` on SQLite."""
+
+    async def execute(self, statement: Executable, parameters: Any = None) -> Rows: ...
+
+    async def run_sync(self, fn: Callable[[Connection], T]) -> T: ...
+
+
+def _busy(exc: OperationalError) -> bool:
+    return getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+
+
+# How SQLite transactions begin: a writer takes the write lock at once (so two never
+# deadlock upgrading read locks); a reader's snapshot starts at its first read.
+WRITE, READ = "BEGIN IMMEDIATE", "BEGIN"
+
+
+class SqliteConnection:
+    """A SQLAlchemy connection (the synchronous ``pysqlite`` dialect) driven from the
+    event loop: each call runs at once on the loop's thread.
+
+    A statement on a local file takes tens of microseconds; SQLAlchemy's asyncio
+    layer (a greenlet per statement, aiosqlite's cursor proxies) cost several times
+    that, and a transaction with one update took 730 µs against 128 µs this way.
+    Nothing here waits on a lock: the process is SQLite's only writer (its writes take
+    turns, :meth:`Database.transaction`) and WAL readers never block.
+
+    The connection's busy timeout is 0, so a call never waits for a lock on the loop's
+    thread. The lock only another process can hold (``fanout migrate``, a ``sqlite3``
+    shell) makes the call fail at once with "database is locked": it is then made again
+    on a worker thread, which waits up to ``BUSY_TIMEOUT_MS`` while the loop serves
+    everything else. Until the worker is done with it (even if its caller was cancelled
+    meanwhile), every later call on the connection queues behind it on the worker too:
+    ``sqlite3`` must never be in two threads at once on one connection.
     """
 
-    _on_worker = 0  # calls handed to the worker thread and not finished yet
+    def __init__(self, conn: Connection) -> None:
+        self.sync = conn
+        self._worker: ThreadPoolExecutor | None = None
+        self._on_worker = 0  # calls handed to the worker and not finished yet
 
-    async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if not self._running or not self._connection:
-            raise ValueError("Connection closed")
+    async def execute(self, statement: Executable, parameters: Any = None) -> Rows:
+        result: Rows = await self._call(self.sync.execute, statement, parameters)
+        return result
+
+    async def run_sync(self, fn: Callable[[Connection], T]) -> T:
+        """``fn(connection)`` on the synchronous connection (as AsyncConnection's)."""
+        result: T = await self._call(fn, self.sync)
+        return result
+
+    async def commit(self) -> None:
+        await self._call(self.sync.commit)
+
+    async def close(self) -> None:
+        """Roll back what is open and give the connection back to its pool."""
+        try:
+            await self._call(self.sync.close)
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown(wait=False)
+
+    async def begin(self, sql: str) -> None:
+        """Open the transaction (``BEGIN ...``; SQLAlchemy's own begin is a no-op on
+        this driver, so every statement after this one is inside it)."""
+        await self._call(self.sync.exec_driver_sql, sql)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._on_worker:
-            call = partial(fn, *args, **kwargs)
+            call = partial(fn, *args)
         else:
             try:
-                return fn(*args, **kwargs)
-            except sqlite3.OperationalError as exc:
-                if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:
+                return fn(*args)
+            except OperationalError as exc:
+                if not _busy(exc):
                     raise
-            call = partial(self._waiting, partial(fn, *args, **kwargs))
-        self._on_worker += 1
+            call = partial(self._waiting, partial(fn, *args))
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="sqlite-wait")
         loop = asyncio.get_running_loop()
-        return await super()._execute(self._on_the_worker, loop, call)  # type: ignore[no-untyped-call]
-
-    def _on_the_worker(self, loop: asyncio.AbstractEventLoop, call: Callable[[], Any]) -> Any:
-        try:
-            return call()
-        finally:
-            loop.call_soon_threadsafe(self._worker_done)  # counted on the loop's thread
+        self._on_worker += 1
+        done = self._worker.submit(call)
+        done.add_done_callback(lambda _f: _on_loop(loop, self._worker_done))
+        return await asyncio.wrap_future(done)
 
     def _worker_done(self) -> None:
         self._on_worker -= 1
 
     def _waiting(self, call: Callable[[], Any]) -> Any:
-        connection = self._conn
-        connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        dbapi = self.sync.connection.dbapi_connection
+        assert dbapi is not None
+        dbapi.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         try:
             return call()
         finally:
-            connection.execute("PRAGMA busy_timeout=0")
+            dbapi.execute("PRAGMA busy_timeout=0")
 
 
-def _inline_sqlite(url: str) -> Callable[[], InlineSqlite]:
-    """An ``async_creator`` that opens the database ``url`` names as SQLAlchemy would."""
-    parsed = make_url(url)
-    args, kwargs = parsed.get_dialect()().create_connect_args(parsed)
-    kwargs["check_same_thread"] = False
-    kwargs["timeout"] = 0  # the busy timeout: never wait on the loop (see InlineSqlite)
-
-    def creator() -> InlineSqlite:
-        connection = InlineSqlite(partial(sqlite3.connect, *args, **kwargs), iter_chunk_size=64)
-        connection._thread.daemon = True  # as SQLAlchemy does for aiosqlite's own
-        return connection
-
-    return creator
+def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """Run ``callback`` on ``loop``'s thread (from a worker), unless the loop has closed."""
+    with suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback)
 
 
-def _sqlite_engine(url: str, *, pool_size: int, begin: str) -> AsyncEngine:
-    engine = create_async_engine(
-        url,
+async def _finally(release: Callable[[], Awaitable[None]], then: Callable[[], None]) -> None:
+    """``release()``, then ``then()``, even when the caller is cancelled meanwhile:
+    ``then`` waits for ``release`` to be done (a connection is free only then)."""
+    task = asyncio.ensure_future(release())
+    task.add_done_callback(lambda _t: then())
+    await asyncio.shield(task)
+
+
+def _sqlite_engine(url: str, *, pool_size: int) -> Engine:
+    """A synchronous engine on the file ``url`` names (``sqlite+aiosqlite://`` or
+    ``sqlite://``), driven by :class:`SqliteConnection`."""
+    engine = create_engine(
+        make_url(url).set(drivername="sqlite"),
         pool_size=pool_size,
         max_overflow=0,
-        pool_timeout=120,
         pool_pre_ping=False,
-        async_creator=_inline_sqlite(url),
+        # The busy timeout: never wait on the loop (see SqliteConnection).
+        connect_args={"check_same_thread": False, "timeout": 0},
     )
 
-    @event.listens_for(engine.sync_engine, "connect")
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Take BEGIN away from the driver so we can choose IMMEDIATE for writers.
+        # Take BEGIN away from the driver: SqliteConnection.begin says which.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql(begin)
 
     return engine
 
@@ -208,41 +264,81 @@ class Database:
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
+        self.writer: Engine | AsyncEngine
+        self.reader: Engine | AsyncEngine
         if self.is_sqlite:
-            self.writer = _sqlite_engine(url, pool_size=1, begin="BEGIN IMMEDIATE")
-            self.reader = _sqlite_engine(url, pool_size=pool_size, begin="BEGIN")
+            # One writer at a time, in turn; readers up to the pool's size.
+            self.writer = _sqlite_engine(url, pool_size=1)
+            self.reader = _sqlite_engine(url, pool_size=pool_size)
+            self._writing = asyncio.Lock()
+            self._reading = asyncio.Semaphore(pool_size)
         else:
-            self.writer = _postgres_engine(url, pool_size=pool_size)
-            self.reader = self.writer
+            self.writer = self.reader = _postgres_engine(url, pool_size=pool_size)
         # Names this process in its notifications, so that it can skip its own.
         self.origin = uuid4().hex[:12]
         self.on_commit: Callable[[list[dict[str, Any]]], None] = lambda _events: None
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
-        async with self.writer.begin() as conn:
-            tx = Tx(conn, self.is_sqlite)
-            yield tx
-            if tx.events and not self.is_sqlite:
-                await _notify(conn, notify.notifications(self.origin, tx.events))
+        if isinstance(self.writer, Engine):
+            async with _sqlite_connection(self.writer, self._writing, WRITE) as sqlite:
+                tx = Tx(sqlite, True)
+                yield tx
+                await sqlite.commit()
+        else:
+            async with self.writer.begin() as conn:
+                tx = Tx(conn, False)
+                yield tx
+                if tx.events:
+                    await _notify(conn, notify.notifications(self.origin, tx.events))
         if tx.events:
             self.on_commit(tx.events)
 
     async def notify(self, notes: list[tuple[str, str]]) -> None:
         """Send notifications now, outside any write (PostgreSQL only)."""
-        if notes:
+        if notes and isinstance(self.writer, AsyncEngine):
             async with self.writer.begin() as conn:
                 await _notify(conn, notes)
 
     @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        async with self.reader.connect() as conn:
-            yield conn
+    async def read(self) -> AsyncIterator[Conn]:
+        if isinstance(self.reader, Engine):
+            async with _sqlite_connection(self.reader, self._reading, READ) as sqlite:
+                yield sqlite
+        else:
+            async with self.reader.connect() as conn:
+                yield conn
+
+    def sync_engine(self, engine: Engine | AsyncEngine) -> Engine:
+        """The synchronous engine behind ``writer`` or ``reader`` (for event listeners)."""
+        return engine if isinstance(engine, Engine) else engine.sync_engine
 
     async def dispose(self) -> None:
-        await self.writer.dispose()
-        if self.reader is not self.writer:
-            await self.reader.dispose()
+        for engine in {self.writer, self.reader}:
+            if isinstance(engine, Engine):
+                engine.dispose()
+            else:
+                await engine.dispose()
+
+
+@asynccontextmanager
+async def _sqlite_connection(
+    engine: Engine, slots: asyncio.Lock | asyncio.Semaphore, begin: str
+) -> AsyncIterator[SqliteConnection]:
+    """A connection of ``engine``'s pool in a transaction opened with ``begin``, while
+    holding one of ``slots`` (so that taking it never blocks); given back, rolled back
+    if left open, before the slot is."""
+    await slots.acquire()
+    try:
+        sqlite = SqliteConnection(engine.connect())
+    except BaseException:
+        slots.release()
+        raise
+    try:
+        await sqlite.begin(begin)
+        yield sqlite
+    finally:
+        await _finally(sqlite.close, slots.release)
 
 
 async def _notify(conn: AsyncConnection, notes: list[tuple[str, str]]) -> None:

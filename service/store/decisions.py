@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..aggregate import Conclusion, LaneResult, conclude, gate_blocks, gates
 from ..policy import Decision, Stop, Tally, budget_spent, decide
@@ -27,7 +26,7 @@ from ..states import (
     EventType,
     JobStatus,
 )
-from .db import Tx
+from .db import Conn, Tx
 from .eventlog import EventLog, Item
 from .outbox import WebhookOutbox
 from .rendering import usage_of
@@ -142,7 +141,7 @@ class Decisions:
         items.append((FINAL_EVENT[status], fields))
         return True
 
-    async def lane_results(self, conn: AsyncConnection, job_id: str) -> list[LaneResult]:
+    async def lane_results(self, conn: Conn, job_id: str) -> list[LaneResult]:
         """Every lane of the job, in lane order, as aggregation reads them."""
         rows = (await conn.execute(LANE_RESULTS, {"j": job_id})).all()
         return [
@@ -203,9 +202,7 @@ class Decisions:
             )
         )
 
-    async def _tally(
-        self, conn: AsyncConnection, job_id: str, spec: JobSpec, touched: set[int]
-    ) -> Tally:
+    async def _tally(self, conn: Conn, job_id: str, spec: JobSpec, touched: set[int]) -> Tally:
         """What the decision reads: the job's lanes by status, its votes, a blocking gate,
         its first failure; for a per-item map, the votes of the items whose lanes
         ``touched`` (the others' votes have not changed)."""
@@ -256,7 +253,7 @@ class Decisions:
         )
 
     async def _item_tallies(
-        self, conn: AsyncConnection, job_id: str, spec: JobSpec, touched: set[int]
+        self, conn: Conn, job_id: str, spec: JobSpec, touched: set[int]
     ) -> dict[int, Tally]:
         """A per-item map's votes: the tally of each item a lane in ``touched`` is a vote
         of (what its stopping rule reads)."""

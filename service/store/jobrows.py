@@ -16,11 +16,10 @@ from typing import Any
 from pydantic import TypeAdapter
 from sqlalchemy import select
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import JobNotFound
 from ..spec import JobSpec
-from .db import Tx
+from .db import Conn, Tx
 from .statements import LOCK_JOBS, LOCK_JOBS_FOR_UPDATE
 from .tables import jobs
 
@@ -65,7 +64,7 @@ def known_form(job_id: str) -> None:
     raise JobNotFound(job_id)
 
 
-async def job_row(conn: AsyncConnection, job_id: str, tenant: str | None) -> RowMapping:
+async def job_row(conn: Conn, job_id: str, tenant: str | None) -> RowMapping:
     """The job's row; :class:`JobNotFound` when there is none for ``tenant`` (None:
     any tenant's)."""
     known_form(job_id)

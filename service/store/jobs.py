@@ -9,7 +9,6 @@ from decimal import Decimal
 
 from sqlalchemy import and_, delete, func, insert, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..errors import BadCursor, IdempotencyConflict, JobFinished, JobNotFound, TenantAtCapacity
 from ..policy import Stop
@@ -24,7 +23,7 @@ from ..states import (
     WebhookStatus,
 )
 from ..views import NO_USAGE, JobSummary, JobView, LaneView, WebhookView
-from .db import Database
+from .db import Conn, Database
 from .decisions import Decisions
 from .eventlog import EventLog
 from .jobrows import SpecCache, job_row, known_form, lock_jobs
@@ -376,9 +375,7 @@ class Jobs:
         )
         return summaries, next_cursor
 
-    async def _progress(
-        self, conn: AsyncConnection, job_ids: list[str]
-    ) -> dict[str, dict[str, int]]:
+    async def _progress(self, conn: Conn, job_ids: list[str]) -> dict[str, dict[str, int]]:
         if not job_ids:
             return {}
         query = (

@@ -9,11 +9,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..states import WebhookStatus
 from ..views import WebhookView
-from .db import Database, Tx
+from .db import Conn, Database, Tx
 from .rendering import iso
 from .tables import webhooks
 
@@ -39,7 +38,7 @@ class WebhookOutbox:
             )
 
     async def view(
-        self, conn: AsyncConnection, job_id: str, raw_spec: Mapping[Any, Any]
+        self, conn: Conn, job_id: str, raw_spec: Mapping[Any, Any]
     ) -> WebhookView | None:
         """The job's webhook as callers see it (None: the job has none)."""
         url = (raw_spec.get("webhook") or {}).get("url")

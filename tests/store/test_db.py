@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy import text
 
-from service.store.db import Database
+from service.store.db import Database, SqliteConnection
 
 
 @pytest.fixture
@@ -109,9 +109,9 @@ async def test_statements_run_on_the_loops_thread(db: Database) -> None:
     runs on the thread that awaits the statement."""
     threads: list[int] = []
     async with db.read() as conn:
-        raw = await conn.get_raw_connection()
-        raw.driver_connection._conn.create_function(
-            "where_am_i", 0, lambda: threads.append(threading.get_ident()) or 1
-        )
+        assert isinstance(conn, SqliteConnection)
+        dbapi = conn.sync.connection.dbapi_connection
+        assert dbapi is not None
+        dbapi.create_function("where_am_i", 0, lambda: threads.append(threading.get_ident()) or 1)
         await conn.execute(text("SELECT where_am_i()"))
     assert threads == [threading.get_ident()]

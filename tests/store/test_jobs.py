@@ -151,7 +151,7 @@ def statements_run(db: Database) -> Iterator[list[str]]:
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         sent.append(statement)
 
-    engine = db.reader.sync_engine
+    engine = db.sync_engine(db.reader)
     event.listen(engine, "before_cursor_execute", record)
     try:
         yield sent

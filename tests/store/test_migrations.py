@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 
 from service.store.db import Database, head_revision
 from service.store.tables import Base
@@ -17,5 +17,5 @@ async def test_the_migrated_database_matches_the_tables(db: Database) -> None:
 
     async with db.read() as conn:
         assert await conn.run_sync(diff) == []
-        version = await conn.exec_driver_sql("SELECT version_num FROM alembic_version")
+        version = await conn.execute(text("SELECT version_num FROM alembic_version"))
         assert version.scalar() == head_revision()
