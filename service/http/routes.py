@@ -63,6 +63,7 @@ async def create_job(
     if idempotency_key is not None:
         canonical = spec.model_dump_json(by_alias=True, exclude_none=True)
         idempotency = (idempotency_key, hashlib.sha256(canonical.encode()).hexdigest())
+    runner = process.runner
     job, created = await process.store.jobs.create(
         spec,
         tenant,
@@ -70,9 +71,11 @@ async def create_job(
         max_in_flight=settings.max_jobs_in_flight,
         idempotency_ttl_s=settings.idempotency_ttl_s,
         with_lanes=lanes,
+        # This process's runner starts what it can as the job is stored.
+        starter=runner.lanes if runner is not None else None,
     )
-    if created and process.runner is not None:
-        process.runner.wake()
+    if created and runner is not None and job.progress.get(LaneStatus.QUEUED):
+        runner.wake()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"

@@ -68,9 +68,11 @@ class LaneRunner:
         self.deltas_sent = deltas_sent
         self.running: dict[tuple[str, int], asyncio.Task[None]] = {}
         self.claiming = True
+        self._looping = False  # the claim loop runs (after the runner reclaimed leases)
         self._outcomes: list[Outcome] = []
         self._outcome_ready = asyncio.Event()
         self._recording = 0  # outcomes in the transaction being written
+        self._claiming = 0  # slots a claim being made may fill
         self._wake = asyncio.Event()
         # Whether the last claim left claimable lanes behind (or the process was full):
         # only then can a lane that ends (and frees a cap or a slot) let another start.
@@ -106,17 +108,48 @@ class LaneRunner:
 
     # --- claiming ------------------------------------------------------------------
 
+    def _free(self) -> int:
+        """Slots free for more lanes. Lanes whose call returned still hold theirs until
+        they are recorded; a claim being made holds what it may take."""
+        if not self.claiming:
+            return 0
+        busy = len(self.running) + len(self._outcomes) + self._recording + self._claiming
+        return self.max_concurrency - busy
+
+    def reserve(self) -> int:
+        """Slots held for a new job's lanes, which start as it is stored (the runner is
+        its :class:`~service.store.Starter`); the claim loop takes what they leave. None
+        until the claim loop runs: at its start the runner reclaims every lease."""
+        reserved = max(0, min(self._free(), self.claim_batch)) if self._looping else 0
+        self._claiming += reserved
+        return reserved
+
+    def release(self, reserved: int, claims: list[Claim]) -> None:
+        self._claiming -= reserved
+        for claim in claims:
+            self.metrics.queue_wait.observe(claim.waited_s)
+            self._start(claim)
+
     async def _claim_loop(self) -> None:
+        self._looping = True
+        try:
+            await self._claiming_loop()
+        finally:
+            self._looping = False
+
+    async def _claiming_loop(self) -> None:
         while True:
-            # Lanes whose call returned still hold their slot until they are recorded.
-            busy = len(self.running) + len(self._outcomes) + self._recording
-            free = self.max_concurrency - busy if self.claiming else 0
+            free = self._free()
             claimed = 0
             next_check = None
             self._held_back = True
             if free > 0:
                 wanted = min(free, self.claim_batch)
-                result = await self.writes(self.store.queue.claim(self.owner, wanted))
+                self._claiming += wanted
+                try:
+                    result = await self.writes(self.store.queue.claim(self.owner, wanted))
+                finally:
+                    self._claiming -= wanted
                 for claim in result.claims:
                     self.metrics.queue_wait.observe(claim.waited_s)
                     self._start(claim)

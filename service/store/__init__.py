@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..config import Provider
-from .db import Database
+from .db import Database, Tx
 from .decisions import Decisions
 from .eventlog import EventLog
 from .jobrows import SpecCache
@@ -38,7 +38,7 @@ from .outcomes import Outcomes
 from .providers import ProviderGate
 from .queue import LaneQueue
 from .reductions import Reductions
-from .values import Claim, Claimed, Outcome, Recorded, ReductionClaim
+from .values import Claim, Claimed, Outcome, Recorded, ReductionClaim, Starter
 
 
 class Store:
@@ -59,10 +59,10 @@ class Store:
         self.log = EventLog(db)
         self.outbox = WebhookOutbox(db, lease_seconds=lease_seconds)
         decisions = Decisions(self.log, self.outbox)
-        self.jobs = Jobs(db, self.log, specs, decisions, self.outbox)
         self.queue = LaneQueue(
             db, self.log, specs, gate, lease_seconds=lease_seconds, weights=weights
         )
+        self.jobs = Jobs(db, self.log, specs, decisions, self.outbox, self.queue)
         self.outcomes = Outcomes(db, specs, decisions, gate)
         self.reductions = Reductions(db, self.log, specs, decisions, lease_seconds=lease_seconds)
 
@@ -74,5 +74,7 @@ __all__ = [
     "Outcome",
     "Recorded",
     "ReductionClaim",
+    "Starter",
     "Store",
+    "Tx",
 ]

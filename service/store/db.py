@@ -57,11 +57,13 @@ from .. import notify
 
 @dataclass
 class Tx:
-    """An open write transaction and the events it appended (published on commit)."""
+    """An open write transaction and the events it appended (published on commit);
+    ``ended``: what to call, with whether it committed, when it is over."""
 
     conn: Conn
     is_sqlite: bool
     events: list[dict[str, Any]] = field(default_factory=list)
+    ended: list[Callable[[bool], None]] = field(default_factory=list)
 
     def locking(self, query: Select[Any], *, skip_locked: bool = False) -> Select[Any]:
         """``query`` with ``FOR UPDATE`` (``SKIP LOCKED``) on PostgreSQL. SQLite has one
@@ -280,17 +282,29 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
-        if isinstance(self.writer, Engine):
-            async with _sqlite_connection(self.writer, self._writing, WRITE) as sqlite:
-                tx = Tx(sqlite, True)
-                yield tx
-                await sqlite.commit()
-        else:
-            async with self.writer.begin() as conn:
-                tx = Tx(conn, False)
-                yield tx
-                if tx.events:
-                    await _notify(conn, notify.notifications(self.origin, tx.events))
+        tx: Tx | None = None
+        committed = False
+        try:
+            if isinstance(self.writer, Engine):
+                async with _sqlite_connection(self.writer, self._writing, WRITE) as sqlite:
+                    tx = Tx(sqlite, True)
+                    yield tx
+                    await sqlite.commit()
+                    committed = True
+                    self._committed(tx)
+            else:
+                async with self.writer.begin() as conn:
+                    tx = Tx(conn, False)
+                    yield tx
+                    if tx.events:
+                        await _notify(conn, notify.notifications(self.origin, tx.events))
+                committed = True
+                self._committed(tx)
+        finally:
+            for hook in tx.ended if tx is not None else ():
+                hook(committed)
+
+    def _committed(self, tx: Tx) -> None:
         if tx.events:
             self.on_commit(tx.events)
 

@@ -27,10 +27,20 @@ class EventLog:
         last = (
             await tx.conn.execute(BUMP_SEQ, {"job_id": job_id, "count": len(items)})
         ).scalar_one()
+        await self._insert(tx, job_id, items, last - len(items) + 1, now)
+
+    async def append_new(self, tx: Tx, job_id: str, items: Sequence[Item], now: float) -> None:
+        """The first events of a job being created, numbered from 1 (its row is written
+        with ``last_seq`` = their number, in the same transaction)."""
+        await self._insert(tx, job_id, items, 1, now)
+
+    async def _insert(
+        self, tx: Tx, job_id: str, items: Sequence[Item], first: int, now: float
+    ) -> None:
         at = iso(now)
         rows = []
         for offset, (kind, fields) in enumerate(items):
-            seq = last - len(items) + 1 + offset
+            seq = first + offset
             data = {"job_id": job_id, "seq": seq, "at": at, **fields}
             rows.append({"job_id": job_id, "seq": seq, "type": kind, "data": data})
         await tx.conn.execute(INSERT_EVENTS, rows)

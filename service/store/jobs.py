@@ -6,6 +6,7 @@ import re
 import time
 import uuid
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -23,11 +24,12 @@ from ..states import (
     WebhookStatus,
 )
 from ..views import NO_USAGE, JobSummary, JobView, LaneView, WebhookView
-from .db import Conn, Database
+from .db import Conn, Database, Tx
 from .decisions import Decisions
-from .eventlog import EventLog
+from .eventlog import EventLog, Item
 from .jobrows import SpecCache, job_row, known_form, lock_jobs
 from .outbox import WebhookOutbox
+from .queue import LaneQueue
 from .rendering import job_summary, job_view, lane_view, progress_of
 from .statements import (
     IN_FLIGHT,
@@ -38,6 +40,7 @@ from .statements import (
     TENANT_JOB_STATUS,
 )
 from .tables import idempotency_keys, jobs, lanes
+from .values import Claim, Starter
 
 
 def new_job_id(now: float) -> str:
@@ -95,8 +98,10 @@ class Jobs:
         specs: SpecCache,
         decisions: Decisions,
         outbox: WebhookOutbox,
+        queue: LaneQueue,
     ) -> None:
         self.db = db
+        self.queue = queue
         self.log = log
         self.specs = specs
         self.decisions = decisions
@@ -111,8 +116,12 @@ class Jobs:
         max_in_flight: int | None = None,
         idempotency_ttl_s: float = 86_400.0,
         with_lanes: bool = True,
+        starter: Starter | None = None,
     ) -> tuple[JobView, bool]:
         """Store a job and its lanes; returns ``(the job as created, True)``.
+
+        ``starter``: a runner in this process, which starts what lanes it can as the job
+        is stored (:meth:`LaneQueue.start_new`); the view shows them running.
 
         ``idempotency`` is ``(key, request hash)``: a key seen before with the same
         hash returns that job as it is now (and False); with another hash it is an
@@ -124,7 +133,7 @@ class Jobs:
         """
         try:
             created = await self._create(
-                spec, tenant, idempotency, max_in_flight, idempotency_ttl_s, with_lanes
+                spec, tenant, idempotency, max_in_flight, idempotency_ttl_s, with_lanes, starter
             )
         except IntegrityError:
             if idempotency is None:
@@ -161,6 +170,7 @@ class Jobs:
         max_in_flight: int | None,
         idempotency_ttl_s: float,
         with_lanes: bool = True,
+        starter: Starter | None = None,
     ) -> JobView | str:
         """The new job's view (built from what was written, not read back), or the id
         of the job an Idempotency-Key already names."""
@@ -182,6 +192,7 @@ class Jobs:
             "deadline_at": deadline,
             "max_concurrency": spec.policy.max_concurrency,
             **NO_USAGE.model_dump(),
+            "started_at": None,
             "last_seq": 0,
             "reduce_attempts": 0,
         }
@@ -198,6 +209,10 @@ class Jobs:
                 "available_at": now + (i % votes) * VOTE_STAGGER_S,
                 "provider": providers[i],
                 "reserved_tokens": 0,
+                # (set when a lane starts with the job: LaneQueue.start_new)
+                "started_at": None,
+                "lease_owner": None,
+                "lease_expires_at": None,
             }
             for i, name in enumerate(names)
         ]
@@ -229,6 +244,17 @@ class Jobs:
                 in_flight = (await tx.conn.execute(IN_FLIGHT, {"tenant": tenant})).scalar_one()
                 if in_flight >= max_in_flight:
                     raise TenantAtCapacity(in_flight, max_in_flight)
+            items: list[Item] = [(EventType.JOB_QUEUED, {"lanes": names})]
+            self.specs.put(job_id, spec)
+            if starter is not None:
+                claims = await self._start(tx, starter, job, lane_rows, spec, now)
+                if claims:
+                    items.append((EventType.JOB_RUNNING, {}))
+                    items.extend(
+                        (EventType.LANE_STARTED, {"lane": c.idx, "name": c.name, "attempt": 1})
+                        for c in claims
+                    )
+            job["last_seq"] = len(items)
             await tx.conn.execute(INSERT_JOB, job)
             await tx.conn.execute(INSERT_LANES, lane_rows)
             if idempotency is not None:
@@ -241,8 +267,7 @@ class Jobs:
                         expires_at=now + idempotency_ttl_s,
                     )
                 )
-            await self.log.append(tx, job_id, [(EventType.JOB_QUEUED, {"lanes": names})], now)
-        self.specs.put(job_id, spec)
+            await self.log.append_new(tx, job_id, items, now)
         # The columns written as NULL (not started, no result...) read back as None.
         view = job_view(
             dict.fromkeys(jobs.c.keys()) | job,
@@ -254,6 +279,26 @@ class Jobs:
                 url=raw["webhook"]["url"], status=WebhookStatus.WAITING, attempts=[]
             )
         return view
+
+    async def _start(
+        self,
+        tx: Tx,
+        starter: Starter,
+        job: dict[str, Any],
+        lane_rows: list[dict[str, Any]],
+        spec: JobSpec,
+        now: float,
+    ) -> list[Claim]:
+        """The lanes ``starter`` starts with the job (its slots held until the
+        transaction is over, the claims handed to it if it commits)."""
+        reserved = starter.reserve()
+        claims: list[Claim] = []
+        tx.ended.append(lambda committed: starter.release(reserved, claims if committed else []))
+        if reserved > 0:
+            claims += await self.queue.start_new(
+                tx, job, lane_rows, spec, starter.owner, reserved, now
+            )
+        return claims
 
     async def get(
         self,

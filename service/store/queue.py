@@ -92,6 +92,49 @@ class LaneQueue:
             await self.gate.close(tx, admission)
         return Claimed(claims, held_back, admission.next_check)
 
+    async def start_new(
+        self,
+        tx: Tx,
+        job: dict[str, Any],
+        lane_rows: list[dict[str, Any]],
+        spec: JobSpec,
+        owner: str,
+        room: int,
+        now: float,
+    ) -> list[Claim]:
+        """The lanes of a job about to be stored that ``owner`` starts with it: as many
+        as ``room``, its cap and its providers admit, of those ready now, unless another
+        job's lanes wait to start (then a claim shares them out, as ever). Their rows
+        (and the job's) are made running here, before they are written; what stays
+        queued, the claim loop takes."""
+        if (await tx.conn.execute(READY_FIRST, {"now": now, "limit": 1})).first() is not None:
+            return []
+        room = min(room, job["max_concurrency"] or room)
+        ready = [row for row in lane_rows if row["available_at"] <= now][:room]
+        admission = await self.gate.open(tx, {row["provider"] for row in ready}, now)
+        claims: list[Claim] = []
+        expires = now + self.lease_seconds
+        for row in ready:
+            task = lane_task(spec, row["idx"])[1]
+            reserved = admission.admit(row["provider"], task)
+            if reserved is None:
+                continue  # it waits for its provider, queued
+            row.update(
+                status=LaneStatus.RUNNING,
+                attempts=1,
+                started_at=now,
+                lease_owner=owner,
+                lease_expires_at=expires,
+                reserved_tokens=reserved,
+            )
+            claims.append(
+                Claim(job["id"], row["idx"], row["name"], 1, spec, task, job["deadline_at"])
+            )
+        await self.gate.close(tx, admission)
+        if claims:
+            job.update(status=JobStatus.RUNNING, started_at=now)
+        return claims
+
     async def _lock(
         self, tx: Tx, candidates: dict[str, list[tuple[int, str]]]
     ) -> tuple[bool, dict[str, RowMapping]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..aggregate import LaneResult, Tree
 from ..spec import HttpTask, JobSpec, LlmTask
@@ -23,6 +23,22 @@ class Claim:
     task: LlmTask | HttpTask  # what the lane runs (lane_task of the spec, made once)
     deadline_at: float | None
     waited_s: float = 0.0  # from claimable to claimed
+
+
+class Starter(Protocol):
+    """A runner that starts a new job's lanes as the job is stored, in the transaction
+    that stores it (no claim of their own), as ``owner`` on their leases."""
+
+    owner: str
+
+    def reserve(self) -> int:
+        """Hold slots for the new job's lanes (how many; 0: none free)."""
+        ...
+
+    def release(self, reserved: int, claims: list[Claim]) -> None:
+        """The transaction is over: the slots go back and ``claims`` start (none when
+        it rolled back)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from service.states import ErrorType
 from service.store import Store
 from service.views import Usage
 from tests.runner.conftest import Call, Harness, Script, echo, hang, since
+from tests.store.conftest import parse
 from tests.support import section, sectioning, voting
 
 NUMBER = {"kind": "majority", "extract": "number"}
@@ -244,3 +245,27 @@ async def test_lanes_of_a_worker_that_died_run_again_elsewhere(harness: Harness)
     job = await harness.store.jobs.get(job_id, None)
     assert job.status == "succeeded" and [lane.attempts for lane in job.lanes] == [2, 2]
     assert len(script.calls) == 2
+
+
+async def test_a_job_created_beside_the_runner_starts_as_it_is_stored(harness: Harness) -> None:
+    """The creating transaction starts what the runner has room for (no claim of
+    their own); not before the runner runs, which first takes every lease back."""
+    script = Script()
+    runner = harness.runner(script, poll_interval_s=30, max_concurrency=3)
+    every = {**NUMBER, "early_stop": False}
+    early, _ = await harness.store.jobs.create(
+        parse(voting(2, aggregate=every)), "acme", starter=runner.lanes
+    )
+    assert early.status == "queued"  # the runner has not started yet
+    runner.wake()  # as the route does when lanes are left queued
+    await harness.events(early.id)
+    async with asyncio.timeout(5):
+        while runner.lanes.holds_leases():  # its lanes' slots are free once recorded
+            await asyncio.sleep(0.01)
+    late, _ = await harness.store.jobs.create(
+        parse(voting(5, aggregate=every)), "acme", starter=runner.lanes
+    )
+    assert late.progress == {"running": 3, "queued": 2}  # its room: max_concurrency
+    runner.wake()
+    assert (await harness.events(late.id))[-1]["type"] == "job.succeeded"
+    assert len(script.calls) == 7  # each lane ran once

@@ -115,3 +115,17 @@ async def test_statements_run_on_the_loops_thread(db: Database) -> None:
         dbapi.create_function("where_am_i", 0, lambda: threads.append(threading.get_ident()) or 1)
         await conn.execute(text("SELECT where_am_i()"))
     assert threads == [threading.get_ident()]
+
+
+async def test_a_transaction_tells_its_hooks_whether_it_committed(db: Database) -> None:
+    seen: list[bool] = []
+    async with db.transaction() as tx:
+        tx.ended.append(seen.append)
+        await tx.conn.execute(text("INSERT INTO t VALUES (1)"))
+    with pytest.raises(RuntimeError):
+        async with db.transaction() as tx:
+            tx.ended.append(seen.append)
+            await tx.conn.execute(text("INSERT INTO t VALUES (2)"))
+            raise RuntimeError("rolled back")
+    assert seen == [True, False]
+    assert await stored(db) == [1]

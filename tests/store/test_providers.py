@@ -16,6 +16,7 @@ from service.store.db import Database
 from service.store.tables import providers
 from tests.store.conftest import OWNER, parse
 from tests.store.test_outcomes import answered
+from tests.store.test_queue import Starter
 from tests.support import voting
 
 NUMBER_ALL = {"kind": "majority", "extract": "number", "early_stop": False}
@@ -101,6 +102,11 @@ async def test_a_429_with_retry_after_pauses_its_provider_for_every_process(
     paused = await two.queue.claim("worker-2", 10)
     assert paused.claims == [] and paused.held_back
     assert paused.next_check is not None and paused.next_check >= now + 29
+    # Nor does a job created meanwhile start its lanes with it.
+    await one.jobs.cancel(job.id, None)
+    starter = Starter(room=10)
+    created, _ = await two.jobs.create(parse(voting(2)), "acme", starter=starter)
+    assert starter.released == [(10, [])] and created.status == "queued"
 
 
 async def test_a_small_job_of_another_tenant_gets_the_next_free_slots(store: Store) -> None:

@@ -1,14 +1,18 @@
 """The lanes table as the queue: claims under the job's cap, the batch and providers'
-capacity; leases renewed, lost and given back."""
+capacity; lanes started with their job; leases renewed, lost and given back."""
 
 from __future__ import annotations
 
 import time
 
+import pytest
+
+from service.errors import TenantAtCapacity
 from service.policy import Retrying
-from service.store import Store
+from service.store import Claim, Store
 from service.store.db import Database
 from tests.store.conftest import OWNER, parse
+from tests.store.test_outcomes import answered
 from tests.support import voting
 
 
@@ -71,3 +75,83 @@ async def test_next_wakeup_is_when_the_earliest_queued_lane_is_due(store: Store)
     await store.jobs.create(parse(voting(1)), "acme")
     due = await store.queue.next_wakeup()
     assert due is not None and before <= due <= time.time()
+
+
+# --- lanes started with their job (a runner in the creating process) ----------------
+
+
+class Starter:
+    """A runner's side of a job's creation: ``room`` slots, and the claims it was handed."""
+
+    owner = OWNER
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.released: list[tuple[int, list[Claim]]] = []
+
+    def reserve(self) -> int:
+        return self.room
+
+    def release(self, reserved: int, claims: list[Claim]) -> None:
+        self.released.append((reserved, claims))
+
+
+async def test_a_job_starts_its_lanes_in_the_transaction_that_stores_it(store: Store) -> None:
+    starter = Starter(room=10)
+    job, _ = await store.jobs.create(parse(voting(3)), "acme", starter=starter)
+    ((reserved, claims),) = starter.released
+    assert reserved == 10
+    assert [(c.job_id, c.idx, c.attempt_no) for c in claims] == [(job.id, i, 1) for i in range(3)]
+    assert job.status == "running" and job.progress == {"running": 3}
+    assert job == await store.jobs.get(job.id, None)  # the view is what was stored
+    events = await store.log.after(job.id, 0)
+    assert [(e["seq"], e["type"]) for e in events] == [
+        (1, "job.queued"),
+        (2, "job.running"),
+        (3, "lane.started"),
+        (4, "lane.started"),
+        (5, "lane.started"),
+    ]
+    assert (await store.queue.claim(OWNER, 10)).claims == []  # nothing left to claim
+    # Its lanes are leased like claimed ones: recorded, they end the job.
+    await store.outcomes.record(OWNER, [answered(claim) for claim in claims])
+    assert (await store.jobs.get(job.id, None)).status == "succeeded"
+
+
+async def test_a_job_starts_no_more_lanes_than_the_room(store: Store) -> None:
+    starter = Starter(room=3)
+    job, _ = await store.jobs.create(parse(voting(5)), "acme", starter=starter)
+    assert len(starter.released[0][1]) == 3 and job.progress == {"running": 3, "queued": 2}
+
+
+async def test_a_job_starts_no_more_lanes_than_its_cap(store: Store) -> None:
+    starter = Starter(room=10)
+    spec = voting(5, policy={"max_concurrency": 2})
+    job, _ = await store.jobs.create(parse(spec), "acme", starter=starter)
+    assert len(starter.released[0][1]) == 2 and job.progress == {"running": 2, "queued": 3}
+
+
+async def test_a_runner_without_room_starts_none(store: Store) -> None:
+    starter = Starter(room=0)
+    job, _ = await store.jobs.create(parse(voting(2)), "acme", starter=starter)
+    assert starter.released == [(0, [])] and job.status == "queued"
+
+
+async def test_lanes_waiting_elsewhere_go_first_a_new_job_starts_none(store: Store) -> None:
+    """Another job's lanes ready to start (held back by the process's room): the new
+    job's wait their turn in a claim, which shares the slots out."""
+    waiting, _ = await store.jobs.create(parse(voting(2)), "acme")
+    starter = Starter(room=10)
+    job, _ = await store.jobs.create(parse(voting(2)), "globex", starter=starter)
+    assert starter.released == [(10, [])] and job.status == "queued"
+    claimed = await store.queue.claim(OWNER, 10)
+    assert {c.job_id for c in claimed.claims} == {waiting.id, job.id}
+
+
+async def test_a_job_refused_holds_no_room(store: Store) -> None:
+    await store.jobs.create(parse(voting(1)), "acme")
+    starter = Starter(room=10)
+    with pytest.raises(TenantAtCapacity):
+        await store.jobs.create(parse(voting(2)), "acme", max_in_flight=1, starter=starter)
+    assert starter.released == []
+    assert len((await store.jobs.page("acme", status=None, cursor=None, limit=10))[0]) == 1
