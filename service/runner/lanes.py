@@ -7,9 +7,10 @@
         └──────────────────────────────────────────────────────────────────┘ per batch
 
 Outcomes are written in batches (group commit): whatever finished while the last
-transaction was open goes into the next one. Decisions (early stop, fail fast,
-deadline...) are made by the store inside those transactions; when one ends lanes
-this process is running, the committed ``lane.*`` events reach :meth:`_on_events`,
+transaction was open goes into the next one, and the recorder waits a moment (at
+most 5 ms) for lanes of the same jobs that are still answering. Decisions (early
+stop, fail fast, deadline...) are made by the store inside those transactions; when
+one ends lanes this process is running, the committed ``lane.*`` events reach :meth:`_on_events`,
 which cancels those tasks, closing their upstream requests.
 """
 
@@ -31,6 +32,10 @@ from .deltas import DeltaCoalescer
 from .lifecycle import Writes, guarded, sleep_until_woken
 
 log = logging.getLogger("fanout.runner")
+
+# How long the recorder waits for more outcomes of the jobs it is about to record.
+LINGER_GAP_S = 0.001
+LINGER_MAX_S = 0.005
 
 
 class LaneRunner:
@@ -73,6 +78,8 @@ class LaneRunner:
         self._outcome_ready = asyncio.Event()
         self._recording = 0  # outcomes in the transaction being written
         self._claiming = 0  # slots a claim being made may fill
+        # Per job, its lanes running here that have not reported yet (see _linger).
+        self._unreported: dict[str, int] = {}
         self._wake = asyncio.Event()
         # Whether the last claim left claimable lanes behind (or the process was full):
         # only then can a lane that ends (and frees a cap or a slot) let another start.
@@ -173,6 +180,7 @@ class LaneRunner:
 
     def _start(self, claim: Claim) -> None:
         key = (claim.job_id, claim.idx)
+        self._unreported[claim.job_id] = self._unreported.get(claim.job_id, 0) + 1
         task = asyncio.create_task(self._run_lane(claim), name=f"lane {claim.job_id}/{claim.idx}")
         self.running[key] = task
         task.add_done_callback(lambda _t: self._lane_done(key, task))
@@ -187,6 +195,16 @@ class LaneRunner:
 
     async def _run_lane(self, claim: Claim) -> None:
         """Run one attempt and report it."""
+        try:
+            await self._attempt(claim)
+        finally:
+            left = self._unreported[claim.job_id] - 1
+            if left:
+                self._unreported[claim.job_id] = left
+            else:
+                del self._unreported[claim.job_id]
+
+    async def _attempt(self, claim: Claim) -> None:
         task = claim.task
         timeout = claim.spec.policy.lane_timeout_s or self.default_lane_timeout_s
         if claim.deadline_at is not None:
@@ -242,6 +260,7 @@ class LaneRunner:
         while True:
             await self._outcome_ready.wait()
             self._outcome_ready.clear()
+            await self._linger()
             batch, self._outcomes = self._outcomes, []
             if not batch:
                 continue
@@ -264,6 +283,24 @@ class LaneRunner:
             # whose backoff the claim loop must time.
             if self._held_back or any(outcome.status is LaneStatus.QUEUED for outcome in batch):
                 self._wake.set()
+
+    async def _linger(self) -> None:
+        """Wait a moment for the rest of a batch: while other lanes of its jobs still
+        run here and their outcomes keep coming (each within ``LINGER_GAP_S`` of the
+        last, ``LINGER_MAX_S`` in all). A small job's lanes, which answer together,
+        are then recorded and decided in one transaction rather than one each."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + LINGER_MAX_S
+        while any(self._unreported.get(job_id) for job_id in {o.job_id for o in self._outcomes}):
+            wait = min(LINGER_GAP_S, until - loop.time())
+            if wait <= 0:
+                return
+            self._outcome_ready.clear()
+            try:
+                async with asyncio.timeout(wait):
+                    await self._outcome_ready.wait()
+            except TimeoutError:
+                return
 
     def _on_events(self, events: list[Event]) -> None:
         """Stop running attempts whose lane (or job) a decision just ended."""

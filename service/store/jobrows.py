@@ -11,7 +11,6 @@ from __future__ import annotations
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any
 
 from pydantic import TypeAdapter
 from sqlalchemy import select
@@ -20,7 +19,7 @@ from sqlalchemy.engine import RowMapping
 from ..errors import JobNotFound
 from ..spec import JobSpec
 from .db import Conn, Tx
-from .statements import LOCK_JOBS, LOCK_JOBS_FOR_UPDATE
+from .statements import JOB_SPEC, LOCK_JOBS, LOCK_JOBS_FOR_UPDATE
 from .tables import jobs
 
 _spec_adapter: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
@@ -34,9 +33,11 @@ class SpecCache:
         self.size = size
         self._specs: OrderedDict[str, JobSpec] = OrderedDict()
 
-    def of(self, job_id: str, raw: dict[str, Any]) -> JobSpec:
+    async def load(self, conn: Conn, job_id: str) -> JobSpec:
+        """The job's spec: from the cache, or read and parsed (and then cached)."""
         spec = self._specs.get(job_id)
         if spec is None:
+            raw = (await conn.execute(JOB_SPEC, {"job_id": job_id})).scalar_one()
             spec = _spec_adapter.validate_python(raw)
             self.put(job_id, spec)
         return spec

@@ -90,7 +90,7 @@ class Outcomes:
                 added = await self._count_late(tx, job_id, late)
                 if not valid and not (deciding and added):
                     continue
-                spec = self.specs.of(job_id, job["spec"])
+                spec = await self.specs.load(tx.conn, job_id)
                 items: list[Item] = []
                 if valid:
                     items, usage = await self._write(tx, job_id, spec, valid, now)
@@ -214,7 +214,7 @@ class Outcomes:
                 job = job_rows[job_id]
                 if job["status"] not in DECIDING_JOB:
                     continue
-                spec = self.specs.of(job_id, job["spec"])
+                spec = await self.specs.load(tx.conn, job_id)
                 lost = []
                 for idx, name, attempt_no in (
                     await tx.conn.execute(
@@ -261,7 +261,7 @@ class Outcomes:
                 job = (await lock_jobs(tx, [job_id])).get(job_id)
                 if job is None or job["status"] not in DECIDING_JOB:
                     continue
-                spec = self.specs.of(job_id, job["spec"])
+                spec = await self.specs.load(tx.conn, job_id)
                 if await self.decisions.decide(tx, job, spec, now, items=[], deadline_passed=True):
                     reduce_jobs.append(job_id)
         return reduce_jobs

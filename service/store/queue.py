@@ -20,6 +20,7 @@ from .jobrows import SpecCache, lock_jobs
 from .providers import ProviderGate
 from .statements import (
     CLAIM_LANES,
+    JOB_STATE,
     READY_FIRST,
     READY_LANES,
     RESERVE_TOKENS,
@@ -78,7 +79,7 @@ class LaneQueue:
             expires = now + self.lease_seconds
             for job_id, ready_lanes in candidates.items():
                 job = job_rows[job_id]
-                spec = self.specs.of(job_id, job["spec"])
+                spec = await self.specs.load(tx.conn, job_id)
                 admitted = []
                 for idx, provider in ready_lanes:
                     task = lane_task(spec, idx)[1]
@@ -142,7 +143,7 @@ class LaneQueue:
         those that run no lanes any more; True when some were left out."""
         locked = await tx.conn.execute(
             tx.locking(
-                select(jobs).where(jobs.c.id.in_(sorted(candidates))).order_by(jobs.c.id),
+                select(*JOB_STATE).where(jobs.c.id.in_(sorted(candidates))).order_by(jobs.c.id),
                 skip_locked=True,
             )
         )

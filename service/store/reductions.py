@@ -20,6 +20,7 @@ from .decisions import Decisions
 from .eventlog import EventLog, Item
 from .jobrows import SpecCache, lock_jobs
 from .outcomes import add_usage
+from .statements import JOB_STATE
 from .tables import jobs
 from .values import ReductionClaim
 
@@ -54,7 +55,12 @@ class Reductions:
         now = time.time()
         claims = []
         async with self.db.transaction() as tx:
-            query = select(jobs).where(_due(now)).order_by(jobs.c.reduce_available_at).limit(limit)
+            query = (
+                select(*JOB_STATE)
+                .where(_due(now))
+                .order_by(jobs.c.reduce_available_at)
+                .limit(limit)
+            )
             rows = (await tx.conn.execute(tx.locking(query, skip_locked=True))).mappings().all()
             for job in rows:
                 job_id = job["id"]
@@ -68,7 +74,7 @@ class Reductions:
                         reduce_attempts=attempt_no,
                     )
                 )
-                spec = self.specs.of(job_id, job["spec"])
+                spec = await self.specs.load(tx.conn, job_id)
                 kept = job["result"] or {}  # what the reducer keeps while it aggregates
                 started = {"kind": spec.aggregate.kind, "attempt": attempt_no}
                 await self.log.append(tx, job_id, [(EventType.AGGREGATE_STARTED, started)], now)

@@ -165,7 +165,13 @@ LATE_USAGE = (
 
 # --- deciding and recording (every recorded batch runs these) -------------------------
 
-LOCK_JOBS = select(jobs).where(jobs.c.id.in_(bindparam("ids", expanding=True))).order_by(jobs.c.id)
+# A job's row as deciding reads it: everything but its spec (a big map's is megabytes;
+# parsed specs are cached, SpecCache.load).
+JOB_STATE = [column for column in jobs.c if column.name != "spec"]
+LOCK_JOBS = (
+    select(*JOB_STATE).where(jobs.c.id.in_(bindparam("ids", expanding=True))).order_by(jobs.c.id)
+)
+JOB_SPEC = select(jobs.c.spec).where(jobs.c.id == bindparam("job_id"))
 LOCK_JOBS_FOR_UPDATE = LOCK_JOBS.with_for_update()
 LANES_RECORDED = select(
     lanes.c.idx,

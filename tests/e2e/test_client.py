@@ -121,7 +121,7 @@ async def test_create_then_wait_returns_the_finished_job(served: Served) -> None
 
     job, done = await in_thread(run)
 
-    assert job["status"] == "queued" and len(job["lanes"]) == 3
+    assert job["status"] in ("queued", "running") and len(job["lanes"]) == 3
     assert job["stream_token"]  # a server with keys gives one
     assert done["id"] == job["id"]
     assert done["status"] == "succeeded"
@@ -222,7 +222,7 @@ async def test_a_draining_server_is_asked_again_after_retry_after(served: Served
     assert [status for _, status in posts] == [503, 202]
     assert len({request.headers["Idempotency-Key"] for request, _ in posts}) == 1
     assert elapsed >= 1.0  # the Retry-After
-    assert job["status"] == "queued"
+    assert job["status"] in ("queued", "running")
 
 
 async def test_a_tenant_at_capacity_is_retried_after_retry_after(keyed: Settings) -> None:

@@ -191,7 +191,7 @@ def test_without_watch_it_prints_the_job_id_and_page_from_fanout_url(
 
     assert done.returncode == 0, done.stderr
     first, page = done.stdout.splitlines()
-    job_id = re.fullmatch(r"job (\S+) queued", first)
+    job_id = re.fullmatch(r"job (\S+) (queued|running)", first)
     assert job_id is not None, done.stdout
     assert page == f"{server}/jobs/{job_id[1]}"
     assert httpx.get(f"{server}/v1/jobs/{job_id[1]}").status_code == 200
