@@ -269,3 +269,28 @@ async def test_a_job_created_beside_the_runner_starts_as_it_is_stored(harness: H
     runner.wake()
     assert (await harness.events(late.id))[-1]["type"] == "job.succeeded"
     assert len(script.calls) == 7  # each lane ran once
+
+
+async def test_lanes_that_answer_together_are_recorded_in_one_transaction(
+    harness: Harness,
+) -> None:
+    """Five lanes answering 0.2 ms apart: the recorder waits for the rest of the job's
+    lanes (each outcome within 1 ms of the last) and writes them, and the decision, at
+    once; a lane still running after that does not hold the others back."""
+
+    async def staggered(call: Call) -> Attempt:
+        lane = int(call.text.rsplit(" ", 1)[-1])
+        if lane == 5:
+            await asyncio.sleep(1)  # far past the wait
+        else:
+            await asyncio.sleep(0.0002 * lane)
+        return seven()
+
+    harness.runner(Script(staggered))
+    spec = sectioning(*(section(f"s{i}", text=f"lane {i}") for i in range(6)))
+    events = await harness.events(await harness.create(spec))
+    ended = [event for event in events if event["type"] == "lane.succeeded"]
+    assert [event["data"]["lane"] for event in ended][-1] == 5
+    first_five = {event["data"]["at"] for event in ended[:5]}
+    assert len(first_five) == 1, first_five  # one transaction
+    assert ended[5]["data"]["at"] not in first_five
