@@ -457,6 +457,9 @@ class Bench:
             for rep in range(-self.small_warmup, self.args.reps):
                 single = await self.measure_job(service, lanes, latency_ms)
                 await self.settle()
+                # The floor: the same calls at once on bare aiohttp, side by side.
+                floor = await self.measure_limit(self.limits["raw"], jobs * lanes, latency_ms)
+                await self.settle()
                 await self.fake.reset(self.http)
                 cpu, fake_cpu = service.proc.cpu_s(), self.fake.proc.cpu_s()
                 started = time.perf_counter()
@@ -474,6 +477,7 @@ class Bench:
                 phase_medians = {key: median([p[key] for p in phases]) for key in phases[0]}
                 if rep >= 0:
                     scenario.add("single", single)
+                    scenario.add("floor", floor)
                     scenario.add(
                         "many",
                         Sample(
@@ -933,7 +937,7 @@ async def amain(args: argparse.Namespace) -> int:
     try:
         fake.proc.wait_http(f"{fake.root}/healthz")
         limits["limit"] = Limit(fake.url, logs)
-        if args.raw or {"map", "overhead"} & set(args.only):  # their floor
+        if args.raw or {"map", "overhead", "small"} & set(args.only):  # their floor
             limits["raw"] = Limit(fake.url, logs, client="raw")
         # Only the voting section runs the other call paths: without it, lean alone (or
         # the first path asked for, when lean is not).
