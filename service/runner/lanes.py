@@ -10,8 +10,8 @@ Outcomes are written in batches (group commit): whatever finished while the last
 transaction was open goes into the next one, and the recorder waits a moment (at
 most 5 ms) for lanes of the same jobs that are still answering. Decisions (early
 stop, fail fast, deadline...) are made by the store inside those transactions; when
-one ends lanes this process is running, the committed ``lane.*`` events reach :meth:`_on_events`,
-which cancels those tasks, closing their upstream requests.
+one ends lanes this process is running, the committed ``lane.*`` events reach
+:meth:`_on_events`, which cancels those tasks, closing their upstream requests.
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ from .lifecycle import Writes, guarded, sleep_until_woken
 
 log = logging.getLogger("fanout.runner")
 
-# How long the recorder waits for more outcomes of the jobs it is about to record.
+# How long the recorder waits for more outcomes of the jobs it is about to record, and
+# for jobs with how many lanes still running here.
 LINGER_GAP_S = 0.001
 LINGER_MAX_S = 0.005
+LINGER_LANES = 64
 
 
 class LaneRunner:
@@ -78,7 +80,8 @@ class LaneRunner:
         self._outcome_ready = asyncio.Event()
         self._recording = 0  # outcomes in the transaction being written
         self._claiming = 0  # slots a claim being made may fill
-        # Per job, its lanes running here that have not reported yet (see _linger).
+        # Lanes running here that have not reported yet, and their number per job.
+        self._unreported_lanes: set[tuple[str, int]] = set()
         self._unreported: dict[str, int] = {}
         self._wake = asyncio.Event()
         # Whether the last claim left claimable lanes behind (or the process was full):
@@ -181,11 +184,13 @@ class LaneRunner:
     def _start(self, claim: Claim) -> None:
         key = (claim.job_id, claim.idx)
         self._unreported[claim.job_id] = self._unreported.get(claim.job_id, 0) + 1
+        self._unreported_lanes.add(key)
         task = asyncio.create_task(self._run_lane(claim), name=f"lane {claim.job_id}/{claim.idx}")
         self.running[key] = task
         task.add_done_callback(lambda _t: self._lane_done(key, task))
 
     def _lane_done(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
+        self._reported(key)  # (a task cancelled before it ran never reported)
         if self.running.get(key) is task:
             del self.running[key]
         if self._held_back:
@@ -193,18 +198,19 @@ class LaneRunner:
 
     # --- running -------------------------------------------------------------------
 
+    def _reported(self, key: tuple[str, int]) -> None:
+        """The lane's attempt is over, reported or not: the recorder waits for it no
+        more (see :meth:`_linger`)."""
+        if key in self._unreported_lanes:
+            self._unreported_lanes.remove(key)
+            left = self._unreported[key[0]] - 1
+            if left:
+                self._unreported[key[0]] = left
+            else:
+                del self._unreported[key[0]]
+
     async def _run_lane(self, claim: Claim) -> None:
         """Run one attempt and report it."""
-        try:
-            await self._attempt(claim)
-        finally:
-            left = self._unreported[claim.job_id] - 1
-            if left:
-                self._unreported[claim.job_id] = left
-            else:
-                del self._unreported[claim.job_id]
-
-    async def _attempt(self, claim: Claim) -> None:
         task = claim.task
         timeout = claim.spec.policy.lane_timeout_s or self.default_lane_timeout_s
         if claim.deadline_at is not None:
@@ -252,6 +258,7 @@ class LaneRunner:
                 finished_at=time.time(),
             )
         )
+        self._reported((claim.job_id, claim.idx))
         self._outcome_ready.set()
 
     # --- recording -----------------------------------------------------------------
@@ -285,13 +292,17 @@ class LaneRunner:
                 self._wake.set()
 
     async def _linger(self) -> None:
-        """Wait a moment for the rest of a batch: while other lanes of its jobs still
-        run here and their outcomes keep coming (each within ``LINGER_GAP_S`` of the
-        last, ``LINGER_MAX_S`` in all). A small job's lanes, which answer together,
-        are then recorded and decided in one transaction rather than one each."""
+        """Wait a moment for the rest of a batch: while a few other lanes of its jobs
+        (``LINGER_LANES`` at most) still run here and their outcomes keep coming (each
+        within ``LINGER_GAP_S`` of the last, ``LINGER_MAX_S`` in all). A small job's
+        lanes, which answer together, are then recorded and decided in one transaction
+        rather than one each; a big job's stream of outcomes batches by itself."""
         loop = asyncio.get_running_loop()
         until = loop.time() + LINGER_MAX_S
-        while any(self._unreported.get(job_id) for job_id in {o.job_id for o in self._outcomes}):
+        while any(
+            0 < self._unreported.get(job_id, 0) <= LINGER_LANES
+            for job_id in {o.job_id for o in self._outcomes}
+        ):
             wait = min(LINGER_GAP_S, until - loop.time())
             if wait <= 0:
                 return

@@ -70,7 +70,10 @@ async def test_creating_and_cancelling_can_answer_without_the_lanes(
 
 
 async def test_a_25_lane_job_paged_by_10_gives_every_lane_once(client: httpx.AsyncClient) -> None:
-    job = await run_job(client, voting(25, "fake?answers=391"))
+    # Every lane runs (no early stop), so none changes after the final event: a stopped
+    # lane's late answer would still count its tokens on it.
+    every = {"kind": "majority", "extract": "number", "early_stop": False}
+    job = await run_job(client, voting(25, "fake?answers=391", aggregate=every))
     pages = await lanes_of(client, job["id"], "limit=10")
     assert [len(page) for page in pages] == [10, 10, 5]
     assert [lane for page in pages for lane in page] == job["lanes"]  # in order, each once
