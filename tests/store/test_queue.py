@@ -11,6 +11,7 @@ from service.errors import TenantAtCapacity
 from service.policy import Retrying
 from service.store import Claim, Store
 from service.store.db import Database
+from service.store.queue import START_WITH_JOB
 from tests.store.conftest import OWNER, parse
 from tests.store.test_outcomes import answered
 from tests.support import voting
@@ -129,6 +130,16 @@ async def test_a_job_starts_no_more_lanes_than_its_cap(store: Store) -> None:
     spec = voting(5, policy={"max_concurrency": 2})
     job, _ = await store.jobs.create(parse(spec), "acme", starter=starter)
     assert len(starter.released[0][1]) == 2 and job.progress == {"running": 2, "queued": 3}
+
+
+async def test_a_big_job_starts_none_with_it_the_claim_loop_takes_them(store: Store) -> None:
+    """Its 202 would wait for their start (a 10,000-item map's: a thousand lanes)."""
+    starter = Starter(room=1000)
+    job, _ = await store.jobs.create(parse(voting(START_WITH_JOB + 1)), "acme", starter=starter)
+    assert starter.released == [(1000, [])] and job.status == "queued"
+    small, _ = await store.jobs.create(parse(voting(START_WITH_JOB)), "acme", starter=starter)
+    assert small.status == "queued"  # the big one's lanes wait: a claim shares them out
+    assert len((await store.queue.claim(OWNER, 1000)).claims) == 2 * START_WITH_JOB + 1
 
 
 async def test_a_runner_without_room_starts_none(store: Store) -> None:
