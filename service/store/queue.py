@@ -17,7 +17,7 @@ from ..states import DECIDING_JOB, ErrorType, EventType, JobStatus, LaneStatus
 from .db import Database, Tx
 from .eventlog import EventLog, Item
 from .jobrows import SpecCache, lock_jobs
-from .providers import ProviderGate
+from .providers import Admission, ProviderGate
 from .statements import (
     CLAIM_LANES,
     JOB_STATE,
@@ -83,14 +83,8 @@ class LaneQueue:
             for job_id, ready_lanes in candidates.items():
                 job = job_rows[job_id]
                 spec = await self.specs.load(tx.conn, job_id)
-                admitted = []
-                for idx, provider in ready_lanes:
-                    task = lane_task(spec, idx)[1]
-                    reserved = admission.admit(provider, task)
-                    if reserved is None:
-                        held_back = True  # it waits for its provider, queued
-                    else:
-                        admitted.append((idx, reserved, task))
+                admitted = _admit(admission, spec, ready_lanes)
+                held_back = held_back or len(admitted) < len(ready_lanes)
                 if admitted:
                     claims += await self._take(tx, job, spec, admitted, owner, now, expires)
             await self.gate.close(tx, admission)
@@ -122,11 +116,10 @@ class LaneQueue:
         admission = await self.gate.open(tx, {row["provider"] for row in ready}, now)
         claims: list[Claim] = []
         expires = now + self.lease_seconds
-        for row in ready:
-            task = lane_task(spec, row["idx"])[1]
-            reserved = admission.admit(row["provider"], task)
-            if reserved is None:
-                continue  # it waits for its provider, queued
+        for idx, reserved, task in _admit(
+            admission, spec, [(row["idx"], row["provider"]) for row in ready]
+        ):
+            row = lane_rows[idx]
             row.update(
                 status=LaneStatus.RUNNING,
                 attempts=1,
@@ -135,9 +128,7 @@ class LaneQueue:
                 lease_expires_at=expires,
                 reserved_tokens=reserved,
             )
-            claims.append(
-                Claim(job["id"], row["idx"], row["name"], 1, spec, task, job["deadline_at"])
-            )
+            claims.append(Claim(job["id"], idx, row["name"], 1, spec, task, job["deadline_at"]))
         await self.gate.close(tx, admission)
         if claims:
             job.update(status=JobStatus.RUNNING, started_at=now)
@@ -356,3 +347,17 @@ class LaneQueue:
         async with self.db.read() as conn:
             due = (await conn.execute(query)).scalar_one_or_none()
         return None if due is None else float(due)
+
+
+def _admit(
+    admission: Admission, spec: JobSpec, ready: list[tuple[int, str]]
+) -> list[tuple[int, int, LlmTask | HttpTask]]:
+    """Of a job's lanes ready to start (index, provider), those their providers admit
+    now: (index, tokens reserved, task). The others wait for their provider, queued."""
+    admitted = []
+    for idx, provider in ready:
+        task = lane_task(spec, idx)[1]
+        reserved = admission.admit(provider, task)
+        if reserved is not None:
+            admitted.append((idx, reserved, task))
+    return admitted
