@@ -39,7 +39,6 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
-    CursorResult,
     Engine,
     Executable,
     Select,
@@ -53,6 +52,7 @@ from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .. import notify
+from .direct import Fetched, Plan, Plans, Rows, result_processors
 
 
 @dataclass
@@ -78,21 +78,21 @@ BUSY_TIMEOUT_MS = 30_000
 
 
 T = TypeVar("T")
-# A statement's result: rows of any shape (typed statements' shapes are not kept).
-Rows = CursorResult[*tuple[Any, ...]]
 
 
 class Conn(Protocol):
-    """What the store asks of a connection: SQLAlchemy's ``AsyncConnection`` on
-    PostgreSQL, :class:`SqliteConnection` on SQLite."""
+    """What the store asks of a connection: :class:`SqliteConnection` or
+    :class:`PostgresConnection` (statements marked direct run on the driver,
+    :mod:`service.store.direct`; the others through SQLAlchemy)."""
 
     async def execute(self, statement: Executable, parameters: Any = None) -> Rows: ...
 
     async def run_sync(self, fn: Callable[[Connection], T]) -> T: ...
 
 
-def _busy(exc: OperationalError) -> bool:
-    return getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+def _busy(exc: OperationalError | sqlite3.OperationalError) -> bool:
+    error = exc.orig if isinstance(exc, OperationalError) else exc
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
 
 
 # How SQLite transactions begin: a writer takes the write lock at once (so two never
@@ -119,14 +119,28 @@ class SqliteConnection:
     ``sqlite3`` must never be in two threads at once on one connection.
     """
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, plans: Plans) -> None:
         self.sync = conn
+        self.plans = plans
+        self.driver: sqlite3.Connection = conn.connection.dbapi_connection  # type: ignore[assignment]
         self._worker: ThreadPoolExecutor | None = None
         self._on_worker = 0  # calls handed to the worker and not finished yet
 
     async def execute(self, statement: Executable, parameters: Any = None) -> Rows:
+        plan = self.plans.get(statement, parameters)
+        if plan is not None:
+            fetched: Fetched = await self._call(self._direct, plan, parameters)
+            return fetched
         result: Rows = await self._call(self.sync.execute, statement, parameters)
         return result
+
+    def _direct(self, plan: Plan, parameters: Any) -> Fetched:
+        if isinstance(parameters, list):
+            cursor = self.driver.executemany(plan.sql, [plan.bind(p) for p in parameters])
+        else:
+            cursor = self.driver.execute(plan.sql, plan.bind(parameters or {}))
+        rows = plan.rows(cursor.fetchall()) if plan.columns else []
+        return Fetched(plan.columns, rows, cursor.rowcount)
 
     async def run_sync(self, fn: Callable[[Connection], T]) -> T:
         """``fn(connection)`` on the synchronous connection (as AsyncConnection's)."""
@@ -134,12 +148,23 @@ class SqliteConnection:
         return result
 
     async def commit(self) -> None:
-        await self._call(self.sync.commit)
+        await self._call(self.driver.commit)
 
     async def close(self) -> None:
-        """Roll back what is open and give the connection back to its pool."""
+        """Roll back what is open and give the connection back to its pool (after the
+        worker's calls, if it has any)."""
+        if not self._on_worker:
+            self.close_now()
+            return
         try:
             await self._call(self.sync.close)
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown(wait=False)
+
+    def close_now(self) -> None:
+        try:
+            self.sync.close()
         finally:
             if self._worker is not None:
                 self._worker.shutdown(wait=False)
@@ -147,7 +172,7 @@ class SqliteConnection:
     async def begin(self, sql: str) -> None:
         """Open the transaction (``BEGIN ...``; SQLAlchemy's own begin is a no-op on
         this driver, so every statement after this one is inside it)."""
-        await self._call(self.sync.exec_driver_sql, sql)
+        await self._call(self.driver.execute, sql)
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._on_worker:
@@ -155,7 +180,7 @@ class SqliteConnection:
         else:
             try:
                 return fn(*args)
-            except OperationalError as exc:
+            except (OperationalError, sqlite3.OperationalError) as exc:
                 if not _busy(exc):
                     raise
             call = partial(self._waiting, partial(fn, *args))
@@ -170,14 +195,62 @@ class SqliteConnection:
     def _worker_done(self) -> None:
         self._on_worker -= 1
 
+    @property
+    def on_worker(self) -> bool:
+        """Whether a call is on the lock-waiting worker (until it is, calls queue there)."""
+        return self._on_worker > 0
+
     def _waiting(self, call: Callable[[], Any]) -> Any:
-        dbapi = self.sync.connection.dbapi_connection
-        assert dbapi is not None
-        dbapi.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        self.driver.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         try:
             return call()
         finally:
-            dbapi.execute("PRAGMA busy_timeout=0")
+            self.driver.execute("PRAGMA busy_timeout=0")
+
+
+class PostgresConnection:
+    """SQLAlchemy's ``AsyncConnection``, with statements marked direct run on its
+    ``asyncpg`` connection (in the same transaction)."""
+
+    def __init__(self, conn: AsyncConnection, plans: Plans) -> None:
+        self.conn = conn
+        self.plans = plans
+        self._adapted: Any = None  # SQLAlchemy's adapter of the asyncpg connection
+
+    async def execute(self, statement: Executable, parameters: Any = None) -> Rows:
+        plan = self.plans.get(statement, parameters)
+        if plan is None:
+            return await self.conn.execute(statement, parameters)
+        driver = await self._driver()
+        if isinstance(parameters, list):
+            await driver.executemany(plan.sql, [plan.bind(p) for p in parameters])
+            return Fetched(plan.columns, [], -1)
+        args = plan.bind(parameters or {})
+        if not plan.columns:
+            status = await driver.execute(plan.sql, *args)
+            count = status.rsplit(" ", 1)[-1]
+            return Fetched(plan.columns, [], int(count) if count.isdigit() else -1)
+        if plan.results is None:
+            prepared = await driver.prepare(plan.sql)
+            oids = [attribute.type.oid for attribute in prepared.get_attributes()]
+            plan.results = result_processors(plan, self.conn.dialect, oids)
+        rows = await driver.fetch(plan.sql, *args)
+        return Fetched(plan.columns, plan.rows(rows), len(rows))
+
+    async def run_sync(self, fn: Callable[[Connection], T]) -> T:
+        return await self.conn.run_sync(fn)
+
+    async def _driver(self) -> Any:
+        """The asyncpg connection, in the transaction SQLAlchemy opened: its adapter
+        sends ``BEGIN`` only before its first statement, so it is sent here if none ran."""
+        adapted = self._adapted
+        if adapted is None:
+            adapted = self._adapted = (await self.conn.get_raw_connection()).dbapi_connection
+        if adapted._transaction is None:
+            async with adapted._execute_mutex:
+                if adapted._transaction is None:
+                    await adapted._start_transaction()
+        return adapted.driver_connection
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
@@ -276,6 +349,7 @@ class Database:
             self._reading = asyncio.Semaphore(pool_size)
         else:
             self.writer = self.reader = _postgres_engine(url, pool_size=pool_size)
+        self.plans = Plans(self.writer.dialect)
         # Names this process in its notifications, so that it can skip its own.
         self.origin = uuid4().hex[:12]
         self.on_commit: Callable[[list[dict[str, Any]]], None] = lambda _events: None
@@ -286,7 +360,9 @@ class Database:
         committed = False
         try:
             if isinstance(self.writer, Engine):
-                async with _sqlite_connection(self.writer, self._writing, WRITE) as sqlite:
+                async with _sqlite_connection(
+                    self.writer, self.plans, self._writing, WRITE
+                ) as sqlite:
                     tx = Tx(sqlite, True)
                     yield tx
                     await sqlite.commit()
@@ -294,7 +370,7 @@ class Database:
                     self._committed(tx)
             else:
                 async with self.writer.begin() as conn:
-                    tx = Tx(conn, False)
+                    tx = Tx(PostgresConnection(conn, self.plans), False)
                     yield tx
                     if tx.events:
                         await _notify(conn, notify.notifications(self.origin, tx.events))
@@ -317,11 +393,11 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Conn]:
         if isinstance(self.reader, Engine):
-            async with _sqlite_connection(self.reader, self._reading, READ) as sqlite:
+            async with _sqlite_connection(self.reader, self.plans, self._reading, READ) as sqlite:
                 yield sqlite
         else:
             async with self.reader.connect() as conn:
-                yield conn
+                yield PostgresConnection(conn, self.plans)
 
     def sync_engine(self, engine: Engine | AsyncEngine) -> Engine:
         """The synchronous engine behind ``writer`` or ``reader`` (for event listeners)."""
@@ -337,14 +413,14 @@ class Database:
 
 @asynccontextmanager
 async def _sqlite_connection(
-    engine: Engine, slots: asyncio.Lock | asyncio.Semaphore, begin: str
+    engine: Engine, plans: Plans, slots: asyncio.Lock | asyncio.Semaphore, begin: str
 ) -> AsyncIterator[SqliteConnection]:
     """A connection of ``engine``'s pool in a transaction opened with ``begin``, while
     holding one of ``slots`` (so that taking it never blocks); given back, rolled back
     if left open, before the slot is."""
     await slots.acquire()
     try:
-        sqlite = SqliteConnection(engine.connect())
+        sqlite = SqliteConnection(engine.connect(), plans)
     except BaseException:
         slots.release()
         raise
@@ -352,7 +428,13 @@ async def _sqlite_connection(
         await sqlite.begin(begin)
         yield sqlite
     finally:
-        await _finally(sqlite.close, slots.release)
+        if sqlite.on_worker:
+            await _finally(sqlite.close, slots.release)
+        else:  # at once: no task to wait for
+            try:
+                sqlite.close_now()
+            finally:
+                slots.release()
 
 
 async def _notify(conn: AsyncConnection, notes: list[tuple[str, str]]) -> None:

@@ -128,16 +128,16 @@ class Decisions:
         error, its webhook in the outbox, and its final event in ``items`` (appended by
         the caller). False when it had ended already."""
         params = {"j": job_id, "status": status, "result": result, "error": error, "now": now}
-        updated = (await tx.conn.execute(FINISH_JOB, params)).first()
+        updated = (await tx.conn.execute(FINISH_JOB, params)).mappings().first()
         if updated is None:
             return False
-        await self.outbox.queue(tx, job_id, updated.spec, now)
+        await self.outbox.queue(tx, job_id, updated["spec"], now)
         fields: dict[str, Any] = {}
         if status is JobStatus.SUCCEEDED:
             fields["result"] = result
         elif status is JobStatus.FAILED:
             fields["error"] = error
-        fields["usage"] = usage_of(updated._mapping).model_dump()
+        fields["usage"] = usage_of(updated).model_dump()
         items.append((FINAL_EVENT[status], fields))
         return True
 

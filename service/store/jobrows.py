@@ -72,7 +72,7 @@ async def job_row(conn: Conn, job_id: str, tenant: str | None) -> RowMapping:
     query = select(jobs).where(jobs.c.id == job_id)
     if tenant is not None:
         query = query.where(jobs.c.tenant == tenant)
-    row = (await conn.execute(query)).mappings().first()
+    row: RowMapping | None = (await conn.execute(query)).mappings().first()
     if row is None:
         raise JobNotFound(job_id)
     return row

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import Float, Integer, bindparam, case, func, insert, select, update
 
 from ..states import ENDED_WITHOUT_RESULT, OPEN_JOB, TERMINAL_JOB, JobStatus, LaneStatus
+from .direct import direct
 from .tables import events, jobs, lanes
 
 BUMP_SEQ = (
@@ -309,3 +310,41 @@ RUNNING_COUNTS = (
     )
     .group_by(lanes.c.job_id)
 )
+
+# Every statement above runs on the driver's connection (:mod:`.direct`).
+for _statement in (
+    BUMP_SEQ,
+    INSERT_EVENTS,
+    INSERT_JOB,
+    INSERT_LANES,
+    IN_FLIGHT,
+    RUNNABLE,
+    READY_LANES,
+    CLAIM_LANES,
+    RESERVE_TOKENS,
+    START_JOB,
+    JOB_STATUS,
+    TENANT_JOB_STATUS,
+    JOB_TASKS,
+    EVENTS_AFTER,
+    OUTCOME_UPDATE,
+    LATE_USAGE,
+    LOCK_JOBS,
+    JOB_SPEC,
+    LOCK_JOBS_FOR_UPDATE,
+    LANES_RECORDED,
+    ADD_JOB_USAGE,
+    TALLY_STATUSES,
+    TALLY_VOTES,
+    FIRST_FAILURE,
+    VOTE_SEQUENCE,
+    ITEM_STATUSES,
+    ITEM_VOTES,
+    ITEM_SEQUENCE,
+    LANE_RESULTS,
+    STOP_LANES,
+    FINISH_JOB,
+    READY_FIRST,
+    RUNNING_COUNTS,
+):
+    direct(_statement)

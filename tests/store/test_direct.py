@@ -1,0 +1,89 @@
+"""Statements run on the driver's connection (:mod:`service.store.direct`) store and read
+exactly what SQLAlchemy's ``execute`` of the same statement does."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import Executable, select
+
+from service.store import Store
+from service.store.db import Conn, Database, SqliteConnection
+from service.store.direct import Fetched
+from service.store.statements import (
+    EVENTS_AFTER,
+    INSERT_JOB,
+    JOB_STATUS,
+    LANES_RECORDED,
+    LOCK_JOBS,
+    TALLY_STATUSES,
+    TALLY_VOTES,
+)
+from service.store.tables import jobs
+from tests.store.conftest import OWNER, parse
+from tests.support import voting
+
+
+async def through_sqlalchemy(conn: Conn, statement: Executable, params: Any) -> Any:
+    """The same statement run by SQLAlchemy on the same connection and transaction."""
+    if isinstance(conn, SqliteConnection):
+        return conn.sync.execute(statement, params)
+    return await conn.conn.execute(statement, params)  # type: ignore[attr-defined]
+
+
+def a_job(job_id: str) -> dict[str, Any]:
+    """A job row as a caller writes it: the counters left to their column defaults."""
+    return {
+        "id": job_id,
+        "tenant": "acme",
+        "status": "queued",
+        "mode": "voting",
+        "spec": {"mode": "voting", "nested": {"list": [1, 2.5, None, "é"]}},
+        "created_at": time.time(),
+        "max_concurrency": 3,
+        "lanes_total": 3,
+    }
+
+
+async def test_a_row_written_directly_is_the_row_sqlalchemy_writes(db: Database) -> None:
+    async with db.transaction() as tx:
+        written = await tx.conn.execute(INSERT_JOB, a_job("direct"))
+        assert isinstance(written, Fetched)  # it did run on the driver
+        await through_sqlalchemy(tx.conn, INSERT_JOB, a_job("sqlalchemy"))
+    async with db.read() as conn:
+        rows = (await conn.execute(select(jobs).order_by(jobs.c.id))).mappings().all()
+    direct, sqlalchemy = ({**row, "id": None, "created_at": None} for row in rows)
+    assert direct == sqlalchemy
+    assert direct["spec"] == a_job("x")["spec"]  # JSON in and out
+    assert direct["total_tokens"] == 0 and direct["last_seq"] == 0  # the column defaults
+
+
+async def test_direct_reads_are_sqlalchemy_reads_with_lists_of_any_length(
+    db: Database, store: Store
+) -> None:
+    job, _ = await store.jobs.create(parse(voting(5)), "acme")
+    await store.queue.claim(OWNER, 2)
+    reads: list[tuple[Executable, dict[str, Any]]] = [
+        (LANES_RECORDED, {"j": job.id, "idxs": idxs}) for idxs in ([], [2], [0, 3, 4], [4, 0])
+    ]
+    reads += [
+        (TALLY_STATUSES, {"j": job.id}),
+        (TALLY_VOTES, {"j": job.id, "gates": []}),
+        (TALLY_VOTES, {"j": job.id, "gates": [1, 2]}),
+        (LOCK_JOBS, {"ids": [job.id, "no-such-job"]}),
+        (JOB_STATUS, {"job_id": job.id}),
+        (EVENTS_AFTER, {"job_id": job.id, "after": 1, "limit": 3}),
+    ]
+    async with db.read() as conn:
+        for statement, params in reads:
+            direct = await conn.execute(statement, params)
+            assert isinstance(direct, Fetched)
+            expected = (await through_sqlalchemy(conn, statement, params)).mappings().all()
+            assert direct.mappings().all() == [dict(row) for row in expected], params
+    async with db.read() as conn:
+        lanes = (await conn.execute(LANES_RECORDED, {"j": job.id, "idxs": [1, 0]})).all()
+        status = (await conn.execute(JOB_STATUS, {"job_id": job.id})).scalar_one()
+    # Rows answer to their columns' names, as SQLAlchemy's do.
+    assert sorted((lane.idx, lane.status) for lane in lanes) == [(0, "running"), (1, "running")]
+    assert status == "running"
