@@ -45,7 +45,6 @@ from sqlalchemy import (
     create_engine,
     event,
     make_url,
-    text,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DisconnectionError, OperationalError
@@ -210,18 +209,21 @@ class SqliteConnection:
 
 class PostgresConnection:
     """SQLAlchemy's ``AsyncConnection``, with statements marked direct run on its
-    ``asyncpg`` connection (in the same transaction)."""
+    ``asyncpg`` connection: in the same transaction when ``writes``; a read runs each
+    statement on its own (under READ COMMITTED each sees its own snapshot either way),
+    without the round trips of a ``BEGIN`` and a ``ROLLBACK``."""
 
-    def __init__(self, conn: AsyncConnection, plans: Plans) -> None:
+    def __init__(self, conn: AsyncConnection, plans: Plans, *, writes: bool) -> None:
         self.conn = conn
         self.plans = plans
+        self.writes = writes
         self._adapted: Any = None  # SQLAlchemy's adapter of the asyncpg connection
 
     async def execute(self, statement: Executable, parameters: Any = None) -> Rows:
         plan = self.plans.get(statement, parameters)
         if plan is None:
             return await self.conn.execute(statement, parameters)
-        driver = await self._driver()
+        driver = await self.driver()
         if isinstance(parameters, list):
             await driver.executemany(plan.sql, [plan.bind(p) for p in parameters])
             return Fetched(plan.columns, [], -1)
@@ -240,13 +242,13 @@ class PostgresConnection:
     async def run_sync(self, fn: Callable[[Connection], T]) -> T:
         return await self.conn.run_sync(fn)
 
-    async def _driver(self) -> Any:
+    async def driver(self) -> Any:
         """The asyncpg connection, in the transaction SQLAlchemy opened: its adapter
         sends ``BEGIN`` only before its first statement, so it is sent here if none ran."""
         adapted = self._adapted
         if adapted is None:
             adapted = self._adapted = (await self.conn.get_raw_connection()).dbapi_connection
-        if adapted._transaction is None:
+        if self.writes and adapted._transaction is None:
             async with adapted._execute_mutex:
                 if adapted._transaction is None:
                     await adapted._start_transaction()
@@ -370,10 +372,11 @@ class Database:
                     self._committed(tx)
             else:
                 async with self.writer.begin() as conn:
-                    tx = Tx(PostgresConnection(conn, self.plans), False)
+                    postgres = PostgresConnection(conn, self.plans, writes=True)
+                    tx = Tx(postgres, False)
                     yield tx
                     if tx.events:
-                        await _notify(conn, notify.notifications(self.origin, tx.events))
+                        await _notify(postgres, notify.notifications(self.origin, tx.events))
                 committed = True
                 self._committed(tx)
         finally:
@@ -388,7 +391,7 @@ class Database:
         """Send notifications now, outside any write (PostgreSQL only)."""
         if notes and isinstance(self.writer, AsyncEngine):
             async with self.writer.begin() as conn:
-                await _notify(conn, notes)
+                await _notify(PostgresConnection(conn, self.plans, writes=True), notes)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Conn]:
@@ -397,7 +400,7 @@ class Database:
                 yield sqlite
         else:
             async with self.reader.connect() as conn:
-                yield PostgresConnection(conn, self.plans)
+                yield PostgresConnection(conn, self.plans, writes=False)
 
     def sync_engine(self, engine: Engine | AsyncEngine) -> Engine:
         """The synchronous engine behind ``writer`` or ``reader`` (for event listeners)."""
@@ -437,14 +440,11 @@ async def _sqlite_connection(
                 slots.release()
 
 
-async def _notify(conn: AsyncConnection, notes: list[tuple[str, str]]) -> None:
+async def _notify(conn: PostgresConnection, notes: list[tuple[str, str]]) -> None:
     """Queue the notifications in one round trip; PostgreSQL sends them on commit."""
-    calls = ", ".join(f"pg_notify(:c{i}, :p{i})" for i in range(len(notes)))
-    params: dict[str, str] = {}
-    for i, (channel, payload) in enumerate(notes):
-        params[f"c{i}"] = channel
-        params[f"p{i}"] = payload
-    await conn.execute(text(f"SELECT {calls}"), params)
+    calls = ", ".join(f"pg_notify(${2 * i + 1}, ${2 * i + 2})" for i in range(len(notes)))
+    driver = await conn.driver()
+    await driver.execute(f"SELECT {calls}", *(part for note in notes for part in note))
 
 
 # --- migrations ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from sqlalchemy import text
 
 from service import events as ev
 from service.config import Settings
@@ -345,11 +346,11 @@ async def test_an_idle_connection_is_pinged_and_replaced_if_it_is_gone(
     db = Database(pg_settings.database_url, pool_size=1)
     try:
         async with db.read() as conn:
-            first = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+            first = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar()
         async with admin(pg_settings.database_url) as other:
             assert await other.fetchval("SELECT pg_terminate_backend($1)", first)
         async with db.read() as conn:
-            second = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+            second = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar()
         assert second != first
     finally:
         await db.dispose()
