@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -28,9 +29,9 @@ from ..config import Provider
 from ..policy import tokens_to_reserve
 from ..rates import TokenBucket
 from ..spec import HttpTask, LlmTask
-from ..states import LaneStatus
 from .db import Tx
-from .tables import lanes, providers
+from .statements import PROVIDERS, PROVIDERS_FOR_UPDATE, PROVIDERS_PAUSED, PROVIDERS_RUNNING
+from .tables import providers
 
 # Reserved for a call that sets no max_tokens, when its provider sets no reserve_tokens.
 DEFAULT_RESERVE_TOKENS = 1000
@@ -111,19 +112,13 @@ class ProviderGate:
         limited = [name for name in wanted if name in self.limited]
         if limited:
             await self._make_rows(tx)
-            locked = tx.locking(select(providers).where(providers.c.name.in_(limited))).order_by(
-                providers.c.name
-            )
-            rows = (await tx.conn.execute(locked)).mappings().all()
+            locked = _locked(tx)
+            rows = (await tx.conn.execute(locked, {"names": limited})).mappings().all()
             if len(rows) < len(limited):
                 # Made by a transaction that rolled back: a missing row is no limit.
                 await self._insert(tx, limited)
-                rows = (await tx.conn.execute(locked)).mappings().all()
-            counted = await tx.conn.execute(
-                select(lanes.c.provider, func.count())
-                .where(lanes.c.provider.in_(limited), lanes.c.status == LaneStatus.RUNNING)
-                .group_by(lanes.c.provider)
-            )
+                rows = (await tx.conn.execute(locked, {"names": limited})).mappings().all()
+            counted = await tx.conn.execute(PROVIDERS_RUNNING, {"names": limited})
             in_flight = {str(name): int(count) for name, count in counted.all()}
             for row in rows:
                 limits = self.limited[row["name"]]
@@ -132,11 +127,7 @@ class ProviderGate:
                 state.requests = _bucket(limits.rpm, row["requests_level"], at)
                 state.tokens = _bucket(limits.tpm, row["tokens_level"], at)
                 admission.states[row["name"]] = state
-        pauses = await tx.conn.execute(
-            select(providers.c.name, providers.c.paused_until).where(
-                providers.c.name.in_(wanted), providers.c.paused_until > now
-            )
-        )
+        pauses = await tx.conn.execute(PROVIDERS_PAUSED, {"names": wanted, "now": now})
         admission.paused = {str(name): float(until) for name, until in pauses.all()}
         return admission
 
@@ -165,11 +156,7 @@ class ProviderGate:
             return
         await self._make_rows(tx, pauses)
         names = sorted({*settled, *pauses})
-        rows = await tx.conn.execute(
-            tx.locking(select(providers).where(providers.c.name.in_(names))).order_by(
-                providers.c.name
-            )
-        )
+        rows = await tx.conn.execute(_locked(tx), {"names": names})
         for row in rows.mappings().all():
             name = row["name"]
             values: dict[str, float | None] = {}
@@ -210,6 +197,11 @@ class ProviderGate:
             .values([{"name": name} for name in sorted(names)])
             .on_conflict_do_nothing(index_elements=["name"])
         )
+
+
+def _locked(tx: Tx) -> Any:
+    """The providers' rows, locked for the transaction (SQLite's writer holds them all)."""
+    return PROVIDERS if tx.is_sqlite else PROVIDERS_FOR_UPDATE
 
 
 def _bucket(per_minute: int | None, level: float | None, at: float) -> TokenBucket | None:

@@ -8,7 +8,7 @@ from sqlalchemy import Float, Integer, bindparam, case, func, insert, select, up
 
 from ..states import ENDED_WITHOUT_RESULT, OPEN_JOB, TERMINAL_JOB, JobStatus, LaneStatus
 from .direct import direct
-from .tables import events, jobs, lanes
+from .tables import events, jobs, lanes, providers
 
 BUMP_SEQ = (
     update(jobs)
@@ -310,6 +310,26 @@ RUNNING_COUNTS = (
     )
     .group_by(lanes.c.job_id)
 )
+# Providers as a claim or a settlement reads them: those with limits locked (PostgreSQL),
+# with their lanes running; and every pause still on.
+PROVIDERS = (
+    select(providers)
+    .where(providers.c.name.in_(bindparam("names", expanding=True)))
+    .order_by(providers.c.name)
+)
+PROVIDERS_FOR_UPDATE = PROVIDERS.with_for_update()
+PROVIDERS_RUNNING = (
+    select(lanes.c.provider, func.count())
+    .where(
+        lanes.c.provider.in_(bindparam("names", expanding=True)),
+        lanes.c.status == LaneStatus.RUNNING,
+    )
+    .group_by(lanes.c.provider)
+)
+PROVIDERS_PAUSED = select(providers.c.name, providers.c.paused_until).where(
+    providers.c.name.in_(bindparam("names", expanding=True)),
+    providers.c.paused_until > bindparam("now"),
+)
 
 # Every statement above runs on the driver's connection (:mod:`.direct`).
 for _statement in (
@@ -346,5 +366,9 @@ for _statement in (
     FINISH_JOB,
     READY_FIRST,
     RUNNING_COUNTS,
+    PROVIDERS,
+    PROVIDERS_FOR_UPDATE,
+    PROVIDERS_RUNNING,
+    PROVIDERS_PAUSED,
 ):
     direct(_statement)
