@@ -57,12 +57,21 @@ from .direct import Fetched, Plan, Plans, Rows, result_processors
 @dataclass
 class Tx:
     """An open write transaction and the events it appended (published on commit);
-    ``ended``: what to call, with whether it committed, when it is over."""
+    ``before_commit``: writes to make last (in order); ``ended``: what to call, with
+    whether it committed, when it is over.
+
+    ``seqs`` and ``unwritten`` are the event log's: the last event number of each job
+    this transaction locked or appended to, as the transaction has it (so numbering
+    events takes no statement), and the events not written yet (one insert for all)."""
 
     conn: Conn
     is_sqlite: bool
     events: list[dict[str, Any]] = field(default_factory=list)
+    before_commit: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     ended: list[Callable[[bool], None]] = field(default_factory=list)
+    seqs: dict[str, int] = field(default_factory=dict)
+    seqs_moved: set[str] = field(default_factory=set)  # (their rows still to update)
+    unwritten: list[dict[str, Any]] = field(default_factory=list)
 
     def locking(self, query: Select[Any], *, skip_locked: bool = False) -> Select[Any]:
         """``query`` with ``FOR UPDATE`` (``SKIP LOCKED``) on PostgreSQL. SQLite has one
@@ -367,6 +376,8 @@ class Database:
                 ) as sqlite:
                     tx = Tx(sqlite, True)
                     yield tx
+                    for write in tx.before_commit:
+                        await write()
                     await sqlite.commit()
                     committed = True
                     self._committed(tx)
@@ -375,6 +386,8 @@ class Database:
                     postgres = PostgresConnection(conn, self.plans, writes=True)
                     tx = Tx(postgres, False)
                     yield tx
+                    for write in tx.before_commit:
+                        await write()
                     if tx.events:
                         await _notify(postgres, notify.notifications(self.origin, tx.events))
                 committed = True

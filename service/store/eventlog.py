@@ -4,12 +4,13 @@ made the change they report (so a stream replays exactly what happened)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from ..states import EventType
 from .db import Database, Tx
 from .rendering import iso
-from .statements import BUMP_SEQ, EVENTS_AFTER, INSERT_EVENTS
+from .statements import BUMP_SEQ, EVENTS_AFTER, INSERT_EVENTS, SET_LAST_SEQ
 
 # (type, fields) of an event to append; the log adds job_id, seq and at.
 Item = tuple[EventType, dict[str, Any]]
@@ -21,30 +22,49 @@ class EventLog:
 
     async def append(self, tx: Tx, job_id: str, items: Sequence[Item], now: float) -> None:
         """Append events to a job's log with consecutive sequence numbers. They are
-        published (to this process's streams, and by NOTIFY to others) on commit."""
+        written at the end of the transaction, every job's in one insert, and published
+        (to this process's streams, and by NOTIFY to others) on commit.
+
+        A job the transaction locked (:func:`~service.store.jobrows.lock_jobs`) has its
+        last number in ``tx.seqs``: the events are numbered from it, and its row updated
+        once at the end. Any other job's row is updated now, which numbers them (and
+        locks it)."""
         if not items:
             return
-        last = (
-            await tx.conn.execute(BUMP_SEQ, {"job_id": job_id, "count": len(items)})
-        ).scalar_one()
-        await self._insert(tx, job_id, items, last - len(items) + 1, now)
+        last = tx.seqs.get(job_id)
+        if last is None:
+            bumped = {"job_id": job_id, "count": len(items)}
+            last = (await tx.conn.execute(BUMP_SEQ, bumped)).scalar_one() - len(items)
+        else:
+            tx.seqs_moved.add(job_id)
+        tx.seqs[job_id] = last + len(items)
+        self._insert(tx, job_id, items, last + 1, now)
 
     async def append_new(self, tx: Tx, job_id: str, items: Sequence[Item], now: float) -> None:
         """The first events of a job being created, numbered from 1 (its row is written
         with ``last_seq`` = their number, in the same transaction)."""
-        await self._insert(tx, job_id, items, 1, now)
+        tx.seqs[job_id] = len(items)
+        self._insert(tx, job_id, items, 1, now)
 
-    async def _insert(
-        self, tx: Tx, job_id: str, items: Sequence[Item], first: int, now: float
-    ) -> None:
+    def _insert(self, tx: Tx, job_id: str, items: Sequence[Item], first: int, now: float) -> None:
         at = iso(now)
         rows = []
         for offset, (kind, fields) in enumerate(items):
             seq = first + offset
             data = {"job_id": job_id, "seq": seq, "at": at, **fields}
             rows.append({"job_id": job_id, "seq": seq, "type": kind, "data": data})
-        await tx.conn.execute(INSERT_EVENTS, rows)
+        if not tx.unwritten:
+            tx.before_commit.append(partial(self._write, tx))
+        tx.unwritten.extend(rows)
         tx.events.extend(rows)
+
+    @staticmethod
+    async def _write(tx: Tx) -> None:
+        """The transaction's events, and its locked jobs' new last numbers."""
+        moved = [{"j": job_id, "seq": tx.seqs[job_id]} for job_id in sorted(tx.seqs_moved)]
+        if moved:
+            await tx.conn.execute(SET_LAST_SEQ, moved)
+        await tx.conn.execute(INSERT_EVENTS, tx.unwritten)
 
     async def after(self, job_id: str, after: int, limit: int = 1000) -> list[dict[str, Any]]:
         """Up to ``limit`` stored events of the job after seq ``after``, in order."""

@@ -19,6 +19,7 @@ from sqlalchemy.engine import RowMapping
 from ..errors import JobNotFound
 from ..spec import JobSpec
 from .db import Conn, Tx
+from .direct import Rows
 from .statements import JOB_SPEC, LOCK_JOBS, LOCK_JOBS_FOR_UPDATE
 from .tables import jobs
 
@@ -49,10 +50,20 @@ class SpecCache:
 
 
 async def lock_jobs(tx: Tx, job_ids: Iterable[str]) -> dict[str, RowMapping]:
-    """The job rows, locked for this transaction, in id order (the lock order)."""
+    """The job rows, locked for this transaction, in id order (the lock order); the
+    event log numbers their events from here on (``tx.seqs``)."""
     query = LOCK_JOBS if tx.is_sqlite else LOCK_JOBS_FOR_UPDATE
-    rows = (await tx.conn.execute(query, {"ids": sorted(set(job_ids))})).mappings().all()
-    return {row["id"]: row for row in rows}
+    return locked(tx, await tx.conn.execute(query, {"ids": sorted(set(job_ids))}))
+
+
+def locked(tx: Tx, rows: Rows) -> dict[str, RowMapping]:
+    """Rows of jobs a lock read (``JOB_STATE``), by id; their last event numbers noted
+    for the event log (unless the transaction moved them already)."""
+    found = {}
+    for row in rows.mappings().all():
+        found[row["id"]] = row
+        tx.seqs.setdefault(row["id"], row["last_seq"])
+    return found
 
 
 def known_form(job_id: str) -> None:

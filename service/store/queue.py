@@ -16,11 +16,12 @@ from ..spec import HttpTask, JobSpec, LlmTask, lane_task
 from ..states import DECIDING_JOB, ErrorType, EventType, JobStatus, LaneStatus
 from .db import Database, Tx
 from .eventlog import EventLog, Item
-from .jobrows import SpecCache, lock_jobs
+from .jobrows import SpecCache, lock_jobs, locked
 from .providers import Admission, ProviderGate
 from .statements import (
     CLAIM_LANES,
-    JOB_STATE,
+    LOCK_JOBS,
+    LOCK_JOBS_SKIP_LOCKED,
     READY_FIRST,
     READY_LANES,
     RESERVE_TOKENS,
@@ -139,15 +140,9 @@ class LaneQueue:
     ) -> tuple[bool, dict[str, RowMapping]]:
         """Lock the jobs to claim from (skipping those another process holds) and drop
         those that run no lanes any more; True when some were left out."""
-        locked = await tx.conn.execute(
-            tx.locking(
-                select(*JOB_STATE).where(jobs.c.id.in_(sorted(candidates))).order_by(jobs.c.id),
-                skip_locked=True,
-            )
-        )
-        job_rows = {
-            row["id"]: row for row in locked.mappings().all() if row["status"] in DECIDING_JOB
-        }
+        query = LOCK_JOBS if tx.is_sqlite else LOCK_JOBS_SKIP_LOCKED
+        rows = locked(tx, await tx.conn.execute(query, {"ids": sorted(candidates)}))
+        job_rows = {job_id: row for job_id, row in rows.items() if row["status"] in DECIDING_JOB}
         left_out = [job_id for job_id in candidates if job_id not in job_rows]
         for job_id in left_out:
             del candidates[job_id]

@@ -16,6 +16,7 @@ BUMP_SEQ = (
     .values(last_seq=jobs.c.last_seq + bindparam("count"))
     .returning(jobs.c.last_seq)
 )
+SET_LAST_SEQ = update(jobs).where(jobs.c.id == bindparam("j")).values(last_seq=bindparam("seq"))
 INSERT_EVENTS = insert(events)
 INSERT_JOB = insert(jobs)
 INSERT_LANES = insert(lanes)
@@ -174,6 +175,7 @@ LOCK_JOBS = (
 )
 JOB_SPEC = select(jobs.c.spec).where(jobs.c.id == bindparam("job_id"))
 LOCK_JOBS_FOR_UPDATE = LOCK_JOBS.with_for_update()
+LOCK_JOBS_SKIP_LOCKED = LOCK_JOBS.with_for_update(skip_locked=True)
 LANES_RECORDED = select(
     lanes.c.idx,
     lanes.c.status,
@@ -334,6 +336,7 @@ PROVIDERS_PAUSED = select(providers.c.name, providers.c.paused_until).where(
 # Every statement above runs on the driver's connection (:mod:`.direct`).
 for _statement in (
     BUMP_SEQ,
+    SET_LAST_SEQ,
     INSERT_EVENTS,
     INSERT_JOB,
     INSERT_LANES,
@@ -352,6 +355,7 @@ for _statement in (
     LOCK_JOBS,
     JOB_SPEC,
     LOCK_JOBS_FOR_UPDATE,
+    LOCK_JOBS_SKIP_LOCKED,
     LANES_RECORDED,
     ADD_JOB_USAGE,
     TALLY_STATUSES,
