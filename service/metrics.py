@@ -31,6 +31,7 @@ class Metrics:
     """One registry per app, so tests (and several apps in one process) stay apart."""
 
     def __init__(self) -> None:
+        self._children: dict[tuple[Any, ...], Any] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.jobs = Counter(
@@ -105,7 +106,7 @@ class Metrics:
     def observe_attempt(
         self, provider: str, model: str, seconds: float, outcome: str, usage: Usage
     ) -> None:
-        self.attempt_seconds.labels(provider, model, outcome).observe(seconds)
+        self._child(self.attempt_seconds, provider, model, outcome).observe(seconds)
         self.observe_usage(provider, model, usage)
 
     def observe_usage(self, provider: str, model: str, usage: Usage) -> None:
@@ -114,9 +115,18 @@ class Metrics:
         for kind in ("prompt", "completion", "reasoning", "cached"):
             count = getattr(usage, f"{kind}_tokens")
             if count:
-                self.tokens.labels(provider, model, kind).inc(count)
+                self._child(self.tokens, provider, model, kind).inc(count)
         if usage.cost_usd:
-            self.cost.labels(provider, model).inc(usage.cost_usd)
+            self._child(self.cost, provider, model).inc(usage.cost_usd)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once (every lane's attempt counts in a
+        few: prometheus_client checks and locks on each lookup)."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
