@@ -253,7 +253,10 @@ class PostgresConnection:
 
     async def driver(self) -> Any:
         """The asyncpg connection, in the transaction SQLAlchemy opened: its adapter
-        sends ``BEGIN`` only before its first statement, so it is sent here if none ran."""
+        sends ``BEGIN`` only before its first statement, so it is sent here if none ran.
+        (``_transaction``, ``_execute_mutex`` and ``_start_transaction`` are the
+        adapter's own, in the SQLAlchemy versions pyproject allows; a test that rolls
+        back a direct write shows they still do this.)"""
         adapted = self._adapted
         if adapted is None:
             adapted = self._adapted = (await self.conn.get_raw_connection()).dbapi_connection

@@ -87,3 +87,16 @@ async def test_direct_reads_are_sqlalchemy_reads_with_lists_of_any_length(
     # Rows answer to their columns' names, as SQLAlchemy's do.
     assert sorted((lane.idx, lane.status) for lane in lanes) == [(0, "running"), (1, "running")]
     assert status == "running"
+
+
+async def test_a_direct_write_is_in_its_transaction_and_rolls_back_with_it(db: Database) -> None:
+    """The first statement of a transaction may be a direct one: it still runs inside
+    the transaction (on PostgreSQL the driver's BEGIN is sent for it)."""
+    try:
+        async with db.transaction() as tx:
+            await tx.conn.execute(INSERT_JOB, a_job("rolled-back"))
+            raise RuntimeError("the transaction fails after the write")
+    except RuntimeError:
+        pass
+    async with db.read() as conn:
+        assert (await conn.execute(JOB_STATUS, {"job_id": "rolled-back"})).all() == []
