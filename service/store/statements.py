@@ -304,14 +304,18 @@ READY_FIRST = (
     .order_by(lanes.c.available_at, lanes.c.job_id, lanes.c.idx)
     .limit(bindparam("limit"))
 )
-RUNNING_COUNTS = (
-    select(lanes.c.job_id, func.count())
-    .where(
-        lanes.c.job_id.in_(bindparam("ids", expanding=True)),
-        lanes.c.status == LaneStatus.RUNNING,
+
+
+def _running_by(column: Any, values: str) -> Any:
+    """Lanes running, counted by ``column``, of the list bound as ``values``."""
+    return (
+        select(column, func.count())
+        .where(column.in_(bindparam(values, expanding=True)), lanes.c.status == LaneStatus.RUNNING)
+        .group_by(column)
     )
-    .group_by(lanes.c.job_id)
-)
+
+
+RUNNING_COUNTS = _running_by(lanes.c.job_id, "ids")
 # Providers as a claim or a settlement reads them: those with limits locked (PostgreSQL),
 # with their lanes running; and every pause still on.
 PROVIDERS = (
@@ -320,14 +324,7 @@ PROVIDERS = (
     .order_by(providers.c.name)
 )
 PROVIDERS_FOR_UPDATE = PROVIDERS.with_for_update()
-PROVIDERS_RUNNING = (
-    select(lanes.c.provider, func.count())
-    .where(
-        lanes.c.provider.in_(bindparam("names", expanding=True)),
-        lanes.c.status == LaneStatus.RUNNING,
-    )
-    .group_by(lanes.c.provider)
-)
+PROVIDERS_RUNNING = _running_by(lanes.c.provider, "names")
 PROVIDERS_PAUSED = select(providers.c.name, providers.c.paused_until).where(
     providers.c.name.in_(bindparam("names", expanding=True)),
     providers.c.paused_until > bindparam("now"),
