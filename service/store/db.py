@@ -159,11 +159,8 @@ class SqliteConnection:
         await self._call(self.driver.commit)
 
     async def close(self) -> None:
-        """Roll back what is open and give the connection back to its pool (after the
-        worker's calls, if it has any)."""
-        if not self._on_worker:
-            self.close_now()
-            return
+        """Roll back what is open and give the connection back to its pool, after the
+        worker's calls (:meth:`close_now` when there are none)."""
         try:
             await self._call(self.sync.close)
         finally:
@@ -171,6 +168,7 @@ class SqliteConnection:
                 self._worker.shutdown(wait=False)
 
     def close_now(self) -> None:
+        """:meth:`close` at once: only when no call is on the worker."""
         try:
             self.sync.close()
         finally:

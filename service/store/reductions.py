@@ -18,7 +18,7 @@ from ..views import Usage
 from .db import Database, Tx
 from .decisions import Decisions
 from .eventlog import EventLog, Item
-from .jobrows import SpecCache, lock_jobs
+from .jobrows import SpecCache, lock_jobs, locked
 from .outcomes import add_usage
 from .statements import JOB_STATE
 from .tables import jobs
@@ -61,9 +61,8 @@ class Reductions:
                 .order_by(jobs.c.reduce_available_at)
                 .limit(limit)
             )
-            rows = (await tx.conn.execute(tx.locking(query, skip_locked=True))).mappings().all()
-            for job in rows:
-                job_id = job["id"]
+            rows = locked(tx, await tx.conn.execute(tx.locking(query, skip_locked=True)))
+            for job_id, job in rows.items():
                 attempt_no = job["reduce_attempts"] + 1
                 await tx.conn.execute(
                     update(jobs)

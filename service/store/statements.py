@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Float, Integer, bindparam, case, func, insert, select, update
+from sqlalchemy import Executable, Float, Integer, bindparam, case, func, insert, select, update
 
 from ..states import ENDED_WITHOUT_RESULT, OPEN_JOB, TERMINAL_JOB, JobStatus, LaneStatus
 from .direct import direct
@@ -330,46 +330,9 @@ PROVIDERS_PAUSED = select(providers.c.name, providers.c.paused_until).where(
     providers.c.paused_until > bindparam("now"),
 )
 
-# Every statement above runs on the driver's connection (:mod:`.direct`).
-for _statement in (
-    BUMP_SEQ,
-    SET_LAST_SEQ,
-    INSERT_EVENTS,
-    INSERT_JOB,
-    INSERT_LANES,
-    IN_FLIGHT,
-    RUNNABLE,
-    READY_LANES,
-    CLAIM_LANES,
-    RESERVE_TOKENS,
-    START_JOB,
-    JOB_STATUS,
-    TENANT_JOB_STATUS,
-    JOB_TASKS,
-    EVENTS_AFTER,
-    OUTCOME_UPDATE,
-    LATE_USAGE,
-    LOCK_JOBS,
-    JOB_SPEC,
-    LOCK_JOBS_FOR_UPDATE,
-    LOCK_JOBS_SKIP_LOCKED,
-    LANES_RECORDED,
-    ADD_JOB_USAGE,
-    TALLY_STATUSES,
-    TALLY_VOTES,
-    FIRST_FAILURE,
-    VOTE_SEQUENCE,
-    ITEM_STATUSES,
-    ITEM_VOTES,
-    ITEM_SEQUENCE,
-    LANE_RESULTS,
-    STOP_LANES,
-    FINISH_JOB,
-    READY_FIRST,
-    RUNNING_COUNTS,
-    PROVIDERS,
-    PROVIDERS_FOR_UPDATE,
-    PROVIDERS_RUNNING,
-    PROVIDERS_PAUSED,
-):
-    direct(_statement)
+# Every statement built here runs on the driver's connection (:mod:`.direct`).
+for _name, _statement in list(globals().items()):
+    if isinstance(_statement, Executable) and not _name.startswith("_"):
+        direct(_statement)
+
+del _name, _statement
