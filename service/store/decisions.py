@@ -25,8 +25,10 @@ from ..states import (
     OPEN_LANE,
     EventType,
     JobStatus,
+    LaneStatus,
 )
 from .db import Conn, Tx
+from .direct import padded
 from .eventlog import EventLog, Item
 from .outbox import WebhookOutbox
 from .rendering import usage_of
@@ -38,7 +40,7 @@ from .statements import (
     ITEM_VOTES,
     LANE_RESULTS,
     STOP_LANES,
-    TALLY_STATUSES,
+    TALLY,
     TALLY_VOTES,
     VOTE_SEQUENCE,
 )
@@ -68,14 +70,50 @@ class Decisions:
         transaction already made for the job: they are appended first, with the
         decision's. True when the job now waits for its reducer."""
         job_id = job["id"]
-        touched = {fields["lane"] for _kind, fields in items if "lane" in fields}
-        decision = decide(
-            spec,
-            await self._tally(tx.conn, job_id, spec, touched),
-            deadline_passed=deadline_passed
-            or (job["deadline_at"] is not None and job["deadline_at"] <= now),
-            budget_spent=budget_spent(spec.policy, job["total_tokens"], job["cost_usd"]),
+        tally = (await self.tallies(tx.conn, {job_id: (spec, items)}))[job_id]
+        decision = _decision(job, spec, tally, now, deadline_passed)
+        return await self._carry_out(tx, job_id, spec, decision, items, now)
+
+    async def decide_all(
+        self,
+        tx: Tx,
+        wanted: Mapping[str, tuple[Mapping[Any, Any], JobSpec, list[Item]]],
+        now: float,
+    ) -> list[str]:
+        """:meth:`decide` each job (its row, spec and events), reading what every one
+        needs at once: their tallies, then the lanes of those that end without stopping
+        lanes first. The jobs that now wait for their reducer."""
+        tallies = await self.tallies(
+            tx.conn, {job_id: (spec, items) for job_id, (_job, spec, items) in wanted.items()}
         )
+        decisions = {
+            job_id: _decision(job, spec, tallies[job_id], now)
+            for job_id, (job, spec, _items) in wanted.items()
+        }
+        ending = [
+            job_id
+            for job_id, decision in decisions.items()
+            if decision.outcome not in (None, "fail") and not decision.stops
+        ]
+        results = await self.lane_results(tx.conn, ending) if ending else {}
+        reducing = []
+        for job_id, (_job, spec, items) in wanted.items():
+            decision = decisions[job_id]
+            if await self._carry_out(tx, job_id, spec, decision, items, now, results.get(job_id)):
+                reducing.append(job_id)
+        return reducing
+
+    async def _carry_out(
+        self,
+        tx: Tx,
+        job_id: str,
+        spec: JobSpec,
+        decision: Decision,
+        items: list[Item],
+        now: float,
+        results: list[LaneResult] | None = None,
+    ) -> bool:
+        """Do what ``decision`` says (``results``: the job's lanes, if read already)."""
         if decision.vote is not None:
             # Where the vote stands after this batch: the page and the CLI show it live.
             vote = decision.vote.view(spec)
@@ -87,7 +125,7 @@ class Decisions:
         needs_reducer = False
         if decision.outcome is not None:
             items.append((EventType.JOB_AGGREGATING, {}))
-            needs_reducer = await self._conclude(tx, job_id, spec, decision, items, now)
+            needs_reducer = await self._conclude(tx, job_id, spec, decision, items, now, results)
         await self.log.append(tx, job_id, items, now)
         return needs_reducer
 
@@ -141,21 +179,23 @@ class Decisions:
         items.append((FINAL_EVENT[status], fields))
         return True
 
-    async def lane_results(self, conn: Conn, job_id: str) -> list[LaneResult]:
-        """Every lane of the job, in lane order, as aggregation reads them."""
-        rows = (await conn.execute(LANE_RESULTS, {"j": job_id})).all()
-        return [
-            LaneResult(
-                idx,
-                name,
-                status,
-                output,
-                json.loads(key) if key is not None else None,
-                weight if weight is not None else 1.0,
-                {"type": kind, "message": message or ""} if kind is not None else None,
+    async def lane_results(self, conn: Conn, job_ids: list[str]) -> dict[str, list[LaneResult]]:
+        """Every lane of the jobs, in lane order, as aggregation reads them, by job."""
+        results: dict[str, list[LaneResult]] = {job_id: [] for job_id in job_ids}
+        rows = await conn.execute(LANE_RESULTS, {"jobs": padded(sorted(job_ids))})
+        for job_id, idx, name, status, output, key, weight, kind, message in rows:
+            results[job_id].append(
+                LaneResult(
+                    idx,
+                    name,
+                    status,
+                    output,
+                    json.loads(key) if key is not None else None,
+                    weight if weight is not None else 1.0,
+                    {"type": kind, "message": message or ""} if kind is not None else None,
+                )
             )
-            for idx, name, status, output, key, weight, kind, message in rows
-        ]
+        return results
 
     async def _conclude(
         self,
@@ -165,11 +205,13 @@ class Decisions:
         decision: Decision,
         items: list[Item],
         now: float,
+        results: list[LaneResult] | None = None,
     ) -> bool:
         if decision.outcome == "fail":
             await self.finish(tx, job_id, JobStatus.FAILED, items, now, error=decision.error)
             return False
-        results = await self.lane_results(tx.conn, job_id)
+        if results is None:
+            results = (await self.lane_results(tx.conn, [job_id]))[job_id]
         stop = decision.vote.view(spec) if decision.vote is not None else None
         conclusion = conclude(spec, results, partial=decision.partial, stop=stop)
         if conclusion.status is JobStatus.AGGREGATING:
@@ -202,22 +244,48 @@ class Decisions:
             )
         )
 
-    async def _tally(self, conn: Conn, job_id: str, spec: JobSpec, touched: set[int]) -> Tally:
-        """What the decision reads: the job's lanes by status, its votes, a blocking gate,
-        its first failure; for a per-item map, the votes of the items whose lanes
-        ``touched`` (the others' votes have not changed)."""
-        gated = gates(spec)
-        by_status = {
-            status: count
-            for status, count in (await conn.execute(TALLY_STATUSES, {"j": job_id})).all()
+    async def tallies(
+        self, conn: Conn, wanted: Mapping[str, tuple[JobSpec, list[Item]]]
+    ) -> dict[str, Tally]:
+        """What the decision of each job in ``wanted`` (its spec, and the events this
+        transaction made for it) reads: its lanes by status, its votes, a blocking gate,
+        its first failure; for a per-item map, the votes of the items whose lanes the
+        events touched (the others' votes have not changed). One statement counts every
+        job's lanes and votes; the rest is read only for the jobs that need it."""
+        statuses: dict[str, dict[str, int]] = {job_id: {} for job_id in wanted}
+        answers: dict[str, list[tuple[str, float, int, int]]] = {job_id: [] for job_id in wanted}
+        rows = await conn.execute(TALLY, {"jobs": padded(sorted(wanted))})
+        for job_id, status, key, weight, count, first in rows.all():
+            by_status = statuses[job_id]
+            by_status[status] = by_status.get(status, 0) + count
+            if status == LaneStatus.SUCCEEDED and key is not None:
+                answers[job_id].append((key, float(weight), count, first))
+        return {
+            job_id: await self._tally(conn, job_id, spec, items, statuses[job_id], answers[job_id])
+            for job_id, (spec, items) in wanted.items()
         }
+
+    async def _tally(
+        self,
+        conn: Conn,
+        job_id: str,
+        spec: JobSpec,
+        items: list[Item],
+        by_status: dict[str, int],
+        answers: list[tuple[str, float, int, int]],
+    ) -> Tally:
+        """The job's tally from its counts (``answers``: its succeeded lanes' answers,
+        by answer: key, weight, lanes, first lane)."""
+        gated = gates(spec)
         votes: list[tuple[str, float, int]] = []
         counted = 0
         sequence: list[str] = []
         if isinstance(spec.aggregate, MajorityAggregate):
-            rows = await conn.execute(TALLY_VOTES, {"j": job_id, "gates": list(gated)})
-            for key, weight, count, first in rows.all():
-                votes.append((key, float(weight), first))
+            if gated:  # a gate's verdict is no vote: counted again without the gates
+                rows = await conn.execute(TALLY_VOTES, {"j": job_id, "gates": list(gated)})
+                answers = [(key, float(weight), count, first) for key, weight, count, first in rows]
+            for key, weight, count, first in answers:
+                votes.append((key, weight, first))
                 counted += count
             if spec.aggregate.stop_rule.rule == "window":
                 keys = await conn.execute(VOTE_SEQUENCE, {"j": job_id, "gates": list(gated)})
@@ -249,17 +317,20 @@ class Decisions:
             first_failure,
             sequence,
             counted,
-            await self._item_tallies(conn, job_id, spec, touched),
+            await self._item_tallies(conn, job_id, spec, items),
         )
 
     async def _item_tallies(
-        self, conn: Conn, job_id: str, spec: JobSpec, touched: set[int]
+        self, conn: Conn, job_id: str, spec: JobSpec, items: list[Item]
     ) -> dict[int, Tally]:
-        """A per-item map's votes: the tally of each item a lane in ``touched`` is a vote
+        """A per-item map's votes: the tally of each item a lane of ``items`` is a vote
         of (what its stopping rule reads)."""
-        if not isinstance(spec, MapSpec) or spec.per_item is None or not touched:
+        if not isinstance(spec, MapSpec) or spec.per_item is None:
             return {}
         if not isinstance(spec.per_item.aggregate, MajorityAggregate):
+            return {}
+        touched = {fields["lane"] for _kind, fields in items if "lane" in fields}
+        if not touched:
             return {}
         n = spec.per_item.n
         wanted = {lane // n for lane in touched}
@@ -288,3 +359,16 @@ class Decisions:
             for item, by_status in statuses.items()
             if item in wanted
         }
+
+
+def _decision(
+    job: Mapping[Any, Any], spec: JobSpec, tally: Tally, now: float, deadline_passed: bool = False
+) -> Decision:
+    """The decision on the job (its locked row, with its current token total)."""
+    return decide(
+        spec,
+        tally,
+        deadline_passed=deadline_passed
+        or (job["deadline_at"] is not None and job["deadline_at"] <= now),
+        budget_spent=budget_spent(spec.policy, job["total_tokens"], job["cost_usd"]),
+    )

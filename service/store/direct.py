@@ -20,7 +20,8 @@ transaction are SQLAlchemy's own, so a direct statement stores and reads exactly
 ``execute`` would; statements that are not marked go through SQLAlchemy as before.
 
 A parameter bound to a list (``IN :idxs``, expanding) gets one plan per list length,
-as SQLAlchemy's own rendering of it does (and PostgreSQL's prepared statements with it).
+as SQLAlchemy's own rendering of it does (and PostgreSQL's prepared statements with it):
+:func:`padded` keeps those few.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
 S = TypeVar("S", bound=Executable)
+T = TypeVar("T")
 _DIRECT: dict[int, Executable] = {}
 
 
@@ -44,6 +46,15 @@ def direct(statement: S) -> S:
     holds the statement: its id never names another one."""
     _DIRECT[id(statement)] = statement
     return statement
+
+
+def padded(values: Sequence[T]) -> list[T]:
+    """``values`` (not empty) with the last one repeated up to the next power of two:
+    ``IN`` reads them the same, and a statement then has a dozen shapes for lists of up
+    to 4,096 values rather than one per length (a plan each here, and a prepared
+    statement each on PostgreSQL, parsed again once evicted)."""
+    size = 1 << (len(values) - 1).bit_length()
+    return [*values, *[values[-1]] * (size - len(values))]
 
 
 Process = Callable[[Any], Any] | None

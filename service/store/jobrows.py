@@ -19,7 +19,7 @@ from sqlalchemy.engine import RowMapping
 from ..errors import JobNotFound
 from ..spec import JobSpec
 from .db import Conn, Tx
-from .direct import Rows
+from .direct import Rows, padded
 from .statements import JOB_SPEC, LOCK_JOBS, LOCK_JOBS_FOR_UPDATE
 from .tables import jobs
 
@@ -53,7 +53,10 @@ async def lock_jobs(tx: Tx, job_ids: Iterable[str]) -> dict[str, RowMapping]:
     """The job rows, locked for this transaction, in id order (the lock order); the
     event log numbers their events from here on (``tx.seqs``)."""
     query = LOCK_JOBS if tx.is_sqlite else LOCK_JOBS_FOR_UPDATE
-    return locked(tx, await tx.conn.execute(query, {"ids": sorted(set(job_ids))}))
+    ids = sorted(set(job_ids))
+    if not ids:
+        return {}
+    return locked(tx, await tx.conn.execute(query, {"ids": padded(ids)}))
 
 
 def locked(tx: Tx, rows: Rows) -> dict[str, RowMapping]:

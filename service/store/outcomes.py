@@ -18,6 +18,7 @@ from ..states import DECIDING_JOB, LANE_ENDED, ErrorType, EventType, LaneStatus
 from ..views import NO_USAGE, Usage
 from .db import Database, Tx
 from .decisions import Decisions
+from .direct import padded
 from .eventlog import Item
 from .jobrows import SpecCache, lock_jobs
 from .providers import ProviderGate
@@ -53,29 +54,28 @@ class Outcomes:
         # Per provider: tokens reserved and not used (settled), and 429s' pauses.
         unused: dict[str, int] = {}
         pauses: dict[str, float] = {}
+        # Written for every job at once: the lanes' rows, the usage added to each job.
+        lane_rows: list[dict[str, Any]] = []
+        usage_rows: list[dict[str, Any]] = []
+        # The jobs to decide: their rows (with what this batch added), specs and events.
+        deciding: dict[str, tuple[dict[str, Any], JobSpec, list[Item]]] = {}
         async with self.db.transaction() as tx:
             job_rows = await lock_jobs(tx, by_job)
+            current = await self._lanes(tx, job_rows, outcomes)
             for job_id in sorted(by_job):
                 job = job_rows.get(job_id)
                 if job is None:
                     recorded.rejected += len(by_job[job_id])
                     continue
-                idxs = [o.idx for o in by_job[job_id]]
-                current = {
-                    row[0]: row[1:]
-                    for row in (
-                        await tx.conn.execute(LANES_RECORDED, {"j": job_id, "idxs": idxs})
-                    ).all()
-                }
-                deciding = job["status"] in DECIDING_JOB
+                open_job = job["status"] in DECIDING_JOB
                 valid, late = [], []
                 for outcome in by_job[job_id]:
-                    state = current.get(outcome.idx)
+                    state = current.get((job_id, outcome.idx))
                     if state is None:
                         recorded.rejected += 1
                         continue
                     running = (LaneStatus.RUNNING, outcome.attempt_no, owner)
-                    if deciding and tuple(state[:3]) == running:
+                    if open_job and tuple(state[:3]) == running:
                         valid.append((outcome, str(state[3])))
                     else:
                         recorded.rejected += 1
@@ -88,31 +88,49 @@ class Outcomes:
                         until = now + outcome.retry_after
                         pauses[provider] = max(pauses.get(provider, 0.0), until)
                 added = await self._count_late(tx, job_id, late)
-                if not valid and not (deciding and added):
-                    continue
-                spec = await self.specs.load(tx.conn, job_id)
-                items: list[Item] = []
-                if valid:
-                    items, usage = await self._write(tx, job_id, spec, valid, now)
-                    added = added + usage
-                # Tokens of late answers may have spent the budget: that is a decision too.
-                if await self.decisions.decide(tx, _with(job, added), spec, now, items=items):
-                    recorded.reduce_jobs.append(job_id)
+                if valid or (open_job and added):
+                    spec = await self.specs.load(tx.conn, job_id)
+                    items: list[Item] = []
+                    if valid:
+                        rows, items, usage = self._rows(job_id, spec, valid, now)
+                        lane_rows += rows
+                        added = added + usage
+                    # Tokens of late answers may have spent the budget: a decision too.
+                    deciding[job_id] = (_with(job, added), spec, items)
+                if added:
+                    usage_rows.append({"j": job_id, **usage_params(added)})
+            if lane_rows:
+                await tx.conn.execute(OUTCOME_UPDATE, lane_rows)
+            if usage_rows:
+                await tx.conn.execute(ADD_JOB_USAGE, usage_rows)
+            if deciding:
+                recorded.reduce_jobs += await self.decisions.decide_all(tx, deciding, now)
             await self.gate.settle(tx, unused, pauses, now)
         return recorded
 
+    async def _lanes(
+        self, tx: Tx, job_rows: Mapping[str, Any], outcomes: Sequence[Outcome]
+    ) -> dict[tuple[str, int], tuple[Any, ...]]:
+        """The outcomes' lanes (of the jobs found) as they are now, by (job, index):
+        status, attempts, lease owner, name, provider, reserved tokens."""
+        if not job_rows:
+            return {}
+        params = {
+            "jobs": padded(sorted(job_rows)),
+            "idxs": padded(sorted({outcome.idx for outcome in outcomes})),
+        }
+        return {(row[0], row[1]): row[2:] for row in await tx.conn.execute(LANES_RECORDED, params)}
+
     async def _count_late(self, tx: Tx, job_id: str, late: list[Outcome]) -> Usage:
-        """The tokens of answers that came after their lane was stopped, on the lane
-        and the job."""
+        """The tokens of answers that came after their lane was stopped, on the lanes;
+        what they add to the job (written by the caller)."""
         used = [outcome for outcome in late if outcome.usage]
         if not used:
             return NO_USAGE
         await tx.conn.execute(
             LATE_USAGE, [{"j": job_id, "i": o.idx, **usage_params(o.usage)} for o in used]
         )
-        added = Usage.sum(outcome.usage for outcome in used)
-        await add_usage(tx, job_id, added)
-        return added
+        return Usage.sum(outcome.usage for outcome in used)
 
     async def _write(
         self,
@@ -121,9 +139,23 @@ class Outcomes:
         spec: JobSpec,
         valid: list[tuple[Outcome, str]],
         now: float,
-    ) -> tuple[list[Item], Usage]:
-        """Write the outcomes; returns their events (appended with the decision's, in
-        one go) and the usage they add to the job's."""
+    ) -> list[Item]:
+        """Write one job's outcomes and the usage they add; their events."""
+        rows, items, usage = self._rows(job_id, spec, valid, now)
+        await tx.conn.execute(OUTCOME_UPDATE, rows)
+        if usage:
+            await add_usage(tx, job_id, usage)
+        return items
+
+    def _rows(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        valid: list[tuple[Outcome, str]],
+        now: float,
+    ) -> tuple[list[dict[str, Any]], list[Item], Usage]:
+        """The lanes' rows for the outcomes, their events (appended with the decision's,
+        in one go) and the usage they add to the job's."""
         rows = []
         items: list[Item] = []
         for outcome, name in valid:
@@ -189,11 +221,7 @@ class Outcomes:
                     )
                 )
             rows.append(row)
-        await tx.conn.execute(OUTCOME_UPDATE, rows)
-        added = Usage.sum(outcome.usage for outcome, _ in valid)
-        if added:
-            await add_usage(tx, job_id, added)
-        return items, added
+        return rows, items, Usage.sum(outcome.usage for outcome, _ in valid)
 
     async def expire_leases(self, retrying: Retrying) -> Recorded:
         """Lanes whose worker stopped renewing its lease (it crashed, hung or was killed).
@@ -243,7 +271,7 @@ class Outcomes:
                     lost.append((outcome, name))
                 if not lost:
                     continue
-                items, _usage = await self._write(tx, job_id, spec, lost, now)
+                items = await self._write(tx, job_id, spec, lost, now)
                 if await self.decisions.decide(tx, job, spec, now, items=items):
                     recorded.reduce_jobs.append(job_id)
         return recorded

@@ -15,11 +15,13 @@ from ..policy import Runnable, fair_share
 from ..spec import HttpTask, JobSpec, LlmTask, lane_task
 from ..states import DECIDING_JOB, ErrorType, EventType, JobStatus, LaneStatus
 from .db import Database, Tx
+from .direct import padded
 from .eventlog import EventLog, Item
 from .jobrows import SpecCache, lock_jobs, locked
 from .providers import Admission, ProviderGate
 from .statements import (
-    CLAIM_LANES,
+    CLAIM_LANE,
+    CLAIMABLE,
     LOCK_JOBS,
     LOCK_JOBS_SKIP_LOCKED,
     READY_FIRST,
@@ -79,15 +81,14 @@ class LaneQueue:
                 held_back, candidates, job_rows = await self._fair_share(tx, limit, now)
             called = {provider for lanes_ in candidates.values() for _idx, provider in lanes_}
             admission = await self.gate.open(tx, called, now)
-            claims: list[Claim] = []
-            expires = now + self.lease_seconds
+            taking: dict[str, tuple[JobSpec, list[tuple[int, int, LlmTask | HttpTask]]]] = {}
             for job_id, ready_lanes in candidates.items():
-                job = job_rows[job_id]
                 spec = await self.specs.load(tx.conn, job_id)
                 admitted = _admit(admission, spec, ready_lanes)
                 held_back = held_back or len(admitted) < len(ready_lanes)
                 if admitted:
-                    claims += await self._take(tx, job, spec, admitted, owner, now, expires)
+                    taking[job_id] = (spec, admitted)
+            claims = await self._take(tx, job_rows, taking, owner, now)
             await self.gate.close(tx, admission)
         return Claimed(claims, held_back, admission.next_check)
 
@@ -193,47 +194,76 @@ class LaneQueue:
     async def _take(
         self,
         tx: Tx,
-        job: RowMapping,
-        spec: JobSpec,
-        admitted: list[tuple[int, int, LlmTask | HttpTask]],
+        job_rows: Mapping[str, RowMapping],
+        taking: Mapping[str, tuple[JobSpec, list[tuple[int, int, LlmTask | HttpTask]]]],
         owner: str,
         now: float,
-        expires: float,
     ) -> list[Claim]:
-        """Lease the admitted lanes of one locked job (index, tokens reserved, task);
-        its ``job.running`` (the first time) and ``lane.started`` events."""
-        job_id = job["id"]
-        params = {"j": job_id, "now": now, "owner": owner, "expires": expires}
-        idxs = [idx for idx, _reserved, _task in admitted]
-        tasks = {idx: task for idx, _reserved, task in admitted}
-        claimed = sorted((await tx.conn.execute(CLAIM_LANES, {**params, "idxs": idxs})).all())
+        """Lease the admitted lanes (index, tokens reserved, task) of the locked jobs
+        that are still queued, every job at once; their jobs' ``job.running`` (the first
+        time) and ``lane.started`` events."""
+        if not taking:
+            return []
+        wanted = {
+            (job_id, idx) for job_id, (_spec, admitted) in taking.items() for idx, *_ in admitted
+        }
+        params = {
+            "jobs": padded(sorted(taking)),
+            "idxs": padded(sorted({idx for _job_id, idx in wanted})),
+        }
+        claimed: dict[str, list[tuple[int, str, int, float]]] = {}
+        for job_id, idx, name, attempts, available_at in sorted(
+            await tx.conn.execute(CLAIMABLE, params)
+        ):
+            if (job_id, idx) in wanted:
+                claimed.setdefault(job_id, []).append((idx, name, attempts + 1, available_at))
         if not claimed:
             return []
-        reserved = [{"j": job_id, "i": i, "r": tokens} for i, tokens, _task in admitted if tokens]
+        expires = now + self.lease_seconds
+        lease = {"now": now, "owner": owner, "expires": expires}
+        await tx.conn.execute(
+            CLAIM_LANE,
+            [
+                {"j": job_id, "i": lane[0], **lease}
+                for job_id, lanes_ in claimed.items()
+                for lane in lanes_
+            ],
+        )
+        reserved = [
+            {"j": job_id, "i": idx, "r": tokens}
+            for job_id in claimed
+            for idx, tokens, _task in taking[job_id][1]
+            if tokens
+        ]
         if reserved:
             await tx.conn.execute(RESERVE_TOKENS, reserved)
-        items: list[Item] = []
-        if job["status"] == JobStatus.QUEUED:
-            await tx.conn.execute(START_JOB, {"j": job_id, "now": now})
-            items.append((EventType.JOB_RUNNING, {}))
-        items.extend(
-            (EventType.LANE_STARTED, {"lane": idx, "name": name, "attempt": attempt_no})
-            for idx, name, attempt_no, _available_at in claimed
-        )
-        await self.log.append(tx, job_id, items, now)
-        return [
-            Claim(
-                job_id,
-                idx,
-                name,
-                attempt_no,
-                spec,
-                tasks[idx],
-                job["deadline_at"],
-                now - available_at,
+        starting = [job_id for job_id in claimed if job_rows[job_id]["status"] == JobStatus.QUEUED]
+        if starting:
+            await tx.conn.execute(START_JOB, [{"j": job_id, "now": now} for job_id in starting])
+        claims = []
+        for job_id, lanes_ in claimed.items():
+            job, (spec, admitted) = job_rows[job_id], taking[job_id]
+            tasks = {idx: task for idx, _reserved, task in admitted}
+            items: list[Item] = [(EventType.JOB_RUNNING, {})] if job_id in starting else []
+            items.extend(
+                (EventType.LANE_STARTED, {"lane": idx, "name": name, "attempt": attempt_no})
+                for idx, name, attempt_no, _available_at in lanes_
             )
-            for idx, name, attempt_no, available_at in claimed
-        ]
+            await self.log.append(tx, job_id, items, now)
+            claims += [
+                Claim(
+                    job_id,
+                    idx,
+                    name,
+                    attempt_no,
+                    spec,
+                    tasks[idx],
+                    job["deadline_at"],
+                    now - available_at,
+                )
+                for idx, name, attempt_no, available_at in lanes_
+            ]
+        return claims
 
     async def renew_leases(self, owner: str) -> None:
         """Extend ``owner``'s leases, on lanes and on reducing jobs (the heartbeat).

@@ -82,7 +82,7 @@ class Reductions:
                         job_id,
                         attempt_no,
                         spec,
-                        await self.decisions.lane_results(tx.conn, job_id),
+                        (await self.decisions.lane_results(tx.conn, [job_id]))[job_id],
                         budget_spent(spec.policy, job["total_tokens"], job["cost_usd"]),
                         bool(kept.get("partial")),
                         Tree.of(kept.get("tree")),

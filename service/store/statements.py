@@ -76,13 +76,18 @@ READY_LANES = (
     .order_by(_ready_lanes.c.job_id, _ready_lanes.c.r)
 )
 # (Bound names must differ from the updated table's columns: "j", not "job_id".)
-CLAIM_LANES = (
+# The lanes a claim admitted that are still queued, of its locked jobs (more than those
+# when the jobs' indexes differ: the claim picks its own); then each one's lease.
+CLAIMABLE = select(
+    lanes.c.job_id, lanes.c.idx, lanes.c.name, lanes.c.attempts, lanes.c.available_at
+).where(
+    lanes.c.job_id.in_(bindparam("jobs", expanding=True)),
+    lanes.c.idx.in_(bindparam("idxs", expanding=True)),
+    lanes.c.status == LaneStatus.QUEUED,
+)
+CLAIM_LANE = (
     update(lanes)
-    .where(
-        lanes.c.job_id == bindparam("j"),
-        lanes.c.idx.in_(bindparam("idxs", expanding=True)),
-        lanes.c.status == LaneStatus.QUEUED,
-    )
+    .where(lanes.c.job_id == bindparam("j"), lanes.c.idx == bindparam("i"))
     .values(
         status=LaneStatus.RUNNING,
         attempts=lanes.c.attempts + 1,
@@ -90,7 +95,6 @@ CLAIM_LANES = (
         lease_owner=bindparam("owner"),
         lease_expires_at=bindparam("expires"),
     )
-    .returning(lanes.c.idx, lanes.c.name, lanes.c.attempts, lanes.c.available_at)
 )
 RESERVE_TOKENS = (
     update(lanes)
@@ -176,7 +180,11 @@ LOCK_JOBS = (
 JOB_SPEC = select(jobs.c.spec).where(jobs.c.id == bindparam("job_id"))
 LOCK_JOBS_FOR_UPDATE = LOCK_JOBS.with_for_update()
 LOCK_JOBS_SKIP_LOCKED = LOCK_JOBS.with_for_update(skip_locked=True)
+# The lanes of a batch's outcomes, in one read: the jobs' lanes at any of the outcomes'
+# indexes (more than the outcomes' own lanes when jobs' indexes differ: the caller
+# picks its own).
 LANES_RECORDED = select(
+    lanes.c.job_id,
     lanes.c.idx,
     lanes.c.status,
     lanes.c.attempts,
@@ -184,14 +192,28 @@ LANES_RECORDED = select(
     lanes.c.name,
     lanes.c.provider,
     lanes.c.reserved_tokens,
-).where(lanes.c.job_id == bindparam("j"), lanes.c.idx.in_(bindparam("idxs", expanding=True)))
-ADD_JOB_USAGE = update(jobs).where(jobs.c.id == bindparam("j")).values(**_plus_usage(jobs))
-TALLY_STATUSES = (
-    select(lanes.c.status, func.count())
-    .where(lanes.c.job_id == bindparam("j"))
-    .group_by(lanes.c.status)
+).where(
+    lanes.c.job_id.in_(bindparam("jobs", expanding=True)),
+    lanes.c.idx.in_(bindparam("idxs", expanding=True)),
 )
-# A job's counted votes: its succeeded lanes with an answer, gates aside.
+ADD_JOB_USAGE = update(jobs).where(jobs.c.id == bindparam("j")).values(**_plus_usage(jobs))
+# What the decisions of a batch's jobs count, in one read: each job's lanes by status
+# and answer (its lanes per status; a majority's votes are its succeeded lanes'
+# answers). ``jobs``: a list (see direct.padded).
+TALLY = (
+    select(
+        lanes.c.job_id,
+        lanes.c.status,
+        lanes.c.answer_key,
+        func.sum(func.coalesce(lanes.c.weight, 1.0)),
+        func.count(),
+        func.min(lanes.c.idx),
+    )
+    .where(lanes.c.job_id.in_(bindparam("jobs", expanding=True)))
+    .group_by(lanes.c.job_id, lanes.c.status, lanes.c.answer_key)
+)
+# A job's counted votes: its succeeded lanes with an answer, gates aside (TALLY reads
+# them with the statuses when the job has no gate).
 _COUNTED_VOTES = (
     lanes.c.job_id == bindparam("j"),
     lanes.c.status == LaneStatus.SUCCEEDED,
@@ -245,8 +267,10 @@ ITEM_SEQUENCE = (
     .where(*_COUNTED_VOTES, *_ITEM_RANGE)
     .order_by(lanes.c.recorded_at, lanes.c.finished_at, lanes.c.idx)
 )
+# Every lane of the jobs, in lane order, as aggregation reads them. ``jobs``: a list.
 LANE_RESULTS = (
     select(
+        lanes.c.job_id,
         lanes.c.idx,
         lanes.c.name,
         lanes.c.status,
@@ -256,8 +280,8 @@ LANE_RESULTS = (
         lanes.c.error_type,
         lanes.c.error_message,
     )
-    .where(lanes.c.job_id == bindparam("j"))
-    .order_by(lanes.c.idx)
+    .where(lanes.c.job_id.in_(bindparam("jobs", expanding=True)))
+    .order_by(lanes.c.job_id, lanes.c.idx)
 )
 STOP_LANES = (
     update(lanes)

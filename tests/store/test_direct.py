@@ -10,14 +10,14 @@ from sqlalchemy import Executable, select
 
 from service.store import Store
 from service.store.db import Conn, Database, SqliteConnection
-from service.store.direct import Fetched
+from service.store.direct import Fetched, padded
 from service.store.statements import (
     EVENTS_AFTER,
     INSERT_JOB,
     JOB_STATUS,
     LANES_RECORDED,
     LOCK_JOBS,
-    TALLY_STATUSES,
+    TALLY,
     TALLY_VOTES,
 )
 from service.store.tables import jobs
@@ -64,11 +64,14 @@ async def test_direct_reads_are_sqlalchemy_reads_with_lists_of_any_length(
 ) -> None:
     job, _ = await store.jobs.create(parse(voting(5)), "acme")
     await store.queue.claim(OWNER, 2)
+    other, _ = await store.jobs.create(parse(voting(3)), "acme")
     reads: list[tuple[Executable, dict[str, Any]]] = [
-        (LANES_RECORDED, {"j": job.id, "idxs": idxs}) for idxs in ([], [2], [0, 3, 4], [4, 0])
+        (LANES_RECORDED, {"jobs": [job.id], "idxs": idxs})
+        for idxs in ([], [2], [0, 3, 4], [4, 0], padded([0, 3, 4]))
     ]
     reads += [
-        (TALLY_STATUSES, {"j": job.id}),
+        (TALLY, {"jobs": [job.id]}),
+        (TALLY, {"jobs": padded([job.id, other.id, "no-such-job"])}),
         (TALLY_VOTES, {"j": job.id, "gates": []}),
         (TALLY_VOTES, {"j": job.id, "gates": [1, 2]}),
         (LOCK_JOBS, {"ids": [job.id, "no-such-job"]}),
@@ -82,7 +85,7 @@ async def test_direct_reads_are_sqlalchemy_reads_with_lists_of_any_length(
             expected = (await through_sqlalchemy(conn, statement, params)).mappings().all()
             assert direct.mappings().all() == [dict(row) for row in expected], params
     async with db.read() as conn:
-        lanes = (await conn.execute(LANES_RECORDED, {"j": job.id, "idxs": [1, 0]})).all()
+        lanes = (await conn.execute(LANES_RECORDED, {"jobs": [job.id], "idxs": [1, 0]})).all()
         status = (await conn.execute(JOB_STATUS, {"job_id": job.id})).scalar_one()
     # Rows answer to their columns' names, as SQLAlchemy's do.
     assert sorted((lane.idx, lane.status) for lane in lanes) == [(0, "running"), (1, "running")]
