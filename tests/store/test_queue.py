@@ -51,6 +51,33 @@ async def test_a_jobs_cap_holds_its_lanes_queued_until_running_ones_end(store: S
     assert (await store.queue.claim(OWNER, 10)).claims == []
 
 
+async def test_one_claim_takes_from_each_job_the_lanes_it_may_run_and_no_other(
+    store: Store,
+) -> None:
+    """Lanes of several jobs are leased in one go: a capped job's other lanes, at the
+    same indexes as lanes another job starts, stay queued."""
+    capped, _ = await store.jobs.create(parse(voting(5, policy={"max_concurrency": 2})), "acme")
+    free, _ = await store.jobs.create(parse(voting(4)), "acme")
+    claimed = await store.queue.claim(OWNER, 10)
+    assert sorted((c.job_id == free.id, c.idx) for c in claimed.claims) == [
+        (False, 0),
+        (False, 1),
+        (True, 0),
+        (True, 1),
+        (True, 2),
+        (True, 3),
+    ]
+    statuses = {
+        job.id: [lane.status for lane in (await store.jobs.get(job.id, None)).lanes]
+        for job in (capped, free)
+    }
+    assert statuses[capped.id] == ["running", "running", "queued", "queued", "queued"]
+    assert statuses[free.id] == ["running"] * 4
+    for job, running in ((capped, 2), (free, 4)):
+        kinds = [event["type"] for event in await store.log.after(job.id, 0)]
+        assert kinds == ["job.queued", "job.running"] + ["lane.started"] * running
+
+
 async def test_a_renewed_lease_is_not_lost(db: Database) -> None:
     short = Store(db, lease_seconds=-1)
     job, _ = await short.jobs.create(parse(voting(1)), "acme")
