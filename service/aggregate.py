@@ -56,6 +56,7 @@ class LaneResult:
     answer: Any = None  # extracted vote or score (a gate's verdict); None is an abstention
     weight: float = 1.0  # a vote's weight (its confidence when votes are weighted)
     error: dict[str, Any] | None = None  # why it ended without a result
+    key: str | None = None  # answer_key(answer), when the store read it so
 
     @property
     def succeeded(self) -> bool:
@@ -255,7 +256,7 @@ def majority(lanes: list[LaneResult], weighted: bool = False) -> tuple[Any, dict
     for lane in lanes:
         if not lane.succeeded:
             continue
-        key = answer_key(lane.answer)
+        key = lane.key if lane.key is not None else answer_key(lane.answer)
         if key is None:
             abstained += 1
             continue

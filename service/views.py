@@ -56,10 +56,26 @@ class Usage(BaseModel):
 
     @classmethod
     def sum(cls, usages: Any) -> Usage:
-        total = NO_USAGE
+        """The usages added up, as ``+`` would, making one model for them all (a record
+        batch sums an outcome's usage per lane)."""
+        prompt = completion = total = reasoning = cached = 0
+        cost: float | None = None
         for usage in usages:
-            total = total + usage
-        return total
+            prompt += usage.prompt_tokens
+            completion += usage.completion_tokens
+            total += usage.total_tokens
+            reasoning += usage.reasoning_tokens
+            cached += usage.cached_tokens
+            if usage.cost_usd is not None:
+                cost = usage.cost_usd if cost is None else cost + usage.cost_usd
+        return cls.model_construct(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=total,
+            reasoning_tokens=reasoning,
+            cached_tokens=cached,
+            cost_usd=cost,
+        )
 
 
 NO_USAGE = Usage()

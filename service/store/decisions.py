@@ -193,6 +193,7 @@ class Decisions:
                     json.loads(key) if key is not None else None,
                     weight if weight is not None else 1.0,
                     {"type": kind, "message": message or ""} if kind is not None else None,
+                    key,
                 )
             )
         return results

@@ -4,10 +4,13 @@ is; the messages' full shape; what Fanout owns; prices and providers files."""
 from __future__ import annotations
 
 import math
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from service.aggregate import extract, lane_answer
@@ -183,6 +186,26 @@ def test_usage_adds_up_and_its_cost_is_absent_without_prices() -> None:
     assert total.cost_usd is None and "cost_usd" not in total.model_dump()
     priced = total + Usage(cost_usd=0.25) + Usage(cost_usd=0.5)
     assert priced.cost_usd == 0.75 and priced.model_dump()["cost_usd"] == 0.75
+
+
+_counts = st.integers(min_value=0, max_value=10**9)
+_usages = st.builds(
+    Usage,
+    prompt_tokens=_counts,
+    completion_tokens=_counts,
+    total_tokens=_counts,
+    reasoning_tokens=_counts,
+    cached_tokens=_counts,
+    cost_usd=st.none() | st.floats(min_value=0, max_value=100, allow_nan=False),
+)
+
+
+@given(st.lists(_usages, max_size=8))
+def test_a_sum_of_usages_is_what_adding_them_one_by_one_gives(usages: list[Usage]) -> None:
+    assert Usage.sum(usages) == reduce(lambda a, b: a + b, usages, Usage())
+    assert (
+        Usage.sum(usages).model_dump() == reduce(lambda a, b: a + b, usages, Usage()).model_dump()
+    )
 
 
 def test_a_price_charges_cached_prompt_tokens_at_their_own_rate() -> None:
