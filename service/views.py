@@ -37,17 +37,7 @@ class Usage(BaseModel):
     cost_usd: float | None = Field(default=None, exclude_if=lambda cost: cost is None)
 
     def __add__(self, other: Usage) -> Usage:
-        cost = self.cost_usd
-        if other.cost_usd is not None:
-            cost = other.cost_usd if cost is None else cost + other.cost_usd
-        return Usage.model_construct(
-            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
-            completion_tokens=self.completion_tokens + other.completion_tokens,
-            total_tokens=self.total_tokens + other.total_tokens,
-            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
-            cached_tokens=self.cached_tokens + other.cached_tokens,
-            cost_usd=cost,
-        )
+        return Usage.sum((self, other))
 
     def __bool__(self) -> bool:
         return bool(self.total_tokens or self.prompt_tokens or self.completion_tokens) or (
@@ -56,8 +46,8 @@ class Usage(BaseModel):
 
     @classmethod
     def sum(cls, usages: Any) -> Usage:
-        """The usages added up, as ``+`` would, making one model for them all (a record
-        batch sums an outcome's usage per lane)."""
+        """The usages added up (a cost is absent unless one of them has one), making one
+        model for them all: a record batch sums an outcome's usage per lane."""
         prompt = completion = total = reasoning = cached = 0
         cost: float | None = None
         for usage in usages:

@@ -75,7 +75,6 @@ READY_LANES = (
     .where(_ready_lanes.c.r <= bindparam("k"))
     .order_by(_ready_lanes.c.job_id, _ready_lanes.c.r)
 )
-# (Bound names must differ from the updated table's columns: "j", not "job_id".)
 # The lanes a claim admitted that are still queued, of its locked jobs (more than those
 # when the jobs' indexes differ: the claim picks its own); then each one's lease.
 CLAIMABLE = select(
@@ -85,6 +84,7 @@ CLAIMABLE = select(
     lanes.c.idx.in_(bindparam("idxs", expanding=True)),
     lanes.c.status == LaneStatus.QUEUED,
 )
+# (Bound names must differ from the updated table's columns: "j", not "job_id".)
 CLAIM_LANE = (
     update(lanes)
     .where(lanes.c.job_id == bindparam("j"), lanes.c.idx == bindparam("i"))

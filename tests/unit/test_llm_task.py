@@ -201,11 +201,14 @@ _usages = st.builds(
 
 
 @given(st.lists(_usages, max_size=8))
-def test_a_sum_of_usages_is_what_adding_them_one_by_one_gives(usages: list[Usage]) -> None:
-    assert Usage.sum(usages) == reduce(lambda a, b: a + b, usages, Usage())
-    assert (
-        Usage.sum(usages).model_dump() == reduce(lambda a, b: a + b, usages, Usage()).model_dump()
-    )
+def test_a_sum_of_usages_adds_each_count_and_the_costs_there_are(usages: list[Usage]) -> None:
+    total = Usage.sum(usages)
+    for name in ("prompt", "completion", "total", "reasoning", "cached"):
+        count = f"{name}_tokens"
+        assert getattr(total, count) == sum(getattr(usage, count) for usage in usages)
+    costs = [usage.cost_usd for usage in usages if usage.cost_usd is not None]
+    assert total.cost_usd == (reduce(lambda a, b: a + b, costs) if costs else None)
+    assert total == reduce(lambda a, b: a + b, usages, Usage())  # + is the same sum
 
 
 def test_a_price_charges_cached_prompt_tokens_at_their_own_rate() -> None:
