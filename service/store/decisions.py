@@ -28,7 +28,6 @@ from ..states import (
     LaneStatus,
 )
 from .db import Conn, Tx
-from .direct import padded
 from .eventlog import EventLog, Item
 from .outbox import WebhookOutbox
 from .rendering import usage_of
@@ -182,7 +181,7 @@ class Decisions:
     async def lane_results(self, conn: Conn, job_ids: list[str]) -> dict[str, list[LaneResult]]:
         """Every lane of the jobs, in lane order, as aggregation reads them, by job."""
         results: dict[str, list[LaneResult]] = {job_id: [] for job_id in job_ids}
-        rows = await conn.execute(LANE_RESULTS, {"jobs": padded(sorted(job_ids))})
+        rows = await conn.execute(LANE_RESULTS, {"jobs": sorted(job_ids)})
         for job_id, idx, name, status, output, key, weight, kind, message in rows:
             results[job_id].append(
                 LaneResult(
@@ -255,7 +254,7 @@ class Decisions:
         job's lanes and votes; the rest is read only for the jobs that need it."""
         statuses: dict[str, dict[str, int]] = {job_id: {} for job_id in wanted}
         answers: dict[str, list[tuple[str, float, int, int]]] = {job_id: [] for job_id in wanted}
-        rows = await conn.execute(TALLY, {"jobs": padded(sorted(wanted))})
+        rows = await conn.execute(TALLY, {"jobs": sorted(wanted)})
         for job_id, status, key, weight, count, first in rows.all():
             by_status = statuses[job_id]
             by_status[status] = by_status.get(status, 0) + count

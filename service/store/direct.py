@@ -19,9 +19,12 @@ one driver call, the parameters put in order. The SQL, the types' processing and
 transaction are SQLAlchemy's own, so a direct statement stores and reads exactly what
 ``execute`` would; statements that are not marked go through SQLAlchemy as before.
 
-A parameter bound to a list (``IN :idxs``, expanding) gets one plan per list length,
-as SQLAlchemy's own rendering of it does (and PostgreSQL's prepared statements with it):
-:func:`padded` keeps those few.
+A parameter bound to a list (``IN :idxs``, expanding) is rendered, as SQLAlchemy
+renders it, with one placeholder per value; here the placeholders are as many as the
+next power of two, the last value repeated in the rest (``IN`` reads them the same),
+so a statement has a dozen shapes for lists of up to 4,096 values rather than one per
+length: a plan each here, and a prepared statement each on PostgreSQL, parsed again
+once evicted.
 """
 
 from __future__ import annotations
@@ -48,11 +51,10 @@ def direct(statement: S) -> S:
     return statement
 
 
-def padded(values: Sequence[T]) -> list[T]:
-    """``values`` (not empty) with the last one repeated up to the next power of two:
-    ``IN`` reads them the same, and a statement then has a dozen shapes for lists of up
-    to 4,096 values rather than one per length (a plan each here, and a prepared
-    statement each on PostgreSQL, parsed again once evicted)."""
+def _padded(values: Sequence[T]) -> list[T]:
+    """``values`` with the last one repeated up to the next power of two (see above)."""
+    if not values:
+        return []
     size = 1 << (len(values) - 1).bit_length()
     return [*values, *[values[-1]] * (size - len(values))]
 
@@ -94,8 +96,8 @@ class Plan:
                 out.append(slot.value)
                 continue
             value = params[slot.key]
-            if slot.item is not None:
-                value = value[slot.item]
+            if slot.item is not None:  # past the list's end: its padding (the last value)
+                value = value[slot.item] if slot.item < len(value) else value[-1]
             out.append(value if slot.process is None else slot.process(value))
         return out
 
@@ -112,7 +114,7 @@ class Plan:
 class Plans:
     """The plans of one dialect, made on first use."""
 
-    SIZE = 512  # plans kept (a list parameter makes one per length)
+    SIZE = 512  # plans kept (a list parameter makes one per padded length)
 
     def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
@@ -136,10 +138,11 @@ class Plans:
             compiled = self._compiled[base_key] = _compile(statement, self.dialect, names, many)
         if compiled is None:
             return None
-        key = (base_key, *(len(first[name]) for name in compiled.lists))
+        padded = {name: _padded(first[name]) for name in compiled.lists}
+        key = (base_key, *(len(values) for values in padded.values()))
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = compiled.plan(first)
+            plan = self._plans[key] = compiled.plan({**first, **padded})
             if len(self._plans) > self.SIZE:
                 self._plans.popitem(last=False)
         else:

@@ -19,7 +19,7 @@ from sqlalchemy.engine import RowMapping
 from ..errors import JobNotFound
 from ..spec import JobSpec
 from .db import Conn, Tx
-from .direct import Rows, padded
+from .direct import Rows
 from .statements import JOB_SPEC, LOCK_JOBS, LOCK_JOBS_FOR_UPDATE
 from .tables import jobs
 
@@ -56,7 +56,7 @@ async def lock_jobs(tx: Tx, job_ids: Iterable[str]) -> dict[str, RowMapping]:
     ids = sorted(set(job_ids))
     if not ids:
         return {}
-    return locked(tx, await tx.conn.execute(query, {"ids": padded(ids)}))
+    return locked(tx, await tx.conn.execute(query, {"ids": ids}))
 
 
 def locked(tx: Tx, rows: Rows) -> dict[str, RowMapping]:

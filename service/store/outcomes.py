@@ -18,7 +18,6 @@ from ..states import DECIDING_JOB, LANE_ENDED, ErrorType, EventType, LaneStatus
 from ..views import NO_USAGE, Usage
 from .db import Database, Tx
 from .decisions import Decisions
-from .direct import padded
 from .eventlog import Item
 from .jobrows import SpecCache, lock_jobs
 from .providers import ProviderGate
@@ -116,8 +115,8 @@ class Outcomes:
         if not job_rows:
             return {}
         params = {
-            "jobs": padded(sorted(job_rows)),
-            "idxs": padded(sorted({outcome.idx for outcome in outcomes})),
+            "jobs": sorted(job_rows),
+            "idxs": sorted({outcome.idx for outcome in outcomes}),
         }
         return {(row[0], row[1]): row[2:] for row in await tx.conn.execute(LANES_RECORDED, params)}
 

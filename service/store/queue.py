@@ -15,7 +15,6 @@ from ..policy import Runnable, fair_share
 from ..spec import HttpTask, JobSpec, LlmTask, lane_task
 from ..states import DECIDING_JOB, ErrorType, EventType, JobStatus, LaneStatus
 from .db import Database, Tx
-from .direct import padded
 from .eventlog import EventLog, Item
 from .jobrows import SpecCache, lock_jobs, locked
 from .providers import Admission, ProviderGate
@@ -203,8 +202,8 @@ class LaneQueue:
             (job_id, idx) for job_id, (_spec, admitted) in taking.items() for idx, *_ in admitted
         }
         params = {
-            "jobs": padded(sorted(taking)),
-            "idxs": padded(sorted({idx for _job_id, idx in wanted})),
+            "jobs": sorted(taking),
+            "idxs": sorted({idx for _job_id, idx in wanted}),
         }
         claimed: dict[str, list[tuple[int, str, int, float]]] = {}
         for job_id, idx, name, attempts, available_at in sorted(

@@ -199,7 +199,7 @@ LANES_RECORDED = select(
 ADD_JOB_USAGE = update(jobs).where(jobs.c.id == bindparam("j")).values(**_plus_usage(jobs))
 # What the decisions of a batch's jobs count, in one read: each job's lanes by status
 # and answer (its lanes per status; a majority's votes are its succeeded lanes'
-# answers). ``jobs``: a list (see direct.padded).
+# answers). ``jobs``: a list.
 TALLY = (
     select(
         lanes.c.job_id,

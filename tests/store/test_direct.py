@@ -10,7 +10,7 @@ from sqlalchemy import Executable, select
 
 from service.store import Store
 from service.store.db import Conn, Database, SqliteConnection
-from service.store.direct import Fetched, padded
+from service.store.direct import Fetched
 from service.store.statements import (
     EVENTS_AFTER,
     INSERT_JOB,
@@ -67,11 +67,11 @@ async def test_direct_reads_are_sqlalchemy_reads_with_lists_of_any_length(
     other, _ = await store.jobs.create(parse(voting(3)), "acme")
     reads: list[tuple[Executable, dict[str, Any]]] = [
         (LANES_RECORDED, {"jobs": [job.id], "idxs": idxs})
-        for idxs in ([], [2], [0, 3, 4], [4, 0], padded([0, 3, 4]))
+        for idxs in ([], [2], [0, 3, 4], [4, 0], [4, 4, 1], [0, 1, 2, 3, 4])
     ]
     reads += [
         (TALLY, {"jobs": [job.id]}),
-        (TALLY, {"jobs": padded([job.id, other.id, "no-such-job"])}),
+        (TALLY, {"jobs": [job.id, other.id, "no-such-job"]}),
         (TALLY_VOTES, {"j": job.id, "gates": []}),
         (TALLY_VOTES, {"j": job.id, "gates": [1, 2]}),
         (LOCK_JOBS, {"ids": [job.id, "no-such-job"]}),
@@ -90,6 +90,18 @@ async def test_direct_reads_are_sqlalchemy_reads_with_lists_of_any_length(
     # Rows answer to their columns' names, as SQLAlchemy's do.
     assert sorted((lane.idx, lane.status) for lane in lanes) == [(0, "running"), (1, "running")]
     assert status == "running"
+
+
+def test_lists_of_lengths_up_to_a_power_of_two_share_one_plan(db: Database) -> None:
+    """A list is padded to the next power of two (its last value repeated), so a
+    statement has one plan, and on PostgreSQL one prepared statement, per such length."""
+
+    def plan_for(length: int) -> object:
+        return db.plans.get(LANES_RECORDED, {"jobs": ["j"], "idxs": list(range(length))})
+
+    assert plan_for(5) is plan_for(8)
+    assert plan_for(3) is plan_for(4) is not plan_for(5)
+    assert plan_for(9) is not plan_for(8)
 
 
 async def test_a_direct_write_is_in_its_transaction_and_rolls_back_with_it(db: Database) -> None:
