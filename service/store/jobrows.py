@@ -20,7 +20,7 @@ from ..errors import JobNotFound
 from ..spec import JobSpec
 from .db import Conn, Tx
 from .direct import Rows
-from .statements import JOB_SPEC, LOCK_JOBS, LOCK_JOBS_FOR_UPDATE
+from .statements import JOB_SPEC, LOCK_JOBS, LOCK_JOBS_FOR_UPDATE, LOCK_JOBS_SKIP_LOCKED
 from .tables import jobs
 
 _spec_adapter: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
@@ -49,10 +49,16 @@ class SpecCache:
             self._specs.popitem(last=False)
 
 
-async def lock_jobs(tx: Tx, job_ids: Iterable[str]) -> dict[str, RowMapping]:
+async def lock_jobs(
+    tx: Tx, job_ids: Iterable[str], *, skip_locked: bool = False
+) -> dict[str, RowMapping]:
     """The job rows, locked for this transaction, in id order (the lock order); the
-    event log numbers their events from here on (``tx.seqs``)."""
-    query = LOCK_JOBS if tx.is_sqlite else LOCK_JOBS_FOR_UPDATE
+    event log numbers their events from here on (``tx.seqs``). ``skip_locked``: rows
+    another transaction holds are left out rather than waited for (PostgreSQL)."""
+    if tx.is_sqlite:
+        query = LOCK_JOBS
+    else:
+        query = LOCK_JOBS_SKIP_LOCKED if skip_locked else LOCK_JOBS_FOR_UPDATE
     ids = sorted(set(job_ids))
     if not ids:
         return {}

@@ -16,13 +16,11 @@ from ..spec import HttpTask, JobSpec, LlmTask, lane_task
 from ..states import DECIDING_JOB, ErrorType, EventType, JobStatus, LaneStatus
 from .db import Database, Tx
 from .eventlog import EventLog, Item
-from .jobrows import SpecCache, lock_jobs, locked
+from .jobrows import SpecCache, lock_jobs
 from .providers import Admission, ProviderGate
 from .statements import (
     CLAIM_LANE,
     CLAIMABLE,
-    LOCK_JOBS,
-    LOCK_JOBS_SKIP_LOCKED,
     READY_FIRST,
     READY_LANES,
     RESERVE_TOKENS,
@@ -135,8 +133,7 @@ class LaneQueue:
     ) -> tuple[bool, dict[str, RowMapping]]:
         """Lock the jobs to claim from (skipping those another process holds) and drop
         those that run no lanes any more; True when some were left out."""
-        query = LOCK_JOBS if tx.is_sqlite else LOCK_JOBS_SKIP_LOCKED
-        rows = locked(tx, await tx.conn.execute(query, {"ids": sorted(candidates)}))
+        rows = await lock_jobs(tx, candidates, skip_locked=True)
         job_rows = {job_id: row for job_id, row in rows.items() if row["status"] in DECIDING_JOB}
         left_out = [job_id for job_id in candidates if job_id not in job_rows]
         for job_id in left_out:
