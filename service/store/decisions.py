@@ -69,15 +69,16 @@ class Decisions:
         transaction already made for the job: they are appended first, with the
         decision's. True when the job now waits for its reducer."""
         job_id = job["id"]
-        tally = (await self.tallies(tx.conn, {job_id: (spec, items)}))[job_id]
-        decision = _decision(job, spec, tally, now, deadline_passed)
-        return await self._carry_out(tx, job_id, spec, decision, items, now)
+        wanted = {job_id: (job, spec, items)}
+        return job_id in await self.decide_all(tx, wanted, now, deadline_passed=deadline_passed)
 
     async def decide_all(
         self,
         tx: Tx,
         wanted: Mapping[str, tuple[Mapping[Any, Any], JobSpec, list[Item]]],
         now: float,
+        *,
+        deadline_passed: bool = False,
     ) -> list[str]:
         """:meth:`decide` each job (its row, spec and events), reading what every one
         needs at once: their tallies, then the lanes of those that end without stopping
@@ -86,7 +87,7 @@ class Decisions:
             tx.conn, {job_id: (spec, items) for job_id, (_job, spec, items) in wanted.items()}
         )
         decisions = {
-            job_id: _decision(job, spec, tallies[job_id], now)
+            job_id: _decision(job, spec, tallies[job_id], now, deadline_passed)
             for job_id, (job, spec, _items) in wanted.items()
         }
         ending = [
