@@ -13,10 +13,11 @@ transactions whose notifications crossed) reads the missing ones from the table:
                                                  │            seq <= last   → drop (duplicate)
                                                  └ final event → close
 
-Each event is encoded once, into a :class:`Frame` (its SSE bytes), however many
-clients send it: the hub encodes what it publishes to a followed job and keeps the
-frames of followed jobs in a :class:`FrameCache`, which replays read before the
-table. A job's sequence numbers are consecutive from 1 and every cached frame was
+Each event's data is encoded once, as it is appended (:class:`Encoded`): stored as
+that text, framed from it (a :class:`Frame`, its SSE bytes) however many clients send
+it, and replayed from the table as it is, never decoded. The hub frames what it
+publishes to a followed job and keeps the frames of followed jobs in a
+:class:`FrameCache`, which replays read before the table. A job's sequence numbers are consecutive from 1 and every cached frame was
 committed, so a run of cached frames after ``k`` is exactly what the table holds
 there; the table is read from where the run ends.
 """
@@ -36,7 +37,25 @@ from .states import FINAL_EVENTS
 QUEUE_LIMIT = 2048
 FRAME_CACHE_BYTES = 8 * 2**20
 
-Event = dict[str, Any]  # {"job_id", "seq", "type", "data"}; seq 0 for live-only events
+# {"job_id", "seq", "type", "data"}; seq 0 for live-only events. An event from the log
+# also has its data as stored, "text" (see Encoded); one read for a stream has only that.
+Event = dict[str, Any]
+
+
+class Encoded(str):
+    """An event's data as JSON text, compact and on one line: encoded once as it is
+    appended, then stored as it is (the engines' JSON serializer passes it through,
+    :func:`store_json`) and sent as it is in the event's frame; a replay reads it back
+    as text and sends it without decoding it."""
+
+
+def encode(data: Any) -> Encoded:
+    return Encoded(json.dumps(data, separators=(",", ":")))
+
+
+def store_json(value: Any) -> str:
+    """What a JSON column stores: ``value`` encoded, or as it is if it already is."""
+    return value if type(value) is Encoded else json.dumps(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +71,7 @@ class Frame:
     @classmethod
     def encode(cls, event: Event) -> Frame:
         seq, kind = event["seq"], event["type"]
-        data = json.dumps(event["data"], separators=(",", ":"))
+        data = event.get("text") or encode(event["data"])
         head = f"id: {seq}\r\nevent: {kind}\r\n" if seq else f"event: {kind}\r\n"
         return cls(seq, kind, f"{head}data: {data}\r\n\r\n".encode())
 

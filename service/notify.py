@@ -336,8 +336,8 @@ class Listener:
             timeout=self.timeout_s,
         )
         return [
-            {"job_id": job_id, "seq": seq, "type": kind, "data": json.loads(data)}
-            for job_id, seq, kind, data in rows
+            {"job_id": job_id, "seq": seq, "type": kind, "data": json.loads(text), "text": text}
+            for job_id, seq, kind, text in rows
         ]
 
     # --- asyncpg callbacks (sync, on the loop: queue work, never await) --------------

@@ -262,7 +262,7 @@ async def job_events(
         yield RETRY_HINT
         # Frames are encoded once for every client, and sse-starlette sends bytes as
         # they are: one write per batch, whatever the number of events in it.
-        frames = ev.batches(process.hub, job_id, start, process.store.log.after, is_finished)
+        frames = ev.batches(process.hub, job_id, start, process.store.log.stored, is_finished)
         async for batch in frames:
             yield b"".join(frame.body for frame in batch)
 

@@ -51,6 +51,7 @@ from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .. import notify
+from ..events import store_json
 from .direct import Fetched, Plan, Plans, Rows, result_processors
 
 
@@ -289,6 +290,7 @@ def _sqlite_engine(url: str, *, pool_size: int) -> Engine:
         pool_pre_ping=False,
         # The busy timeout: never wait on the loop (see SqliteConnection).
         connect_args={"check_same_thread": False, "timeout": 0},
+        json_serializer=store_json,
     )
 
     @event.listens_for(engine, "connect")
@@ -326,6 +328,7 @@ def _postgres_engine(url: str, *, pool_size: int) -> AsyncEngine:
         # A transaction left open (a stuck or vanished client) never blocks the
         # others for long: lock waits and idle transactions are bounded.
         connect_args={"server_settings": POSTGRES_SESSION},
+        json_serializer=store_json,
     )
     dialect = engine.dialect
 

@@ -3,10 +3,12 @@ made the change they report (so a stream replays exactly what happened)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
+from ..events import Event, encode
 from ..states import EventType
 from .db import Database, Tx
 from .rendering import iso
@@ -48,15 +50,19 @@ class EventLog:
 
     def _insert(self, tx: Tx, job_id: str, items: Sequence[Item], first: int, now: float) -> None:
         at = iso(now)
-        rows = []
+        rows, published = [], []
         for offset, (kind, fields) in enumerate(items):
             seq = first + offset
             data = {"job_id": job_id, "seq": seq, "at": at, **fields}
-            rows.append({"job_id": job_id, "seq": seq, "type": kind, "data": data})
+            text = encode(data)  # once: stored, and sent as it is
+            rows.append({"job_id": job_id, "seq": seq, "type": kind, "data": text})
+            published.append(
+                {"job_id": job_id, "seq": seq, "type": kind, "data": data, "text": text}
+            )
         if not tx.unwritten:
             tx.before_commit.append(partial(self._write, tx))
         tx.unwritten.extend(rows)
-        tx.events.extend(rows)
+        tx.events.extend(published)
 
     @staticmethod
     async def _write(tx: Tx) -> None:
@@ -66,12 +72,19 @@ class EventLog:
             await tx.conn.execute(SET_LAST_SEQ, moved)
         await tx.conn.execute(INSERT_EVENTS, tx.unwritten)
 
-    async def after(self, job_id: str, after: int, limit: int = 1000) -> list[dict[str, Any]]:
+    async def after(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
         """Up to ``limit`` stored events of the job after seq ``after``, in order."""
+        return [
+            {**event, "data": json.loads(event["text"])}
+            for event in await self.stored(job_id, after, limit)
+        ]
+
+    async def stored(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
+        """:meth:`after` as a stream sends them: their data as stored text, not decoded."""
         async with self.db.read() as conn:
             rows = (
                 await conn.execute(EVENTS_AFTER, {"job_id": job_id, "after": after, "limit": limit})
             ).all()
         return [
-            {"job_id": job_id, "seq": seq, "type": kind, "data": data} for seq, kind, data in rows
+            {"job_id": job_id, "seq": seq, "type": kind, "text": text} for seq, kind, text in rows
         ]

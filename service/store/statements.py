@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Executable, Float, Integer, bindparam, case, func, insert, select, update
+from sqlalchemy import (
+    Executable,
+    Float,
+    Integer,
+    Text,
+    bindparam,
+    case,
+    cast,
+    func,
+    insert,
+    select,
+    update,
+)
 
 from ..states import ENDED_WITHOUT_RESULT, OPEN_JOB, TERMINAL_JOB, JobStatus, LaneStatus
 from .direct import direct
@@ -113,8 +125,9 @@ TENANT_JOB_STATUS = JOB_STATUS.where(jobs.c.tenant == bindparam("tenant"))
 JOB_TASKS = select(jobs.c.tenant, jobs.c.spec["tasks"].label("tasks")).where(
     jobs.c.id == bindparam("job_id")
 )
+# The data as stored text (a stream sends it as it is): json is kept as written.
 EVENTS_AFTER = (
-    select(events.c.seq, events.c.type, events.c.data)
+    select(events.c.seq, events.c.type, cast(events.c.data, Text).label("data"))
     .where(events.c.job_id == bindparam("job_id"), events.c.seq > bindparam("after"))
     .order_by(events.c.seq)
     .limit(bindparam("limit"))

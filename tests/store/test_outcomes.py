@@ -7,6 +7,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from service.events import Frame
 from service.policy import Retrying
 from service.states import ErrorType, LaneStatus
 from service.store import Claim, Outcome, Store
@@ -327,3 +328,22 @@ async def test_what_an_answer_says_beside_its_text_is_kept_and_streamed(store: S
         e["data"] for e in await store.log.after(job.id, 0) if e["type"] == "lane.succeeded"
     ]
     assert succeeded["tool_calls"] == [call] and succeeded["finish_reason"] == "tool_calls"
+
+
+async def test_a_replayed_event_is_the_frame_sent_live_byte_for_byte(store: Store) -> None:
+    """An event is encoded once: what a live client got on commit is what the table
+    holds and what a replay sends, upstream text of any kind included."""
+    published: list[dict[str, Any]] = []
+    store.db.on_commit = published.extend
+    job, _ = await store.jobs.create(parse(voting(1)), "acme")
+    (claim,) = (await store.queue.claim(OWNER, 10)).claims
+    text = 'two\nlines\r\n é ☃ "quoted" \\ \t'
+    await store.outcomes.record(OWNER, [answered(claim, output=text)])
+    live = {e["seq"]: Frame.encode(e) for e in published}
+    stored = await store.log.stored(job.id, 0)
+    assert [e["seq"] for e in stored] == sorted(live) and len(stored) >= 3
+    for event in stored:
+        assert Frame.encode(event).body == live[event["seq"]].body
+    succeeded = next(e for e in await store.log.after(job.id, 0) if e["type"] == "lane.succeeded")
+    assert succeeded["data"]["output"] == text
+    assert live[succeeded["seq"]].event(job.id)["data"] == succeeded["data"]
