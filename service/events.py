@@ -17,9 +17,10 @@ Each event's data is encoded once, as it is appended (:class:`Encoded`): stored 
 that text, framed from it (a :class:`Frame`, its SSE bytes) however many clients send
 it, and replayed from the table as it is, never decoded. The hub frames what it
 publishes to a followed job and keeps the frames of followed jobs in a
-:class:`FrameCache`, which replays read before the table. A job's sequence numbers are consecutive from 1 and every cached frame was
-committed, so a run of cached frames after ``k`` is exactly what the table holds
-there; the table is read from where the run ends.
+:class:`FrameCache`, which replays read before the table. A job's sequence numbers
+are consecutive from 1 and every cached frame was committed, so a run of cached
+frames after ``k`` is exactly what the table holds there; the table is read from
+where the run ends.
 """
 
 from __future__ import annotations
