@@ -14,6 +14,7 @@ of the job (its view cannot be encoded: a 500, from every process, for good). So
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterator
@@ -36,9 +37,27 @@ def _replaced(text: str) -> str:
     return _SURROGATE.sub("\ufffd", text)
 
 
-def problems(value: Any, loc: Loc = ()) -> Iterator[tuple[Loc, str]]:
+def _clean(value: Any) -> bool:
+    """Whether ``value`` surely holds nothing :func:`problems` would name: JSON writes it
+    (no number it cannot represent) and that text encodes as UTF-8 (no lone surrogate).
+    One pass in C, where :func:`problems` walks it in Python; False (walk it) when
+    ``json`` cannot write it at all."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return False
+    return True
+
+
+def problems(value: Any) -> Iterator[tuple[Loc, str]]:
     """``(path, why)`` for every string (keys included) that is not valid Unicode and
     every number JSON cannot represent, in document order."""
+    if isinstance(value, dict | list) and _clean(value):
+        return iter(())
+    return _walk(value, ())
+
+
+def _walk(value: Any, loc: Loc) -> Iterator[tuple[Loc, str]]:
     if isinstance(value, str):
         if _bad_text(value):
             yield loc, "text that is not valid Unicode (a lone surrogate)"
@@ -49,10 +68,10 @@ def problems(value: Any, loc: Loc = ()) -> Iterator[tuple[Loc, str]]:
         for key, item in value.items():
             if isinstance(key, str) and _bad_text(key):
                 yield (*loc, _replaced(key)), ("a key that is not valid Unicode (a lone surrogate)")
-            yield from problems(item, (*loc, key))
+            yield from _walk(item, (*loc, key))
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            yield from problems(item, (*loc, i))
+            yield from _walk(item, (*loc, i))
 
 
 def scrub(value: Any) -> Any:

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections import OrderedDict, namedtuple
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Executable
@@ -85,11 +86,35 @@ class Plan:
     results: tuple[Process, ...] | None = None
     # Rows are tuples that also answer to their columns' names, as SQLAlchemy's do.
     row: Any = field(init=False)
+    # Without a list parameter, ``bind`` reads the caller's values in one call: the
+    # keyed slots' getter, their processors (by index) and the statement's own values
+    # (by position, in order).
+    _get: Callable[[Mapping[str, Any]], Any] | None = field(init=False, default=None)
+    _processed: tuple[tuple[int, Callable[[Any], Any]], ...] = field(init=False, default=())
+    _fixed: tuple[tuple[int, Any], ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
         self.row = namedtuple("Row", self.columns, rename=True)._make  # type: ignore[attr-defined]
+        keyed = [slot for slot in self.slots if slot.key is not None]
+        if len(keyed) > 1 and all(slot.item is None for slot in keyed):
+            self._get = itemgetter(*(slot.key for slot in keyed))
+            self._processed = tuple(
+                (i, slot.process) for i, slot in enumerate(keyed) if slot.process is not None
+            )
+            self._fixed = tuple(
+                (position, slot.value)
+                for position, slot in enumerate(self.slots)
+                if slot.key is None
+            )
 
     def bind(self, params: Mapping[str, Any]) -> list[Any]:
+        if self._get is not None:
+            values = list(self._get(params))
+            for i, process in self._processed:
+                values[i] = process(values[i])
+            for position, value in self._fixed:  # in order: each lands where it belongs
+                values.insert(position, value)
+            return values
         out = []
         for slot in self.slots:
             if slot.key is None:

@@ -8,6 +8,8 @@ import math
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service.attempts import Attempt, status_attempt
 from service.config import Provider
@@ -121,6 +123,28 @@ def test_valid_text_and_numbers_have_no_problems_and_scrub_returns_them_as_they_
     value = {"emoji": "😀", "nul": "a\x00b", "n": [1, -0.0, 1e308]}
     assert list(problems(value)) == []
     assert scrub(value) is value
+
+
+# JSON as json.loads may give it: any text (lone surrogates too), any float (nan, inf).
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(_json_values)
+def test_problems_name_something_exactly_when_the_value_cannot_be_stored(value: Any) -> None:
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+        storable = True
+    except ValueError:
+        storable = False
+    assert (list(problems(value)) == []) == storable
+    scrubbed = scrub(value)
+    assert list(problems(scrubbed)) == []
+    if isinstance(value, dict | list):  # kept as it is exactly when it can be stored
+        assert (scrubbed is value) == storable
 
 
 def test_scrub_replaces_lone_surrogates_and_numbers_json_cannot_carry() -> None:
