@@ -211,8 +211,12 @@ class ResultView(View):
         dict[str, Any],
         WithJsonSchema(
             {
-                "description": "what the aggregate says of the result, by its kind",
-                "anyOf": [{"$ref": f"#/components/schemas/{model.__name__}"} for model in DETAILS],
+                "description": "what the aggregate says of the result, by its kind; "
+                "empty when a gate withheld the result (``blocked``)",
+                "anyOf": [
+                    *({"$ref": f"#/components/schemas/{model.__name__}"} for model in DETAILS),
+                    {"type": "object", "maxProperties": 0},
+                ],
             }
         ),
     ] = Field(default_factory=dict)

@@ -18,7 +18,15 @@ from fastapi import FastAPI
 from service.config import Settings
 from service.http import create_app
 from service.http.problems import KINDS
-from tests.support import app_client, events_of, parse_sse, run_job, voting
+from tests.support import (
+    app_client,
+    events_of,
+    parse_sse,
+    run_job,
+    section,
+    sectioning,
+    voting,
+)
 
 KEYS = "acme:key-acme,globex:key-globex"
 ACME = {"Authorization": "Bearer key-acme"}
@@ -318,5 +326,13 @@ async def test_the_job_the_api_returns_is_the_one_the_document_describes(
         voting(3, "fake?answers=7", aggregate={"kind": "majority", "extract": "number"}),
     )
     assert not [error.message for error in validator.iter_errors(job)]
+    # A result a gate withheld (fake echoes the prompt: the gate's pattern matches it).
+    gated = sectioning(
+        section("draft", text="a poem"),
+        section("safety", text="is it safe?", gate={"block_if": "(?i)echo"}),
+    )
+    blocked = await run_job(client, gated)
+    assert blocked["result"]["blocked_by"] == "safety"
+    assert not [error.message for error in validator.iter_errors(blocked)]
     page = (await client.get("/v1/jobs")).json()
     assert not [error.message for error in document_validator("JobPage").iter_errors(page)]
