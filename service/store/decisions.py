@@ -38,6 +38,7 @@ from .statements import (
     ITEM_STATUSES,
     ITEM_VOTES,
     LANE_RESULTS,
+    STATUS_COUNTS,
     STOP_LANES,
     TALLY,
     TALLY_VOTES,
@@ -255,12 +256,24 @@ class Decisions:
         job's lanes and votes; the rest is read only for the jobs that need it."""
         statuses: dict[str, dict[str, int]] = {job_id: {} for job_id in wanted}
         answers: dict[str, list[tuple[str, float, int, int]]] = {job_id: [] for job_id in wanted}
-        rows = await conn.execute(TALLY, {"jobs": sorted(wanted)})
-        for job_id, status, key, weight, count, first in rows.all():
-            by_status = statuses[job_id]
-            by_status[status] = by_status.get(status, 0) + count
-            if status == LaneStatus.SUCCEEDED and key is not None:
-                answers[job_id].append((key, float(weight), count, first))
+        # Only a majority without gates counts its votes with its statuses; the others
+        # count lanes by status alone, on the (job, status) index: a 10,000-item map's
+        # lanes each hold an answer of their own, which TALLY would group.
+        voting = sorted(job_id for job_id, (spec, _items) in wanted.items() if _votes(spec))
+        counting = sorted(set(wanted).difference(voting))
+        if voting:
+            for job_id, status, key, weight, count, first in (
+                await conn.execute(TALLY, {"jobs": voting})
+            ).all():
+                by_status = statuses[job_id]
+                by_status[status] = by_status.get(status, 0) + count
+                if status == LaneStatus.SUCCEEDED and key is not None:
+                    answers[job_id].append((key, float(weight), count, first))
+        if counting:
+            for job_id, status, count in (
+                await conn.execute(STATUS_COUNTS, {"jobs": counting})
+            ).all():
+                statuses[job_id][status] = count
         return {
             job_id: await self._tally(conn, job_id, spec, items, statuses[job_id], answers[job_id])
             for job_id, (spec, items) in wanted.items()
@@ -360,6 +373,11 @@ class Decisions:
             for item, by_status in statuses.items()
             if item in wanted
         }
+
+
+def _votes(spec: JobSpec) -> bool:
+    """Whether the job's decision reads its votes with its lanes' statuses (TALLY)."""
+    return isinstance(getattr(spec, "aggregate", None), MajorityAggregate) and not gates(spec)
 
 
 def _decision(

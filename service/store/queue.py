@@ -23,6 +23,7 @@ from .statements import (
     CLAIMABLE,
     READY_FIRST,
     READY_LANES,
+    READY_LANES_OF_JOB,
     RESERVE_TOKENS,
     RUNNABLE,
     RUNNING_COUNTS,
@@ -169,15 +170,22 @@ class LaneQueue:
         runnable = [
             Runnable(job_id, tenant, created_at, ready, running, cap)
             for job_id, tenant, created_at, cap, ready, running in (
-                await tx.conn.execute(RUNNABLE, {"now": now})
+                await tx.conn.execute(RUNNABLE, {"now": now, "limit": limit})
             ).all()
+            if ready or running
         ]
         wanted = dict(fair_share(runnable, limit, self.weights))
         candidates: dict[str, list[tuple[int, str]]] = {job_id: [] for job_id in wanted}
         _left_out, job_rows = await self._lock(tx, candidates)
         if candidates:
-            params = {"jobs": list(candidates), "now": now, "k": max(wanted.values())}
-            for job_id, idx, provider in (await tx.conn.execute(READY_LANES, params)).all():
+            k = max(wanted.values())
+            if len(candidates) == 1:
+                (job,) = candidates
+                ready = await tx.conn.execute(READY_LANES_OF_JOB, {"job": job, "now": now, "k": k})
+            else:
+                params = {"jobs": list(candidates), "now": now, "k": k}
+                ready = await tx.conn.execute(READY_LANES, params)
+            for job_id, idx, provider in ready.all():
                 if len(candidates[job_id]) < wanted[job_id]:
                     candidates[job_id].append((idx, provider))
         return True, candidates, job_rows

@@ -118,6 +118,23 @@ async def test_a_small_job_of_another_tenant_gets_the_next_free_slots(store: Sto
     assert {c.job_id for c in next_free.claims} == {small.id}
 
 
+async def test_a_claim_shares_slots_between_tenants_each_jobs_lanes_in_order(
+    store: Store,
+) -> None:
+    one, _ = await store.jobs.create(parse(voting(10, aggregate=NUMBER_ALL)), "acme")
+    two, _ = await store.jobs.create(parse(voting(10, aggregate=NUMBER_ALL)), "globex")
+    first = await store.queue.claim(OWNER, 4)
+    assert sorted((c.job_id == two.id, c.idx) for c in first.claims) == [
+        (False, 0),
+        (False, 1),
+        (True, 0),
+        (True, 1),
+    ]
+    assert first.held_back
+    then = await store.queue.claim(OWNER, 2)
+    assert sorted((c.job_id == one.id, c.idx) for c in then.claims) == [(False, 2), (True, 2)]
+
+
 async def test_a_lane_queued_again_waits_behind_those_ready_before_it(store: Store) -> None:
     job, _ = await store.jobs.create(parse(voting(3, aggregate=NUMBER_ALL)), "acme")
     claims = (await store.queue.claim(OWNER, 1)).claims
