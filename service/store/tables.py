@@ -98,7 +98,7 @@ class Lane(Base):
     reserved_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
-        Index("ix_lanes_status_available", "status", "available_at"),
+        Index("ix_lanes_status_available", "status", "available_at", "job_id", "idx"),
         Index("ix_lanes_provider_status", "provider", "status"),
         Index("ix_lanes_job_status_available", "job_id", "status", "available_at", "idx"),
     )
