@@ -136,9 +136,7 @@ class LaneRunner:
 
     def release(self, reserved: int, claims: list[Claim]) -> None:
         self._claiming -= reserved
-        for claim in claims:
-            self.metrics.queue_wait.observe(claim.waited_s)
-            self._start(claim)
+        self._start_all(claims)
 
     async def _claim_loop(self) -> None:
         self._looping = True
@@ -160,9 +158,7 @@ class LaneRunner:
                     result = await self.writes(self.store.queue.claim(self.owner, wanted))
                 finally:
                     self._claiming -= wanted
-                for claim in result.claims:
-                    self.metrics.queue_wait.observe(claim.waited_s)
-                    self._start(claim)
+                self._start_all(result.claims)
                 claimed = len(result.claims)
                 self._held_back = result.held_back
                 next_check = result.next_check
@@ -180,6 +176,11 @@ class LaneRunner:
                 # A provider deferred lanes (its rate, a 429's pause) until then.
                 timeout = min(timeout, max(0.001, next_check - now))
             await sleep_until_woken(self._wake, timeout)
+
+    def _start_all(self, claims: list[Claim]) -> None:
+        for claim in claims:
+            self.metrics.queue_wait.observe(claim.waited_s)
+            self._start(claim)
 
     def _start(self, claim: Claim) -> None:
         key = (claim.job_id, claim.idx)
@@ -271,23 +272,35 @@ class LaneRunner:
             batch, self._outcomes = self._outcomes, []
             if not batch:
                 continue
+            # A recorded outcome frees a slot (under its job's cap, or the process's):
+            # if the last claim left lanes behind, the transaction that records the
+            # batch claims for the slots free then, its own included.
+            claim = 0
+            if self._held_back and self._looping:
+                claim = max(0, min(self._free(), self.claim_batch))
+            self._claiming += claim
             self._recording = len(batch)
             try:
-                recorded = await self.writes(self.store.outcomes.record(self.owner, batch))
+                recorded = await self.writes(
+                    self.store.outcomes.record(self.owner, batch, claim=claim)
+                )
             except BaseException:
                 # Not written: keep the outcomes for the next try (or the shutdown).
                 self._outcomes[:0] = batch
                 raise
             finally:
                 self._recording = 0
+                self._claiming -= claim
             self.metrics.rejected_writes.inc(recorded.rejected)
             if recorded.rejected:
                 log.warning("rejected %d stale lane writes", recorded.rejected)
             if recorded.reduce_jobs:
                 self.on_reduce(recorded.reduce_jobs)
-            # A recorded outcome frees a slot (under its job's cap, or the process's):
-            # worth a claim if the last one left lanes behind. A retry requeued a lane
-            # whose backoff the claim loop must time.
+            if recorded.claimed is not None:
+                self._start_all(recorded.claimed.claims)
+                self._held_back = recorded.claimed.held_back
+            # Lanes still held back: the claim loop takes what room is left (and times
+            # a provider's deferral). A retry requeued a lane whose backoff it times.
             if self._held_back or any(outcome.status is LaneStatus.QUEUED for outcome in batch):
                 self._wake.set()
 

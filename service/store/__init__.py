@@ -63,7 +63,7 @@ class Store:
             db, self.log, specs, gate, lease_seconds=lease_seconds, weights=weights
         )
         self.jobs = Jobs(db, self.log, specs, decisions, self.outbox, self.queue)
-        self.outcomes = Outcomes(db, specs, decisions, gate)
+        self.outcomes = Outcomes(db, specs, decisions, gate, self.queue)
         self.reductions = Reductions(db, self.log, specs, decisions, lease_seconds=lease_seconds)
 
 

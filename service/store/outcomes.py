@@ -21,6 +21,7 @@ from .decisions import Decisions
 from .eventlog import Item
 from .jobrows import SpecCache, lock_jobs
 from .providers import ProviderGate
+from .queue import LaneQueue
 from .statements import ADD_JOB_USAGE, LANES_RECORDED, LATE_USAGE, OUTCOME_UPDATE
 from .tables import jobs, lanes
 from .values import Outcome, Recorded
@@ -28,16 +29,25 @@ from .values import Outcome, Recorded
 
 class Outcomes:
     def __init__(
-        self, db: Database, specs: SpecCache, decisions: Decisions, gate: ProviderGate
+        self,
+        db: Database,
+        specs: SpecCache,
+        decisions: Decisions,
+        gate: ProviderGate,
+        queue: LaneQueue,
     ) -> None:
         self.db = db
         self.specs = specs
         self.decisions = decisions
         self.gate = gate
+        self.queue = queue
 
-    async def record(self, owner: str, outcomes: Sequence[Outcome]) -> Recorded:
+    async def record(self, owner: str, outcomes: Sequence[Outcome], *, claim: int = 0) -> Recorded:
         """Store a batch of attempt outcomes in one transaction (group commit), then
-        decide each job.
+        decide each job; with ``claim``, then claim up to that many lanes for ``owner``
+        in the same transaction (:meth:`LaneQueue.claim_in`; ``Recorded.claimed``): the
+        slots the outcomes freed are filled without a transaction of their own, nor a
+        claim that finds their jobs locked by this one.
 
         An outcome whose lane is no longer running under this owner and attempt (a
         decision stopped it: early stop, a gate, fail fast, a cancel, the deadline; or
@@ -105,6 +115,8 @@ class Outcomes:
             if deciding:
                 recorded.reduce_jobs += await self.decisions.decide_all(tx, deciding, now)
             await self.gate.settle(tx, unused, pauses, now)
+            if claim > 0:
+                recorded.claimed = await self.queue.claim_in(tx, owner, claim, now)
         return recorded
 
     async def _lanes(

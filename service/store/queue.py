@@ -60,31 +60,35 @@ class LaneQueue:
         On PostgreSQL the jobs it takes from are locked ``FOR UPDATE SKIP LOCKED``: two
         processes never claim from one job at once, and never wait on each other.
         """
-        now = time.time()
         async with self.db.transaction() as tx:
-            first = (await tx.conn.execute(READY_FIRST, {"now": now, "limit": limit + 1})).all()
-            if not first:
-                return Claimed([], held_back=False)
-            if len(first) <= limit:
-                # Room for every lane ready to start: no share to work out, only caps.
-                candidates: dict[str, list[tuple[int, str]]] = {}
-                for job_id, idx, provider in first:
-                    candidates.setdefault(job_id, []).append((idx, provider))
-                held_back, job_rows = await self._lock(tx, candidates)
-                held_back = await self._within_caps(tx, candidates, job_rows) or held_back
-            else:
-                held_back, candidates, job_rows = await self._fair_share(tx, limit, now)
-            called = {provider for lanes_ in candidates.values() for _idx, provider in lanes_}
-            admission = await self.gate.open(tx, called, now)
-            taking: dict[str, tuple[JobSpec, list[tuple[int, int, LlmTask | HttpTask]]]] = {}
-            for job_id, ready_lanes in candidates.items():
-                spec = await self.specs.load(tx.conn, job_id)
-                admitted = _admit(admission, spec, ready_lanes)
-                held_back = held_back or len(admitted) < len(ready_lanes)
-                if admitted:
-                    taking[job_id] = (spec, admitted)
-            claims = await self._take(tx, job_rows, taking, owner, now)
-            await self.gate.close(tx, admission)
+            return await self.claim_in(tx, owner, limit, time.time())
+
+    async def claim_in(self, tx: Tx, owner: str, limit: int, now: float) -> Claimed:
+        """:meth:`claim` in a transaction already open (one that recorded outcomes: the
+        slots they freed are filled in it, :meth:`Outcomes.record`)."""
+        first = (await tx.conn.execute(READY_FIRST, {"now": now, "limit": limit + 1})).all()
+        if not first:
+            return Claimed([], held_back=False)
+        if len(first) <= limit:
+            # Room for every lane ready to start: no share to work out, only caps.
+            candidates: dict[str, list[tuple[int, str]]] = {}
+            for job_id, idx, provider in first:
+                candidates.setdefault(job_id, []).append((idx, provider))
+            held_back, job_rows = await self._lock(tx, candidates)
+            held_back = await self._within_caps(tx, candidates, job_rows) or held_back
+        else:
+            held_back, candidates, job_rows = await self._fair_share(tx, limit, now)
+        called = {provider for lanes_ in candidates.values() for _idx, provider in lanes_}
+        admission = await self.gate.open(tx, called, now)
+        taking: dict[str, tuple[JobSpec, list[tuple[int, int, LlmTask | HttpTask]]]] = {}
+        for job_id, ready_lanes in candidates.items():
+            spec = await self.specs.load(tx.conn, job_id)
+            admitted = _admit(admission, spec, ready_lanes)
+            held_back = held_back or len(admitted) < len(ready_lanes)
+            if admitted:
+                taking[job_id] = (spec, admitted)
+        claims = await self._take(tx, job_rows, taking, owner, now)
+        await self.gate.close(tx, admission)
         return Claimed(claims, held_back, admission.next_check)
 
     async def start_new(

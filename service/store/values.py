@@ -81,6 +81,9 @@ class Recorded:
     requeued: int = 0  # lanes queued again (a lost lease with attempts left)
     # Jobs that now wait for their reducer.
     reduce_jobs: list[str] = field(default_factory=list)
+    # What the transaction claimed for the slots its outcomes freed (``record``'s
+    # ``claim``): lanes to start now that it committed.
+    claimed: Claimed | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -193,3 +193,36 @@ async def test_a_job_refused_holds_no_room(store: Store) -> None:
         await store.jobs.create(parse(voting(2)), "acme", max_in_flight=1, starter=starter)
     assert starter.released == []
     assert len((await store.jobs.page("acme", status=None, cursor=None, limit=10))[0]) == 1
+
+
+async def test_the_transaction_recording_outcomes_claims_for_the_slots_they_freed(
+    store: Store,
+) -> None:
+    every_vote = {"kind": "majority", "extract": "number", "early_stop": False}
+    spec = voting(5, aggregate=every_vote, policy={"max_concurrency": 2})
+    job, _ = await store.jobs.create(parse(spec), "acme")
+    first = (await store.queue.claim(OWNER, 10)).claims
+    assert [c.idx for c in first] == [0, 1]
+    recorded = await store.outcomes.record(OWNER, [answered(c) for c in first], claim=10)
+    assert recorded.claimed is not None
+    assert [(c.job_id, c.idx, c.attempt_no) for c in recorded.claimed.claims] == [
+        (job.id, 2, 1),
+        (job.id, 3, 1),
+    ]
+    assert recorded.claimed.held_back  # lane 4 waits for the cap
+    view = await store.jobs.get(job.id, None)
+    assert [lane.status for lane in view.lanes] == [
+        "succeeded",
+        "succeeded",
+        "running",
+        "running",
+        "queued",
+    ]
+    started = [
+        e["data"]["lane"] for e in await store.log.after(job.id, 0) if e["type"] == "lane.started"
+    ]
+    assert started == [0, 1, 2, 3]
+    # Without ``claim`` a recording claims nothing.
+    again = await store.outcomes.record(OWNER, [answered(c) for c in recorded.claimed.claims])
+    assert again.claimed is None
+    assert [lane.status for lane in (await store.jobs.get(job.id, None)).lanes][4] == "queued"
