@@ -301,6 +301,29 @@ def vote_state(rule: StopRule, tally: Tally, open_lanes: int) -> VoteState:
     return replace(state, stopped=stopped)
 
 
+# The rules a vote's running lanes may meet by themselves (the window rule reads the
+# order of the votes, which no best case orders).
+_COUNTING_RULES = ("decided", "ahead_by", "confidence")
+
+
+def running_may_stop(rule: StopRule, tally: Tally) -> bool:
+    """Whether the vote's lanes running now could stop it by themselves: the best case,
+    each of them a vote (of weight 1) for the leader, with its queued lanes still open.
+    Then a claim starts none of those until they answer: each would be a call that the
+    stop may leave unneeded, paid for and cut short."""
+    running, queued = tally.count(LaneStatus.RUNNING), tally.count(LaneStatus.QUEUED)
+    if not running or not queued or rule.rule not in _COUNTING_RULES:
+        return False
+    ranked = sorted(tally.votes, key=lambda vote: (-vote[1], vote[2]))
+    key, weight, first = ranked[0] if ranked else ("", 0.0, 0)
+    best = replace(
+        tally,
+        votes=[(key, weight + running, first), *ranked[1:]],
+        counted=tally.counted + running,
+    )
+    return vote_state(rule, best, queued).stopped
+
+
 @dataclass(frozen=True)
 class Stop:
     """End lanes that are still open: those in ``statuses`` get ``status``."""

@@ -262,13 +262,8 @@ class Decisions:
         voting = sorted(job_id for job_id, (spec, _items) in wanted.items() if _votes(spec))
         counting = sorted(set(wanted).difference(voting))
         if voting:
-            for job_id, status, key, weight, count, first in (
-                await conn.execute(TALLY, {"jobs": voting})
-            ).all():
-                by_status = statuses[job_id]
-                by_status[status] = by_status.get(status, 0) + count
-                if status == LaneStatus.SUCCEEDED and key is not None:
-                    answers[job_id].append((key, float(weight), count, first))
+            for job_id, (by_status, votes) in (await count_votes(conn, voting)).items():
+                statuses[job_id], answers[job_id] = by_status, votes
         if counting:
             for job_id, status, count in (
                 await conn.execute(STATUS_COUNTS, {"jobs": counting})
@@ -373,6 +368,24 @@ class Decisions:
             for item, by_status in statuses.items()
             if item in wanted
         }
+
+
+async def count_votes(
+    conn: Conn, job_ids: list[str]
+) -> dict[str, tuple[dict[str, int], list[tuple[str, float, int, int]]]]:
+    """Each job's lanes by status, and its succeeded lanes' answers (key, votes, lanes,
+    first lane), in one read (TALLY)."""
+    counted: dict[str, tuple[dict[str, int], list[tuple[str, float, int, int]]]] = {
+        job_id: ({}, []) for job_id in job_ids
+    }
+    for job_id, status, key, weight, count, first in (
+        await conn.execute(TALLY, {"jobs": sorted(job_ids)})
+    ).all():
+        by_status, votes = counted[job_id]
+        by_status[status] = by_status.get(status, 0) + count
+        if status == LaneStatus.SUCCEEDED and key is not None:
+            votes.append((key, float(weight), count, first))
+    return counted
 
 
 def _votes(spec: JobSpec) -> bool:

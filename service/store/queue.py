@@ -11,10 +11,12 @@ from typing import Any
 from sqlalchemy import and_, func, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 
-from ..policy import Runnable, fair_share
-from ..spec import HttpTask, JobSpec, LlmTask, lane_task
+from ..aggregate import gates
+from ..policy import Runnable, Tally, fair_share, running_may_stop
+from ..spec import HttpTask, JobSpec, LlmTask, MajorityAggregate, StopRule, lane_task
 from ..states import DECIDING_JOB, ErrorType, EventType, JobStatus, LaneStatus
 from .db import Database, Tx
+from .decisions import count_votes
 from .eventlog import EventLog, Item
 from .jobrows import SpecCache, lock_jobs
 from .providers import Admission, ProviderGate
@@ -78,11 +80,15 @@ class LaneQueue:
             held_back = await self._within_caps(tx, candidates, job_rows) or held_back
         else:
             held_back, candidates, job_rows = await self._fair_share(tx, limit, now)
+        specs = {job_id: await self.specs.load(tx.conn, job_id) for job_id in candidates}
+        for job_id in await _waiting_on_running(tx, specs):
+            del candidates[job_id]
+            held_back = True
         called = {provider for lanes_ in candidates.values() for _idx, provider in lanes_}
         admission = await self.gate.open(tx, called, now)
         taking: dict[str, tuple[JobSpec, list[tuple[int, int, LlmTask | HttpTask]]]] = {}
         for job_id, ready_lanes in candidates.items():
-            spec = await self.specs.load(tx.conn, job_id)
+            spec = specs[job_id]
             admitted = _admit(admission, spec, ready_lanes)
             held_back = held_back or len(admitted) < len(ready_lanes)
             if admitted:
@@ -375,6 +381,29 @@ class LaneQueue:
         async with self.db.read() as conn:
             due = (await conn.execute(query)).scalar_one_or_none()
         return None if due is None else float(due)
+
+
+async def _waiting_on_running(tx: Tx, specs: Mapping[str, JobSpec]) -> list[str]:
+    """The votes among ``specs`` whose running lanes could stop them by themselves
+    (:func:`service.policy.running_may_stop`): they start no lane until those answer."""
+    stopping: dict[str, StopRule] = {}
+    for job_id, spec in specs.items():
+        aggregate = getattr(spec, "aggregate", None)
+        if isinstance(aggregate, MajorityAggregate) and not gates(spec):
+            stopping[job_id] = aggregate.stop_rule
+    if not stopping:
+        return []
+    waiting = []
+    for job_id, (by_status, votes) in (await count_votes(tx.conn, list(stopping))).items():
+        tally = Tally(
+            sum(by_status.values()),
+            by_status,
+            [(key, weight, first) for key, weight, _lanes, first in votes],
+            counted=sum(lanes for _key, _weight, lanes, _first in votes),
+        )
+        if running_may_stop(stopping[job_id], tally):
+            waiting.append(job_id)
+    return waiting
 
 
 def _admit(

@@ -162,7 +162,10 @@ async def test_a_big_job_starts_what_the_room_holds_the_claim_loop_takes_the_res
     store: Store,
 ) -> None:
     starter = Starter(room=1000)
-    job, _ = await store.jobs.create(parse(voting(1200)), "acme", starter=starter)
+    every_vote = {"kind": "majority", "early_stop": False}
+    job, _ = await store.jobs.create(
+        parse(voting(1200, aggregate=every_vote)), "acme", starter=starter
+    )
     ((reserved, claims),) = starter.released
     assert reserved == 1000 and [c.idx for c in claims] == list(range(1000))
     assert job.progress == {"running": 1000, "queued": 200}
@@ -226,3 +229,21 @@ async def test_the_transaction_recording_outcomes_claims_for_the_slots_they_free
     again = await store.outcomes.record(OWNER, [answered(c) for c in recorded.claimed.claims])
     assert again.claimed is None
     assert [lane.status for lane in (await store.jobs.get(job.id, None)).lanes][4] == "queued"
+
+
+async def test_a_vote_starts_no_lane_its_running_lanes_could_make_unneeded(store: Store) -> None:
+    """Four of five lanes run (``decided``, cap 4): once two agree, the two running ones
+    could decide the vote by themselves, so the fifth waits for them."""
+    spec = voting(5, aggregate={"kind": "majority", "extract": "number"})
+    spec["policy"] = {"max_concurrency": 4}
+    job, _ = await store.jobs.create(parse(spec), "acme")
+    claims = (await store.queue.claim(OWNER, 10)).claims
+    assert [c.idx for c in claims] == [0, 1, 2, 3]
+    await store.outcomes.record(OWNER, [answered(c) for c in claims[:2]])  # 7, 7
+    held = await store.queue.claim(OWNER, 10)
+    assert held.claims == [] and held.held_back
+    await store.outcomes.record(OWNER, [answered(claims[2], "Answer: 8")])
+    assert (await store.queue.claim(OWNER, 10)).claims == []  # 7, 7, 8: lane 3 may decide
+    await store.outcomes.record(OWNER, [answered(claims[3], "Answer: 8")])
+    (fifth,) = (await store.queue.claim(OWNER, 10)).claims  # 7, 7, 8, 8: it is needed
+    assert (fifth.job_id, fifth.idx) == (job.id, 4)

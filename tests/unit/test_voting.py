@@ -20,7 +20,7 @@ from service.aggregate import (
     lane_answer,
     majority,
 )
-from service.policy import Tally, decide, leader_confidence
+from service.policy import Tally, decide, leader_confidence, running_may_stop
 from service.spec import (
     JudgeAggregate,
     LlmTask,
@@ -441,3 +441,40 @@ def test_a_stored_vote_parses_back_into_the_same_spec(aggregate: dict[str, Any])
     assert VotingSpec.model_validate(stored(spec)) == spec
     ensemble = VotingSpec.model_validate({"mode": "voting", "n": 4, "tasks": [TASK, TASK]})
     assert VotingSpec.model_validate(stored(ensemble)) == ensemble
+
+
+# --- lanes a vote does not start yet -----------------------------------------------------
+
+
+def running(votes: dict[str, float], running_lanes: int, queued: int) -> Tally:
+    return tally(votes, running_lanes, queued=queued)
+
+
+@pytest.mark.parametrize(
+    ("stop", "state", "waits"),
+    [
+        # decided: the leader with every running lane beats the rest and the queued ones
+        ({"rule": "decided"}, running({"a": 5}, 3, 2), True),
+        ({"rule": "decided"}, running({"a": 3, "b": 2}, 3, 2), True),
+        ({"rule": "decided"}, running({"a": 2, "b": 2}, 2, 4), False),
+        # confidence: 5 against 0 is 0.984 sure; 2 against 1, 0.69
+        ({"rule": "confidence", "confidence": 0.95}, running({"a": 3}, 2, 5), True),
+        ({"rule": "confidence", "confidence": 0.95}, running({"a": 1, "b": 1}, 1, 5), False),
+        ({"rule": "ahead_by", "k": 3}, running({"a": 1}, 2, 4), True),
+        ({"rule": "ahead_by", "k": 3}, running({"a": 1, "b": 1}, 2, 4), False),
+        # nothing running, nothing queued, or a rule no count can meet: start as ever
+        ({"rule": "decided"}, running({"a": 5}, 0, 2), False),
+        ({"rule": "decided"}, running({"a": 5}, 3, 0), False),
+        ({"rule": "window", "size": 2}, running({"a": 5}, 3, 2), False),
+        ({"rule": "none"}, running({"a": 5}, 3, 2), False),
+    ],
+)
+def test_a_vote_waits_for_running_lanes_that_could_stop_it_by_themselves(
+    stop: dict[str, Any], state: Tally, waits: bool
+) -> None:
+    assert running_may_stop(rule(stop).aggregate.stop_rule, state) is waits  # type: ignore[union-attr]
+    if waits:  # and they do, if they all vote for the leader
+        leader = max(state.votes, key=lambda vote: vote[1])[0]
+        votes = {key: weight for key, weight, _first in state.votes}
+        votes[leader] += state.count("running")
+        assert stops(rule(stop), tally(votes, state.count("queued")))
