@@ -303,7 +303,7 @@ def vote_state(rule: StopRule, tally: Tally, open_lanes: int) -> VoteState:
 
 # The rules a vote's running lanes may meet by themselves (the window rule reads the
 # order of the votes, which no best case orders).
-_COUNTING_RULES = ("decided", "ahead_by", "confidence")
+COUNTING_RULES = ("decided", "ahead_by", "confidence")
 
 
 def running_may_stop(rule: StopRule, tally: Tally) -> bool:
@@ -312,7 +312,7 @@ def running_may_stop(rule: StopRule, tally: Tally) -> bool:
     Then a claim starts none of those until they answer: each would be a call that the
     stop may leave unneeded, paid for and cut short."""
     running, queued = tally.count(LaneStatus.RUNNING), tally.count(LaneStatus.QUEUED)
-    if not running or not queued or rule.rule not in _COUNTING_RULES:
+    if not running or not queued or rule.rule not in COUNTING_RULES:
         return False
     ranked = sorted(tally.votes, key=lambda vote: (-vote[1], vote[2]))
     key, weight, first = ranked[0] if ranked else ("", 0.0, 0)

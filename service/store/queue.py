@@ -12,7 +12,7 @@ from sqlalchemy import and_, func, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 
 from ..aggregate import gates
-from ..policy import Runnable, Tally, fair_share, running_may_stop
+from ..policy import COUNTING_RULES, Runnable, Tally, fair_share, running_may_stop
 from ..spec import HttpTask, JobSpec, LlmTask, MajorityAggregate, StopRule, lane_task
 from ..states import DECIDING_JOB, ErrorType, EventType, JobStatus, LaneStatus
 from .db import Database, Tx
@@ -389,7 +389,11 @@ async def _waiting_on_running(tx: Tx, specs: Mapping[str, JobSpec]) -> list[str]
     stopping: dict[str, StopRule] = {}
     for job_id, spec in specs.items():
         aggregate = getattr(spec, "aggregate", None)
-        if isinstance(aggregate, MajorityAggregate) and not gates(spec):
+        if (
+            isinstance(aggregate, MajorityAggregate)
+            and aggregate.stop_rule.rule in COUNTING_RULES
+            and not gates(spec)
+        ):
             stopping[job_id] = aggregate.stop_rule
     if not stopping:
         return []
