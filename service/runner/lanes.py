@@ -11,7 +11,10 @@ transaction was open goes into the next one, and the recorder waits a moment (at
 most 5 ms) for lanes of the same jobs that are still answering. Decisions (early
 stop, fail fast, deadline...) are made by the store inside those transactions; when
 one ends lanes this process is running, the committed ``lane.*`` events reach
-:meth:`_on_events`, which cancels those tasks, closing their upstream requests.
+:meth:`_on_events`, which cancels those tasks, closing their upstream requests. When
+the last claim left lanes waiting, a batch's transaction also claims for the slots it
+freed (the claim loop takes what room is left): a capped job's next lanes start
+without a transaction of their own.
 """
 
 from __future__ import annotations
