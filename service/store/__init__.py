@@ -6,7 +6,8 @@ parts, each given what it uses.
     Store ─┬─ jobs        create, read, list, cancel                  (the routes)
            ├─ log         a job's events: append in a transaction, read after k
            ├─ queue       the lanes table as the queue: claim, leases, requeue
-           ├─ outcomes    record a batch of attempt outcomes, decide; deadlines
+           ├─ outcomes    record a batch of attempt outcomes, decide (and claim for
+           │              the slots it freed: queue.claim_in); deadlines
            ├─ reductions  the reducer's durable attempts
            └─ outbox      the webhook outbox                           (the runner)
     decisions   decide a job and carry it out (used by outcomes, reductions, jobs)
