@@ -276,16 +276,26 @@ async def test_a_job_created_beside_the_runner_starts_as_it_is_stored(harness: H
 async def test_lanes_that_answer_together_are_recorded_in_one_transaction(
     harness: Harness,
 ) -> None:
-    """Five lanes answering 0.2 ms apart: the recorder waits for the rest of the job's
-    lanes (each outcome within 1 ms of the last) and writes them, and the decision, at
-    once; a lane still running after that does not hold the others back."""
+    """Five lanes answering one after another, a turn of the event loop apart: the
+    recorder waits for the rest of the job's lanes (each outcome within 1 ms of the
+    last) and writes them, and the decision, at once; a lane still running after that
+    does not hold the others back. (Turns of the loop, not timers: on a loaded machine
+    a timer of 0.2 ms fires a few milliseconds late.)"""
+    all_running = asyncio.Event()
+    running = 0
 
     async def staggered(call: Call) -> Attempt:
+        nonlocal running
         lane = int(call.text.rsplit(" ", 1)[-1])
         if lane == 5:
             await asyncio.sleep(1)  # far past the wait
-        else:
-            await asyncio.sleep(0.0002 * lane)
+            return seven()
+        running += 1
+        if running == 5:
+            all_running.set()
+        await all_running.wait()
+        for _ in range(lane):  # lane i answers i turns after lane 0
+            await asyncio.sleep(0)
         return seven()
 
     harness.runner(Script(staggered))
