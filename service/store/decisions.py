@@ -9,14 +9,14 @@ writes what they say: lanes stopped, the job's result or error written exactly o
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import select, update
 
 from ..aggregate import Conclusion, LaneResult, conclude, gate_blocks, gates
 from ..policy import Decision, Stop, Tally, budget_spent, decide
-from ..spec import JobSpec, MajorityAggregate, MapSpec
+from ..spec import JobSpec, MajorityAggregate, MapSpec, StopRule
 from ..states import (
     DECIDING_JOB,
     ENDED_WITHOUT_RESULT,
@@ -254,23 +254,24 @@ class Decisions:
         its first failure; for a per-item map, the votes of the items whose lanes the
         events touched (the others' votes have not changed). One statement counts every
         job's lanes and votes; the rest is read only for the jobs that need it."""
-        statuses: dict[str, dict[str, int]] = {job_id: {} for job_id in wanted}
-        answers: dict[str, list[tuple[str, float, int, int]]] = {job_id: [] for job_id in wanted}
         # Only a majority without gates counts its votes with its statuses; the others
         # count lanes by status alone, on the (job, status) index: a 10,000-item map's
         # lanes each hold an answer of their own, which TALLY would group.
-        voting = sorted(job_id for job_id, (spec, _items) in wanted.items() if _votes(spec))
+        voting = [
+            job_id for job_id, (spec, _items) in wanted.items() if vote_rule(spec) is not None
+        ]
+        counts = await count_votes(conn, voting) if voting else {}
         counting = sorted(set(wanted).difference(voting))
-        if voting:
-            for job_id, (by_status, votes) in (await count_votes(conn, voting)).items():
-                statuses[job_id], answers[job_id] = by_status, votes
         if counting:
+            statuses: dict[str, dict[str, int]] = {job_id: {} for job_id in counting}
             for job_id, status, count in (
                 await conn.execute(STATUS_COUNTS, {"jobs": counting})
             ).all():
                 statuses[job_id][status] = count
+            for job_id, by_status in statuses.items():
+                counts[job_id] = Tally(sum(by_status.values()), by_status)
         return {
-            job_id: await self._tally(conn, job_id, spec, items, statuses[job_id], answers[job_id])
+            job_id: await self._tally(conn, job_id, spec, items, counts[job_id])
             for job_id, (spec, items) in wanted.items()
         }
 
@@ -280,22 +281,17 @@ class Decisions:
         job_id: str,
         spec: JobSpec,
         items: list[Item],
-        by_status: dict[str, int],
-        answers: list[tuple[str, float, int, int]],
+        counts: Tally,
     ) -> Tally:
-        """The job's tally from its counts (``answers``: its succeeded lanes' answers,
-        by answer: key, weight, lanes, first lane)."""
+        """The job's tally from its counts (its lanes by status; a majority without gates'
+        votes too, :func:`count_votes`)."""
         gated = gates(spec)
-        votes: list[tuple[str, float, int]] = []
-        counted = 0
+        by_status, votes, counted = counts.by_status, counts.votes, counts.counted
         sequence: list[str] = []
         if isinstance(spec.aggregate, MajorityAggregate):
             if gated:  # a gate's verdict is no vote: counted again without the gates
                 rows = await conn.execute(TALLY_VOTES, {"j": job_id, "gates": list(gated)})
-                answers = [(key, float(weight), count, first) for key, weight, count, first in rows]
-            for key, weight, count, first in answers:
-                votes.append((key, weight, first))
-                counted += count
+                votes, counted = _votes_of(rows)
             if spec.aggregate.stop_rule.rule == "window":
                 keys = await conn.execute(VOTE_SEQUENCE, {"j": job_id, "gates": list(gated)})
                 sequence = list(keys.scalars().all())
@@ -370,27 +366,42 @@ class Decisions:
         }
 
 
-async def count_votes(
-    conn: Conn, job_ids: list[str]
-) -> dict[str, tuple[dict[str, int], list[tuple[str, float, int, int]]]]:
-    """Each job's lanes by status, and its succeeded lanes' answers (key, votes, lanes,
-    first lane), in one read (TALLY)."""
-    counted: dict[str, tuple[dict[str, int], list[tuple[str, float, int, int]]]] = {
-        job_id: ({}, []) for job_id in job_ids
-    }
+async def count_votes(conn: Conn, job_ids: list[str]) -> dict[str, Tally]:
+    """Each job's lanes by status and its votes (its succeeded lanes' answers), in one
+    read (TALLY): a majority's tally before its gates, failures and order of votes."""
+    by_status: dict[str, dict[str, int]] = {job_id: {} for job_id in job_ids}
+    answers: dict[str, list[Any]] = {job_id: [] for job_id in job_ids}
     for job_id, status, key, weight, count, first in (
         await conn.execute(TALLY, {"jobs": sorted(job_ids)})
     ).all():
-        by_status, votes = counted[job_id]
-        by_status[status] = by_status.get(status, 0) + count
+        statuses = by_status[job_id]
+        statuses[status] = statuses.get(status, 0) + count
         if status == LaneStatus.SUCCEEDED and key is not None:
-            votes.append((key, float(weight), count, first))
-    return counted
+            answers[job_id].append((key, weight, count, first))
+    tallies = {}
+    for job_id, statuses in by_status.items():
+        votes, counted = _votes_of(answers[job_id])
+        tallies[job_id] = Tally(sum(statuses.values()), statuses, votes, counted=counted)
+    return tallies
 
 
-def _votes(spec: JobSpec) -> bool:
-    """Whether the job's decision reads its votes with its lanes' statuses (TALLY)."""
-    return isinstance(getattr(spec, "aggregate", None), MajorityAggregate) and not gates(spec)
+def _votes_of(answers: Iterable[Any]) -> tuple[list[tuple[str, float, int]], int]:
+    """Votes (key, weight, first lane) and the lanes that cast them, from rows of
+    (key, weight, lanes, first lane)."""
+    votes, counted = [], 0
+    for key, weight, count, first in answers:
+        votes.append((key, float(weight), first))
+        counted += count
+    return votes, counted
+
+
+def vote_rule(spec: JobSpec) -> StopRule | None:
+    """The stopping rule of a job whose decision reads its votes with its lanes'
+    statuses (TALLY): a majority without gates. None for any other job."""
+    aggregate = getattr(spec, "aggregate", None)
+    if isinstance(aggregate, MajorityAggregate) and not gates(spec):
+        return aggregate.stop_rule
+    return None
 
 
 def _decision(

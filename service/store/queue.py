@@ -11,12 +11,11 @@ from typing import Any
 from sqlalchemy import and_, func, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 
-from ..aggregate import gates
-from ..policy import COUNTING_RULES, Runnable, Tally, fair_share, running_may_stop
-from ..spec import HttpTask, JobSpec, LlmTask, MajorityAggregate, StopRule, lane_task
+from ..policy import COUNTING_RULES, Runnable, fair_share, running_may_stop
+from ..spec import HttpTask, JobSpec, LlmTask, lane_task
 from ..states import DECIDING_JOB, ErrorType, EventType, JobStatus, LaneStatus
 from .db import Database, Tx
-from .decisions import count_votes
+from .decisions import count_votes, vote_rule
 from .eventlog import EventLog, Item
 from .jobrows import SpecCache, lock_jobs
 from .providers import Admission, ProviderGate
@@ -386,28 +385,16 @@ class LaneQueue:
 async def _waiting_on_running(tx: Tx, specs: Mapping[str, JobSpec]) -> list[str]:
     """The votes among ``specs`` whose running lanes could stop them by themselves
     (:func:`service.policy.running_may_stop`): they start no lane until those answer."""
-    stopping: dict[str, StopRule] = {}
-    for job_id, spec in specs.items():
-        aggregate = getattr(spec, "aggregate", None)
-        if (
-            isinstance(aggregate, MajorityAggregate)
-            and aggregate.stop_rule.rule in COUNTING_RULES
-            and not gates(spec)
-        ):
-            stopping[job_id] = aggregate.stop_rule
+    rules = {job_id: vote_rule(spec) for job_id, spec in specs.items()}
+    stopping = {
+        job_id: rule
+        for job_id, rule in rules.items()
+        if rule is not None and rule.rule in COUNTING_RULES
+    }
     if not stopping:
         return []
-    waiting = []
-    for job_id, (by_status, votes) in (await count_votes(tx.conn, list(stopping))).items():
-        tally = Tally(
-            sum(by_status.values()),
-            by_status,
-            [(key, weight, first) for key, weight, _lanes, first in votes],
-            counted=sum(lanes for _key, _weight, lanes, _first in votes),
-        )
-        if running_may_stop(stopping[job_id], tally):
-            waiting.append(job_id)
-    return waiting
+    tallies = await count_votes(tx.conn, list(stopping))
+    return [job_id for job_id, rule in stopping.items() if running_may_stop(rule, tallies[job_id])]
 
 
 def _admit(
