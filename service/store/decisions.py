@@ -330,40 +330,46 @@ class Decisions:
     ) -> dict[int, Tally]:
         """A per-item map's votes: the tally of each item a lane of ``items`` is a vote
         of (what its stopping rule reads)."""
-        if not isinstance(spec, MapSpec) or spec.per_item is None:
-            return {}
-        if not isinstance(spec.per_item.aggregate, MajorityAggregate):
-            return {}
         touched = {fields["lane"] for _kind, fields in items if "lane" in fields}
-        if not touched:
-            return {}
-        n = spec.per_item.n
-        wanted = {lane // n for lane in touched}
-        span = {"from": min(wanted) * n, "to": (max(wanted) + 1) * n}
-        params = {"j": job_id, "n": n, "gates": [], **span}
-        statuses: dict[int, dict[str, int]] = {}
-        for item, status, count in (await conn.execute(ITEM_STATUSES, params)).all():
-            statuses.setdefault(item, {})[status] = count
-        votes: dict[int, list[tuple[str, float, int]]] = {}
-        counted: dict[int, int] = {}
-        for item, key, weight, count, first in (await conn.execute(ITEM_VOTES, params)).all():
-            votes.setdefault(item, []).append((key, float(weight), first))
-            counted[item] = counted.get(item, 0) + count
-        sequences: dict[int, list[str]] = {}
-        if spec.per_item.aggregate.stop_rule.rule == "window":
-            for item, key in (await conn.execute(ITEM_SEQUENCE, params)).all():
-                sequences.setdefault(item, []).append(key)
-        return {
-            item: Tally(
-                sum(by_status.values()),
-                by_status,
-                votes.get(item, []),
-                sequence=sequences.get(item, []),
-                counted=counted.get(item, 0),
-            )
-            for item, by_status in statuses.items()
-            if item in wanted
-        }
+        return await item_tallies(conn, job_id, spec, touched)
+
+
+async def item_tallies(conn: Conn, job_id: str, spec: JobSpec, lanes: set[int]) -> dict[int, Tally]:
+    """A per-item map's votes: the tally of each item one of ``lanes`` is a vote of
+    (what its stopping rule reads); none for any other job."""
+    if not isinstance(spec, MapSpec) or spec.per_item is None:
+        return {}
+    if not isinstance(spec.per_item.aggregate, MajorityAggregate):
+        return {}
+    if not lanes:
+        return {}
+    n = spec.per_item.n
+    wanted = {lane // n for lane in lanes}
+    span = {"from": min(wanted) * n, "to": (max(wanted) + 1) * n}
+    params = {"j": job_id, "n": n, "gates": [], **span}
+    statuses: dict[int, dict[str, int]] = {}
+    for item, status, count in (await conn.execute(ITEM_STATUSES, params)).all():
+        statuses.setdefault(item, {})[status] = count
+    votes: dict[int, list[tuple[str, float, int]]] = {}
+    counted: dict[int, int] = {}
+    for item, key, weight, count, first in (await conn.execute(ITEM_VOTES, params)).all():
+        votes.setdefault(item, []).append((key, float(weight), first))
+        counted[item] = counted.get(item, 0) + count
+    sequences: dict[int, list[str]] = {}
+    if spec.per_item.aggregate.stop_rule.rule == "window":
+        for item, key in (await conn.execute(ITEM_SEQUENCE, params)).all():
+            sequences.setdefault(item, []).append(key)
+    return {
+        item: Tally(
+            sum(by_status.values()),
+            by_status,
+            votes.get(item, []),
+            sequence=sequences.get(item, []),
+            counted=counted.get(item, 0),
+        )
+        for item, by_status in statuses.items()
+        if item in wanted
+    }
 
 
 async def count_votes(conn: Conn, job_ids: list[str]) -> dict[str, Tally]:
@@ -393,6 +399,15 @@ def _votes_of(answers: Iterable[Any]) -> tuple[list[tuple[str, float, int]], int
         votes.append((key, float(weight), first))
         counted += count
     return votes, counted
+
+
+def item_vote_rule(spec: JobSpec) -> tuple[StopRule, int] | None:
+    """The stopping rule of each item's vote in a per-item map of majorities, and its
+    ``n``. None for any other job."""
+    per_item = spec.per_item if isinstance(spec, MapSpec) else None
+    if per_item is not None and isinstance(per_item.aggregate, MajorityAggregate):
+        return per_item.aggregate.stop_rule, per_item.n
+    return None
 
 
 def vote_rule(spec: JobSpec) -> StopRule | None:

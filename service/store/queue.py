@@ -15,7 +15,7 @@ from ..policy import COUNTING_RULES, Runnable, fair_share, running_may_stop
 from ..spec import HttpTask, JobSpec, LlmTask, lane_task
 from ..states import DECIDING_JOB, ErrorType, EventType, JobStatus, LaneStatus
 from .db import Database, Tx
-from .decisions import count_votes, vote_rule
+from .decisions import count_votes, item_tallies, item_vote_rule, vote_rule
 from .eventlog import EventLog, Item
 from .jobrows import SpecCache, lock_jobs
 from .providers import Admission, ProviderGate
@@ -80,9 +80,7 @@ class LaneQueue:
         else:
             held_back, candidates, job_rows = await self._fair_share(tx, limit, now)
         specs = {job_id: await self.specs.load(tx.conn, job_id) for job_id in candidates}
-        for job_id in await _waiting_on_running(tx, specs):
-            del candidates[job_id]
-            held_back = True
+        held_back = await _wait_for_running(tx, candidates, specs) or held_back
         called = {provider for lanes_ in candidates.values() for _idx, provider in lanes_}
         admission = await self.gate.open(tx, called, now)
         taking: dict[str, tuple[JobSpec, list[tuple[int, int, LlmTask | HttpTask]]]] = {}
@@ -382,19 +380,39 @@ class LaneQueue:
         return None if due is None else float(due)
 
 
-async def _waiting_on_running(tx: Tx, specs: Mapping[str, JobSpec]) -> list[str]:
-    """The votes among ``specs`` whose running lanes could stop them by themselves
-    (:func:`service.policy.running_may_stop`): they start no lane until those answer."""
+async def _wait_for_running(
+    tx: Tx, candidates: dict[str, list[tuple[int, str]]], specs: Mapping[str, JobSpec]
+) -> bool:
+    """Hold back the lanes of votes whose running lanes could stop them by themselves
+    (:func:`service.policy.running_may_stop`): a vote's, or a per-item map's item's.
+    They start when those have answered. True when some were held back."""
+    held = False
     rules = {job_id: vote_rule(spec) for job_id, spec in specs.items()}
     stopping = {
         job_id: rule
         for job_id, rule in rules.items()
         if rule is not None and rule.rule in COUNTING_RULES
     }
-    if not stopping:
-        return []
-    tallies = await count_votes(tx.conn, list(stopping))
-    return [job_id for job_id, rule in stopping.items() if running_may_stop(rule, tallies[job_id])]
+    if stopping:
+        tallies = await count_votes(tx.conn, list(stopping))
+        for job_id, rule in stopping.items():
+            if running_may_stop(rule, tallies[job_id]):
+                del candidates[job_id]
+                held = True
+    for job_id, spec in specs.items():
+        per_item = item_vote_rule(spec)
+        if job_id not in candidates or per_item is None or per_item[0].rule not in COUNTING_RULES:
+            continue
+        (rule, n), ready = per_item, candidates[job_id]
+        items = await item_tallies(tx.conn, job_id, spec, {idx for idx, _provider in ready})
+        kept = [lane for lane in ready if not running_may_stop(rule, items[lane[0] // n])]
+        if len(kept) < len(ready):
+            held = True
+            if kept:
+                candidates[job_id] = kept
+            else:
+                del candidates[job_id]
+    return held
 
 
 def _admit(

@@ -247,3 +247,28 @@ async def test_a_vote_starts_no_lane_its_running_lanes_could_make_unneeded(store
     await store.outcomes.record(OWNER, [answered(claims[3], "Answer: 8")])
     (fifth,) = (await store.queue.claim(OWNER, 10)).claims  # 7, 7, 8, 8: it is needed
     assert (fifth.job_id, fifth.idx) == (job.id, 4)
+
+
+async def test_an_items_vote_starts_no_lane_its_running_lanes_could_make_unneeded(
+    store: Store,
+) -> None:
+    """A per-item map's item is a vote too: at ``ahead_by`` 2, one vote in and one running,
+    the running one could settle it, so its next lane waits for it."""
+    vote = {"kind": "majority", "extract": "number", "stop": {"rule": "ahead_by", "k": 2}}
+    task = {"model": "fake", "messages": [{"role": "user", "content": "{{item}}"}]}
+    spec = {
+        "mode": "map",
+        "items": ["7?"],
+        "task": task,
+        "per_item": {"n": 4, "aggregate": vote},
+        "policy": {"max_concurrency": 2},
+    }
+    job, _ = await store.jobs.create(parse(spec), "acme")
+    claims = (await store.queue.claim(OWNER, 10)).claims
+    assert [c.idx for c in claims] == [0, 1]
+    await store.outcomes.record(OWNER, [answered(claims[0])])  # 7, and lane 1 running
+    held = await store.queue.claim(OWNER, 10)
+    assert held.claims == [] and held.held_back
+    await store.outcomes.record(OWNER, [answered(claims[1], "Answer: 8")])  # 7, 8
+    needed = (await store.queue.claim(OWNER, 10)).claims  # undecided, nothing running
+    assert [(c.job_id, c.idx) for c in needed] == [(job.id, 2), (job.id, 3)]
