@@ -161,13 +161,17 @@ def as_score(answer: Any) -> float | int | None:
     return shortest_number(str(answer).strip())
 
 
+# Canonical JSON: keys sorted, no spaces (one encoder, not one made at each call).
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
 def answer_key(answer: Any) -> str | None:
     """A canonical text for grouping equal answers (``391`` and ``391.0`` agree)."""
     if answer is None:
         return None
     if isinstance(answer, float) and answer.is_integer():
         answer = int(answer)
-    return json.dumps(answer, sort_keys=True, separators=(",", ":"))
+    return _canonical(answer)
 
 
 @dataclass(frozen=True)
@@ -404,7 +408,7 @@ def collect_items(lanes: list[LaneResult]) -> tuple[Any, dict[str, Any]]:
 def merge_key(element: Any, dedupe: str) -> str:
     if dedupe == "normalized" and isinstance(element, str):
         return json.dumps(" ".join(element.split()).casefold())
-    return json.dumps(element, sort_keys=True, separators=(",", ":"))
+    return _canonical(element)
 
 
 def merge(lanes: list[LaneResult], dedupe: str) -> tuple[Any, dict[str, Any]]:

@@ -33,6 +33,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from .states import FINAL_EVENTS
 
 QUEUE_LIMIT = 2048
@@ -50,8 +52,18 @@ class Encoded(str):
     as text and sends it without decoding it."""
 
 
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode(data: Any) -> Encoded:
-    return Encoded(json.dumps(data, separators=(",", ":")))
+    """Compact JSON on one line. orjson writes it ten times faster than ``json`` (an
+    event of every lane of every job is encoded on the loop); what orjson refuses and
+    ``json`` writes (integers past 64 bits, keys that are not strings, lone surrogates)
+    is written by ``json``, escaped to ASCII."""
+    try:
+        return Encoded(orjson.dumps(data).decode())
+    except TypeError:
+        return Encoded(_compact(data))
 
 
 def store_json(value: Any) -> str:

@@ -13,8 +13,10 @@ SQLite statements run on the event loop's own thread, through SQLAlchemy's
 synchronous engine (:class:`SqliteConnection`): a statement on a local file takes
 tens of microseconds, less than handing it to a thread and back, or than SQLAlchemy's
 asyncio layer around it. Nothing here waits on a lock either: the process is
-SQLite's only writer and WAL readers never block. What can still stall the loop is a
-WAL checkpoint's sync, a few milliseconds every thousand pages.
+SQLite's only writer and WAL readers never block. Nor does a WAL checkpoint (copying
+the log back into the database, and its syncs: tens of milliseconds every thousand
+pages), which SQLite would make in the commit that fills the log: a thread of its own
+makes them (:class:`Checkpointer`).
 
 On PostgreSQL a transaction that appended events also notifies other processes
 (:mod:`service.notify`): the ``pg_notify`` calls run just before the commit, so
@@ -24,6 +26,7 @@ PostgreSQL delivers them exactly when, and only if, the transaction commits.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -81,6 +84,8 @@ class Tx:
             return query
         return query.with_for_update(skip_locked=skip_locked)
 
+
+log = logging.getLogger("fanout.store")
 
 # How long a statement waits for another process's lock (on the worker thread).
 BUSY_TIMEOUT_MS = 30_000
@@ -300,6 +305,7 @@ def _sqlite_engine(url: str, *, pool_size: int) -> Engine:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA wal_autocheckpoint=0")  # a thread makes them: Checkpointer
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -350,6 +356,58 @@ def _postgres_engine(url: str, *, pool_size: int) -> AsyncEngine:
     return engine
 
 
+# How often the WAL is checkpointed while writes go on (SQLite's own default is at
+# every thousand pages, about 4 MB; a 10,000-item map writes about 8 MB a second).
+CHECKPOINT_EVERY_S = 0.5
+
+
+class Checkpointer:
+    """Checkpoints a SQLite database's WAL on a thread of its own, never in a commit.
+
+    The service's connections turn SQLite's automatic checkpoint off: it would run in
+    the commit that fills the log, on the event loop's thread, and stall every lane
+    for its copy and syncs. Instead, a commit at least ``CHECKPOINT_EVERY_S`` after the
+    last checkpoint starts a passive one here, on a connection of its own: it copies
+    what no reader still needs, waits for no lock, and the writer goes on meanwhile
+    (the ``sqlite3`` module lets go of the GIL while SQLite works)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.done = 0  # checkpoints made
+        self._conn: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
+        self._running: asyncio.Future[None] | None = None
+        self._last = time.monotonic()
+
+    def after_commit(self) -> None:
+        if self._running is not None or time.monotonic() - self._last < CHECKPOINT_EVERY_S:
+            return
+        self._running = asyncio.get_running_loop().run_in_executor(self._thread, self._checkpoint)
+        self._running.add_done_callback(self._finished)
+
+    def _checkpoint(self) -> None:
+        if self._conn is None:
+            self._conn = sqlite3.connect(self.path, timeout=0, check_same_thread=False)
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def _finished(self, done: asyncio.Future[None]) -> None:
+        self._running = None
+        self._last = time.monotonic()
+        if not done.cancelled() and done.exception() is not None:
+            # The next one tries again; SQLite checkpoints the rest as it closes.
+            log.warning("WAL checkpoint failed: %s", done.exception())
+        else:
+            self.done += 1
+
+    async def close(self) -> None:
+        if self._running is not None:
+            with suppress(Exception):
+                await self._running
+        if self._conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._conn.close)
+        self._thread.shutdown(wait=False)
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = url
@@ -362,6 +420,7 @@ class Database:
             self.reader = _sqlite_engine(url, pool_size=pool_size)
             self._writing = asyncio.Lock()
             self._reading = asyncio.Semaphore(pool_size)
+            self.checkpointer = Checkpointer(str(make_url(url).database))
         else:
             self.writer = self.reader = _postgres_engine(url, pool_size=pool_size)
         self.plans = Plans(self.writer.dialect)
@@ -385,6 +444,7 @@ class Database:
                     await sqlite.commit()
                     committed = True
                     self._committed(tx)
+                self.checkpointer.after_commit()
             else:
                 async with self.writer.begin() as conn:
                     postgres = PostgresConnection(conn, self.plans, writes=True)
@@ -424,6 +484,8 @@ class Database:
         return engine if isinstance(engine, Engine) else engine.sync_engine
 
     async def dispose(self) -> None:
+        if self.is_sqlite:
+            await self.checkpointer.close()
         for engine in {self.writer, self.reader}:
             if isinstance(engine, Engine):
                 engine.dispose()

@@ -34,6 +34,7 @@ from .rendering import job_summary, job_view, lane_view, progress_of
 from .statements import (
     IN_FLIGHT,
     INSERT_JOB,
+    INSERT_JOB_WITHIN_CAP,
     INSERT_LANES,
     JOB_STATUS,
     JOB_TASKS,
@@ -240,10 +241,6 @@ class Jobs:
                             idempotency_keys.c.tenant == tenant, idempotency_keys.c.key == key
                         )
                     )
-            if max_in_flight is not None:
-                in_flight = (await tx.conn.execute(IN_FLIGHT, {"tenant": tenant})).scalar_one()
-                if in_flight >= max_in_flight:
-                    raise TenantAtCapacity(in_flight, max_in_flight)
             items: list[Item] = [(EventType.JOB_QUEUED, {"lanes": names})]
             self.specs.put(job_id, spec)
             if starter is not None:
@@ -255,7 +252,13 @@ class Jobs:
                         for c in claims
                     )
             job["last_seq"] = len(items)
-            await tx.conn.execute(INSERT_JOB, job)
+            if max_in_flight is None:
+                await tx.conn.execute(INSERT_JOB, job)
+            else:
+                within_cap = job | {"cap": max_in_flight}
+                if not (await tx.conn.execute(INSERT_JOB_WITHIN_CAP, within_cap)).rowcount:
+                    counted = await tx.conn.execute(IN_FLIGHT, {"tenant": tenant})
+                    raise TenantAtCapacity(counted.scalar_one(), max_in_flight)
             await tx.conn.execute(INSERT_LANES, lane_rows)
             if idempotency is not None:
                 await tx.conn.execute(

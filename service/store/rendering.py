@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from ..states import JobStatus, LaneStatus
@@ -13,19 +14,39 @@ from ..views import ErrorView, JobSummary, JobView, LaneView, ResultView, Usage
 
 
 def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
+    return None if ts is None else _iso(ts)
+
+
+# A job's lanes share their times and usages (queued together, started by one claim,
+# ended by one batch, the same tokens an answer): each is made once for a 10,000-lane
+# view, not once a lane. (Usage is frozen: one model may serve many views.)
+@lru_cache(maxsize=4096)
+def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def usage_of(row: Mapping[Any, Any]) -> Usage:
+@lru_cache(maxsize=4096)
+def _usage(
+    prompt: int, completion: int, total: int, reasoning: int, cached: int, cost: float | None
+) -> Usage:
     return Usage(
-        prompt_tokens=row["prompt_tokens"],
-        completion_tokens=row["completion_tokens"],
-        total_tokens=row["total_tokens"],
-        reasoning_tokens=row["reasoning_tokens"],
-        cached_tokens=row["cached_tokens"],
-        cost_usd=row["cost_usd"],
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total,
+        reasoning_tokens=reasoning,
+        cached_tokens=cached,
+        cost_usd=cost,
+    )
+
+
+def usage_of(row: Mapping[Any, Any]) -> Usage:
+    return _usage(
+        row["prompt_tokens"],
+        row["completion_tokens"],
+        row["total_tokens"],
+        row["reasoning_tokens"],
+        row["cached_tokens"],
+        row["cost_usd"],
     )
 
 

@@ -19,6 +19,7 @@ from sqlalchemy import (
 )
 
 from ..states import ENDED_WITHOUT_RESULT, OPEN_JOB, TERMINAL_JOB, JobStatus, LaneStatus
+from ..views import NO_USAGE
 from .direct import direct
 from .tables import events, jobs, lanes, providers
 
@@ -34,6 +35,30 @@ INSERT_JOB = insert(jobs)
 INSERT_LANES = insert(lanes)
 IN_FLIGHT = select(func.count()).where(
     jobs.c.tenant == bindparam("tenant"), jobs.c.status.in_(OPEN_JOB)
+)
+# A new job (the columns it is created with), stored only while its tenant has fewer
+# than ``cap`` jobs open: the tenant's count and the insert in one statement, one round
+# trip less for every job. No row inserted: the tenant is at its cap.
+NEW_JOB_COLUMNS = (
+    "id",
+    "tenant",
+    "status",
+    "mode",
+    "spec",
+    "lanes_total",
+    "created_at",
+    "deadline_at",
+    "max_concurrency",
+    *NO_USAGE.model_dump(),
+    "started_at",
+    "last_seq",
+    "reduce_attempts",
+)
+INSERT_JOB_WITHIN_CAP = insert(jobs).from_select(
+    NEW_JOB_COLUMNS,
+    select(*(bindparam(name, type_=jobs.c[name].type) for name in NEW_JOB_COLUMNS)).where(
+        IN_FLIGHT.scalar_subquery() < bindparam("cap")
+    ),
 )
 # Open jobs: their tenant, cap and age, their lanes ready to start now (counted up to
 # ``limit``, the most a claim gives: the rest changes no share) and running. What a

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
+from service.store import db as db_module
 from service.store.db import Database, SqliteConnection
 
 
@@ -129,3 +132,22 @@ async def test_a_transaction_tells_its_hooks_whether_it_committed(db: Database) 
             raise RuntimeError("rolled back")
     assert seen == [True, False]
     assert await stored(db) == [1]
+
+
+async def test_the_wal_is_checkpointed_on_a_thread_not_in_a_commit(
+    db: Database, sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit never copies the log into the database on the loop's thread (SQLite's
+    automatic checkpoint is off); the checkpointer's thread does, soon after."""
+    monkeypatch.setattr(db_module, "CHECKPOINT_EVERY_S", 0.0)
+    async with db.transaction() as tx:
+        assert (await tx.conn.execute(text("PRAGMA wal_autocheckpoint"))).scalar() == 0
+        await tx.conn.execute(text("INSERT INTO t VALUES (:v)"), [{"v": v} for v in range(3000)])
+    async with asyncio.timeout(10):
+        while not db.checkpointer.done:
+            await asyncio.sleep(0.01)
+    # The database file on its own, without its log, now holds every row.
+    alone = tmp_path / "alone.db"
+    shutil.copyfile(sqlite_url.split(":///", 1)[1], alone)
+    with closing(sqlite3.connect(alone)) as copy:
+        assert copy.execute("SELECT count(*) FROM t").fetchone() == (3000,)

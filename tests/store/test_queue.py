@@ -194,7 +194,7 @@ async def test_a_job_refused_holds_no_room(store: Store) -> None:
     starter = Starter(room=10)
     with pytest.raises(TenantAtCapacity):
         await store.jobs.create(parse(voting(2)), "acme", max_in_flight=1, starter=starter)
-    assert starter.released == []
+    assert starter.released == [(10, [])]  # its slots given back, no lane started
     assert len((await store.jobs.page("acme", status=None, cursor=None, limit=10))[0]) == 1
 
 

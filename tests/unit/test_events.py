@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sse_starlette import ServerSentEvent
 
-from service.events import EventHub, Frame, batches, stream
+from service.events import EventHub, Frame, batches, encode, stream
 
 
 def event(seq: int, kind: str = "lane.started") -> dict[str, Any]:
@@ -78,13 +78,28 @@ def test_a_frame_is_what_sse_starlette_writes_for_the_event() -> None:
     delta = {"job_id": "j", "seq": 0, "type": "lane.delta", "data": {"text": "hi"}}
     for item in (stored, delta):
         expected = ServerSentEvent(
-            data=json.dumps(item["data"], separators=(",", ":")),
+            # Compact, on one line, UTF-8 as it is (line breaks escaped).
+            data=json.dumps(item["data"], separators=(",", ":"), ensure_ascii=False),
             event=item["type"],
             id=str(item["seq"]) if item["seq"] else None,
         ).encode()
         frame = Frame.encode(item)
         assert frame.body == expected
         assert frame.event("j") == item
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"n": 2**70},  # past 64 bits
+        {"1": "x", "nested": {2: "two"}},  # a key that is not a string
+        {"text": "half a pair \ud800"},  # a lone surrogate
+    ],
+)
+def test_data_that_orjson_refuses_is_encoded_all_the_same(data: dict[str, Any]) -> None:
+    text = encode(data)
+    assert json.loads(text) == json.loads(json.dumps(data))
+    assert "\n" not in text
 
 
 def test_frame_cache_stays_within_its_bound_and_forgets_a_job_nobody_follows() -> None:
