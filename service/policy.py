@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .aggregate import gates
 from .attempts import Attempt
 from .spec import (
     JobSpec,
@@ -347,6 +348,22 @@ class Decision:
     # A majority's vote after this decision: what it reports, not what it decides, so
     # two decisions that act alike are equal whatever their vote state.
     vote: VoteState | None = field(default=None, compare=False)
+
+
+def undecided_while_open(spec: JobSpec, lanes_total: int) -> bool:
+    """Whether :func:`decide` does nothing for the job (no stop, no end, no vote to
+    report) for as long as one of its lanes is open, every lane that ended succeeded,
+    its budget is not spent and its deadline has not passed. So it is without a gate
+    (a section that passed may block the job), a majority (its votes may stop it) or
+    a per-item majority, and with a quorum its lanes can reach. Such a job's decision
+    needs no count of its lanes until then: only whether one is open and none ended
+    otherwise, which the store reads where it would count a 10,000-item map's lanes."""
+    per_item = spec.per_item if isinstance(spec, MapSpec) else None
+    if gates(spec) or isinstance(getattr(spec, "aggregate", None), MajorityAggregate):
+        return False
+    if per_item is not None:
+        return not isinstance(per_item.aggregate, MajorityAggregate)
+    return on_failure(spec) is not OnFailure.QUORUM or quorum_size(spec) <= lanes_total
 
 
 def decide(

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from ..aggregate import Conclusion, LaneResult, conclude, gate_blocks, gates
-from ..policy import Decision, Stop, Tally, budget_spent, decide
+from ..policy import Decision, Stop, Tally, budget_spent, decide, undecided_while_open
 from ..spec import JobSpec, MajorityAggregate, MapSpec, StopRule
 from ..states import (
     DECIDING_JOB,
@@ -38,6 +38,7 @@ from .statements import (
     ITEM_STATUSES,
     ITEM_VOTES,
     LANE_RESULTS,
+    OPEN_AND_UNSUCCESSFUL,
     STATUS_COUNTS,
     STOP_LANES,
     TALLY,
@@ -48,6 +49,11 @@ from .tables import jobs, lanes
 
 # Past any lane of a job: a stop of every lane.
 MAX_LANE_INDEX = 2**31 - 1
+# A job with more lanes than this, and nothing to decide while one is open
+# (policy.undecided_while_open), is probed for an open lane before its lanes are
+# counted; a smaller one is counted at once (as cheap as the probe, which its last
+# batch would need besides).
+PROBE_ABOVE_LANES = 100
 
 
 class Decisions:
@@ -84,11 +90,19 @@ class Decisions:
         """:meth:`decide` each job (its row, spec and events), reading what every one
         needs at once: their tallies, then the lanes of those that end without stopping
         lanes first. The jobs that now wait for their reducer."""
-        tallies = await self.tallies(
-            tx.conn, {job_id: (spec, items) for job_id, (_job, spec, items) in wanted.items()}
-        )
+        undecided = await self._undecided(tx.conn, wanted, now, deadline_passed)
+        counted = {
+            job_id: (spec, items)
+            for job_id, (_job, spec, items) in wanted.items()
+            if job_id not in undecided
+        }
+        tallies = await self.tallies(tx.conn, counted)
         decisions = {
-            job_id: _decision(job, spec, tallies[job_id], now, deadline_passed)
+            job_id: (
+                Decision()
+                if job_id in undecided
+                else _decision(job, spec, tallies[job_id], now, deadline_passed)
+            )
             for job_id, (job, spec, _items) in wanted.items()
         }
         ending = [
@@ -103,6 +117,28 @@ class Decisions:
             if await self._carry_out(tx, job_id, spec, decision, items, now, results.get(job_id)):
                 reducing.append(job_id)
         return reducing
+
+    async def _undecided(
+        self,
+        conn: Conn,
+        wanted: Mapping[str, tuple[Mapping[Any, Any], JobSpec, list[Item]]],
+        now: float,
+        deadline_passed: bool,
+    ) -> set[str]:
+        """The big jobs of ``wanted`` with nothing to decide yet: one of their lanes is
+        open, all that ended succeeded, and their policy waits for the rest
+        (:func:`~service.policy.undecided_while_open`). Found without counting lanes."""
+        probed = [
+            job_id
+            for job_id, (job, spec, _items) in wanted.items()
+            if job["lanes_total"] > PROBE_ABOVE_LANES
+            and not _pressed(job, spec, now, deadline_passed)
+            and undecided_while_open(spec, job["lanes_total"])
+        ]
+        if not probed:
+            return set()
+        rows = await conn.execute(OPEN_AND_UNSUCCESSFUL, {"jobs": sorted(probed)})
+        return {job_id for job_id, is_open, unsuccessful in rows if is_open and not unsuccessful}
 
     async def _carry_out(
         self,
@@ -426,7 +462,17 @@ def _decision(
     return decide(
         spec,
         tally,
-        deadline_passed=deadline_passed
-        or (job["deadline_at"] is not None and job["deadline_at"] <= now),
+        deadline_passed=_deadline_passed(job, now, deadline_passed),
         budget_spent=budget_spent(spec.policy, job["total_tokens"], job["cost_usd"]),
+    )
+
+
+def _deadline_passed(job: Mapping[Any, Any], now: float, passed: bool) -> bool:
+    return passed or (job["deadline_at"] is not None and job["deadline_at"] <= now)
+
+
+def _pressed(job: Mapping[Any, Any], spec: JobSpec, now: float, deadline_passed: bool) -> bool:
+    """Whether the job's deadline passed or its budget is spent: a decision then."""
+    return _deadline_passed(job, now, deadline_passed) or budget_spent(
+        spec.policy, job["total_tokens"], job["cost_usd"]
     )

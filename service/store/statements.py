@@ -12,13 +12,21 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
+    exists,
     func,
     insert,
     select,
     update,
 )
 
-from ..states import ENDED_WITHOUT_RESULT, OPEN_JOB, TERMINAL_JOB, JobStatus, LaneStatus
+from ..states import (
+    ENDED_WITHOUT_RESULT,
+    OPEN_JOB,
+    OPEN_LANE,
+    TERMINAL_JOB,
+    JobStatus,
+    LaneStatus,
+)
 from ..views import NO_USAGE
 from .direct import direct
 from .tables import events, jobs, lanes, providers
@@ -267,6 +275,18 @@ TALLY = (
     .group_by(lanes.c.job_id, lanes.c.status, lanes.c.answer_key)
 )
 # Lanes by status of jobs whose decision reads no votes (from the (job, status) index).
+# Whether each job has a lane open, and one that ended without succeeding: two probes
+# of the (job, status) index a job, where STATUS_COUNTS counts every one of its lanes.
+OPEN_AND_UNSUCCESSFUL = select(
+    jobs.c.id,
+    exists().where(lanes.c.job_id == jobs.c.id, lanes.c.status.in_(OPEN_LANE)).label("open"),
+    exists()
+    .where(
+        lanes.c.job_id == jobs.c.id,
+        lanes.c.status.in_((*ENDED_WITHOUT_RESULT, LaneStatus.SKIPPED)),
+    )
+    .label("unsuccessful"),
+).where(jobs.c.id.in_(bindparam("jobs", expanding=True)))
 STATUS_COUNTS = (
     select(lanes.c.job_id, lanes.c.status, func.count())
     .where(lanes.c.job_id.in_(bindparam("jobs", expanding=True)))

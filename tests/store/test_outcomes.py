@@ -12,6 +12,7 @@ from service.policy import Retrying
 from service.states import ErrorType, LaneStatus
 from service.store import Claim, Outcome, Store
 from service.store.db import Database
+from service.store.decisions import PROBE_ABOVE_LANES
 from service.views import Usage
 from tests.store.conftest import OWNER, parse
 from tests.support import section, sectioning, voting
@@ -347,3 +348,36 @@ async def test_a_replayed_event_is_the_frame_sent_live_byte_for_byte(store: Stor
     succeeded = next(e for e in await store.log.after(job.id, 0) if e["type"] == "lane.succeeded")
     assert succeeded["data"]["output"] == text
     assert live[succeeded["seq"]].event(job.id)["data"] == succeeded["data"]
+
+
+def big_map(items: int, on_failure: str) -> dict[str, Any]:
+    task = {"model": "fake", "messages": [{"role": "user", "content": "{{item}}"}]}
+    items_ = [f"item {i}" for i in range(items)]
+    return {"mode": "map", "items": items_, "task": task, "policy": {"on_failure": on_failure}}
+
+
+async def test_a_big_map_is_decided_when_its_last_lane_ends(store: Store) -> None:
+    """Past PROBE_ABOVE_LANES lanes, a batch that ends none of the job's open lanes
+    badly finds them open without counting them; the last one ends the job."""
+    items = PROBE_ABOVE_LANES + 20
+    job, _ = await store.jobs.create(parse(big_map(items, "fail_fast")), "acme")
+    claims = (await store.queue.claim(OWNER, items)).claims
+    await store.outcomes.record(OWNER, [answered(c, output=f"{c.idx}") for c in claims[:-1]])
+    assert (await store.jobs.get(job.id, None, with_lanes=False)).status == "running"
+    await store.outcomes.record(OWNER, [answered(claims[-1], output=f"{items - 1}")])
+    view = await store.jobs.get(job.id, None, with_lanes=False)
+    assert view.status == "succeeded" and view.result is not None
+    assert view.result.output == [f"{i}" for i in range(items)]
+
+
+async def test_a_big_maps_first_failure_fails_it_at_once_under_fail_fast(store: Store) -> None:
+    items = PROBE_ABOVE_LANES + 20
+    job, _ = await store.jobs.create(parse(big_map(items, "fail_fast")), "acme")
+    claims = (await store.queue.claim(OWNER, 10)).claims
+    await store.outcomes.record(OWNER, [answered(c) for c in claims[:5]])
+    assert (await store.jobs.get(job.id, None, with_lanes=False)).status == "running"
+    await store.outcomes.record(OWNER, [failed(claims[5])])
+    view = await store.jobs.get(job.id, None)
+    assert view.status == "failed" and view.error is not None
+    assert view.error.type == "lane_failed"
+    assert view.progress == {"succeeded": 5, "failed": 1, "cancelled": items - 6}

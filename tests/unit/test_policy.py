@@ -6,10 +6,12 @@ import random
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service.aggregate import LaneResult, answer_key, majority
-from service.policy import Decision, Tally, decide
-from service.spec import SectioningSpec, VotingSpec
+from service.policy import Decision, Tally, decide, undecided_while_open
+from service.spec import MapSpec, SectioningSpec, VotingSpec, lane_count
 from service.states import OPEN_LANE as OPEN
 
 TASK = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -592,3 +594,50 @@ def test_partial_means_some_lane_ended_without_a_result(
 
     assert decision.outcome == "aggregate"
     assert decision.partial is partial
+
+
+# --- what a big job's decision may skip counting ----------------------------------------
+
+
+def mapping(items: int, **fields: Any) -> MapSpec:
+    task = {"model": "m", "messages": [{"role": "user", "content": "{{item}}"}]}
+    items_ = [f"item {i}" for i in range(items)]
+    return MapSpec.model_validate({"mode": "map", "items": items_, "task": task, **fields})
+
+
+SCORE = {"kind": "score", "extract": "number", "pick": "mean"}
+WAITING = [
+    sectioning("a", "b", "c"),
+    sectioning("a", "b", "c", on_failure="best_effort"),
+    voting(5, aggregate=SCORE),
+    voting(5, aggregate=SCORE, on_failure="quorum", quorum=4),
+    mapping(6),
+    mapping(6, policy={"on_failure": "quorum", "quorum": 5}),
+    mapping(3, per_item={"n": 2, "aggregate": SCORE}),
+]
+DECIDING_EARLY = [
+    sectioning("a", "b", gate="b"),  # a gate that passed may still block the job
+    voting(5),  # a majority may stop early
+    mapping(3, per_item={"n": 3, "aggregate": {"kind": "majority", "extract": "number"}}),
+]
+
+
+@pytest.mark.parametrize("spec", DECIDING_EARLY)
+def test_a_job_whose_decision_may_come_early_is_always_counted(spec: Any) -> None:
+    assert not undecided_while_open(spec, lane_count(spec))
+
+
+@given(spec=st.sampled_from(WAITING), data=st.data())
+def test_a_job_undecided_while_open_is_left_alone_until_its_lanes_end(
+    spec: Any, data: st.DataObject
+) -> None:
+    """While one of its lanes is open and every one that ended succeeded, a job the
+    store does not count (undecided_while_open) is one decide() would leave alone."""
+    lanes = lane_count(spec)
+    assert undecided_while_open(spec, lanes)
+    queued = data.draw(st.integers(0, lanes))
+    running = data.draw(st.integers(1 if queued == 0 else 0, lanes - queued))
+    decision = decide(
+        spec, tally(queued=queued, running=running, succeeded=lanes - queued - running)
+    )
+    assert decision == Decision() and decision.vote is None
