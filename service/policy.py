@@ -307,12 +307,14 @@ def vote_state(rule: StopRule, tally: Tally, open_lanes: int) -> VoteState:
 COUNTING_RULES = ("decided", "ahead_by", "confidence")
 
 
-def running_may_stop(rule: StopRule, tally: Tally) -> bool:
-    """Whether the vote's lanes running now could stop it by themselves: the best case,
-    each of them a vote (of weight 1) for the leader, with its queued lanes still open.
-    Then a claim starts none of those until they answer: each would be a call that the
-    stop may leave unneeded, paid for and cut short."""
-    running, queued = tally.count(LaneStatus.RUNNING), tally.count(LaneStatus.QUEUED)
+def running_may_stop(rule: StopRule, tally: Tally, starting: int = 0) -> bool:
+    """Whether the vote's lanes running now, and ``starting`` queued ones a claim takes
+    with them, could stop it by themselves: the best case, each of them a vote (of
+    weight 1) for the leader, with its other queued lanes still open. Then the claim
+    takes none of those until they answer: each would be a call that the stop may leave
+    unneeded, paid for and cut short."""
+    running = tally.count(LaneStatus.RUNNING) + starting
+    queued = tally.count(LaneStatus.QUEUED) - starting
     if not running or not queued or rule.rule not in COUNTING_RULES:
         return False
     ranked = sorted(tally.votes, key=lambda vote: (-vote[1], vote[2]))

@@ -58,6 +58,20 @@ class Usage(BaseModel):
             cached += usage.cached_tokens
             if usage.cost_usd is not None:
                 cost = usage.cost_usd if cost is None else cost + usage.cost_usd
+        return cls.of(prompt, completion, total, reasoning, cached, cost)
+
+    @classmethod
+    def of(
+        cls,
+        prompt: int,
+        completion: int,
+        total: int,
+        reasoning: int,
+        cached: int,
+        cost: float | None,
+    ) -> Usage:
+        """From counts already checked (summed here, or read from the store): made
+        without validating them again."""
         return cls.model_construct(
             prompt_tokens=prompt,
             completion_tokens=completion,

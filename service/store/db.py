@@ -393,7 +393,9 @@ class Checkpointer:
     def _finished(self, done: asyncio.Future[None]) -> None:
         self._running = None
         self._last = time.monotonic()
-        if not done.cancelled() and done.exception() is not None:
+        if done.cancelled():
+            return
+        if done.exception() is not None:
             # The next one tries again; SQLite checkpoints the rest as it closes.
             log.warning("WAL checkpoint failed: %s", done.exception())
         else:

@@ -11,8 +11,8 @@ from typing import Any
 from sqlalchemy import and_, func, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 
-from ..policy import COUNTING_RULES, Runnable, fair_share, running_may_stop
-from ..spec import HttpTask, JobSpec, LlmTask, lane_task
+from ..policy import COUNTING_RULES, Runnable, Tally, fair_share, running_may_stop
+from ..spec import HttpTask, JobSpec, LlmTask, StopRule, lane_task
 from ..states import DECIDING_JOB, ErrorType, EventType, JobStatus, LaneStatus
 from .db import Database, Tx
 from .decisions import count_votes, item_tallies, item_vote_rule, vote_rule
@@ -383,10 +383,13 @@ class LaneQueue:
 async def _wait_for_running(
     tx: Tx, candidates: dict[str, list[tuple[int, str]]], specs: Mapping[str, JobSpec]
 ) -> bool:
-    """Hold back the lanes of votes whose running lanes could stop them by themselves
+    """Hold back the lanes of votes that their running lanes could stop by themselves
     (:func:`service.policy.running_may_stop`): a vote's, or a per-item map's item's.
-    They start when those have answered. True when some were held back."""
-    held = False
+    They start when those have answered. An item's votes become ready one by one, for
+    economy (``VOTE_STAGGER_S``): the lanes a claim takes of an item count as running
+    for the next, so that it takes no more than could settle it (a vote of its own takes
+    up to its cap while none runs: its latency first). True when some were held back."""
+    kept: dict[str, list[tuple[int, str]]] = {}
     rules = {job_id: vote_rule(spec) for job_id, spec in specs.items()}
     stopping = {
         job_id: rule
@@ -397,22 +400,39 @@ async def _wait_for_running(
         tallies = await count_votes(tx.conn, list(stopping))
         for job_id, rule in stopping.items():
             if running_may_stop(rule, tallies[job_id]):
-                del candidates[job_id]
-                held = True
+                kept[job_id] = []
     for job_id, spec in specs.items():
         per_item = item_vote_rule(spec)
         if job_id not in candidates or per_item is None or per_item[0].rule not in COUNTING_RULES:
             continue
         (rule, n), ready = per_item, candidates[job_id]
         items = await item_tallies(tx.conn, job_id, spec, {idx for idx, _provider in ready})
-        kept = [lane for lane in ready if not running_may_stop(rule, items[lane[0] // n])]
-        if len(kept) < len(ready):
+        by_item: dict[int, list[tuple[int, str]]] = {}
+        for lane in ready:
+            by_item.setdefault(lane[0] // n, []).append(lane)
+        needed = {
+            lane for item, lanes_ in by_item.items() for lane in _needed(rule, items[item], lanes_)
+        }
+        kept[job_id] = [lane for lane in ready if lane in needed]
+    held = False
+    for job_id, lanes_ in kept.items():
+        if len(lanes_) < len(candidates[job_id]):
             held = True
-            if kept:
-                candidates[job_id] = kept
+            if lanes_:
+                candidates[job_id] = lanes_
             else:
                 del candidates[job_id]
     return held
+
+
+def _needed(rule: StopRule, tally: Tally, ready: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The first of an item's ``ready`` lanes (in the claim's order) that it may need:
+    those before the one that its lanes running and those taken before it could make
+    unneeded."""
+    taken = 0
+    while taken < len(ready) and not running_may_stop(rule, tally, taken):
+        taken += 1
+    return ready[:taken]
 
 
 def _admit(

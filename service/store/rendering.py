@@ -25,18 +25,7 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-@lru_cache(maxsize=4096)
-def _usage(
-    prompt: int, completion: int, total: int, reasoning: int, cached: int, cost: float | None
-) -> Usage:
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=total,
-        reasoning_tokens=reasoning,
-        cached_tokens=cached,
-        cost_usd=cost,
-    )
+_usage = lru_cache(maxsize=4096)(Usage.of)
 
 
 def usage_of(row: Mapping[Any, Any]) -> Usage:

@@ -274,7 +274,6 @@ TALLY = (
     .where(lanes.c.job_id.in_(bindparam("jobs", expanding=True)))
     .group_by(lanes.c.job_id, lanes.c.status, lanes.c.answer_key)
 )
-# Lanes by status of jobs whose decision reads no votes (from the (job, status) index).
 # Whether each job has a lane open, and one that ended without succeeding: two probes
 # of the (job, status) index a job, where STATUS_COUNTS counts every one of its lanes.
 OPEN_AND_UNSUCCESSFUL = select(
@@ -287,6 +286,7 @@ OPEN_AND_UNSUCCESSFUL = select(
     )
     .label("unsuccessful"),
 ).where(jobs.c.id.in_(bindparam("jobs", expanding=True)))
+# Lanes by status of jobs whose decision reads no votes (from the (job, status) index).
 STATUS_COUNTS = (
     select(lanes.c.job_id, lanes.c.status, func.count())
     .where(lanes.c.job_id.in_(bindparam("jobs", expanding=True)))

@@ -12,7 +12,7 @@ from service.policy import Retrying
 from service.store import Claim, Store
 from service.store.db import Database
 from tests.store.conftest import OWNER, parse
-from tests.store.test_outcomes import answered
+from tests.store.test_outcomes import answered, failed
 from tests.support import voting
 
 
@@ -272,3 +272,27 @@ async def test_an_items_vote_starts_no_lane_its_running_lanes_could_make_unneede
     await store.outcomes.record(OWNER, [answered(claims[1], "Answer: 8")])  # 7, 8
     needed = (await store.queue.claim(OWNER, 10)).claims  # undecided, nothing running
     assert [(c.job_id, c.idx) for c in needed] == [(job.id, 2), (job.id, 3)]
+
+
+async def test_an_item_takes_no_more_lanes_at_once_than_could_settle_it(store: Store) -> None:
+    """At ``ahead_by`` 2 with one vote in and nothing running, one more agreeing vote
+    could settle the item: with two slots free a claim takes one of its lanes, and the
+    next waits for it."""
+    vote = {"kind": "majority", "extract": "number", "stop": {"rule": "ahead_by", "k": 2}}
+    task = {"model": "fake", "messages": [{"role": "user", "content": "{{item}}"}]}
+    spec = {
+        "mode": "map",
+        "items": ["7?"],
+        "task": task,
+        "per_item": {"n": 4, "aggregate": vote},
+        "policy": {"max_concurrency": 2},
+    }
+    job, _ = await store.jobs.create(parse(spec), "acme")
+    first, second = (await store.queue.claim(OWNER, 10)).claims
+    await store.outcomes.record(OWNER, [answered(first), failed(second)])  # one vote: 7
+    claimed = await store.queue.claim(OWNER, 10)
+    assert [(c.job_id, c.idx) for c in claimed.claims] == [(job.id, 2)]
+    assert claimed.held_back
+    await store.outcomes.record(OWNER, [answered(claimed.claims[0])])  # 7, 7: settled
+    view = await store.jobs.get(job.id, None)
+    assert [lane.status for lane in view.lanes] == ["succeeded", "failed", "succeeded", "skipped"]
