@@ -14,9 +14,9 @@ synchronous engine (:class:`SqliteConnection`): a statement on a local file take
 tens of microseconds, less than handing it to a thread and back, or than SQLAlchemy's
 asyncio layer around it. Nothing here waits on a lock either: the process is
 SQLite's only writer and WAL readers never block. Nor does a WAL checkpoint (copying
-the log back into the database, and its syncs: tens of milliseconds every thousand
-pages), which SQLite would make in the commit that fills the log: a thread of its own
-makes them (:class:`Checkpointer`).
+the log back into the database, and its syncs: about 12 ms every thousand pages on the
+benchmark's machine), which SQLite would make in the commit that fills the log: a
+thread of its own makes them (:class:`Checkpointer`).
 
 On PostgreSQL a transaction that appended events also notifies other processes
 (:mod:`service.notify`): the ``pg_notify`` calls run just before the commit, so
@@ -357,7 +357,7 @@ def _postgres_engine(url: str, *, pool_size: int) -> AsyncEngine:
 
 
 # How often the WAL is checkpointed while writes go on (SQLite's own default is at
-# every thousand pages, about 4 MB; a 10,000-item map writes about 8 MB a second).
+# every thousand pages, about 4 MB, which a big job's writes fill again and again).
 CHECKPOINT_EVERY_S = 0.5
 
 
