@@ -352,6 +352,24 @@ class Decision:
     vote: VoteState | None = field(default=None, compare=False)
 
 
+def vote_rule(spec: JobSpec) -> StopRule | None:
+    """The stopping rule of a job whose decision reads its votes with its lanes'
+    statuses: a majority without gates. None for any other job."""
+    aggregate = getattr(spec, "aggregate", None)
+    if isinstance(aggregate, MajorityAggregate) and not gates(spec):
+        return aggregate.stop_rule
+    return None
+
+
+def item_vote_rule(spec: JobSpec) -> tuple[StopRule, int] | None:
+    """The stopping rule of each item's vote in a per-item map of majorities, and its
+    ``n``. None for any other job."""
+    per_item = spec.per_item if isinstance(spec, MapSpec) else None
+    if per_item is not None and isinstance(per_item.aggregate, MajorityAggregate):
+        return per_item.aggregate.stop_rule, per_item.n
+    return None
+
+
 def undecided_while_open(spec: JobSpec, lanes_total: int) -> bool:
     """Whether :func:`decide` does nothing for the job (no stop, no end, no vote to
     report) for as long as one of its lanes is open, every lane that ended succeeded,
@@ -360,11 +378,10 @@ def undecided_while_open(spec: JobSpec, lanes_total: int) -> bool:
     a per-item majority, and with a quorum its lanes can reach. Such a job's decision
     needs no count of its lanes until then: only whether one is open and none ended
     otherwise, which the store reads where it would count a 10,000-item map's lanes."""
-    per_item = spec.per_item if isinstance(spec, MapSpec) else None
-    if gates(spec) or isinstance(getattr(spec, "aggregate", None), MajorityAggregate):
+    if gates(spec) or vote_rule(spec) is not None or item_vote_rule(spec) is not None:
         return False
-    if per_item is not None:
-        return not isinstance(per_item.aggregate, MajorityAggregate)
+    if isinstance(spec, MapSpec) and spec.per_item is not None:
+        return True  # its lanes are votes, best effort (its items' quorum is concluded)
     return on_failure(spec) is not OnFailure.QUORUM or quorum_size(spec) <= lanes_total
 
 
@@ -448,16 +465,15 @@ def decide(
         else:
             vote = replace(vote, stopped=False)
 
-    if per_item is not None and isinstance(per_item.aggregate, MajorityAggregate):
-        rule = per_item.aggregate.stop_rule
+    item_rule = item_vote_rule(spec)
+    if item_rule is not None:
+        rule, n = item_rule
         for item, votes in sorted(tally.items.items()):
             open_lanes = votes.count(LaneStatus.QUEUED, LaneStatus.RUNNING)
             may_stop = open_lanes and (queued or running)
             if may_stop and vote_state(rule, votes, open_lanes).stopped:
-                first = item * per_item.n
-                stops.append(
-                    Stop(OPEN_LANE, LaneStatus.SKIPPED, None, None, (first, first + per_item.n))
-                )
+                first = item * n
+                stops.append(Stop(OPEN_LANE, LaneStatus.SKIPPED, None, None, (first, first + n)))
                 queued = max(0, queued - votes.count(LaneStatus.QUEUED))
                 running = max(0, running - votes.count(LaneStatus.RUNNING))
 

@@ -15,8 +15,17 @@ from typing import Any
 from sqlalchemy import select, update
 
 from ..aggregate import Conclusion, LaneResult, conclude, gate_blocks, gates
-from ..policy import Decision, Stop, Tally, budget_spent, decide, undecided_while_open
-from ..spec import JobSpec, MajorityAggregate, MapSpec, StopRule
+from ..policy import (
+    Decision,
+    Stop,
+    Tally,
+    budget_spent,
+    decide,
+    item_vote_rule,
+    undecided_while_open,
+    vote_rule,
+)
+from ..spec import JobSpec, MajorityAggregate
 from ..states import (
     DECIDING_JOB,
     ENDED_WITHOUT_RESULT,
@@ -132,7 +141,7 @@ class Decisions:
             job_id
             for job_id, (job, spec, _items) in wanted.items()
             if job["lanes_total"] > PROBE_ABOVE_LANES
-            and not _pressed(job, spec, now, deadline_passed)
+            and not any(_pressures(job, spec, now, deadline_passed))
             and undecided_while_open(spec, job["lanes_total"])
         ]
         if not probed:
@@ -373,13 +382,10 @@ class Decisions:
 async def item_tallies(conn: Conn, job_id: str, spec: JobSpec, lanes: set[int]) -> dict[int, Tally]:
     """A per-item map's votes: the tally of each item one of ``lanes`` is a vote of
     (what its stopping rule reads); none for any other job."""
-    if not isinstance(spec, MapSpec) or spec.per_item is None:
+    item_rule = item_vote_rule(spec)
+    if item_rule is None or not lanes:
         return {}
-    if not isinstance(spec.per_item.aggregate, MajorityAggregate):
-        return {}
-    if not lanes:
-        return {}
-    n = spec.per_item.n
+    rule, n = item_rule
     wanted = {lane // n for lane in lanes}
     span = {"from": min(wanted) * n, "to": (max(wanted) + 1) * n}
     params = {"j": job_id, "n": n, "gates": [], **span}
@@ -392,7 +398,7 @@ async def item_tallies(conn: Conn, job_id: str, spec: JobSpec, lanes: set[int]) 
         votes.setdefault(item, []).append((key, float(weight), first))
         counted[item] = counted.get(item, 0) + count
     sequences: dict[int, list[str]] = {}
-    if spec.per_item.aggregate.stop_rule.rule == "window":
+    if rule.rule == "window":
         for item, key in (await conn.execute(ITEM_SEQUENCE, params)).all():
             sequences.setdefault(item, []).append(key)
     return {
@@ -437,42 +443,18 @@ def _votes_of(answers: Iterable[Any]) -> tuple[list[tuple[str, float, int]], int
     return votes, counted
 
 
-def item_vote_rule(spec: JobSpec) -> tuple[StopRule, int] | None:
-    """The stopping rule of each item's vote in a per-item map of majorities, and its
-    ``n``. None for any other job."""
-    per_item = spec.per_item if isinstance(spec, MapSpec) else None
-    if per_item is not None and isinstance(per_item.aggregate, MajorityAggregate):
-        return per_item.aggregate.stop_rule, per_item.n
-    return None
-
-
-def vote_rule(spec: JobSpec) -> StopRule | None:
-    """The stopping rule of a job whose decision reads its votes with its lanes'
-    statuses (TALLY): a majority without gates. None for any other job."""
-    aggregate = getattr(spec, "aggregate", None)
-    if isinstance(aggregate, MajorityAggregate) and not gates(spec):
-        return aggregate.stop_rule
-    return None
-
-
 def _decision(
     job: Mapping[Any, Any], spec: JobSpec, tally: Tally, now: float, deadline_passed: bool = False
 ) -> Decision:
     """The decision on the job (its locked row, with its current token total)."""
-    return decide(
-        spec,
-        tally,
-        deadline_passed=_deadline_passed(job, now, deadline_passed),
-        budget_spent=budget_spent(spec.policy, job["total_tokens"], job["cost_usd"]),
-    )
+    deadline, budget = _pressures(job, spec, now, deadline_passed)
+    return decide(spec, tally, deadline_passed=deadline, budget_spent=budget)
 
 
-def _deadline_passed(job: Mapping[Any, Any], now: float, passed: bool) -> bool:
-    return passed or (job["deadline_at"] is not None and job["deadline_at"] <= now)
-
-
-def _pressed(job: Mapping[Any, Any], spec: JobSpec, now: float, deadline_passed: bool) -> bool:
-    """Whether the job's deadline passed or its budget is spent: a decision then."""
-    return _deadline_passed(job, now, deadline_passed) or budget_spent(
-        spec.policy, job["total_tokens"], job["cost_usd"]
-    )
+def _pressures(
+    job: Mapping[Any, Any], spec: JobSpec, now: float, deadline_passed: bool
+) -> tuple[bool, bool]:
+    """Whether the job's deadline has passed, and whether its budget is spent (its
+    locked row, with its current token total)."""
+    deadline = deadline_passed or (job["deadline_at"] is not None and job["deadline_at"] <= now)
+    return deadline, budget_spent(spec.policy, job["total_tokens"], job["cost_usd"])

@@ -11,11 +11,19 @@ from typing import Any
 from sqlalchemy import and_, func, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 
-from ..policy import COUNTING_RULES, Runnable, Tally, fair_share, running_may_stop
+from ..policy import (
+    COUNTING_RULES,
+    Runnable,
+    Tally,
+    fair_share,
+    item_vote_rule,
+    running_may_stop,
+    vote_rule,
+)
 from ..spec import HttpTask, JobSpec, LlmTask, StopRule, lane_task
 from ..states import DECIDING_JOB, ErrorType, EventType, JobStatus, LaneStatus
 from .db import Database, Tx
-from .decisions import count_votes, item_tallies, item_vote_rule, vote_rule
+from .decisions import count_votes, item_tallies
 from .eventlog import EventLog, Item
 from .jobrows import SpecCache, lock_jobs
 from .providers import Admission, ProviderGate
@@ -403,7 +411,7 @@ async def _wait_for_running(
                 kept[job_id] = []
     for job_id, spec in specs.items():
         per_item = item_vote_rule(spec)
-        if job_id not in candidates or per_item is None or per_item[0].rule not in COUNTING_RULES:
+        if per_item is None or per_item[0].rule not in COUNTING_RULES:
             continue
         (rule, n), ready = per_item, candidates[job_id]
         items = await item_tallies(tx.conn, job_id, spec, {idx for idx, _provider in ready})
