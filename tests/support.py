@@ -75,6 +75,16 @@ def section(name: str, model: str = "fake", text: str = "hello", **fields: Any) 
     return {"name": name, "task": {"model": model, "messages": user(text)}, **fields}
 
 
+def mapping(items: list[Any], content: str, model: str = "fake", **fields: Any) -> dict[str, Any]:
+    """A map job of ``items``, its task's one message ``content`` (with placeholders)."""
+    return {
+        "mode": "map",
+        "items": items,
+        "task": {"model": model, "messages": user(content)},
+        **fields,
+    }
+
+
 def parse_sse(body: str) -> list[dict[str, Any]]:
     """Events of a text/event-stream body: [{"id", "event", "data"}], comments dropped."""
     events = []

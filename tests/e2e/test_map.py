@@ -11,13 +11,7 @@ import httpx
 import pytest
 
 from service.config import Settings
-from tests.support import app_client, fake_last, run_job
-
-
-def mapping(items: list[Any], content: str, model: str = "fake", **fields: Any) -> dict[str, Any]:
-    task = {"model": model, "messages": [{"role": "user", "content": content}]}
-    return {"mode": "map", "items": items, "task": task, **fields}
-
+from tests.support import app_client, fake_last, mapping, run_job
 
 ESSAYS = [
     {"id": "essay-1", "text": "Rain falls.", "author": {"name": "Ada"}},

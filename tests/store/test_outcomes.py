@@ -15,7 +15,7 @@ from service.store.db import Database
 from service.store.decisions import PROBE_ABOVE_LANES
 from service.views import Usage
 from tests.store.conftest import OWNER, parse
-from tests.support import section, sectioning, voting
+from tests.support import mapping, section, sectioning, voting
 
 NUMBER = {"kind": "majority", "extract": "number"}
 
@@ -351,9 +351,8 @@ async def test_a_replayed_event_is_the_frame_sent_live_byte_for_byte(store: Stor
 
 
 def big_map(items: int, on_failure: str) -> dict[str, Any]:
-    task = {"model": "fake", "messages": [{"role": "user", "content": "{{item}}"}]}
     items_ = [f"item {i}" for i in range(items)]
-    return {"mode": "map", "items": items_, "task": task, "policy": {"on_failure": on_failure}}
+    return mapping(items_, "{{item}}", policy={"on_failure": on_failure})
 
 
 async def test_a_big_map_is_decided_when_its_last_lane_ends(store: Store) -> None:

@@ -13,7 +13,7 @@ from service.store import Claim, Store
 from service.store.db import Database
 from tests.store.conftest import OWNER, parse
 from tests.store.test_outcomes import answered, failed
-from tests.support import voting
+from tests.support import mapping, voting
 
 
 async def test_a_claim_takes_queued_lanes_under_a_lease_and_starts_the_job(store: Store) -> None:
@@ -249,21 +249,28 @@ async def test_a_vote_starts_no_lane_its_running_lanes_could_make_unneeded(store
     assert (fifth.job_id, fifth.idx) == (job.id, 4)
 
 
+# One item, a vote of 4 that two agreeing votes settle, at most 2 lanes in flight.
+ONE_ITEM_AHEAD_BY_2 = mapping(
+    ["7?"],
+    "{{item}}",
+    per_item={
+        "n": 4,
+        "aggregate": {
+            "kind": "majority",
+            "extract": "number",
+            "stop": {"rule": "ahead_by", "k": 2},
+        },
+    },
+    policy={"max_concurrency": 2},
+)
+
+
 async def test_an_items_vote_starts_no_lane_its_running_lanes_could_make_unneeded(
     store: Store,
 ) -> None:
     """A per-item map's item is a vote too: at ``ahead_by`` 2, one vote in and one running,
     the running one could settle it, so its next lane waits for it."""
-    vote = {"kind": "majority", "extract": "number", "stop": {"rule": "ahead_by", "k": 2}}
-    task = {"model": "fake", "messages": [{"role": "user", "content": "{{item}}"}]}
-    spec = {
-        "mode": "map",
-        "items": ["7?"],
-        "task": task,
-        "per_item": {"n": 4, "aggregate": vote},
-        "policy": {"max_concurrency": 2},
-    }
-    job, _ = await store.jobs.create(parse(spec), "acme")
+    job, _ = await store.jobs.create(parse(ONE_ITEM_AHEAD_BY_2), "acme")
     claims = (await store.queue.claim(OWNER, 10)).claims
     assert [c.idx for c in claims] == [0, 1]
     await store.outcomes.record(OWNER, [answered(claims[0])])  # 7, and lane 1 running
@@ -278,16 +285,7 @@ async def test_an_item_takes_no_more_lanes_at_once_than_could_settle_it(store: S
     """At ``ahead_by`` 2 with one vote in and nothing running, one more agreeing vote
     could settle the item: with two slots free a claim takes one of its lanes, and the
     next waits for it."""
-    vote = {"kind": "majority", "extract": "number", "stop": {"rule": "ahead_by", "k": 2}}
-    task = {"model": "fake", "messages": [{"role": "user", "content": "{{item}}"}]}
-    spec = {
-        "mode": "map",
-        "items": ["7?"],
-        "task": task,
-        "per_item": {"n": 4, "aggregate": vote},
-        "policy": {"max_concurrency": 2},
-    }
-    job, _ = await store.jobs.create(parse(spec), "acme")
+    job, _ = await store.jobs.create(parse(ONE_ITEM_AHEAD_BY_2), "acme")
     first, second = (await store.queue.claim(OWNER, 10)).claims
     await store.outcomes.record(OWNER, [answered(first), failed(second)])  # one vote: 7
     claimed = await store.queue.claim(OWNER, 10)

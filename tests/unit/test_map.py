@@ -23,11 +23,11 @@ from service.spec import (
 )
 from service.spec import OnFailure as Policy
 from service.views import ItemsDetails, MergeDetails
+from tests.support import mapping
 
 
 def spec(items: list[Any], content: str, **fields: Any) -> MapSpec:
-    task = {"model": "m", "messages": [{"role": "user", "content": content}]}
-    return MapSpec.model_validate({"mode": "map", "items": items, "task": task, **fields})
+    return MapSpec.model_validate(mapping(items, content, model="m", **fields))
 
 
 def test_placeholders_are_item_fields_and_index_and_nothing_else() -> None:

@@ -13,6 +13,7 @@ from service.aggregate import LaneResult, answer_key, majority
 from service.policy import Decision, Tally, decide, undecided_while_open
 from service.spec import MapSpec, SectioningSpec, VotingSpec, lane_count
 from service.states import OPEN_LANE as OPEN
+from tests.support import mapping
 
 TASK = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -599,10 +600,9 @@ def test_partial_means_some_lane_ended_without_a_result(
 # --- what a big job's decision may skip counting ----------------------------------------
 
 
-def mapping(items: int, **fields: Any) -> MapSpec:
-    task = {"model": "m", "messages": [{"role": "user", "content": "{{item}}"}]}
+def map_of(items: int, **fields: Any) -> MapSpec:
     items_ = [f"item {i}" for i in range(items)]
-    return MapSpec.model_validate({"mode": "map", "items": items_, "task": task, **fields})
+    return MapSpec.model_validate(mapping(items_, "{{item}}", model="m", **fields))
 
 
 SCORE = {"kind": "score", "extract": "number", "pick": "mean"}
@@ -611,14 +611,14 @@ WAITING = [
     sectioning("a", "b", "c", on_failure="best_effort"),
     voting(5, aggregate=SCORE),
     voting(5, aggregate=SCORE, on_failure="quorum", quorum=4),
-    mapping(6),
-    mapping(6, policy={"on_failure": "quorum", "quorum": 5}),
-    mapping(3, per_item={"n": 2, "aggregate": SCORE}),
+    map_of(6),
+    map_of(6, policy={"on_failure": "quorum", "quorum": 5}),
+    map_of(3, per_item={"n": 2, "aggregate": SCORE}),
 ]
 DECIDING_EARLY = [
     sectioning("a", "b", gate="b"),  # a gate that passed may still block the job
     voting(5),  # a majority may stop early
-    mapping(3, per_item={"n": 3, "aggregate": {"kind": "majority", "extract": "number"}}),
+    map_of(3, per_item={"n": 3, "aggregate": {"kind": "majority", "extract": "number"}}),
 ]
 
 
