@@ -370,6 +370,13 @@ def item_vote_rule(spec: JobSpec) -> tuple[StopRule, int] | None:
     return None
 
 
+def stops_lanes_alone(spec: JobSpec) -> bool:
+    """Whether a decision may stop some of a job's running lanes while the job goes on
+    starting others: an item of a per-item majority that is settled (:func:`decide`).
+    Every other stop ends the job, or only its queued lanes."""
+    return item_vote_rule(spec) is not None
+
+
 def undecided_while_open(spec: JobSpec, lanes_total: int) -> bool:
     """Whether :func:`decide` does nothing for the job (no stop, no end, no vote to
     report) for as long as one of its lanes is open, every lane that ended succeeded,

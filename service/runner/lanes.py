@@ -27,10 +27,10 @@ from collections.abc import Awaitable, Callable
 from ..attempts import Attempt, Executor
 from ..events import Event, EventHub
 from ..metrics import Metrics
-from ..policy import Retrying, next_step
+from ..policy import Retrying, next_step, stops_lanes_alone
 from ..spec import LlmTask, provider_name
 from ..states import FINAL_EVENTS, LANE_STOPPED, EventType, LaneStatus
-from ..store import Claim, Outcome, Store
+from ..store import Claim, Claimed, Outcome, Recorded, Store
 from .deltas import DeltaCoalescer
 from .lifecycle import Writes, guarded, sleep_until_woken
 
@@ -79,7 +79,7 @@ class LaneRunner:
         self.running: dict[tuple[str, int], asyncio.Task[None]] = {}
         self.claiming = True
         self._looping = False  # the claim loop runs (after the runner reclaimed leases)
-        self._outcomes: list[Outcome] = []
+        self._outcomes = Unrecorded()
         self._outcome_ready = asyncio.Event()
         self._recording = 0  # outcomes in the transaction being written
         self._claiming = 0  # slots a claim being made may fill
@@ -116,18 +116,17 @@ class LaneRunner:
     async def flush(self) -> None:
         """Record what has finished and not been recorded (when stopping)."""
         if self._outcomes:
-            batch, self._outcomes = self._outcomes, []
-            await self.store.outcomes.record(self.owner, batch)
+            await self.store.outcomes.record(self.owner, self._outcomes.take())
 
     # --- claiming ------------------------------------------------------------------
 
     def _free(self) -> int:
-        """Slots free for more lanes. Lanes whose call returned still hold theirs until
-        they are recorded; a claim being made holds what it may take."""
+        """Slots free for more lanes: a lane holds one while its call is in flight (its
+        outcome, waiting to be recorded, holds none); a claim being made holds what it
+        may take."""
         if not self.claiming:
             return 0
-        busy = len(self.running) + len(self._outcomes) + self._recording + self._claiming
-        return self.max_concurrency - busy
+        return self.max_concurrency - len(self.running) - self._claiming
 
     def reserve(self) -> int:
         """Slots held for a new job's lanes, which start as it is stored (the runner is
@@ -157,13 +156,8 @@ class LaneRunner:
             if free > 0:
                 wanted = min(free, self.claim_batch)
                 self._claiming += wanted
-                try:
-                    result = await self.writes(self.store.queue.claim(self.owner, wanted))
-                finally:
-                    self._claiming -= wanted
-                self._start_all(result.claims)
+                result = await self.writes(self._claim(wanted))
                 claimed = len(result.claims)
-                self._held_back = result.held_back
                 next_check = result.next_check
                 if claimed == wanted:
                     continue
@@ -180,6 +174,22 @@ class LaneRunner:
                 timeout = min(timeout, max(0.001, next_check - now))
             await sleep_until_woken(self._wake, timeout)
 
+    async def _claim(self, wanted: int) -> Claimed:
+        """Claim up to ``wanted`` lanes; they start as the claim commits."""
+        try:
+            claimed = await self.store.queue.claim(self.owner, wanted, self._outcomes.per_job)
+        finally:
+            self._claiming -= wanted
+        self._started(claimed)
+        return claimed
+
+    def _started(self, claimed: Claimed) -> None:
+        """Start the lanes a claim took (unless the runner is being torn down: its
+        leases are then given back, :meth:`service.runner.Runner.run`)."""
+        if self._looping:
+            self._start_all(claimed.claims)
+            self._held_back = claimed.held_back
+
     def _start_all(self, claims: list[Claim]) -> None:
         for claim in claims:
             self.metrics.queue_wait.observe(claim.waited_s)
@@ -194,10 +204,13 @@ class LaneRunner:
         task.add_done_callback(lambda _t: self._lane_done(key, task))
 
     def _lane_done(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
-        self._reported(key)  # (a task cancelled before it ran never reported)
+        # A lane that reported frees its slot for the claim that records it
+        # (_record_loop); one stopped before it did (cancelled), for the claim loop.
+        unreported = key in self._unreported_lanes
+        self._reported(key)
         if self.running.get(key) is task:
             del self.running[key]
-        if self._held_back:
+        if unreported and self._held_back:
             self._wake.set()
 
     # --- running -------------------------------------------------------------------
@@ -245,7 +258,7 @@ class LaneRunner:
         step = next_step(attempt, claim.attempt_no, claim.spec.policy.max_attempts, self.retrying)
         if step.retry:
             self.metrics.retries.labels(attempt.error_type or "error").inc()
-        self._outcomes.append(
+        self._outcomes.add(
             Outcome(
                 job_id=claim.job_id,
                 idx=claim.idx,
@@ -260,7 +273,10 @@ class LaneRunner:
                 usage=attempt.usage,
                 started_at=started,
                 finished_at=time.time(),
-            )
+            ),
+            # Its call is over: it frees its slot of the job's cap before it is recorded,
+            # unless a decision may stop the lane meanwhile with the job going on.
+            frees_slot=not stops_lanes_alone(claim.spec),
         )
         self._reported((claim.job_id, claim.idx))
         self._outcome_ready.set()
@@ -272,40 +288,48 @@ class LaneRunner:
             await self._outcome_ready.wait()
             self._outcome_ready.clear()
             await self._linger()
-            batch, self._outcomes = self._outcomes, []
+            batch = self._outcomes.take()
             if not batch:
                 continue
-            # A recorded outcome frees a slot (under its job's cap, or the process's):
-            # if the last claim left lanes behind, the transaction that records the
-            # batch claims for the slots free then, its own included.
+            # An ended call frees a slot (under its job's cap, or the process's): if the
+            # last claim left lanes behind, the transaction that records the batch
+            # claims for the slots free then, its own included, and those of outcomes
+            # that come meanwhile (their lanes are running in the table until recorded).
             claim = 0
             if self._held_back and self._looping:
                 claim = max(0, min(self._free(), self.claim_batch))
             self._claiming += claim
             self._recording = len(batch)
             try:
-                recorded = await self.writes(
-                    self.store.outcomes.record(self.owner, batch, claim=claim)
-                )
+                recorded = await self.writes(self._record(batch, claim))
             except BaseException:
                 # Not written: keep the outcomes for the next try (or the shutdown).
-                self._outcomes[:0] = batch
+                self._outcomes.put_back(batch)
                 raise
             finally:
                 self._recording = 0
-                self._claiming -= claim
             self.metrics.rejected_writes.inc(recorded.rejected)
             if recorded.rejected:
                 log.warning("rejected %d stale lane writes", recorded.rejected)
             if recorded.reduce_jobs:
                 self.on_reduce(recorded.reduce_jobs)
-            if recorded.claimed is not None:
-                self._start_all(recorded.claimed.claims)
-                self._held_back = recorded.claimed.held_back
             # Lanes still held back: the claim loop takes what room is left (and times
             # a provider's deferral). A retry requeued a lane whose backoff it times.
             if self._held_back or any(outcome.status is LaneStatus.QUEUED for outcome in batch):
                 self._wake.set()
+
+    async def _record(self, batch: list[Outcome], claim: int) -> Recorded:
+        """Record ``batch``, claiming up to ``claim`` lanes in its transaction; they
+        start as it commits, in the write itself (no turn of the loop in between)."""
+        try:
+            recorded = await self.store.outcomes.record(
+                self.owner, batch, claim=claim, unrecorded=self._outcomes.per_job
+            )
+        finally:
+            self._claiming -= claim
+        if recorded.claimed is not None:
+            self._started(recorded.claimed)
+        return recorded
 
     async def _linger(self) -> None:
         """Wait a moment for the rest of a batch: while a few other lanes of its jobs
@@ -316,8 +340,7 @@ class LaneRunner:
         loop = asyncio.get_running_loop()
         until = loop.time() + LINGER_MAX_S
         while any(
-            0 < self._unreported.get(job_id, 0) <= LINGER_LANES
-            for job_id in {o.job_id for o in self._outcomes}
+            0 < self._unreported.get(job_id, 0) <= LINGER_LANES for job_id in self._outcomes.jobs()
         ):
             wait = min(LINGER_GAP_S, until - loop.time())
             if wait <= 0:
@@ -342,3 +365,35 @@ class LaneRunner:
                 for (task_job, _idx), task in list(self.running.items()):
                     if task_job == job_id:
                         task.cancel()
+
+
+class Unrecorded:
+    """Outcomes waiting for the recorder, in the order they came, and per job the number
+    of those whose lanes hold no slot of its cap (``per_job``: a live view, read by the
+    claims made while they wait, :meth:`service.store.LaneQueue.claim`)."""
+
+    def __init__(self) -> None:
+        self._outcomes: list[Outcome] = []
+        self.per_job: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._outcomes)
+
+    def add(self, outcome: Outcome, *, frees_slot: bool) -> None:
+        self._outcomes.append(outcome)
+        if frees_slot:
+            self.per_job[outcome.job_id] = self.per_job.get(outcome.job_id, 0) + 1
+
+    def jobs(self) -> set[str]:
+        return {outcome.job_id for outcome in self._outcomes}
+
+    def take(self) -> list[Outcome]:
+        """Every outcome waiting (a batch to record)."""
+        batch, self._outcomes = self._outcomes, []
+        self.per_job.clear()
+        return batch
+
+    def put_back(self, batch: list[Outcome]) -> None:
+        """A batch that was not recorded, ahead of those that came since. Its lanes hold
+        their slots again until it is (a decision may have stopped them meanwhile)."""
+        self._outcomes[:0] = batch

@@ -21,7 +21,7 @@ from .decisions import Decisions
 from .eventlog import Item
 from .jobrows import SpecCache, lock_jobs
 from .providers import ProviderGate
-from .queue import LaneQueue
+from .queue import NONE_UNRECORDED, LaneQueue
 from .statements import ADD_JOB_USAGE, LANES_RECORDED, LATE_USAGE, OUTCOME_UPDATE
 from .tables import jobs, lanes
 from .values import Outcome, Recorded
@@ -42,12 +42,20 @@ class Outcomes:
         self.gate = gate
         self.queue = queue
 
-    async def record(self, owner: str, outcomes: Sequence[Outcome], *, claim: int = 0) -> Recorded:
+    async def record(
+        self,
+        owner: str,
+        outcomes: Sequence[Outcome],
+        *,
+        claim: int = 0,
+        unrecorded: Mapping[str, int] = NONE_UNRECORDED,
+    ) -> Recorded:
         """Store a batch of attempt outcomes in one transaction (group commit), then
         decide each job; with ``claim``, then claim up to that many lanes for ``owner``
         in the same transaction (:meth:`LaneQueue.claim_in`; ``Recorded.claimed``): the
         slots the outcomes freed are filled without a transaction of their own, nor a
-        claim that finds their jobs locked by this one.
+        claim that finds their jobs locked by this one; ``unrecorded`` as
+        :meth:`LaneQueue.claim`'s (the outcomes that came while this batch was written).
 
         An outcome whose lane is no longer running under this owner and attempt (a
         decision stopped it: early stop, a gate, fail fast, a cancel, the deadline; or
@@ -116,7 +124,7 @@ class Outcomes:
                 recorded.reduce_jobs += await self.decisions.decide_all(tx, deciding, now)
             await self.gate.settle(tx, unused, pauses, now)
             if claim > 0:
-                recorded.claimed = await self.queue.claim_in(tx, owner, claim, now)
+                recorded.claimed = await self.queue.claim_in(tx, owner, claim, now, unrecorded)
         return recorded
 
     async def _lanes(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from sqlalchemy import and_, func, select, tuple_, update
@@ -41,6 +42,9 @@ from .statements import (
 from .tables import jobs, lanes
 from .values import Claim, Claimed
 
+# No lane of any job has ended and waits to be recorded (see LaneQueue.claim).
+NONE_UNRECORDED: Mapping[str, int] = MappingProxyType({})
+
 
 class LaneQueue:
     def __init__(
@@ -60,19 +64,34 @@ class LaneQueue:
         self.lease_seconds = lease_seconds
         self.weights = weights or {}
 
-    async def claim(self, owner: str, limit: int) -> Claimed:
+    async def claim(
+        self, owner: str, limit: int, unrecorded: Mapping[str, int] = NONE_UNRECORDED
+    ) -> Claimed:
         """Take up to ``limit`` queued lanes whose time has come, shared fairly between
         tenants and jobs (:func:`service.policy.fair_share`) when there are more than
         that, within each job's cap and each provider's limits for the cluster
         (:mod:`service.store.providers`).
 
+        A job's cap counts the calls in flight: ``unrecorded`` says, per job, how many
+        of its lanes ``owner`` runs whose call has ended and whose outcome waits to be
+        recorded (still ``running`` in the table, holding no slot). It is read after
+        the job's running lanes are counted, so a lane recorded meanwhile is counted
+        once at most (as running).
+
         On PostgreSQL the jobs it takes from are locked ``FOR UPDATE SKIP LOCKED``: two
         processes never claim from one job at once, and never wait on each other.
         """
         async with self.db.transaction() as tx:
-            return await self.claim_in(tx, owner, limit, time.time())
+            return await self.claim_in(tx, owner, limit, time.time(), unrecorded)
 
-    async def claim_in(self, tx: Tx, owner: str, limit: int, now: float) -> Claimed:
+    async def claim_in(
+        self,
+        tx: Tx,
+        owner: str,
+        limit: int,
+        now: float,
+        unrecorded: Mapping[str, int] = NONE_UNRECORDED,
+    ) -> Claimed:
         """:meth:`claim` in a transaction already open (one that recorded outcomes: the
         slots they freed are filled in it, :meth:`Outcomes.record`)."""
         first = (await tx.conn.execute(READY_FIRST, {"now": now, "limit": limit + 1})).all()
@@ -84,9 +103,9 @@ class LaneQueue:
             for job_id, idx, provider in first:
                 candidates.setdefault(job_id, []).append((idx, provider))
             held_back, job_rows = await self._lock(tx, candidates)
-            held_back = await self._within_caps(tx, candidates, job_rows) or held_back
+            held_back = await self._within_caps(tx, candidates, job_rows, unrecorded) or held_back
         else:
-            held_back, candidates, job_rows = await self._fair_share(tx, limit, now)
+            held_back, candidates, job_rows = await self._fair_share(tx, limit, now, unrecorded)
         specs = {job_id: await self.specs.load(tx.conn, job_id) for job_id in candidates}
         held_back = await _wait_for_running(tx, candidates, specs) or held_back
         called = {provider for lanes_ in candidates.values() for _idx, provider in lanes_}
@@ -161,9 +180,10 @@ class LaneQueue:
         tx: Tx,
         candidates: dict[str, list[tuple[int, str]]],
         job_rows: Mapping[str, RowMapping],
+        unrecorded: Mapping[str, int],
     ) -> bool:
-        """Trim each capped job's lanes to its room (``max_concurrency`` less those
-        running); True when that kept some back."""
+        """Trim each capped job's lanes to its room (``max_concurrency`` less its calls
+        in flight); True when that kept some back."""
         capped = [job_id for job_id in candidates if job_rows[job_id]["max_concurrency"]]
         if not capped:
             return False
@@ -171,22 +191,22 @@ class LaneQueue:
         running = {str(job_id): int(count) for job_id, count in counts.all()}
         trimmed = False
         for job_id in capped:
-            room = max(0, job_rows[job_id]["max_concurrency"] - running.get(job_id, 0))
+            in_flight = _in_flight(running.get(job_id, 0), unrecorded, job_id)
+            room = max(0, job_rows[job_id]["max_concurrency"] - in_flight)
             if len(candidates[job_id]) > room:
                 candidates[job_id] = candidates[job_id][:room]
                 trimmed = True
         return trimmed
 
     async def _fair_share(
-        self, tx: Tx, limit: int, now: float
+        self, tx: Tx, limit: int, now: float, unrecorded: Mapping[str, int]
     ) -> tuple[bool, dict[str, list[tuple[int, str]]], dict[str, RowMapping]]:
         """More lanes are ready than the claim may take: which ones, by
         :func:`service.policy.fair_share` (the jobs' caps included)."""
+        rows = (await tx.conn.execute(RUNNABLE, {"now": now, "limit": limit})).all()
         runnable = [
-            Runnable(job_id, tenant, created_at, ready, running, cap)
-            for job_id, tenant, created_at, cap, ready, running in (
-                await tx.conn.execute(RUNNABLE, {"now": now, "limit": limit})
-            ).all()
+            Runnable(job_id, tenant, at, ready, _in_flight(running, unrecorded, job_id), cap)
+            for job_id, tenant, at, cap, ready, running in rows
             if ready or running
         ]
         wanted = dict(fair_share(runnable, limit, self.weights))
@@ -431,6 +451,11 @@ async def _wait_for_running(
             else:
                 del candidates[job_id]
     return held
+
+
+def _in_flight(running: int, unrecorded: Mapping[str, int], job_id: str) -> int:
+    """A job's calls in flight: its lanes running, less those whose call has ended."""
+    return max(0, running - unrecorded.get(job_id, 0))
 
 
 def _needed(rule: StopRule, tally: Tally, ready: list[tuple[int, str]]) -> list[tuple[int, str]]:

@@ -12,7 +12,7 @@ from service.store import Store
 from service.views import Usage
 from tests.runner.conftest import Call, Harness, Script, echo, hang, since
 from tests.store.conftest import parse
-from tests.support import section, sectioning, voting
+from tests.support import mapping, section, sectioning, voting
 
 NUMBER = {"kind": "majority", "extract": "number"}
 LIMITED = Attempt(error_type=ErrorType.RATE_LIMITED, error_message="HTTP 429", transient=True)
@@ -181,6 +181,27 @@ async def test_lanes_held_back_by_a_cap_start_as_others_end_without_a_poll(
         job = await harness.run(spec, within=10)
         assert job.progress == {"succeeded": 4}
     assert since(started) < 5
+
+
+async def test_a_cap_bounds_the_calls_in_flight_while_answers_wait_to_be_recorded(
+    harness: Harness,
+) -> None:
+    """An answered lane frees its slot before it is recorded: the cap is reached again
+    and again, and never passed, by calls ending at scattered times."""
+    peak = 0
+
+    async def scattered(call: Call) -> Attempt:
+        nonlocal peak
+        peak = max(peak, script.in_flight)
+        await asyncio.sleep(0.001 * (int(call.text.split()[-1]) % 7))
+        return echo(call)
+
+    script = Script(scattered)
+    harness.runner(script, poll_interval_s=30)
+    spec = mapping([f"item {i}" for i in range(60)], "{{item}}", policy={"max_concurrency": 3})
+    job = await harness.run(spec, within=20)
+    assert job.progress == {"succeeded": 60} and len(script.calls) == 60
+    assert peak == 3
 
 
 async def test_an_attempt_that_raises_fails_its_lane_and_the_job_still_ends(

@@ -50,6 +50,28 @@ async def test_a_jobs_cap_holds_its_lanes_queued_until_running_ones_end(store: S
     assert (await store.queue.claim(OWNER, 10)).claims == []
 
 
+async def test_a_jobs_cap_counts_calls_in_flight_not_lanes_waiting_to_be_recorded(
+    store: Store,
+) -> None:
+    """A lane whose call has ended is ``running`` until its outcome is recorded; the
+    claimer says how many of a job's are so (``unrecorded``) and they free their slots,
+    whether every ready lane fits the claim or a fair share is worked out."""
+    every_vote = {"kind": "majority", "extract": "number", "early_stop": False}
+    spec = voting(6, aggregate=every_vote, policy={"max_concurrency": 2})
+    job, _ = await store.jobs.create(parse(spec), "acme")
+    first = (await store.queue.claim(OWNER, 10)).claims
+    assert [c.idx for c in first] == [0, 1]
+    assert (await store.queue.claim(OWNER, 10, {"another-job": 2})).claims == []
+    second = await store.queue.claim(OWNER, 10, {job.id: 1})  # lane 0 or 1 answered
+    assert [c.idx for c in second.claims] == [2] and second.held_back
+    # Four ready, a claim of two: the fair share's path. Three lanes run, two answered.
+    third = await store.queue.claim(OWNER, 2, {job.id: 2})
+    assert [c.idx for c in third.claims] == [3]
+    assert (await store.queue.claim(OWNER, 2, {job.id: 2})).claims == []
+    statuses = [lane.status for lane in (await store.jobs.get(job.id, None)).lanes]
+    assert statuses == ["running"] * 4 + ["queued"] * 2
+
+
 async def test_one_claim_takes_from_each_job_the_lanes_it_may_run_and_no_other(
     store: Store,
 ) -> None:
@@ -229,6 +251,20 @@ async def test_the_transaction_recording_outcomes_claims_for_the_slots_they_free
     again = await store.outcomes.record(OWNER, [answered(c) for c in recorded.claimed.claims])
     assert again.claimed is None
     assert [lane.status for lane in (await store.jobs.get(job.id, None)).lanes][4] == "queued"
+
+
+async def test_a_recording_claims_for_the_outcomes_that_came_while_it_was_written(
+    store: Store,
+) -> None:
+    every_vote = {"kind": "majority", "extract": "number", "early_stop": False}
+    spec = voting(5, aggregate=every_vote, policy={"max_concurrency": 2})
+    job, _ = await store.jobs.create(parse(spec), "acme")
+    first = (await store.queue.claim(OWNER, 10)).claims
+    recorded = await store.outcomes.record(
+        OWNER, [answered(first[0])], claim=10, unrecorded={job.id: 1}
+    )
+    assert recorded.claimed is not None
+    assert [c.idx for c in recorded.claimed.claims] == [2, 3]  # lane 1's call is over too
 
 
 async def test_a_vote_starts_no_lane_its_running_lanes_could_make_unneeded(store: Store) -> None:
