@@ -313,10 +313,23 @@ class LaneRunner:
                 log.warning("rejected %d stale lane writes", recorded.rejected)
             if recorded.reduce_jobs:
                 self.on_reduce(recorded.reduce_jobs)
-            # Lanes still held back: the claim loop takes what room is left (and times
-            # a provider's deferral). A retry requeued a lane whose backoff it times.
-            if self._held_back or any(outcome.status is LaneStatus.QUEUED for outcome in batch):
+            # A retry requeued a lane whose backoff the claim loop times.
+            if self._left_room(recorded.claimed, claim) or any(
+                outcome.status is LaneStatus.QUEUED for outcome in batch
+            ):
                 self._wake.set()
+
+    def _left_room(self, claimed: Claimed | None, asked: int) -> bool:
+        """Whether the claim loop may find lanes to start that a recording's claim
+        did not take: lanes were held back and that claim was none, or it took all it
+        asked for, or a provider deferred some (the loop times it), or another
+        transaction held some of their jobs. Otherwise the jobs' caps kept them: the
+        next outcome frees a slot, and the recording of it claims it."""
+        if not self._held_back:
+            return False
+        if claimed is None:
+            return True
+        return len(claimed.claims) >= asked or claimed.next_check is not None or claimed.contended
 
     async def _record(self, batch: list[Outcome], claim: int) -> Recorded:
         """Record ``batch``, claiming up to ``claim`` lanes in its transaction; they

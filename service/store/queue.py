@@ -102,10 +102,12 @@ class LaneQueue:
             candidates: dict[str, list[tuple[int, str]]] = {}
             for job_id, idx, provider in first:
                 candidates.setdefault(job_id, []).append((idx, provider))
-            held_back, job_rows = await self._lock(tx, candidates)
+            held_back, contended, job_rows = await self._lock(tx, candidates)
             held_back = await self._within_caps(tx, candidates, job_rows, unrecorded) or held_back
         else:
-            held_back, candidates, job_rows = await self._fair_share(tx, limit, now, unrecorded)
+            held_back, contended, candidates, job_rows = await self._fair_share(
+                tx, limit, now, unrecorded
+            )
         specs = {job_id: await self.specs.load(tx.conn, job_id) for job_id in candidates}
         held_back = await _wait_for_running(tx, candidates, specs) or held_back
         called = {provider for lanes_ in candidates.values() for _idx, provider in lanes_}
@@ -119,7 +121,7 @@ class LaneQueue:
                 taking[job_id] = (spec, admitted)
         claims = await self._take(tx, job_rows, taking, owner, now)
         await self.gate.close(tx, admission)
-        return Claimed(claims, held_back, admission.next_check)
+        return Claimed(claims, held_back, admission.next_check, contended)
 
     async def start_new(
         self,
@@ -165,15 +167,17 @@ class LaneQueue:
 
     async def _lock(
         self, tx: Tx, candidates: dict[str, list[tuple[int, str]]]
-    ) -> tuple[bool, dict[str, RowMapping]]:
+    ) -> tuple[bool, bool, dict[str, RowMapping]]:
         """Lock the jobs to claim from (skipping those another process holds) and drop
-        those that run no lanes any more; True when some were left out."""
+        those that run no lanes any more; whether some were left out, and whether some
+        of those because another transaction held them."""
         rows = await lock_jobs(tx, candidates, skip_locked=True)
         job_rows = {job_id: row for job_id, row in rows.items() if row["status"] in DECIDING_JOB}
         left_out = [job_id for job_id in candidates if job_id not in job_rows]
+        contended = any(job_id not in rows for job_id in left_out)
         for job_id in left_out:
             del candidates[job_id]
-        return bool(left_out), job_rows
+        return bool(left_out), contended, job_rows
 
     async def _within_caps(
         self,
@@ -200,7 +204,7 @@ class LaneQueue:
 
     async def _fair_share(
         self, tx: Tx, limit: int, now: float, unrecorded: Mapping[str, int]
-    ) -> tuple[bool, dict[str, list[tuple[int, str]]], dict[str, RowMapping]]:
+    ) -> tuple[bool, bool, dict[str, list[tuple[int, str]]], dict[str, RowMapping]]:
         """More lanes are ready than the claim may take: which ones, by
         :func:`service.policy.fair_share` (the jobs' caps included)."""
         rows = (await tx.conn.execute(RUNNABLE, {"now": now, "limit": limit})).all()
@@ -211,7 +215,7 @@ class LaneQueue:
         ]
         wanted = dict(fair_share(runnable, limit, self.weights))
         candidates: dict[str, list[tuple[int, str]]] = {job_id: [] for job_id in wanted}
-        _left_out, job_rows = await self._lock(tx, candidates)
+        _left_out, contended, job_rows = await self._lock(tx, candidates)
         if candidates:
             k = max(wanted.values())
             if len(candidates) == 1:
@@ -223,7 +227,7 @@ class LaneQueue:
             for job_id, idx, provider in ready.all():
                 if len(candidates[job_id]) < wanted[job_id]:
                     candidates[job_id].append((idx, provider))
-        return True, candidates, job_rows
+        return True, contended, candidates, job_rows
 
     async def _take(
         self,

@@ -46,11 +46,13 @@ class Claimed:
     """What a claim took, and whether it left claimable lanes behind: lanes that a
     job's cap, a provider's limit, the batch size or another process kept from it.
     ``next_check``: when a provider that deferred lanes (its rate, a 429's pause) may
-    take them (epoch seconds; None: when a lane ends)."""
+    take them (epoch seconds; None: when a lane ends). ``contended``: some of those
+    were of jobs another transaction held (PostgreSQL), which may let go at any time."""
 
     claims: list[Claim]
     held_back: bool
     next_check: float | None = None
+    contended: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from service.attempts import Attempt
 from service.states import ErrorType
-from service.store import Store
+from service.store import Claimed, Store
 from service.views import Usage
 from tests.runner.conftest import Call, Harness, Script, echo, hang, since
 from tests.store.conftest import parse
@@ -202,6 +203,28 @@ async def test_a_cap_bounds_the_calls_in_flight_while_answers_wait_to_be_recorde
     job = await harness.run(spec, within=20)
     assert job.progress == {"succeeded": 60} and len(script.calls) == 60
     assert peak == 3
+
+
+async def test_a_capped_jobs_freed_slots_are_claimed_by_the_recordings_alone(
+    harness: Harness,
+) -> None:
+    """Each recording claims the slots its outcomes freed, up to the job's cap: the
+    claim loop, which would find the cap full, is not woken to try after each."""
+    claims = 0
+    claim = harness.store.queue.claim
+
+    async def counted(*args: Any, **kwargs: Any) -> Claimed:
+        nonlocal claims
+        claims += 1
+        return await claim(*args, **kwargs)
+
+    harness.store.queue.claim = counted  # type: ignore[method-assign]
+    script = Script(lambda call: asyncio.sleep(0.002, echo(call)))
+    harness.runner(script, poll_interval_s=30)
+    spec = mapping([f"item {i}" for i in range(40)], "{{item}}", policy={"max_concurrency": 2})
+    job = await harness.run(spec, within=20)
+    assert job.progress == {"succeeded": 40}
+    assert claims <= 3, claims  # at the start, and when the job was stored
 
 
 async def test_an_attempt_that_raises_fails_its_lane_and_the_job_still_ends(
