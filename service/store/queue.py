@@ -30,6 +30,7 @@ from .jobrows import SpecCache, lock_jobs
 from .providers import Admission, ProviderGate
 from .statements import (
     CLAIM_LANE,
+    CLAIM_LANES_RETURNING,
     CLAIMABLE,
     READY_FIRST,
     READY_LANES,
@@ -245,28 +246,9 @@ class LaneQueue:
         wanted = {
             (job_id, idx) for job_id, (_spec, admitted) in taking.items() for idx, *_ in admitted
         }
-        params = {
-            "jobs": sorted(taking),
-            "idxs": sorted({idx for _job_id, idx in wanted}),
-        }
-        claimed: dict[str, list[tuple[int, str, int, float]]] = {}
-        for job_id, idx, name, attempts, available_at in sorted(
-            await tx.conn.execute(CLAIMABLE, params)
-        ):
-            if (job_id, idx) in wanted:
-                claimed.setdefault(job_id, []).append((idx, name, attempts + 1, available_at))
+        claimed = await self._lease(tx, wanted, owner, now)
         if not claimed:
             return []
-        expires = now + self.lease_seconds
-        lease = {"now": now, "owner": owner, "expires": expires}
-        await tx.conn.execute(
-            CLAIM_LANE,
-            [
-                {"j": job_id, "i": lane[0], **lease}
-                for job_id, lanes_ in claimed.items()
-                for lane in lanes_
-            ],
-        )
         reserved = [
             {"j": job_id, "i": idx, "r": tokens}
             for job_id in claimed
@@ -302,6 +284,38 @@ class LaneQueue:
                 for idx, name, attempt_no, available_at in lanes_
             ]
         return claims
+
+    async def _lease(
+        self, tx: Tx, wanted: set[tuple[str, int]], owner: str, now: float
+    ) -> dict[str, list[tuple[int, str, int, float]]]:
+        """Lease the lanes ``wanted`` (job, index) that are still queued to ``owner``:
+        by job, in lane order, each one's index, name, attempt and when it was ready.
+        PostgreSQL does it in one statement; SQLite, in process, in two."""
+        lease = {"now": now, "owner": owner, "expires": now + self.lease_seconds}
+        claimed: dict[str, list[tuple[int, str, int, float]]] = {}
+        if not tx.is_sqlite:
+            pairs = sorted(wanted)
+            params = {"job_ids": [j for j, _ in pairs], "idxs": [i for _, i in pairs], **lease}
+            rows = await tx.conn.execute(CLAIM_LANES_RETURNING, params)
+            for job_id, idx, name, attempt_no, available_at in sorted(rows):
+                claimed.setdefault(job_id, []).append((idx, name, attempt_no, available_at))
+            return claimed
+        params = {"jobs": sorted({j for j, _ in wanted}), "idxs": sorted({i for _, i in wanted})}
+        for job_id, idx, name, attempts, available_at in sorted(
+            await tx.conn.execute(CLAIMABLE, params)
+        ):
+            if (job_id, idx) in wanted:
+                claimed.setdefault(job_id, []).append((idx, name, attempts + 1, available_at))
+        if claimed:
+            await tx.conn.execute(
+                CLAIM_LANE,
+                [
+                    {"j": job_id, "i": lane[0], **lease}
+                    for job_id, lanes_ in claimed.items()
+                    for lane in lanes_
+                ],
+            )
+        return claimed
 
     async def renew_leases(self, owner: str) -> None:
         """Extend ``owner``'s leases, on lanes and on reducing jobs (the heartbeat).

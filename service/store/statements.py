@@ -8,6 +8,7 @@ from sqlalchemy import (
     Executable,
     Float,
     Integer,
+    String,
     Text,
     bindparam,
     case,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql
 
 from ..states import (
     ENDED_WITHOUT_RESULT,
@@ -156,6 +158,33 @@ CLAIM_LANE = (
         lease_owner=bindparam("owner"),
         lease_expires_at=bindparam("expires"),
     )
+)
+# PostgreSQL: the lanes named by two arrays (job ids, indexes) that are still queued,
+# leased in one statement that returns them (CLAIMABLE and CLAIM_LANE make two, and
+# run the update once a lane).
+_claimed = (
+    func.unnest(
+        bindparam("job_ids", type_=postgresql.ARRAY(String)),
+        bindparam("idxs", type_=postgresql.ARRAY(Integer)),
+    )
+    .table_valued("j", "i")
+    .render_derived(name="wanted")
+)
+CLAIM_LANES_RETURNING = (
+    update(lanes)
+    .where(
+        lanes.c.job_id == _claimed.c.j,
+        lanes.c.idx == _claimed.c.i,
+        lanes.c.status == LaneStatus.QUEUED,
+    )
+    .values(
+        status=LaneStatus.RUNNING,
+        attempts=lanes.c.attempts + 1,
+        started_at=func.coalesce(lanes.c.started_at, bindparam("now")),
+        lease_owner=bindparam("owner"),
+        lease_expires_at=bindparam("expires"),
+    )
+    .returning(lanes.c.job_id, lanes.c.idx, lanes.c.name, lanes.c.attempts, lanes.c.available_at)
 )
 RESERVE_TOKENS = (
     update(lanes)
