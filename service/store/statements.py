@@ -147,17 +147,25 @@ CLAIMABLE = select(
     lanes.c.idx.in_(bindparam("idxs", expanding=True)),
     lanes.c.status == LaneStatus.QUEUED,
 )
+
+
+def _leased() -> dict[str, Any]:
+    """A claimed lane's new values: running under ``owner``'s lease until ``expires``,
+    one more attempt, started ``now`` unless it had started before."""
+    return {
+        "status": LaneStatus.RUNNING,
+        "attempts": lanes.c.attempts + 1,
+        "started_at": func.coalesce(lanes.c.started_at, bindparam("now")),
+        "lease_owner": bindparam("owner"),
+        "lease_expires_at": bindparam("expires"),
+    }
+
+
 # (Bound names must differ from the updated table's columns: "j", not "job_id".)
 CLAIM_LANE = (
     update(lanes)
     .where(lanes.c.job_id == bindparam("j"), lanes.c.idx == bindparam("i"))
-    .values(
-        status=LaneStatus.RUNNING,
-        attempts=lanes.c.attempts + 1,
-        started_at=func.coalesce(lanes.c.started_at, bindparam("now")),
-        lease_owner=bindparam("owner"),
-        lease_expires_at=bindparam("expires"),
-    )
+    .values(**_leased())
 )
 # PostgreSQL: the lanes named by two arrays (job ids, indexes) that are still queued,
 # leased in one statement that returns them (CLAIMABLE and CLAIM_LANE make two, and
@@ -177,13 +185,7 @@ CLAIM_LANES_RETURNING = (
         lanes.c.idx == _claimed.c.i,
         lanes.c.status == LaneStatus.QUEUED,
     )
-    .values(
-        status=LaneStatus.RUNNING,
-        attempts=lanes.c.attempts + 1,
-        started_at=func.coalesce(lanes.c.started_at, bindparam("now")),
-        lease_owner=bindparam("owner"),
-        lease_expires_at=bindparam("expires"),
-    )
+    .values(**_leased())
     .returning(lanes.c.job_id, lanes.c.idx, lanes.c.name, lanes.c.attempts, lanes.c.available_at)
 )
 RESERVE_TOKENS = (

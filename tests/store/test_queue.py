@@ -11,9 +11,19 @@ from service.errors import TenantAtCapacity
 from service.policy import Retrying
 from service.store import Claim, Store
 from service.store.db import Database
+from service.views import JobView
 from tests.store.conftest import OWNER, parse
 from tests.store.test_outcomes import answered, failed
 from tests.support import mapping, voting
+
+
+async def capped_vote(store: Store, n: int) -> tuple[JobView, list[Claim]]:
+    """A vote of ``n`` lanes that all run (no early stop) under a cap of 2, and the
+    claim of its first two."""
+    every_vote = {"kind": "majority", "extract": "number", "early_stop": False}
+    spec = voting(n, aggregate=every_vote, policy={"max_concurrency": 2})
+    job, _ = await store.jobs.create(parse(spec), "acme")
+    return job, (await store.queue.claim(OWNER, 10)).claims
 
 
 async def test_a_claim_takes_queued_lanes_under_a_lease_and_starts_the_job(store: Store) -> None:
@@ -56,10 +66,7 @@ async def test_a_jobs_cap_counts_calls_in_flight_not_lanes_waiting_to_be_recorde
     """A lane whose call has ended is ``running`` until its outcome is recorded; the
     claimer says how many of a job's are so (``unrecorded``) and they free their slots,
     whether every ready lane fits the claim or a fair share is worked out."""
-    every_vote = {"kind": "majority", "extract": "number", "early_stop": False}
-    spec = voting(6, aggregate=every_vote, policy={"max_concurrency": 2})
-    job, _ = await store.jobs.create(parse(spec), "acme")
-    first = (await store.queue.claim(OWNER, 10)).claims
+    job, first = await capped_vote(store, 6)
     assert [c.idx for c in first] == [0, 1]
     assert (await store.queue.claim(OWNER, 10, {"another-job": 2})).claims == []
     second = await store.queue.claim(OWNER, 10, {job.id: 1})  # lane 0 or 1 answered
@@ -223,10 +230,7 @@ async def test_a_job_refused_holds_no_room(store: Store) -> None:
 async def test_the_transaction_recording_outcomes_claims_for_the_slots_they_freed(
     store: Store,
 ) -> None:
-    every_vote = {"kind": "majority", "extract": "number", "early_stop": False}
-    spec = voting(5, aggregate=every_vote, policy={"max_concurrency": 2})
-    job, _ = await store.jobs.create(parse(spec), "acme")
-    first = (await store.queue.claim(OWNER, 10)).claims
+    job, first = await capped_vote(store, 5)
     assert [c.idx for c in first] == [0, 1]
     recorded = await store.outcomes.record(OWNER, [answered(c) for c in first], claim=10)
     assert recorded.claimed is not None
@@ -256,10 +260,7 @@ async def test_the_transaction_recording_outcomes_claims_for_the_slots_they_free
 async def test_a_recording_claims_for_the_outcomes_that_came_while_it_was_written(
     store: Store,
 ) -> None:
-    every_vote = {"kind": "majority", "extract": "number", "early_stop": False}
-    spec = voting(5, aggregate=every_vote, policy={"max_concurrency": 2})
-    job, _ = await store.jobs.create(parse(spec), "acme")
-    first = (await store.queue.claim(OWNER, 10)).claims
+    job, first = await capped_vote(store, 5)
     recorded = await store.outcomes.record(
         OWNER, [answered(first[0])], claim=10, unrecorded={job.id: 1}
     )
