@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Executable, select
 
 from service.store import Store
-from service.store.db import Conn, Database, SqliteConnection
+from service.store.db import Conn, Database, PostgresRead, SqliteConnection
 from service.store.direct import Fetched
 from service.store.statements import (
     EVENTS_AFTER,
@@ -29,6 +29,8 @@ async def through_sqlalchemy(conn: Conn, statement: Executable, params: Any) -> 
     """The same statement run by SQLAlchemy on the same connection and transaction."""
     if isinstance(conn, SqliteConnection):
         return conn.sync.execute(statement, params)
+    if isinstance(conn, PostgresRead):
+        return await (await conn.sqlalchemy()).execute(statement, params)
     return await conn.conn.execute(statement, params)  # type: ignore[attr-defined]
 
 
