@@ -314,8 +314,9 @@ class ReadPool:
     are needed, up to ``size``: a read through SQLAlchemy's pool cost about 240 µs of
     CPU more than asyncpg's own (its checkout and checkin, through a greenlet). They
     decode JSON as SQLAlchemy's connections do (text, then ``json.loads``: the direct
-    statements' result processors expect that), and one idle for ``PING_AFTER_IDLE_S``
-    is closed rather than trusted."""
+    statements' result processors expect that), one idle for ``PING_AFTER_IDLE_S`` is
+    closed rather than trusted, and one given back is not reset (a read changes
+    nothing a reset would undo)."""
 
     def __init__(self, engine: AsyncEngine, size: int) -> None:
         self.engine = engine
@@ -343,11 +344,19 @@ class ReadPool:
             max_size=self.size,
             max_inactive_connection_lifetime=PING_AFTER_IDLE_S,
             init=_json_codecs,
+            reset=_nothing_to_reset,
         )
 
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
+
+
+async def _nothing_to_reset(_conn: Any) -> None:
+    """A read leaves no session state behind (no ``SET``, ``LISTEN``, advisory lock or
+    cursor), so a connection goes back to the pool without asyncpg's reset query (a
+    round trip: ``RESET ALL`` and the rest); a transaction left open is still rolled
+    back (asyncpg does that first)."""
 
 
 async def _json_codecs(conn: Any) -> None:
