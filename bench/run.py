@@ -36,8 +36,7 @@ memory from ``VmHWM``, reset before each scenario. Writes ``bench/results.md``
 (and the raw numbers to ``bench/results.json``) and prints the table; with
 ``--merge``, the sections not run this time are kept from the last ``results.json``.
 The services of the other call paths (``sdk``, ``limited``) start only for the voting
-section, and stop after it with the SDK limit: idle, they would still poll their
-databases beside the later sections.
+section.
 
     python -m bench.run [--quick] [--reps 3] [--only voting,overhead,small,stream,economy,map]
                         [--db sqlite] [--clients lean] [--merge] [--tree ../other-checkout]
@@ -720,19 +719,6 @@ class Bench:
 # --- the run ---------------------------------------------------------------------
 
 
-def retire_voting_only(
-    services: dict[str, Service], limits: dict[str, Limit], main: dict[str, Service]
-) -> None:
-    """Stop what only the voting section measures (the other call paths' services, the
-    SDK limit): idle, each still polls its database, and the sections after it share
-    the machine's two cores with whatever runs."""
-    for key in [key for key in services if key not in main]:
-        services.pop(key).proc.stop()
-    if "limit" in limits:
-        limits.pop("limit").stop()
-    log(f"voting done: running on {', '.join(main)}, the floor and the fake LLM")
-
-
 def dead(services: dict[str, Service], notes: list[str]) -> bool:
     """Note any service process that is gone (crashed, or killed from outside)."""
     gone = False
@@ -1032,8 +1018,6 @@ async def amain(args: argparse.Namespace) -> int:
                 bench.notes.clear()
                 if dead(services, notes):
                     break
-                if section == "voting":
-                    retire_voting_only(services, limits, bench.main_services)
     finally:
         for service in services.values():
             service.proc.stop()
