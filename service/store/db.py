@@ -223,15 +223,13 @@ class SqliteConnection:
 
 
 class PostgresConnection:
-    """SQLAlchemy's ``AsyncConnection``, with statements marked direct run on its
-    ``asyncpg`` connection: in the same transaction when ``writes``; a read runs each
-    statement on its own (under READ COMMITTED each sees its own snapshot either way),
-    without the round trips of a ``BEGIN`` and a ``ROLLBACK``."""
+    """A write transaction on PostgreSQL: SQLAlchemy's ``AsyncConnection``, with
+    statements marked direct run on its ``asyncpg`` connection, in the same
+    transaction. (A read is a :class:`PostgresRead`.)"""
 
-    def __init__(self, conn: AsyncConnection, plans: Plans, *, writes: bool) -> None:
+    def __init__(self, conn: AsyncConnection, plans: Plans) -> None:
         self.conn = conn
         self.plans = plans
-        self.writes = writes
         self._adapted: Any = None  # SQLAlchemy's adapter of the asyncpg connection
 
     async def execute(self, statement: Executable, parameters: Any = None) -> Rows:
@@ -252,7 +250,7 @@ class PostgresConnection:
         adapted = self._adapted
         if adapted is None:
             adapted = self._adapted = (await self.conn.get_raw_connection()).dbapi_connection
-        if self.writes and adapted._transaction is None:
+        if adapted._transaction is None:
             async with adapted._execute_mutex:
                 if adapted._transaction is None:
                     await adapted._start_transaction()
@@ -278,8 +276,9 @@ async def _run_plan(driver: Any, plan: Plan, parameters: Any, dialect: Dialect) 
 
 
 class PostgresRead:
-    """A read on PostgreSQL: statements marked direct run, each on its own, on a
-    connection of the driver's own pool (:class:`ReadPool`), without SQLAlchemy's
+    """A read on PostgreSQL: statements marked direct run, each on its own (under READ
+    COMMITTED each sees its own snapshot either way: no ``BEGIN``, no ``ROLLBACK``), on
+    a connection of the driver's own pool (:class:`ReadPool`), without SQLAlchemy's
     checkout and its greenlet; any other statement on a SQLAlchemy connection taken
     when the first one comes."""
 
@@ -556,7 +555,7 @@ class Database:
                 self.checkpointer.after_commit()
             else:
                 async with self.writer.begin() as conn:
-                    postgres = PostgresConnection(conn, self.plans, writes=True)
+                    postgres = PostgresConnection(conn, self.plans)
                     tx = Tx(postgres, False)
                     yield tx
                     for write in tx.before_commit:
@@ -577,7 +576,7 @@ class Database:
         """Send notifications now, outside any write (PostgreSQL only)."""
         if notes and isinstance(self.writer, AsyncEngine):
             async with self.writer.begin() as conn:
-                await _notify(PostgresConnection(conn, self.plans, writes=True), notes)
+                await _notify(PostgresConnection(conn, self.plans), notes)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[Conn]:
