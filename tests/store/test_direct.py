@@ -15,6 +15,7 @@ from service.store.statements import (
     EVENTS_AFTER,
     INSERT_JOB,
     JOB_STATUS,
+    LANE_RESULTS,
     LANES_RECORDED,
     LOCK_JOBS,
     TALLY,
@@ -22,6 +23,7 @@ from service.store.statements import (
 )
 from service.store.tables import jobs
 from tests.store.conftest import OWNER, parse
+from tests.store.test_outcomes import answered
 from tests.support import voting
 
 
@@ -65,7 +67,9 @@ async def test_direct_reads_are_sqlalchemy_reads_with_lists_of_any_length(
     db: Database, store: Store
 ) -> None:
     job, _ = await store.jobs.create(parse(voting(5)), "acme")
-    await store.queue.claim(OWNER, 2)
+    first, _second = (await store.queue.claim(OWNER, 2)).claims
+    # A JSON output to read back: decoded alike on either path's connections.
+    await store.outcomes.record(OWNER, [answered(first, output={"a": [1, 2.5, None, "é"]})])
     other, _ = await store.jobs.create(parse(voting(3)), "acme")
     reads: list[tuple[Executable, dict[str, Any]]] = [
         (LANES_RECORDED, {"jobs": [job.id], "idxs": idxs})
@@ -79,6 +83,7 @@ async def test_direct_reads_are_sqlalchemy_reads_with_lists_of_any_length(
         (LOCK_JOBS, {"ids": [job.id, "no-such-job"]}),
         (JOB_STATUS, {"job_id": job.id}),
         (EVENTS_AFTER, {"job_id": job.id, "after": 1, "limit": 3}),
+        (LANE_RESULTS, {"jobs": [job.id]}),
     ]
     async with db.read() as conn:
         for statement, params in reads:
@@ -90,7 +95,7 @@ async def test_direct_reads_are_sqlalchemy_reads_with_lists_of_any_length(
         lanes = (await conn.execute(LANES_RECORDED, {"jobs": [job.id], "idxs": [1, 0]})).all()
         status = (await conn.execute(JOB_STATUS, {"job_id": job.id})).scalar_one()
     # Rows answer to their columns' names, as SQLAlchemy's do.
-    assert sorted((lane.idx, lane.status) for lane in lanes) == [(0, "running"), (1, "running")]
+    assert sorted((lane.idx, lane.status) for lane in lanes) == [(0, "succeeded"), (1, "running")]
     assert status == "running"
 
 
