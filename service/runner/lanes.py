@@ -128,11 +128,13 @@ class LaneRunner:
             return 0
         return self.max_concurrency - len(self.running) - self._claiming
 
-    def reserve(self) -> int:
+    def reserve(self, wanted: int) -> int:
         """Slots held for a new job's lanes, which start as it is stored (the runner is
-        its :class:`~service.store.Starter`); the claim loop takes what they leave. None
-        until the claim loop runs: at its start the runner reclaims every lease."""
-        reserved = max(0, min(self._free(), self.claim_batch)) if self._looping else 0
+        its :class:`~service.store.Starter`): at most ``wanted``, the lanes it can start,
+        so that jobs stored at once each hold what they use (on PostgreSQL their
+        transactions overlap); the claim loop takes what they leave. None until the
+        claim loop runs: at its start the runner reclaims every lease."""
+        reserved = max(0, min(self._free(), self.claim_batch, wanted)) if self._looping else 0
         self._claiming += reserved
         return reserved
 

@@ -29,7 +29,7 @@ from .decisions import Decisions
 from .eventlog import EventLog, Item
 from .jobrows import SpecCache, job_row, known_form, lock_jobs
 from .outbox import WebhookOutbox
-from .queue import LaneQueue
+from .queue import LaneQueue, startable
 from .rendering import job_summary, job_view, lane_view, progress_of
 from .statements import (
     IN_FLIGHT,
@@ -294,7 +294,7 @@ class Jobs:
     ) -> list[Claim]:
         """The lanes ``starter`` starts with the job (its slots held until the
         transaction is over, the claims handed to it if it commits)."""
-        reserved = starter.reserve()
+        reserved = starter.reserve(len(startable(job, lane_rows, now)))
         claims: list[Claim] = []
         tx.ended.append(lambda committed: starter.release(reserved, claims if committed else []))
         if reserved > 0:

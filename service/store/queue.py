@@ -47,6 +47,15 @@ from .values import Claim, Claimed
 NONE_UNRECORDED: Mapping[str, int] = MappingProxyType({})
 
 
+def startable(
+    job: Mapping[str, Any], lane_rows: list[dict[str, Any]], now: float
+) -> list[dict[str, Any]]:
+    """The lanes of a job about to be stored that could start with it: those ready now,
+    as many as its cap allows."""
+    ready = [row for row in lane_rows if row["available_at"] <= now]
+    return ready[: job["max_concurrency"] or len(ready)]
+
+
 class LaneQueue:
     def __init__(
         self,
@@ -143,8 +152,7 @@ class LaneQueue:
         could start (a 10,000-item map, 2026-12-04)."""
         if (await tx.conn.execute(READY_FIRST, {"now": now, "limit": 1})).first() is not None:
             return []
-        room = min(room, job["max_concurrency"] or room)
-        ready = [row for row in lane_rows if row["available_at"] <= now][:room]
+        ready = startable(job, lane_rows, now)[:room]
         admission = await self.gate.open(tx, {row["provider"] for row in ready}, now)
         claims: list[Claim] = []
         expires = now + self.lease_seconds

@@ -31,8 +31,9 @@ class Starter(Protocol):
 
     owner: str
 
-    def reserve(self) -> int:
-        """Hold slots for the new job's lanes (how many; 0: none free)."""
+    def reserve(self, wanted: int) -> int:
+        """Hold up to ``wanted`` slots for the new job's lanes (how many; 0: none
+        free)."""
         ...
 
     def release(self, reserved: int, claims: list[Claim]) -> None:

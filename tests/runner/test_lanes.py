@@ -317,6 +317,23 @@ async def test_a_job_created_beside_the_runner_starts_as_it_is_stored(harness: H
     assert len(script.calls) == 7  # each lane ran once
 
 
+async def test_jobs_stored_at_once_each_start_their_lanes(harness: Harness) -> None:
+    """Each new job holds the slots its lanes use, not all the runner has: on
+    PostgreSQL the creating transactions overlap, and a job holding every free slot
+    left the others' lanes to wait for a claim."""
+    script = Script()
+    runner = harness.runner(script, poll_interval_s=30, max_concurrency=8)
+    first, _ = await harness.store.jobs.create(parse(voting(1)), "acme", starter=runner.lanes)
+    runner.wake()
+    await harness.events(first.id)  # the runner runs (and takes new jobs' lanes)
+    script.answer = hang
+    spec = parse(voting(2, aggregate={**NUMBER, "early_stop": False}))
+    created = await asyncio.gather(
+        *(harness.store.jobs.create(spec, "acme", starter=runner.lanes) for _ in range(4))
+    )
+    assert [job.progress for job, _ in created] == [{"running": 2}] * 4
+
+
 async def test_lanes_that_answer_together_are_recorded_in_one_transaction(
     harness: Harness,
 ) -> None:

@@ -143,10 +143,12 @@ class Starter:
 
     def __init__(self, room: int) -> None:
         self.room = room
+        self.wanted: list[int] = []
         self.released: list[tuple[int, list[Claim]]] = []
 
-    def reserve(self) -> int:
-        return self.room
+    def reserve(self, wanted: int) -> int:
+        self.wanted.append(wanted)
+        return min(self.room, wanted)
 
     def release(self, reserved: int, claims: list[Claim]) -> None:
         self.released.append((reserved, claims))
@@ -156,7 +158,7 @@ async def test_a_job_starts_its_lanes_in_the_transaction_that_stores_it(store: S
     starter = Starter(room=10)
     job, _ = await store.jobs.create(parse(voting(3)), "acme", starter=starter)
     ((reserved, claims),) = starter.released
-    assert reserved == 10
+    assert starter.wanted == [3] and reserved == 3  # it holds the slots it uses, no more
     assert [(c.job_id, c.idx, c.attempt_no) for c in claims] == [(job.id, i, 1) for i in range(3)]
     assert job.status == "running" and job.progress == {"running": 3}
     assert job == await store.jobs.get(job.id, None)  # the view is what was stored
@@ -184,7 +186,20 @@ async def test_a_job_starts_no_more_lanes_than_its_cap(store: Store) -> None:
     starter = Starter(room=10)
     spec = voting(5, policy={"max_concurrency": 2})
     job, _ = await store.jobs.create(parse(spec), "acme", starter=starter)
+    assert starter.wanted == [2]  # what its cap lets start: other jobs may take the rest
     assert len(starter.released[0][1]) == 2 and job.progress == {"running": 2, "queued": 3}
+
+
+async def test_a_per_item_map_holds_slots_for_its_first_votes_only(store: Store) -> None:
+    """Each item's votes become ready one after another: the job asks for a slot per
+    item, not per lane (jobs stored at once each hold what they start)."""
+    starter = Starter(room=100)
+    per_item = {"n": 4, "aggregate": {"kind": "majority"}}
+    spec = mapping(["1", "2", "3"], "{{item}}", per_item=per_item)
+    job, _ = await store.jobs.create(parse(spec), "acme", starter=starter)
+    assert starter.wanted == [3]
+    assert [c.idx for c in starter.released[0][1]] == [0, 4, 8]
+    assert job.progress == {"running": 3, "queued": 9}
 
 
 async def test_a_big_job_starts_what_the_room_holds_the_claim_loop_takes_the_rest(
@@ -213,7 +228,7 @@ async def test_lanes_waiting_elsewhere_go_first_a_new_job_starts_none(store: Sto
     waiting, _ = await store.jobs.create(parse(voting(2)), "acme")
     starter = Starter(room=10)
     job, _ = await store.jobs.create(parse(voting(2)), "globex", starter=starter)
-    assert starter.released == [(10, [])] and job.status == "queued"
+    assert starter.released == [(2, [])] and job.status == "queued"
     claimed = await store.queue.claim(OWNER, 10)
     assert {c.job_id for c in claimed.claims} == {waiting.id, job.id}
 
@@ -223,7 +238,7 @@ async def test_a_job_refused_holds_no_room(store: Store) -> None:
     starter = Starter(room=10)
     with pytest.raises(TenantAtCapacity):
         await store.jobs.create(parse(voting(2)), "acme", max_in_flight=1, starter=starter)
-    assert starter.released == [(10, [])]  # its slots given back, no lane started
+    assert starter.released == [(2, [])]  # its slots given back, no lane started
     assert len((await store.jobs.page("acme", status=None, cursor=None, limit=10))[0]) == 1
 
 
