@@ -294,13 +294,12 @@ class Jobs:
     ) -> list[Claim]:
         """The lanes ``starter`` starts with the job (its slots held until the
         transaction is over, the claims handed to it if it commits)."""
-        reserved = starter.reserve(len(startable(job, lane_rows, now)))
+        ready = startable(job, lane_rows, now)
+        reserved = starter.reserve(len(ready))
         claims: list[Claim] = []
         tx.ended.append(lambda committed: starter.release(reserved, claims if committed else []))
         if reserved > 0:
-            claims += await self.queue.start_new(
-                tx, job, lane_rows, spec, starter.owner, reserved, now
-            )
+            claims += await self.queue.start_new(tx, job, ready, spec, starter.owner, reserved, now)
         return claims
 
     async def get(

@@ -137,29 +137,30 @@ class LaneQueue:
         self,
         tx: Tx,
         job: dict[str, Any],
-        lane_rows: list[dict[str, Any]],
+        ready: list[dict[str, Any]],
         spec: JobSpec,
         owner: str,
         room: int,
         now: float,
     ) -> list[Claim]:
         """The lanes of a job about to be stored that ``owner`` starts with it: as many
-        as ``room``, its cap and its providers admit, of those ready now, unless another
-        job's lanes wait to start (then a claim shares them out, as ever). Their rows
-        (and the job's) are made running here, before they are written; what stays
-        queued, the claim loop takes. A big job too: its first thousand lanes cost its
-        ``202`` 30 ms (SQLite) where a claim after it took 50 to 390 ms before they
-        could start (a 10,000-item map, 2026-12-04)."""
+        as ``room`` and its providers admit, of ``ready`` (its rows that could start:
+        :func:`startable`), unless another job's lanes wait to start (then a claim
+        shares them out, as ever). Their rows (and the job's) are made running here,
+        before they are written; what stays queued, the claim loop takes. A big job
+        too: its first thousand lanes cost its ``202`` 30 ms (SQLite) where a claim
+        after it took 50 to 390 ms before they could start (a 10,000-item map,
+        2026-12-04)."""
         if (await tx.conn.execute(READY_FIRST, {"now": now, "limit": 1})).first() is not None:
             return []
-        ready = startable(job, lane_rows, now)[:room]
-        admission = await self.gate.open(tx, {row["provider"] for row in ready}, now)
+        rows = {row["idx"]: row for row in ready[:room]}
+        admission = await self.gate.open(tx, {row["provider"] for row in rows.values()}, now)
         claims: list[Claim] = []
         expires = now + self.lease_seconds
         for idx, reserved, task in _admit(
-            admission, spec, [(row["idx"], row["provider"]) for row in ready]
+            admission, spec, [(idx, row["provider"]) for idx, row in rows.items()]
         ):
-            row = lane_rows[idx]
+            row = rows[idx]
             row.update(
                 status=LaneStatus.RUNNING,
                 attempts=1,
