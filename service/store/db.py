@@ -27,7 +27,6 @@ PostgreSQL delivers them exactly when, and only if, the transaction commits.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sqlite3
 import time
@@ -37,6 +36,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Protocol, TypeVar
 from uuid import uuid4
 
@@ -312,10 +312,9 @@ class ReadPool:
     """The driver's own connections for reads (:class:`PostgresRead`), opened as they
     are needed, up to ``size``: a read through SQLAlchemy's pool cost about 240 µs of
     CPU more than asyncpg's own (its checkout and checkin, through a greenlet). They
-    decode JSON as SQLAlchemy's connections do (text, then ``json.loads``: the direct
-    statements' result processors expect that), one idle for ``PING_AFTER_IDLE_S`` is
-    closed rather than trusted, and one given back is not reset (a read changes
-    nothing a reset would undo)."""
+    decode JSON with SQLAlchemy's own codecs (the direct statements' result processors
+    expect them), one idle for ``PING_AFTER_IDLE_S`` is closed rather than trusted, and
+    one given back is not reset (a read changes nothing a reset would undo)."""
 
     def __init__(self, engine: AsyncEngine, size: int) -> None:
         self.engine = engine
@@ -342,7 +341,7 @@ class ReadPool:
             min_size=0,
             max_size=self.size,
             max_inactive_connection_lifetime=PING_AFTER_IDLE_S,
-            init=_json_codecs,
+            init=partial(_json_codecs, self.engine.dialect),
             reset=_nothing_to_reset,
         )
 
@@ -358,22 +357,13 @@ async def _nothing_to_reset(_conn: Any) -> None:
     back (asyncpg does that first)."""
 
 
-async def _json_codecs(conn: Any) -> None:
-    """JSON as SQLAlchemy's asyncpg dialect sets it up on its connections."""
-
-    def decode(value: bytes) -> Any:
-        return json.loads(value.decode())
-
-    await conn.set_type_codec(
-        "json", encoder=str.encode, decoder=decode, schema="pg_catalog", format="binary"
-    )
-    await conn.set_type_codec(
-        "jsonb",
-        encoder=lambda text: b"\x01" + text.encode(),
-        decoder=lambda value: json.loads(value[1:].decode()),
-        schema="pg_catalog",
-        format="binary",
-    )
+async def _json_codecs(dialect: Any, conn: Any) -> None:
+    """JSON and JSONB decoded as on SQLAlchemy's connections: its asyncpg dialect's own
+    set-up (documented hooks, run for each of its new connections), handed the
+    driver's connection as its adapter holds it (``_connection``)."""
+    adapted = SimpleNamespace(_connection=conn)
+    await dialect.setup_asyncpg_json_codec(adapted)
+    await dialect.setup_asyncpg_jsonb_codec(adapted)
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
