@@ -28,6 +28,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -72,9 +73,9 @@ def fake_llm() -> Iterator[str]:
         proc.wait(10)
 
 
-@pytest.fixture(scope="session")
-def postgres_database() -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database for this test session."""
+@contextmanager
+def new_postgres_database() -> Iterator[str]:
+    """A new PostgreSQL database, migrated (never analyzed), dropped at the end."""
     name = f"fanout_test_{uuid.uuid4().hex[:8]}"
     admin_url = POSTGRES_URL
 
@@ -94,11 +95,26 @@ def postgres_database() -> Iterator[str]:
             pytest.fail(message)
         pytest.skip(message)
     url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-    upgrade(url)
     try:
+        upgrade(url)
         yield url
     finally:
         run_sync(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session."""
+    with new_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def unanalyzed_postgres_database() -> Iterator[str]:
+    """A PostgreSQL database of this test's own, migrated and never analyzed (as a
+    new deployment's is until autovacuum's first ANALYZE)."""
+    with new_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -300,7 +300,7 @@ class Decisions:
         events touched (the others' votes have not changed). One statement counts every
         job's lanes and votes; the rest is read only for the jobs that need it."""
         # Only a majority without gates counts its votes with its statuses; the others
-        # count lanes by status alone, on the (job, status) index: a 10,000-item map's
+        # count lanes by status alone, on the (status, job) index: a 10,000-item map's
         # lanes each hold an answer of their own, which TALLY would group.
         voting = [
             job_id for job_id, (spec, _items) in wanted.items() if vote_rule(spec) is not None

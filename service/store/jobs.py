@@ -312,7 +312,7 @@ class Jobs:
     ) -> JobView:
         """The job. Without ``with_lanes`` (or when it has more than ``max_lanes``), its
         ``lanes`` are empty and no lane row is read: ``progress`` (lanes per status) is
-        counted on the (job, status) index."""
+        counted on the (status, job) index."""
         async with self.db.read() as conn:
             job = await job_row(conn, job_id, tenant)
             if max_lanes is not None and job["lanes_total"] > max_lanes:
@@ -427,7 +427,7 @@ class Jobs:
             return {}
         query = (
             select(lanes.c.job_id, lanes.c.status, func.count())
-            .where(lanes.c.job_id.in_(job_ids))
+            .where(lanes.c.status.in_(tuple(LaneStatus)), lanes.c.job_id.in_(job_ids))
             .group_by(lanes.c.job_id, lanes.c.status)
         )
         progress: dict[str, dict[str, int]] = {}

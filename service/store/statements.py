@@ -73,7 +73,7 @@ INSERT_JOB_WITHIN_CAP = insert(jobs).from_select(
 # Open jobs: their tenant, cap and age, their lanes ready to start now (counted up to
 # ``limit``, the most a claim gives: the rest changes no share) and running. What a
 # claim shares out (lanes running in a job with nothing ready still count for its
-# tenant). Each count reads the job's own lanes on the (job, status) index, not every
+# tenant). Each count reads the job's own lanes on the (status, job) index, not every
 # lane of a 10,000-item map at each claim.
 _ready_up_to_limit = (
     select(func.count())
@@ -306,7 +306,7 @@ TALLY = (
     .group_by(lanes.c.job_id, lanes.c.status, lanes.c.answer_key)
 )
 # Whether each job has a lane open, and one that ended without succeeding: two probes
-# of the (job, status) index a job, where STATUS_COUNTS counts every one of its lanes.
+# of the (status, job) index a job, where STATUS_COUNTS counts every one of its lanes.
 OPEN_AND_UNSUCCESSFUL = select(
     jobs.c.id,
     exists().where(lanes.c.job_id == jobs.c.id, lanes.c.status.in_(OPEN_LANE)).label("open"),
@@ -317,10 +317,14 @@ OPEN_AND_UNSUCCESSFUL = select(
     )
     .label("unsuccessful"),
 ).where(jobs.c.id.in_(bindparam("jobs", expanding=True)))
-# Lanes by status of jobs whose decision reads no votes (from the (job, status) index).
+# Lanes by status of jobs whose decision reads no votes, from the (status, job) index
+# (every status named, so that the index serves it: one probe a status and job).
 STATUS_COUNTS = (
     select(lanes.c.job_id, lanes.c.status, func.count())
-    .where(lanes.c.job_id.in_(bindparam("jobs", expanding=True)))
+    .where(
+        lanes.c.status.in_(tuple(LaneStatus)),
+        lanes.c.job_id.in_(bindparam("jobs", expanding=True)),
+    )
     .group_by(lanes.c.job_id, lanes.c.status)
 )
 # A job's counted votes: its succeeded lanes with an answer, gates aside (TALLY reads

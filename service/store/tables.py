@@ -100,7 +100,7 @@ class Lane(Base):
     __table_args__ = (
         Index("ix_lanes_status_available", "status", "available_at", "job_id", "idx"),
         Index("ix_lanes_provider_status", "provider", "status"),
-        Index("ix_lanes_job_status_available", "job_id", "status", "available_at", "idx"),
+        Index("ix_lanes_status_job_available", "status", "job_id", "available_at", "idx"),
     )
 
 
