@@ -12,7 +12,8 @@ from ..events import Event, encode
 from ..states import EventType
 from .db import Database, Tx
 from .rendering import iso
-from .statements import BUMP_SEQ, EVENTS_AFTER, INSERT_EVENTS, SET_LAST_SEQ
+from .statements import BUMP_SEQ, EVENTS_AFTER, SET_LAST_SEQ, inserting
+from .tables import events
 
 # (type, fields) of an event to append; the log adds job_id, seq and at.
 Item = tuple[EventType, dict[str, Any]]
@@ -70,7 +71,7 @@ class EventLog:
         moved = [{"j": job_id, "seq": tx.seqs[job_id]} for job_id in sorted(tx.seqs_moved)]
         if moved:
             await tx.conn.execute(SET_LAST_SEQ, moved)
-        await tx.conn.execute(INSERT_EVENTS, tx.unwritten)
+        await tx.conn.execute(*inserting(events, tx.unwritten, arrays=not tx.is_sqlite))
 
     async def after(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
         """Up to ``limit`` stored events of the job after seq ``after``, in order."""

@@ -35,10 +35,10 @@ from .statements import (
     IN_FLIGHT,
     INSERT_JOB,
     INSERT_JOB_WITHIN_CAP,
-    INSERT_LANES,
     JOB_STATUS,
     JOB_TASKS,
     TENANT_JOB_STATUS,
+    inserting,
 )
 from .tables import idempotency_keys, jobs, lanes
 from .values import Claim, Starter
@@ -259,7 +259,7 @@ class Jobs:
                 if not (await tx.conn.execute(INSERT_JOB_WITHIN_CAP, within_cap)).rowcount:
                     counted = await tx.conn.execute(IN_FLIGHT, {"tenant": tenant})
                     raise TenantAtCapacity(counted.scalar_one(), max_in_flight)
-            await tx.conn.execute(INSERT_LANES, lane_rows)
+            await tx.conn.execute(*inserting(lanes, lane_rows, arrays=not tx.is_sqlite))
             if idempotency is not None:
                 await tx.conn.execute(
                     insert(idempotency_keys).values(

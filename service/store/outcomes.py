@@ -22,7 +22,13 @@ from .eventlog import Item
 from .jobrows import SpecCache, lock_jobs
 from .providers import ProviderGate
 from .queue import NONE_UNRECORDED, LaneQueue
-from .statements import ADD_JOB_USAGE, LANES_RECORDED, LATE_USAGE, OUTCOME_UPDATE
+from .statements import (
+    ADD_JOB_USAGE,
+    LANES_RECORDED,
+    LATE_USAGE,
+    OUTCOME_UPDATE,
+    OUTCOMES_UPDATE,
+)
 from .tables import jobs, lanes
 from .values import Outcome, Recorded
 
@@ -117,7 +123,7 @@ class Outcomes:
                 if added:
                     usage_rows.append({"j": job_id, **usage_params(added)})
             if lane_rows:
-                await tx.conn.execute(OUTCOME_UPDATE, lane_rows)
+                await update_lanes(tx, lane_rows)
             if usage_rows:
                 await tx.conn.execute(ADD_JOB_USAGE, usage_rows)
             if deciding:
@@ -161,7 +167,7 @@ class Outcomes:
     ) -> list[Item]:
         """Write one job's outcomes and the usage they add; their events."""
         rows, items, usage = self._rows(job_id, spec, valid, now)
-        await tx.conn.execute(OUTCOME_UPDATE, rows)
+        await update_lanes(tx, rows)
         if usage:
             await add_usage(tx, job_id, usage)
         return items
@@ -324,6 +330,17 @@ def usage_params(usage: Usage) -> dict[str, Any]:
         "k": usage.cached_tokens,
         "cost": usage.cost_usd,
     }
+
+
+async def update_lanes(tx: Tx, rows: list[dict[str, Any]]) -> None:
+    """Write the lanes' outcomes (rows of OUTCOME_UPDATE's parameters): on PostgreSQL in
+    one statement, the rows' values as arrays (OUTCOMES_UPDATE); on SQLite, a row at a
+    time in one call. (An update from a join writes a lane once: were one lane in two
+    rows, each row is run in turn, as on SQLite.)"""
+    if tx.is_sqlite or len({(row["j"], row["i"]) for row in rows}) < len(rows):
+        await tx.conn.execute(OUTCOME_UPDATE, rows)
+    else:
+        await tx.conn.execute(OUTCOMES_UPDATE, {key: [row[key] for row in rows] for key in rows[0]})
 
 
 async def add_usage(tx: Tx, job_id: str, usage: Usage) -> None:

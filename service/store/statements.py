@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Executable,
     Float,
     Integer,
     String,
+    Table,
     Text,
     bindparam,
     case,
     cast,
+    column,
     exists,
     func,
     insert,
@@ -214,44 +218,80 @@ EVENTS_AFTER = (
 )
 
 
-def _plus_cost(column: Any) -> Any:
-    """``column`` plus the bound ``cost``, which may be null (no prices): then the
-    column is left as it is (null stays null, never 0)."""
-    cost = bindparam("cost", type_=Float)
-    return case((cost.is_(None), column), else_=func.coalesce(column, 0.0) + cost)
+def _bound(name: str) -> Any:
+    return bindparam(name, type_=Float) if name == "cost" else bindparam(name)
 
 
-def _plus_usage(table: Any) -> dict[str, Any]:
-    """Values adding a usage (bound p, c, t, r, k, cost) to a row's counts."""
+def _plus_usage(table: Any, added: Callable[[str], Any] = _bound) -> dict[str, Any]:
+    """Values adding a usage (p, c, t, r, k and cost: bound, or ``added``'s columns) to
+    a row's counts. A null cost (no prices) leaves the row's as it is: null stays null,
+    never 0."""
+    cost = added("cost")
     return {
-        "prompt_tokens": table.c.prompt_tokens + bindparam("p"),
-        "completion_tokens": table.c.completion_tokens + bindparam("c"),
-        "total_tokens": table.c.total_tokens + bindparam("t"),
-        "reasoning_tokens": table.c.reasoning_tokens + bindparam("r"),
-        "cached_tokens": table.c.cached_tokens + bindparam("k"),
-        "cost_usd": _plus_cost(table.c.cost_usd),
+        "prompt_tokens": table.c.prompt_tokens + added("p"),
+        "completion_tokens": table.c.completion_tokens + added("c"),
+        "total_tokens": table.c.total_tokens + added("t"),
+        "reasoning_tokens": table.c.reasoning_tokens + added("r"),
+        "cached_tokens": table.c.cached_tokens + added("k"),
+        "cost_usd": case(
+            (cost.is_(None), table.c.cost_usd), else_=func.coalesce(table.c.cost_usd, 0.0) + cost
+        ),
     }
 
 
+def _unnest(columns: dict[str, Any], name: str) -> Any:
+    """PostgreSQL: rows bound as one array a column (each bound by the column's name),
+    read back as the table ``name`` by ``unnest``. The arrays' strings have no length
+    (a cast to ``varchar(n)[]`` would cut a longer value where storing it fails)."""
+    unbounded = {c: String() if isinstance(t, String) else t for c, t in columns.items()}
+    return (
+        func.unnest(*(bindparam(c, type_=postgresql.ARRAY(t)) for c, t in unbounded.items()))
+        .table_valued(*(column(c, t) for c, t in unbounded.items()))
+        .render_derived(name=name, with_types=False)
+    )
+
+
+# What recording an outcome sets on its lane, bound by these names (beside the usage).
+_OUTCOME = (
+    "status",
+    "output",
+    "reply",
+    "answer_key",
+    "weight",
+    "note",
+    "error_type",
+    "error_message",
+    "finished_at",
+    "recorded_at",
+    "available_at",
+    "lease_owner",
+)
+_RECORDED = {"lease_expires_at": None, "reserved_tokens": 0}
 OUTCOME_UPDATE = (
     update(lanes)
     .where(lanes.c.job_id == bindparam("j"), lanes.c.idx == bindparam("i"))
+    .values(**{name: bindparam(name) for name in _OUTCOME}, **_RECORDED, **_plus_usage(lanes))
+)
+# PostgreSQL: the same for every outcome at once, each parameter bound to an array (one
+# element a lane), read back as rows by ``unnest``: one statement, where OUTCOME_UPDATE
+# runs once a lane (executemany).
+_outcome = _unnest(
+    {
+        "j": lanes.c.job_id.type,
+        "i": lanes.c.idx.type,
+        **{name: lanes.c[name].type for name in _OUTCOME},
+        **dict.fromkeys("pctrk", BigInteger()),
+        "cost": Float(),
+    },
+    "o",
+)
+OUTCOMES_UPDATE = (
+    update(lanes)
+    .where(lanes.c.job_id == _outcome.c.j, lanes.c.idx == _outcome.c.i)
     .values(
-        status=bindparam("status"),
-        output=bindparam("output"),
-        reply=bindparam("reply"),
-        answer_key=bindparam("answer_key"),
-        weight=bindparam("weight"),
-        note=bindparam("note"),
-        error_type=bindparam("error_type"),
-        error_message=bindparam("error_message"),
-        finished_at=bindparam("finished_at"),
-        recorded_at=bindparam("recorded_at"),
-        available_at=bindparam("available_at"),
-        lease_owner=bindparam("lease_owner"),
-        lease_expires_at=None,
-        reserved_tokens=0,
-        **_plus_usage(lanes),
+        **{name: _outcome.c[name] for name in _OUTCOME},
+        **_RECORDED,
+        **_plus_usage(lanes, _outcome.c.__getitem__),
     )
 )
 # An answer that came after its lane was stopped (or re-run): its tokens count, on the
@@ -468,6 +508,35 @@ PROVIDERS_PAUSED = select(providers.c.name, providers.c.paused_until).where(
     providers.c.name.in_(bindparam("names", expanding=True)),
     providers.c.paused_until > bindparam("now"),
 )
+
+
+_ROW_INSERTS = {events.name: INSERT_EVENTS, lanes.name: INSERT_LANES}
+_ARRAY_INSERTS: dict[tuple[str, tuple[str, ...]], Executable] = {}
+
+
+def array_insert(table: Table, names: tuple[str, ...]) -> Executable:
+    """PostgreSQL: rows of ``table`` inserted in one statement, each column ``names``
+    bound to an array of its values (one element a row) read back by ``unnest``: a
+    statement whose shape does not vary with the number of rows, where an executemany
+    runs one execution a row. Made once per table and names, run direct."""
+    key = (table.name, names)
+    statement = _ARRAY_INSERTS.get(key)
+    if statement is None:
+        values = _unnest({name: table.c[name].type for name in names}, "v")
+        statement = direct(insert(table).from_select(list(names), select(*values.c)))
+        _ARRAY_INSERTS[key] = statement
+    return statement
+
+
+def inserting(table: Table, rows: list[dict[str, Any]], *, arrays: bool) -> tuple[Any, Any]:
+    """The statement and parameters that insert ``rows`` (each with the same columns)
+    into ``table``: with ``arrays`` (PostgreSQL), several rows as one
+    :func:`array_insert`; else one INSERT run for every row (executemany)."""
+    if arrays and len(rows) > 1:
+        names = tuple(rows[0])
+        return array_insert(table, names), {name: [row[name] for row in rows] for name in names}
+    return _ROW_INSERTS[table.name], rows
+
 
 # Every statement built here runs on the driver's connection (:mod:`.direct`).
 for _name, _statement in list(globals().items()):
