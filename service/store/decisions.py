@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select, update
@@ -42,6 +43,7 @@ from .outbox import WebhookOutbox
 from .rendering import usage_of
 from .statements import (
     FINISH_JOB,
+    FINISH_JOBS,
     FIRST_FAILURE,
     ITEM_SEQUENCE,
     ITEM_STATUSES,
@@ -63,6 +65,18 @@ MAX_LANE_INDEX = 2**31 - 1
 # counted; a smaller one is counted at once (as cheap as the probe, which its last
 # batch would need besides).
 PROBE_ABOVE_LANES = 100
+
+
+@dataclass
+class End:
+    """A job's end to write (:meth:`Decisions.finish_all`); its final event joins
+    ``items``."""
+
+    job_id: str
+    status: JobStatus
+    items: list[Item]
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
 
 
 class Decisions:
@@ -120,11 +134,19 @@ class Decisions:
             if decision.outcome not in (None, "fail") and not decision.stops
         ]
         results = await self.lane_results(tx.conn, ending) if ending else {}
-        reducing = []
+        reducing, ends = [], []
         for job_id, (_job, spec, items) in wanted.items():
             decision = decisions[job_id]
-            if await self._carry_out(tx, job_id, spec, decision, items, now, results.get(job_id)):
+            done = await self._carry_out(
+                tx, job_id, spec, decision, items, now, results.get(job_id)
+            )
+            if isinstance(done, End):
+                ends.append(done)
+            elif done:
                 reducing.append(job_id)
+        await self.finish_all(tx, ends, now)  # the jobs that end, at once
+        for job_id, (_job, _spec, items) in wanted.items():
+            await self.log.append(tx, job_id, items, now)
         return reducing
 
     async def _undecided(
@@ -158,8 +180,10 @@ class Decisions:
         items: list[Item],
         now: float,
         results: list[LaneResult] | None = None,
-    ) -> bool:
-        """Do what ``decision`` says (``results``: the job's lanes, if read already)."""
+    ) -> bool | End:
+        """Do what ``decision`` says (``results``: the job's lanes, if read already), but
+        for its end, which it returns, to be written with the other jobs' (and for its
+        events, in ``items``, appended then): True when it waits for its reducer."""
         if decision.vote is not None:
             # Where the vote stands after this batch: the page and the CLI show it live.
             vote = decision.vote.view(spec)
@@ -168,12 +192,10 @@ class Decisions:
                     fields["vote"] = vote
         for stop in decision.stops:
             items.extend(await self.stop_lanes(tx, job_id, stop, now))
-        needs_reducer = False
-        if decision.outcome is not None:
-            items.append((EventType.JOB_AGGREGATING, {}))
-            needs_reducer = await self._conclude(tx, job_id, spec, decision, items, now, results)
-        await self.log.append(tx, job_id, items, now)
-        return needs_reducer
+        if decision.outcome is None:
+            return False
+        items.append((EventType.JOB_AGGREGATING, {}))
+        return await self._conclude(tx, job_id, spec, decision, items, now, results)
 
     async def stop_lanes(self, tx: Tx, job_id: str, stop: Stop, now: float) -> list[Item]:
         """End the job's lanes in ``stop.statuses``; their events (in lane order)."""
@@ -211,19 +233,46 @@ class Decisions:
         """Write the job's end, exactly once (fenced on its open status): its result or
         error, its webhook in the outbox, and its final event in ``items`` (appended by
         the caller). False when it had ended already."""
-        params = {"j": job_id, "status": status, "result": result, "error": error, "now": now}
-        updated = (await tx.conn.execute(FINISH_JOB, params)).mappings().first()
-        if updated is None:
-            return False
-        await self.outbox.queue(tx, job_id, updated["spec"], now)
-        fields: dict[str, Any] = {}
-        if status is JobStatus.SUCCEEDED:
-            fields["result"] = result
-        elif status is JobStatus.FAILED:
-            fields["error"] = error
-        fields["usage"] = usage_of(updated).model_dump()
-        items.append((FINAL_EVENT[status], fields))
-        return True
+        end = End(job_id, status, items, result, error)
+        return bool(await self.finish_all(tx, [end], now))
+
+    async def finish_all(self, tx: Tx, ends: list[End], now: float) -> set[str]:
+        """:meth:`finish` for several jobs: on PostgreSQL in one statement. The jobs
+        that ended here."""
+        if not ends:
+            return set()
+        if tx.is_sqlite or len(ends) == 1:
+            rows = {}
+            for end in ends:
+                params = {"j": end.job_id, "status": end.status, "now": now}
+                params |= {"result": end.result, "error": end.error}
+                row = (await tx.conn.execute(FINISH_JOB, params)).mappings().first()
+                if row is not None:
+                    rows[end.job_id] = row
+        else:
+            params = {
+                "j": [end.job_id for end in ends],
+                "status": [end.status for end in ends],
+                "result": [end.result for end in ends],
+                "error": [end.error for end in ends],
+                "now": now,
+            }
+            rows = {
+                row["id"]: row for row in (await tx.conn.execute(FINISH_JOBS, params)).mappings()
+            }
+        for end in ends:
+            row = rows.get(end.job_id)
+            if row is None:
+                continue
+            await self.outbox.queue(tx, end.job_id, row["spec"], now)
+            fields: dict[str, Any] = {}
+            if end.status is JobStatus.SUCCEEDED:
+                fields["result"] = end.result
+            elif end.status is JobStatus.FAILED:
+                fields["error"] = end.error
+            fields["usage"] = usage_of(row).model_dump()
+            end.items.append((FINAL_EVENT[end.status], fields))
+        return set(rows)
 
     async def lane_results(self, conn: Conn, job_ids: list[str]) -> dict[str, list[LaneResult]]:
         """Every lane of the jobs, in lane order, as aggregation reads them, by job."""
@@ -253,10 +302,9 @@ class Decisions:
         items: list[Item],
         now: float,
         results: list[LaneResult] | None = None,
-    ) -> bool:
+    ) -> bool | End:
         if decision.outcome == "fail":
-            await self.finish(tx, job_id, JobStatus.FAILED, items, now, error=decision.error)
-            return False
+            return End(job_id, JobStatus.FAILED, items, error=decision.error)
         if results is None:
             results = (await self.lane_results(tx.conn, [job_id]))[job_id]
         stop = decision.vote.view(spec) if decision.vote is not None else None
@@ -264,16 +312,7 @@ class Decisions:
         if conclusion.status is JobStatus.AGGREGATING:
             await self._await_reducer(tx, job_id, conclusion, now)
             return True
-        await self.finish(
-            tx,
-            job_id,
-            conclusion.status,
-            items,
-            now,
-            result=conclusion.result,
-            error=conclusion.error,
-        )
-        return False
+        return End(job_id, conclusion.status, items, conclusion.result, conclusion.error)
 
     async def _await_reducer(self, tx: Tx, job_id: str, conclusion: Conclusion, now: float) -> None:
         """The job waits for its reducer, whose first attempt is due now; any runner

@@ -456,26 +456,44 @@ STOP_LANES = (
     )
     .returning(lanes.c.idx, lanes.c.name, lanes.c.attempts)
 )
-FINISH_JOB = (
-    update(jobs)
-    .where(jobs.c.id == bindparam("j"), jobs.c.status.not_in(TERMINAL_JOB))
-    .values(
-        status=bindparam("status"),
-        result=bindparam("result"),
-        error=bindparam("error"),
-        finished_at=bindparam("now"),
-        lease_owner=None,
-    )
-    .returning(
-        jobs.c.prompt_tokens,
-        jobs.c.completion_tokens,
-        jobs.c.total_tokens,
-        jobs.c.reasoning_tokens,
-        jobs.c.cached_tokens,
-        jobs.c.cost_usd,
-        jobs.c.spec,
-    )
+# A job's end, written once (fenced on its open status), and what its final event and
+# webhook need back: its usage and spec. FINISH_JOBS: PostgreSQL, several jobs at once
+# (the ends a recorded batch decided), the parameters bound as arrays, each job's id
+# returned with the rest.
+_FINISHED = (
+    jobs.c.prompt_tokens,
+    jobs.c.completion_tokens,
+    jobs.c.total_tokens,
+    jobs.c.reasoning_tokens,
+    jobs.c.cached_tokens,
+    jobs.c.cost_usd,
+    jobs.c.spec,
 )
+
+
+def _finishing(ended: Callable[[str], Any], job: Any) -> Any:
+    return (
+        update(jobs)
+        .where(jobs.c.id == job, jobs.c.status.not_in(TERMINAL_JOB))
+        .values(
+            **{name: ended(name) for name in ("status", "result", "error")},
+            finished_at=bindparam("now"),
+            lease_owner=None,
+        )
+    )
+
+
+FINISH_JOB = _finishing(bindparam, bindparam("j")).returning(*_FINISHED)
+_end = _unnest(
+    {
+        "j": jobs.c.id.type,
+        "status": jobs.c.status.type,
+        "result": jobs.c.result.type,
+        "error": jobs.c.error.type,
+    },
+    "e",
+)
+FINISH_JOBS = _finishing(_end.c.__getitem__, _end.c.j).returning(jobs.c.id, *_FINISHED)
 # A claim without contention: the first lanes ready to start, if they are all it needs.
 READY_FIRST = (
     select(lanes.c.job_id, lanes.c.idx, lanes.c.provider)
