@@ -64,6 +64,28 @@ async def test_a_batch_records_every_job_it_touches_in_one_go(store: Store) -> N
         assert kinds[-3:] == ["lane.succeeded", "job.aggregating", "job.succeeded"]
 
 
+async def test_jobs_ended_by_one_batch_each_keep_their_own_end(store: Store) -> None:
+    """Ends written together (one statement on PostgreSQL) stay each job's own: its
+    status, result or error, usage and final event."""
+    jobs = [(await store.jobs.create(parse(voting(1, aggregate=NUMBER)), "acme"))[0] for _ in "abc"]
+    claims = {c.job_id: c for c in (await store.queue.claim(OWNER, 10)).claims}
+    first, second, third = (claims[job.id] for job in jobs)
+    batch = [answered(first, "Answer: 3", 4), failed(second), answered(third, "Answer: 9", 20)]
+    await store.outcomes.record(OWNER, batch)
+    views = [await store.jobs.get(job.id, None) for job in jobs]
+    assert [(v.status, v.result and v.result.output) for v in views] == [
+        ("succeeded", 3),
+        ("failed", None),
+        ("succeeded", 9),
+    ]
+    assert views[1].error is not None and views[1].error.type == "no_results"
+    assert [v.usage.total_tokens for v in views] == [4, 0, 20]
+    for view in views:
+        final = (await store.log.after(view.id, 0))[-1]
+        assert final["type"] == f"job.{view.status}"
+        assert final["data"]["usage"]["total_tokens"] == view.usage.total_tokens
+
+
 async def test_a_stale_write_is_rejected_not_recorded(store: Store) -> None:
     job, _ = await store.jobs.create(parse(voting(2, aggregate=NUMBER)), "acme")
     first, second = (await store.queue.claim(OWNER, 10)).claims
