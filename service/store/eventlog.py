@@ -12,7 +12,14 @@ from ..events import Event, encode
 from ..states import EventType
 from .db import Database, Tx
 from .rendering import iso
-from .statements import BUMP_SEQ, EVENTS_AFTER, SET_LAST_SEQ, inserting
+from .statements import (
+    BUMP_SEQ,
+    EVENTS_AFTER,
+    SET_LAST_SEQ,
+    SET_LAST_SEQS,
+    executing,
+    inserting,
+)
 from .tables import events
 
 # (type, fields) of an event to append; the log adds job_id, seq and at.
@@ -70,7 +77,8 @@ class EventLog:
         """The transaction's events, and its locked jobs' new last numbers."""
         moved = [{"j": job_id, "seq": tx.seqs[job_id]} for job_id in sorted(tx.seqs_moved)]
         if moved:
-            await tx.conn.execute(SET_LAST_SEQ, moved)
+            arrays = not tx.is_sqlite
+            await tx.conn.execute(*executing(SET_LAST_SEQ, SET_LAST_SEQS, moved, arrays=arrays))
         await tx.conn.execute(*inserting(events, tx.unwritten, arrays=not tx.is_sqlite))
 
     async def after(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:

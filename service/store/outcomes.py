@@ -24,10 +24,12 @@ from .providers import ProviderGate
 from .queue import NONE_UNRECORDED, LaneQueue
 from .statements import (
     ADD_JOB_USAGE,
+    ADD_JOBS_USAGE,
     LANES_RECORDED,
     LATE_USAGE,
     OUTCOME_UPDATE,
     OUTCOMES_UPDATE,
+    executing,
 )
 from .tables import jobs, lanes
 from .values import Outcome, Recorded
@@ -125,7 +127,9 @@ class Outcomes:
             if lane_rows:
                 await update_lanes(tx, lane_rows)
             if usage_rows:
-                await tx.conn.execute(ADD_JOB_USAGE, usage_rows)
+                arrays = not tx.is_sqlite
+                adding = executing(ADD_JOB_USAGE, ADD_JOBS_USAGE, usage_rows, arrays=arrays)
+                await tx.conn.execute(*adding)
             if deciding:
                 recorded.reduce_jobs += await self.decisions.decide_all(tx, deciding, now)
             await self.gate.settle(tx, unused, pauses, now)
@@ -337,10 +341,9 @@ async def update_lanes(tx: Tx, rows: list[dict[str, Any]]) -> None:
     one statement, the rows' values as arrays (OUTCOMES_UPDATE); on SQLite, a row at a
     time in one call. (An update from a join writes a lane once: were one lane in two
     rows, each row is run in turn, as on SQLite.)"""
-    if tx.is_sqlite or len({(row["j"], row["i"]) for row in rows}) < len(rows):
-        await tx.conn.execute(OUTCOME_UPDATE, rows)
-    else:
-        await tx.conn.execute(OUTCOMES_UPDATE, {key: [row[key] for row in rows] for key in rows[0]})
+    once_each = len({(row["j"], row["i"]) for row in rows}) == len(rows)
+    arrays = not tx.is_sqlite and once_each
+    await tx.conn.execute(*executing(OUTCOME_UPDATE, OUTCOMES_UPDATE, rows, arrays=arrays))
 
 
 async def add_usage(tx: Tx, job_id: str, usage: Usage) -> None:

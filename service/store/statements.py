@@ -239,11 +239,15 @@ def _plus_usage(table: Any, added: Callable[[str], Any] = _bound) -> dict[str, A
     }
 
 
-def _unnest(columns: dict[str, Any], name: str) -> Any:
+# The usage _plus_usage adds, by bound name, as arrays bind it (see _unnest).
+_ADDED = {**dict.fromkeys("pctrk", BigInteger()), "cost": Float()}
+
+
+def _unnest(types: dict[str, Any], name: str) -> Any:
     """PostgreSQL: rows bound as one array a column (each bound by the column's name),
     read back as the table ``name`` by ``unnest``. The arrays' strings have no length
     (a cast to ``varchar(n)[]`` would cut a longer value where storing it fails)."""
-    unbounded = {c: String() if isinstance(t, String) else t for c, t in columns.items()}
+    unbounded = {c: String() if isinstance(t, String) else t for c, t in types.items()}
     return (
         func.unnest(*(bindparam(c, type_=postgresql.ARRAY(t)) for c, t in unbounded.items()))
         .table_valued(*(column(c, t) for c, t in unbounded.items()))
@@ -280,8 +284,7 @@ _outcome = _unnest(
         "j": lanes.c.job_id.type,
         "i": lanes.c.idx.type,
         **{name: lanes.c[name].type for name in _OUTCOME},
-        **dict.fromkeys("pctrk", BigInteger()),
-        "cost": Float(),
+        **_ADDED,
     },
     "o",
 )
@@ -330,6 +333,14 @@ LANES_RECORDED = select(
     lanes.c.idx.in_(bindparam("idxs", expanding=True)),
 )
 ADD_JOB_USAGE = update(jobs).where(jobs.c.id == bindparam("j")).values(**_plus_usage(jobs))
+# PostgreSQL: ADD_JOB_USAGE for several jobs at once, its parameters bound as arrays.
+_usage = _unnest({"j": jobs.c.id.type, **_ADDED}, "u")
+ADD_JOBS_USAGE = (
+    update(jobs).where(jobs.c.id == _usage.c.j).values(**_plus_usage(jobs, _usage.c.__getitem__))
+)
+# The event log's new last numbers of several jobs at once (SET_LAST_SEQ's arrays).
+_seqs = _unnest({"j": jobs.c.id.type, "seq": jobs.c.last_seq.type}, "s")
+SET_LAST_SEQS = update(jobs).where(jobs.c.id == _seqs.c.j).values(last_seq=_seqs.c.seq)
 # What the decisions of a batch's majority jobs count, in one read: each job's lanes by status
 # and answer (its lanes per status; a majority's votes are its succeeded lanes'
 # answers). ``jobs``: a list.
@@ -546,13 +557,28 @@ def array_insert(table: Table, names: tuple[str, ...]) -> Executable:
     return statement
 
 
-def inserting(table: Table, rows: list[dict[str, Any]], *, arrays: bool) -> tuple[Any, Any]:
-    """The statement and parameters that insert ``rows`` (each with the same columns)
-    into ``table``: with ``arrays`` (PostgreSQL), several rows as one
-    :func:`array_insert`; else one INSERT run for every row (executemany)."""
+def columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Rows (each with the same keys) as one list of values a key: the parameters of a
+    statement bound as arrays (OUTCOMES_UPDATE, FINISH_JOBS...)."""
+    return {name: [row[name] for row in rows] for name in rows[0]}
+
+
+def executing(
+    one_a_row: Any, as_arrays: Any, rows: list[dict[str, Any]], *, arrays: bool
+) -> tuple[Any, Any]:
+    """The statement and parameters that run ``one_a_row`` for each of ``rows``: with
+    ``arrays`` (PostgreSQL) and several rows, ``as_arrays`` once (the same statement,
+    its parameters bound as arrays); else ``one_a_row`` for every row (executemany)."""
     if arrays and len(rows) > 1:
-        names = tuple(rows[0])
-        return array_insert(table, names), {name: [row[name] for row in rows] for name in names}
+        return as_arrays, columns(rows)
+    return one_a_row, rows
+
+
+def inserting(table: Table, rows: list[dict[str, Any]], *, arrays: bool) -> tuple[Any, Any]:
+    """:func:`executing` of the INSERT of ``rows`` into ``table`` (the array form:
+    :func:`array_insert`, made for the rows' columns when first needed)."""
+    if arrays and len(rows) > 1:
+        return array_insert(table, tuple(rows[0])), columns(rows)
     return _ROW_INSERTS[table.name], rows
 
 
