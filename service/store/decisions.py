@@ -55,6 +55,7 @@ from .statements import (
     TALLY,
     TALLY_VOTES,
     VOTE_SEQUENCE,
+    columns,
 )
 from .tables import jobs, lanes
 
@@ -241,25 +242,19 @@ class Decisions:
         that ended here."""
         if not ends:
             return set()
+        params = [
+            {"j": end.job_id, "status": end.status, "result": end.result, "error": end.error}
+            for end in ends
+        ]
+        rows = {}
         if tx.is_sqlite or len(ends) == 1:
-            rows = {}
-            for end in ends:
-                params = {"j": end.job_id, "status": end.status, "now": now}
-                params |= {"result": end.result, "error": end.error}
-                row = (await tx.conn.execute(FINISH_JOB, params)).mappings().first()
+            for end, one in zip(ends, params, strict=True):
+                row = (await tx.conn.execute(FINISH_JOB, one | {"now": now})).mappings().first()
                 if row is not None:
                     rows[end.job_id] = row
         else:
-            params = {
-                "j": [end.job_id for end in ends],
-                "status": [end.status for end in ends],
-                "result": [end.result for end in ends],
-                "error": [end.error for end in ends],
-                "now": now,
-            }
-            rows = {
-                row["id"]: row for row in (await tx.conn.execute(FINISH_JOBS, params)).mappings()
-            }
+            finished = await tx.conn.execute(FINISH_JOBS, columns(params) | {"now": now})
+            rows = {row["id"]: row for row in finished.mappings()}
         for end in ends:
             row = rows.get(end.job_id)
             if row is None:

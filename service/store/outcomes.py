@@ -341,8 +341,7 @@ async def update_lanes(tx: Tx, rows: list[dict[str, Any]]) -> None:
     one statement, the rows' values as arrays (OUTCOMES_UPDATE); on SQLite, a row at a
     time in one call. (An update from a join writes a lane once: were one lane in two
     rows, each row is run in turn, as on SQLite.)"""
-    once_each = len({(row["j"], row["i"]) for row in rows}) == len(rows)
-    arrays = not tx.is_sqlite and once_each
+    arrays = not tx.is_sqlite and len({(row["j"], row["i"]) for row in rows}) == len(rows)
     await tx.conn.execute(*executing(OUTCOME_UPDATE, OUTCOMES_UPDATE, rows, arrays=arrays))
 
 
