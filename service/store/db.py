@@ -79,6 +79,13 @@ class Tx:
     seqs_moved: set[str] = field(default_factory=set)  # (their rows still to update)
     unwritten: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def binds_arrays(self) -> bool:
+        """Whether many rows go in one statement, a column's values bound as one array
+        (PostgreSQL: :func:`~service.store.statements.executing`); SQLite runs the
+        statement a row at a time (executemany), in process, where that is cheap."""
+        return not self.is_sqlite
+
     def locking(self, query: Select[Any], *, skip_locked: bool = False) -> Select[Any]:
         """``query`` with ``FOR UPDATE`` (``SKIP LOCKED``) on PostgreSQL. SQLite has one
         writer: a write transaction (``BEGIN IMMEDIATE``) holds every row already."""

@@ -247,7 +247,7 @@ class Decisions:
             for end in ends
         ]
         rows = {}
-        if tx.is_sqlite or len(ends) == 1:
+        if not tx.binds_arrays or len(ends) == 1:
             for end, one in zip(ends, params, strict=True):
                 row = (await tx.conn.execute(FINISH_JOB, one | {"now": now})).mappings().first()
                 if row is not None:

@@ -77,9 +77,9 @@ class EventLog:
         """The transaction's events, and its locked jobs' new last numbers."""
         moved = [{"j": job_id, "seq": tx.seqs[job_id]} for job_id in sorted(tx.seqs_moved)]
         if moved:
-            arrays = not tx.is_sqlite
-            await tx.conn.execute(*executing(SET_LAST_SEQ, SET_LAST_SEQS, moved, arrays=arrays))
-        await tx.conn.execute(*inserting(events, tx.unwritten, arrays=not tx.is_sqlite))
+            setting = executing(SET_LAST_SEQ, SET_LAST_SEQS, moved, arrays=tx.binds_arrays)
+            await tx.conn.execute(*setting)
+        await tx.conn.execute(*inserting(events, tx.unwritten, arrays=tx.binds_arrays))
 
     async def after(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
         """Up to ``limit`` stored events of the job after seq ``after``, in order."""

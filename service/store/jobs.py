@@ -259,7 +259,7 @@ class Jobs:
                 if not (await tx.conn.execute(INSERT_JOB_WITHIN_CAP, within_cap)).rowcount:
                     counted = await tx.conn.execute(IN_FLIGHT, {"tenant": tenant})
                     raise TenantAtCapacity(counted.scalar_one(), max_in_flight)
-            await tx.conn.execute(*inserting(lanes, lane_rows, arrays=not tx.is_sqlite))
+            await tx.conn.execute(*inserting(lanes, lane_rows, arrays=tx.binds_arrays))
             if idempotency is not None:
                 await tx.conn.execute(
                     insert(idempotency_keys).values(

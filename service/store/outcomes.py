@@ -127,9 +127,9 @@ class Outcomes:
             if lane_rows:
                 await update_lanes(tx, lane_rows)
             if usage_rows:
-                arrays = not tx.is_sqlite
-                adding = executing(ADD_JOB_USAGE, ADD_JOBS_USAGE, usage_rows, arrays=arrays)
-                await tx.conn.execute(*adding)
+                await tx.conn.execute(
+                    *executing(ADD_JOB_USAGE, ADD_JOBS_USAGE, usage_rows, arrays=tx.binds_arrays)
+                )
             if deciding:
                 recorded.reduce_jobs += await self.decisions.decide_all(tx, deciding, now)
             await self.gate.settle(tx, unused, pauses, now)
@@ -341,7 +341,7 @@ async def update_lanes(tx: Tx, rows: list[dict[str, Any]]) -> None:
     one statement, the rows' values as arrays (OUTCOMES_UPDATE); on SQLite, a row at a
     time in one call. (An update from a join writes a lane once: were one lane in two
     rows, each row is run in turn, as on SQLite.)"""
-    arrays = not tx.is_sqlite and len({(row["j"], row["i"]) for row in rows}) == len(rows)
+    arrays = tx.binds_arrays and len({(row["j"], row["i"]) for row in rows}) == len(rows)
     await tx.conn.execute(*executing(OUTCOME_UPDATE, OUTCOMES_UPDATE, rows, arrays=arrays))
 
 
