@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from typing import Any
 
 from service.attempts import Attempt
+from service.runner.lanes import START_CHUNK
 from service.states import ErrorType
 from service.store import Claimed, Store
 from service.views import Usage
@@ -225,6 +227,63 @@ async def test_a_capped_jobs_freed_slots_are_claimed_by_the_recordings_alone(
     job = await harness.run(spec, within=20)
     assert job.progress == {"succeeded": 40}
     assert claims <= 3, claims  # at the start, and when the job was stored
+
+
+async def test_a_big_claim_starts_its_lanes_a_few_a_turn_within_the_process_cap(
+    harness: Harness,
+) -> None:
+    """A claim of many lanes starts ``START_CHUNK`` of them a turn of the event loop
+    (each builds and sends its request: all at once held the answers and the recorder
+    back for that long), and the lanes still to start hold their slots: the process's
+    cap is never passed."""
+    turn = 0
+
+    async def ticker() -> None:
+        nonlocal turn
+        while True:
+            await asyncio.sleep(0)
+            turn += 1
+
+    turns: list[int] = []
+    peak = 0
+
+    async def counted(call: Call) -> Attempt:
+        nonlocal peak
+        turns.append(turn)
+        peak = max(peak, script.in_flight)
+        await asyncio.sleep(0.05)
+        return echo(call)
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        script = Script(counted)
+        harness.runner(script, poll_interval_s=30, max_concurrency=70)
+        spec = mapping([f"item {i}" for i in range(150)], "{{item}}")
+        job = await harness.run(spec, within=20)
+    finally:
+        ticking.cancel()
+    assert job.progress == {"succeeded": 150} and len(script.calls) == 150
+    most = max(Counter(turns).values())  # lanes started in one turn
+    assert most <= START_CHUNK and most < 70
+    assert peak == 70
+
+
+async def test_lanes_not_yet_started_when_the_runner_stops_never_start(
+    harness: Harness,
+) -> None:
+    """A runner stopped while a claim's lanes are still starting starts no more of them
+    (their leases are given back with the others')."""
+    script = Script(hang)
+    runner = harness.runner(script, poll_interval_s=30)
+    job_id = await harness.create(voting(500, aggregate={**NUMBER, "early_stop": False}))
+    await script.until(lambda s: s.in_flight > 0)
+    await harness.stop(runner)
+    started = len(script.calls)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(script.calls) == started == len(script.cancelled) < 500
+    lanes = (await harness.store.jobs.get(job_id, None)).lanes
+    assert {lane.status for lane in lanes} == {"queued"}
 
 
 async def test_an_attempt_that_raises_fails_its_lane_and_the_job_still_ends(
