@@ -264,15 +264,17 @@ class Outcomes:
         now = time.time()
         expired = (lanes.c.status == LaneStatus.RUNNING) & (lanes.c.lease_expires_at < now)
         recorded = Recorded()
-        # A read first: the sweep runs four times a second and almost always finds none
-        # (a write transaction each time took SQLite's write lock, three round trips on
-        # PostgreSQL, from the recordings' turns).
+        # Their jobs found by a read: the sweep runs four times a second and almost
+        # always finds none (a write transaction each time took SQLite's write lock,
+        # three round trips on PostgreSQL, from the recordings' turns). Each job's lanes
+        # are read again, locked, below; a lease that expires meanwhile, next time.
         async with self.db.read() as conn:
-            if (await conn.execute(select(lanes.c.job_id).where(expired).limit(1))).first() is None:
-                return recorded
+            found = await conn.execute(select(lanes.c.job_id).where(expired).distinct())
+            job_ids = found.scalars().all()
+        if not job_ids:
+            return recorded
         async with self.db.transaction() as tx:
-            job_ids = await tx.conn.execute(select(lanes.c.job_id).where(expired).distinct())
-            job_rows = await lock_jobs(tx, job_ids.scalars().all())
+            job_rows = await lock_jobs(tx, job_ids)
             for job_id in sorted(job_rows):
                 job = job_rows[job_id]
                 if job["status"] not in DECIDING_JOB:
