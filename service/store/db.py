@@ -431,8 +431,11 @@ def _postgres_engine(url: str, *, pool_size: int) -> AsyncEngine:
     """
     engine = create_async_engine(
         url,
-        pool_size=pool_size,
-        max_overflow=pool_size,
+        # Twice the pool's size, and no overflow: a connection opened for a burst stays
+        # for the next one (an overflow connection is closed when given back, and the
+        # next burst opened it again, prepared its statements and read its types).
+        pool_size=2 * pool_size,
+        max_overflow=0,
         # A transaction left open (a stuck or vanished client) never blocks the
         # others for long: lock waits and idle transactions are bounded.
         connect_args={"server_settings": POSTGRES_SESSION},

@@ -13,15 +13,20 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from pydantic import TypeAdapter
-from sqlalchemy import select
 from sqlalchemy.engine import RowMapping
 
 from ..errors import JobNotFound
 from ..spec import JobSpec
 from .db import Conn, Tx
 from .direct import Rows
-from .statements import JOB_SPEC, LOCK_JOBS, LOCK_JOBS_FOR_UPDATE, LOCK_JOBS_SKIP_LOCKED
-from .tables import jobs
+from .statements import (
+    JOB,
+    JOB_SPEC,
+    LOCK_JOBS,
+    LOCK_JOBS_FOR_UPDATE,
+    LOCK_JOBS_SKIP_LOCKED,
+    TENANTS_JOB,
+)
 
 _spec_adapter: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
 
@@ -89,10 +94,11 @@ async def job_row(conn: Conn, job_id: str, tenant: str | None) -> RowMapping:
     """The job's row; :class:`JobNotFound` when there is none for ``tenant`` (None:
     any tenant's)."""
     known_form(job_id)
-    query = select(jobs).where(jobs.c.id == job_id)
-    if tenant is not None:
-        query = query.where(jobs.c.tenant == tenant)
-    row: RowMapping | None = (await conn.execute(query)).mappings().first()
+    if tenant is None:
+        found = await conn.execute(JOB, {"job_id": job_id})
+    else:
+        found = await conn.execute(TENANTS_JOB, {"job_id": job_id, "tenant": tenant})
+    row: RowMapping | None = found.mappings().first()
     if row is None:
         raise JobNotFound(job_id)
     return row

@@ -35,6 +35,7 @@ from .statements import (
     IN_FLIGHT,
     INSERT_JOB,
     INSERT_JOB_WITHIN_CAP,
+    JOB_LANES,
     JOB_STATUS,
     JOB_TASKS,
     TENANT_JOB_STATUS,
@@ -318,15 +319,8 @@ class Jobs:
             if max_lanes is not None and job["lanes_total"] > max_lanes:
                 with_lanes = False
             if with_lanes:
-                lane_rows = (
-                    (
-                        await conn.execute(
-                            select(lanes).where(lanes.c.job_id == job_id).order_by(lanes.c.idx)
-                        )
-                    )
-                    .mappings()
-                    .all()
-                )
+                found = await conn.execute(JOB_LANES, {"job_id": job_id})
+                lane_rows = found.mappings().all()
                 progress = progress_of(lane_rows)
             else:
                 lane_rows = []

@@ -314,6 +314,10 @@ LOCK_JOBS = (
     select(*JOB_STATE).where(jobs.c.id.in_(bindparam("ids", expanding=True))).order_by(jobs.c.id)
 )
 JOB_SPEC = select(jobs.c.spec).where(jobs.c.id == bindparam("job_id"))
+# A job's row as the API shows it (any tenant's, or only the tenant's), and its lanes.
+JOB = select(jobs).where(jobs.c.id == bindparam("job_id"))
+TENANTS_JOB = JOB.where(jobs.c.tenant == bindparam("tenant"))
+JOB_LANES = select(lanes).where(lanes.c.job_id == bindparam("job_id")).order_by(lanes.c.idx)
 LOCK_JOBS_FOR_UPDATE = LOCK_JOBS.with_for_update()
 LOCK_JOBS_SKIP_LOCKED = LOCK_JOBS.with_for_update(skip_locked=True)
 # The lanes of a batch's outcomes, in one read: the jobs' lanes at any of the outcomes'

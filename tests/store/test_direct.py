@@ -3,10 +3,13 @@ exactly what SQLAlchemy's ``execute`` of the same statement does."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
+import pytest
 from sqlalchemy import Executable, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.store import Store
 from service.store.db import Conn, Database, PostgresRead, SqliteConnection
@@ -14,12 +17,15 @@ from service.store.direct import Fetched
 from service.store.statements import (
     EVENTS_AFTER,
     INSERT_JOB,
+    JOB,
+    JOB_LANES,
     JOB_STATUS,
     LANE_RESULTS,
     LANES_RECORDED,
     LOCK_JOBS,
     TALLY,
     TALLY_VOTES,
+    TENANTS_JOB,
 )
 from service.store.tables import jobs
 from tests.store.conftest import OWNER, parse
@@ -82,6 +88,10 @@ async def test_direct_reads_are_sqlalchemy_reads_with_lists_of_any_length(
         (TALLY_VOTES, {"j": job.id, "gates": [1, 2]}),
         (LOCK_JOBS, {"ids": [job.id, "no-such-job"]}),
         (JOB_STATUS, {"job_id": job.id}),
+        (JOB, {"job_id": job.id}),
+        (TENANTS_JOB, {"job_id": job.id, "tenant": "acme"}),
+        (TENANTS_JOB, {"job_id": job.id, "tenant": "someone-else"}),
+        (JOB_LANES, {"job_id": job.id}),
         (EVENTS_AFTER, {"job_id": job.id, "after": 1, "limit": 3}),
         (LANE_RESULTS, {"jobs": [job.id]}),
     ]
@@ -122,3 +132,22 @@ async def test_a_direct_write_is_in_its_transaction_and_rolls_back_with_it(db: D
         pass
     async with db.read() as conn:
         assert (await conn.execute(JOB_STATUS, {"job_id": "rolled-back"})).all() == []
+
+
+async def test_write_connections_opened_for_a_burst_stay_open_for_the_next(db: Database) -> None:
+    """PostgreSQL: as many writes at once as twice the pool's size each get a
+    connection, and every one is kept when given back (none opened again, its
+    statements prepared and types read again, at the next burst)."""
+    if db.is_sqlite:
+        pytest.skip("SQLite writes take turns on one connection")
+    engine = db.writer
+    assert isinstance(engine, AsyncEngine)
+    all_in = asyncio.Barrier(8)  # twice the fixture's pool_size of 4
+
+    async def write(i: int) -> None:
+        async with db.transaction() as tx:
+            await tx.conn.execute(INSERT_JOB, a_job(f"burst-{i}"))
+            await all_in.wait()
+
+    await asyncio.wait_for(asyncio.gather(*(write(i) for i in range(8))), 10)
+    assert engine.pool.checkedin() == 8  # type: ignore[attr-defined]
