@@ -68,7 +68,10 @@ class Tx:
 
     ``seqs`` and ``unwritten`` are the event log's: the last event number of each job
     this transaction locked or appended to, as the transaction has it (so numbering
-    events takes no statement), and the events not written yet (one insert for all)."""
+    events takes no statement), and the events not written yet (one insert for all).
+    ``notes``: on PostgreSQL, the notifications announcing the events, once they are
+    all appended (before the ``before_commit`` writes); a write that sends them takes
+    them, and the transaction sends what is left just before its commit."""
 
     conn: Conn
     is_sqlite: bool
@@ -78,6 +81,7 @@ class Tx:
     seqs: dict[str, int] = field(default_factory=dict)
     seqs_moved: set[str] = field(default_factory=set)  # (their rows still to update)
     unwritten: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def binds_arrays(self) -> bool:
@@ -558,10 +562,12 @@ class Database:
                     postgres = PostgresConnection(conn, self.plans)
                     tx = Tx(postgres, False)
                     yield tx
+                    if tx.events:
+                        tx.notes = notify.notifications(self.origin, tx.events)
                     for write in tx.before_commit:
                         await write()
-                    if tx.events:
-                        await _notify(postgres, notify.notifications(self.origin, tx.events))
+                    if tx.notes:
+                        await _notify(postgres, tx.notes)
                 committed = True
                 self._committed(tx)
         finally:

@@ -14,13 +14,13 @@ from .db import Database, Tx
 from .rendering import iso
 from .statements import (
     BUMP_SEQ,
+    CLOSE,
+    CLOSE_MOVED,
     EVENTS_AFTER,
+    INSERT_EVENTS,
     SET_LAST_SEQ,
-    SET_LAST_SEQS,
-    executing,
-    inserting,
+    columns,
 )
-from .tables import events
 
 # (type, fields) of an event to append; the log adds job_id, seq and at.
 Item = tuple[EventType, dict[str, Any]]
@@ -74,12 +74,23 @@ class EventLog:
 
     @staticmethod
     async def _write(tx: Tx) -> None:
-        """The transaction's events, and its locked jobs' new last numbers."""
-        moved = [{"j": job_id, "seq": tx.seqs[job_id]} for job_id in sorted(tx.seqs_moved)]
+        """The transaction's events, and its locked jobs' new last numbers (on PostgreSQL
+        with the notifications, in one statement)."""
+        moved = sorted(tx.seqs_moved)
+        if tx.binds_arrays:
+            notes, tx.notes = tx.notes, []
+            params = {
+                **columns(tx.unwritten),
+                "channel": [channel for channel, _ in notes],
+                "payload": [payload for _, payload in notes],
+            }
+            if moved:
+                params |= {"moved_j": moved, "moved_seq": [tx.seqs[job_id] for job_id in moved]}
+            await tx.conn.execute(CLOSE_MOVED if moved else CLOSE, params)
+            return
         if moved:
-            setting = executing(SET_LAST_SEQ, SET_LAST_SEQS, moved, arrays=tx.binds_arrays)
-            await tx.conn.execute(*setting)
-        await tx.conn.execute(*inserting(events, tx.unwritten, arrays=tx.binds_arrays))
+            await tx.conn.execute(SET_LAST_SEQ, [{"j": j, "seq": tx.seqs[j]} for j in moved])
+        await tx.conn.execute(INSERT_EVENTS, tx.unwritten)
 
     async def after(self, job_id: str, after: int, limit: int = 1000) -> list[Event]:
         """Up to ``limit`` stored events of the job after seq ``after``, in order."""

@@ -9,6 +9,7 @@ from sqlalchemy import (
     BigInteger,
     Executable,
     Float,
+    Insert,
     Integer,
     String,
     Table,
@@ -342,9 +343,6 @@ _usage = _unnest({"j": jobs.c.id.type, **_ADDED}, "u")
 ADD_JOBS_USAGE = (
     update(jobs).where(jobs.c.id == _usage.c.j).values(**_plus_usage(jobs, _usage.c.__getitem__))
 )
-# The event log's new last numbers of several jobs at once (SET_LAST_SEQ's arrays).
-_seqs = _unnest({"j": jobs.c.id.type, "seq": jobs.c.last_seq.type}, "s")
-SET_LAST_SEQS = update(jobs).where(jobs.c.id == _seqs.c.j).values(last_seq=_seqs.c.seq)
 # What the decisions of a batch's majority jobs count, in one read: each job's lanes by status
 # and answer (its lanes per status; a majority's votes are its succeeded lanes'
 # answers). ``jobs``: a list.
@@ -544,10 +542,10 @@ PROVIDERS_PAUSED = select(providers.c.name, providers.c.paused_until).where(
 
 
 _ROW_INSERTS = {events.name: INSERT_EVENTS, lanes.name: INSERT_LANES}
-_ARRAY_INSERTS: dict[tuple[str, tuple[str, ...]], Executable] = {}
+_ARRAY_INSERTS: dict[tuple[str, tuple[str, ...]], Insert] = {}
 
 
-def array_insert(table: Table, names: tuple[str, ...]) -> Executable:
+def array_insert(table: Table, names: tuple[str, ...]) -> Insert:
     """PostgreSQL: rows of ``table`` inserted in one statement, each column ``names``
     bound to an array of its values (one element a row) read back by ``unnest``: a
     statement whose shape does not vary with the number of rows, where an executemany
@@ -584,6 +582,22 @@ def inserting(table: Table, rows: list[dict[str, Any]], *, arrays: bool) -> tupl
     if arrays and len(rows) > 1:
         return array_insert(table, tuple(rows[0])), columns(rows)
     return _ROW_INSERTS[table.name], rows
+
+
+# PostgreSQL: the last write of a transaction that appended events, in one round trip
+# (where it took two or three): the events, the new last numbers of the jobs it locked
+# (CLOSE_MOVED only), and the notifications announcing them, which PostgreSQL sends
+# on commit. Data-modifying CTEs all run, whatever the main query reads; the inserts'
+# foreign keys are checked at the statement's end.
+EVENT_COLUMNS = ("job_id", "seq", "type", "data")
+_notes = _unnest({"channel": Text(), "payload": Text()}, "n")
+_moved = _unnest({"moved_j": jobs.c.id.type, "moved_seq": jobs.c.last_seq.type}, "m")
+CLOSE = select(func.pg_notify(_notes.c.channel, _notes.c.payload)).add_cte(
+    array_insert(events, EVENT_COLUMNS).cte("e")
+)
+CLOSE_MOVED = CLOSE.add_cte(
+    update(jobs).where(jobs.c.id == _moved.c.moved_j).values(last_seq=_moved.c.moved_seq).cte("s")
+)
 
 
 # Every statement built here runs on the driver's connection (:mod:`.direct`).

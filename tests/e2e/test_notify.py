@@ -28,7 +28,12 @@ from service.notify import (
     asyncpg_dsn,
 )
 from service.process import Process
+from service.states import EventType
+from service.store import Store
 from service.store.db import Database
+from service.store.eventlog import Item
+from service.store.jobrows import lock_jobs
+from tests.store.conftest import parse
 from tests.support import events_of, fake_stats, make_settings, truncate, voting
 
 FINAL = {"job.succeeded", "job.failed", "job.cancelled"}
@@ -307,6 +312,55 @@ async def test_notifications_are_sent_on_commit_and_never_for_a_rollback(
                 payload = await received.get()
             assert json.loads(payload) == {"o": db.origin, "j": [["committed", 1, 1]]}
             assert received.empty()
+        finally:
+            await db.dispose()
+
+
+@postgres
+async def test_events_the_log_appends_are_stored_numbered_and_announced_only_on_commit(
+    pg_settings: Settings,
+) -> None:
+    """The event log's last write (the events, the locked job's new last number and the
+    notification, one statement on PostgreSQL) lands whole on commit, and not at all
+    when the transaction rolls back."""
+    url = pg_settings.database_url
+    received: asyncio.Queue[str] = asyncio.Queue()
+    db = Database(url)
+    store = Store(db, lease_seconds=30)
+    async with admin(url) as conn:
+        await conn.add_listener(EVENTS_CHANNEL, lambda *args: received.put_nowait(args[3]))
+        try:
+            job, _ = await store.jobs.create(parse(voting(2)), "acme")
+            async with asyncio.timeout(5):
+                created = json.loads(await received.get())
+            assert created == {"o": db.origin, "j": [[job.id, 1, 1]]}
+
+            async def append(kinds: list[EventType]) -> None:
+                async with db.transaction() as tx:
+                    await lock_jobs(tx, [job.id])
+                    items: list[Item] = [(kind, {"lane": 0}) for kind in kinds]
+                    await store.log.append(tx, job.id, items, time.time())
+                    if kinds == [EventType.LANE_RETRYING]:
+                        raise RuntimeError("roll back")
+
+            with pytest.raises(RuntimeError):
+                await append([EventType.LANE_RETRYING])
+            await append([EventType.LANE_STARTED, EventType.LANE_SUCCEEDED])
+            async with asyncio.timeout(5):
+                appended = json.loads(await received.get())
+            assert appended == {"o": db.origin, "j": [[job.id, 2, 3]]}
+            assert received.empty()
+            stored = await store.log.after(job.id, 0)
+            assert [(e["seq"], e["type"]) for e in stored] == [
+                (1, "job.queued"),
+                (2, "lane.started"),
+                (3, "lane.succeeded"),
+            ]
+            async with db.read() as read:
+                last = await read.execute(
+                    text("SELECT last_seq FROM jobs WHERE id = :j"), {"j": job.id}
+                )
+                assert last.scalar_one() == 3
         finally:
             await db.dispose()
 
