@@ -20,8 +20,9 @@ benchmark's machine), which SQLite would make in the commit that fills the log: 
 thread of its own makes them (:class:`Checkpointer`).
 
 On PostgreSQL a transaction that appended events also notifies other processes
-(:mod:`service.notify`): the ``pg_notify`` calls run just before the commit, so
-PostgreSQL delivers them exactly when, and only if, the transaction commits.
+(:mod:`service.notify`): the ``pg_notify`` calls run in its last statement before the
+commit (with its events: :data:`~service.store.statements.CLOSE`), so PostgreSQL
+delivers them exactly when, and only if, the transaction commits.
 """
 
 from __future__ import annotations

@@ -335,17 +335,17 @@ async def test_events_the_log_appends_are_stored_numbered_and_announced_only_on_
                 created = json.loads(await received.get())
             assert created == {"o": db.origin, "j": [[job.id, 1, 1]]}
 
-            async def append(kinds: list[EventType]) -> None:
+            async def append(kinds: list[EventType], *, commit: bool) -> None:
                 async with db.transaction() as tx:
                     await lock_jobs(tx, [job.id])
                     items: list[Item] = [(kind, {"lane": 0}) for kind in kinds]
                     await store.log.append(tx, job.id, items, time.time())
-                    if kinds == [EventType.LANE_RETRYING]:
+                    if not commit:
                         raise RuntimeError("roll back")
 
             with pytest.raises(RuntimeError):
-                await append([EventType.LANE_RETRYING])
-            await append([EventType.LANE_STARTED, EventType.LANE_SUCCEEDED])
+                await append([EventType.LANE_RETRYING], commit=False)
+            await append([EventType.LANE_STARTED, EventType.LANE_SUCCEEDED], commit=True)
             async with asyncio.timeout(5):
                 appended = json.loads(await received.get())
             assert appended == {"o": db.origin, "j": [[job.id, 2, 3]]}
