@@ -27,6 +27,7 @@ from .statements import (
     ADD_JOBS_USAGE,
     LANES_RECORDED,
     LATE_USAGE,
+    LEASES_EXPIRED,
     OUTCOME_UPDATE,
     OUTCOMES_UPDATE,
     executing,
@@ -269,8 +270,7 @@ class Outcomes:
         # three round trips on PostgreSQL, from the recordings' turns). Each job's lanes
         # are read again, locked, below; a lease that expires meanwhile, next time.
         async with self.db.read() as conn:
-            found = await conn.execute(select(lanes.c.job_id).where(expired).distinct())
-            job_ids = found.scalars().all()
+            job_ids = (await conn.execute(LEASES_EXPIRED, {"now": now})).scalars().all()
         if not job_ids:
             return recorded
         async with self.db.transaction() as tx:

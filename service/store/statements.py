@@ -507,6 +507,12 @@ _end = _unnest(
     "e",
 )
 FINISH_JOBS = _finishing(_end.c.__getitem__, _end.c.j).returning(jobs.c.id, *_FINISHED)
+# The jobs with a lane whose lease expired before ``now`` (the lease sweep's first read).
+LEASES_EXPIRED = (
+    select(lanes.c.job_id)
+    .where(lanes.c.status == LaneStatus.RUNNING, lanes.c.lease_expires_at < bindparam("now"))
+    .distinct()
+)
 # A claim without contention: the first lanes ready to start, if they are all it needs.
 READY_FIRST = (
     select(lanes.c.job_id, lanes.c.idx, lanes.c.provider)
@@ -589,11 +595,11 @@ def inserting(table: Table, rows: list[dict[str, Any]], *, arrays: bool) -> tupl
 # (CLOSE_MOVED only), and the notifications announcing them, which PostgreSQL sends
 # on commit. Data-modifying CTEs all run, whatever the main query reads; the inserts'
 # foreign keys are checked at the statement's end.
-EVENT_COLUMNS = ("job_id", "seq", "type", "data")
+_EVENT_COLUMNS = ("job_id", "seq", "type", "data")  # the rows of EventLog._insert
 _notes = _unnest({"channel": Text(), "payload": Text()}, "n")
 _moved = _unnest({"moved_j": jobs.c.id.type, "moved_seq": jobs.c.last_seq.type}, "m")
 CLOSE = select(func.pg_notify(_notes.c.channel, _notes.c.payload)).add_cte(
-    array_insert(events, EVENT_COLUMNS).cte("e")
+    array_insert(events, _EVENT_COLUMNS).cte("e")
 )
 CLOSE_MOVED = CLOSE.add_cte(
     update(jobs).where(jobs.c.id == _moved.c.moved_j).values(last_seq=_moved.c.moved_seq).cte("s")

@@ -22,6 +22,7 @@ from service.store.statements import (
     JOB_STATUS,
     LANE_RESULTS,
     LANES_RECORDED,
+    LEASES_EXPIRED,
     LOCK_JOBS,
     TALLY,
     TALLY_VOTES,
@@ -94,6 +95,7 @@ async def test_direct_reads_are_sqlalchemy_reads_with_lists_of_any_length(
         (JOB_LANES, {"job_id": job.id}),
         (EVENTS_AFTER, {"job_id": job.id, "after": 1, "limit": 3}),
         (LANE_RESULTS, {"jobs": [job.id]}),
+        (LEASES_EXPIRED, {"now": time.time() + 3600}),  # the claimed lanes' leases
     ]
     async with db.read() as conn:
         for statement, params in reads:
