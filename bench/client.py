@@ -77,7 +77,7 @@ async def post_job(
 
 
 def _split_events(buffer: bytes) -> tuple[list[bytes], bytes]:
-    """Complete SSE blocks in ``buffer`` and what is left (sse-starlette ends lines CRLF)."""
+    """Complete SSE blocks in ``buffer`` and what is left (the stream ends lines CRLF)."""
     buffer = buffer.replace(b"\r\n", b"\n")
     *blocks, rest = buffer.split(b"\n\n")
     return blocks, rest

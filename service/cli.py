@@ -149,15 +149,15 @@ def _serve(settings: Settings, *, host: str | None, port: int | None, with_runne
     app = create_app(settings, with_runner=with_runner)
 
     class DrainingServer(uvicorn.Server):
-        """On SIGTERM/SIGINT the runner stops claiming at once, not after uvicorn has
-        waited for open connections; the lifespan then drains in-flight lanes."""
+        """On SIGTERM/SIGINT the runner stops claiming and the open event streams end at
+        once, not after uvicorn has waited for open connections (it waits for open
+        responses, a stream's too); the lifespan then drains in-flight lanes."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             context = getattr(app.state, "fanout", None)
             if context is not None:
-                context.draining = True
-                if context.process.runner is not None:
-                    context.process.runner.stop_claiming()
+                # A signal handler runs between any two bytecodes: the loop does it next.
+                asyncio.get_running_loop().call_soon_threadsafe(context.stop)
             super().handle_exit(sig, frame)
 
     served: ASGIApp = app

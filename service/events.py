@@ -134,7 +134,9 @@ class FrameCache:
 
 
 # Wakes a subscriber to re-read its job's log; never sent (see EventHub.resync).
+# Markers that wake a waiting stream; never yielded (their seq is never ``last + 1``).
 _RESYNC = Frame(-1, "hub.resync", b"")
+_WAKE = Frame(-1, "stream.wake", b"")
 
 
 @dataclass(eq=False)
@@ -142,6 +144,8 @@ class Subscription:
     job_id: str
     queue: asyncio.Queue[Frame] = field(default_factory=lambda: asyncio.Queue(QUEUE_LIMIT))
     lagged: bool = False
+    # No more frames: the client left, or the server is stopping.
+    ended: bool = False
 
     def offer(self, frame: Frame) -> None:
         try:
@@ -150,12 +154,36 @@ class Subscription:
             # The client is slow: drop, and let it read the gap from the table.
             self.lagged = True
 
+    def wake(self) -> None:
+        """Wake the stream if it waits on an empty queue (a full one is not waited on)."""
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(_WAKE)
+
+    def end(self) -> None:
+        self.ended = True
+        self.wake()
+
+
+@dataclass(eq=False)
+class Hangup:
+    """Ends a stream from outside, waiting or not: called when its client leaves."""
+
+    called: bool = False
+    sub: Subscription | None = None
+
+    def __call__(self) -> None:
+        self.called = True
+        if self.sub is not None:
+            self.sub.end()
+
 
 class EventHub:
     def __init__(self, frame_cache_bytes: int = FRAME_CACHE_BYTES) -> None:
         self._subscribers: dict[str, set[Subscription]] = {}
         self._listeners: list[Callable[[list[Event]], None]] = []
         self.frames = FrameCache(frame_cache_bytes)
+        # Set when the server stops: every stream ends, and new ones end at once.
+        self.closed = False
 
     @property
     def subscriber_count(self) -> int:
@@ -200,8 +228,16 @@ class EventHub:
                 sub.lagged = True
                 sub.offer(_RESYNC)
 
+    def close(self) -> None:
+        """End every stream, now and from now on: the server is stopping, and its
+        connections close once their responses end (clients reconnect elsewhere)."""
+        self.closed = True
+        for subs in self._subscribers.values():
+            for sub in subs:
+                sub.end()
+
     def subscribe(self, job_id: str) -> Subscription:
-        sub = Subscription(job_id)
+        sub = Subscription(job_id, ended=self.closed)
         self._subscribers.setdefault(job_id, set()).add(sub)
         return sub
 
@@ -259,22 +295,32 @@ async def batches(
     after: int,
     read_after: Callable[[str, int], Awaitable[list[Event]]],
     is_finished: Callable[[str], Awaitable[bool]],
+    *,
+    keepalive_s: float | None = None,
+    hangup: Hangup | None = None,
 ) -> AsyncGenerator[list[Frame], None]:
     """Every event of the job after ``after``, exactly once and in order, then live
     ones until the final event, as frames shared with every other client. ``read_after``
     reads up to ``PAGE`` stored events and opens and closes its own connection, so none
     is held while the stream idles.
 
-    Frames come in batches (never empty, at most ``PAGE``): a replayed page, or every
-    live frame already queued when the client is ready for more, so a client that
-    fell behind catches up in a few large writes instead of one per event.
+    Frames come in batches (at most ``PAGE``): a replayed page, or every live frame
+    already queued when the client is ready for more, so a client that fell behind
+    catches up in a few large writes instead of one per event. An empty batch says
+    nothing came for ``keepalive_s`` (time for a keep-alive). The batches end early,
+    while waiting or not, when ``hangup`` is called or the hub closes.
     """
     sub = hub.subscribe(job_id)
+    if hangup is not None:
+        hangup.sub = sub
+        if hangup.called:
+            sub.ended = True
     last = after
+    loop = asyncio.get_running_loop()
     try:
         catch_up = True
         first = True
-        while True:
+        while not sub.ended:
             if catch_up:
                 catch_up = sub.lagged = False
                 async for page in _stored(hub, read_after, job_id, last):
@@ -293,7 +339,17 @@ async def batches(
                 first = False
             batch = []
             final = False
-            frame = await sub.queue.get()
+            if keepalive_s is None or not sub.queue.empty():
+                frame = await sub.queue.get()
+            else:
+                # A timer, not a timeout: nothing is cancelled if a frame comes first.
+                timer = loop.call_later(keepalive_s, sub.wake)
+                frame = await sub.queue.get()
+                timer.cancel()
+                if frame is _WAKE and sub.queue.empty() and not sub.lagged:
+                    if not sub.ended:
+                        yield []
+                    continue
             while True:
                 seq = frame.seq
                 if sub.lagged or seq > last + 1:
@@ -316,6 +372,8 @@ async def batches(
             if final:
                 return
     finally:
+        if hangup is not None:
+            hangup.sub = None
         hub.unsubscribe(sub)
 
 

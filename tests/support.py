@@ -213,6 +213,9 @@ async def serve(settings: Settings) -> AsyncIterator[Served]:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
             yield Served(url, app, server, http)
     finally:
+        context = getattr(app.state, "fanout", None)
+        if context is not None:
+            context.stop()  # as `fanout serve` does on SIGTERM: open streams end
         server.should_exit = True
         await asyncio.wait_for(task, 15)
 

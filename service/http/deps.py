@@ -24,6 +24,15 @@ class Context:
     # Set when the process was told to stop: new jobs are refused (503) from then on.
     draining: bool = False
 
+    def stop(self) -> None:
+        """The process was told to stop: refuse new jobs, claim no more work (the
+        lifespan's end drains what runs), and end the open event streams, whose clients
+        reconnect elsewhere (the server waits for open responses before it stops)."""
+        self.draining = True
+        if self.process.runner is not None:
+            self.process.runner.stop_claiming()
+        self.process.hub.close()
+
 
 def context(request: Request) -> Context:
     found: Context = request.app.state.fanout

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
-from sse_starlette import EventSourceResponse
 
 from .. import events as ev
 from ..admission import check_against
@@ -19,6 +17,7 @@ from ..views import JobPage, JobView, LanePage
 from .deps import Context, Reader, Tenant, context
 from .openapi import CREATED, EVENTS_DESCRIPTION, SPEC_EXAMPLES, problems
 from .problems import refuse_unstorable
+from .stream import EventStream
 
 router = APIRouter()
 WITH_LANES = (
@@ -26,7 +25,6 @@ WITH_LANES = (
     "`GET /v1/jobs/{id}/lanes` pages them)"
 )
 MAX_EVENT_ID = 2**31 - 1  # event sequence numbers are 32-bit integers in the table
-RETRY_HINT = b"retry: 2000\n\n"  # milliseconds
 
 
 @router.post(
@@ -205,7 +203,8 @@ async def cancel_job(
 
 @router.get(
     "/v1/jobs/{job_id}/events",
-    response_class=EventSourceResponse,
+    response_class=EventStream,
+    status_code=200,
     responses={
         200: {
             "content": {
@@ -236,7 +235,7 @@ async def job_events(
     after: Annotated[
         int | None, Query(ge=0, le=MAX_EVENT_ID, description="like Last-Event-ID")
     ] = None,
-) -> EventSourceResponse:
+) -> EventStream:
     """Server-sent events: every event after ``Last-Event-ID``, then live ones; closes
     after the final ``job.succeeded`` / ``job.failed`` / ``job.cancelled``. Asked again
     after that final event, ``204``: a browser's EventSource then stops reconnecting."""
@@ -257,18 +256,17 @@ async def job_events(
     if finished and start and not await process.store.log.after(job_id, start, limit=1):
         return Response(status_code=204)  # type: ignore[return-value]
 
-    async def sse() -> AsyncIterator[bytes]:
-        # How long a browser waits before it reconnects after a drop.
-        yield RETRY_HINT
-        # Frames are encoded once for every client, and sse-starlette sends bytes as
-        # they are: one write per batch, whatever the number of events in it.
-        frames = ev.batches(process.hub, job_id, start, process.store.log.stored, is_finished)
-        async for batch in frames:
-            yield b"".join(frame.body for frame in batch)
-
-    return EventSourceResponse(
-        sse(),
-        ping=process.settings.keepalive_s,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        send_timeout=30,
+    hangup = ev.Hangup()
+    # Frames are encoded once for every client and sent as they are.
+    frames = ev.batches(
+        process.hub,
+        job_id,
+        start,
+        process.store.log.stored,
+        is_finished,
+        keepalive_s=process.settings.keepalive_s,
+        hangup=hangup,
+    )
+    return EventStream(
+        frames, hangup=hangup, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )

@@ -284,7 +284,17 @@ async def test_sigterm_stops_serve_within_its_drain_and_gives_back_what_was_runn
             return (await get(api, job_id))["progress"].get("running") == 2
 
         await poll(running, within=10, what="two lanes running")
-    serve.send(signal.SIGTERM)
+        async with api.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+            lines = stream.aiter_lines()
+            async for line in lines:
+                if line == "event: lane.started":
+                    break
+            serve.send(signal.SIGTERM)
+            # The open stream ends at once, and cleanly (a body cut off by uvicorn's
+            # graceful timeout would raise here): the client reconnects elsewhere.
+            async with asyncio.timeout(4):
+                rest = [line async for line in lines]
+    assert "event: job.cancelled" not in rest
     await poll(
         lambda: asyncio.sleep(0, serve.proc.poll() is not None),
         within=10,
