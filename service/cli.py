@@ -171,6 +171,7 @@ def _serve(settings: Settings, *, host: str | None, port: int | None, with_runne
         port=port or settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        timeout_keep_alive=IDLE_CONNECTION_S,
         timeout_graceful_shutdown=5,
     )
     config.load()  # imports what the server needs, before the heap is frozen
@@ -178,6 +179,11 @@ def _serve(settings: Settings, *, host: str | None, port: int | None, with_runne
     DrainingServer(config).run()
     return 0
 
+
+# Seconds an idle connection is kept open: longer than clients' pools keep theirs
+# (aiohttp 15 s, httpx 5 s), so that none sends a request on a connection the server is
+# closing. At uvicorn's default of 5 s, an aiohttp client's POST was reset that way.
+IDLE_CONNECTION_S = 75
 
 # Collections of the youngest generation: one per this many new container objects.
 GC_YOUNG_THRESHOLD = 10_000

@@ -311,6 +311,27 @@ async def test_sigterm_stops_serve_within_its_drain_and_gives_back_what_was_runn
     assert [(lane["status"], lane["lease_owner"]) for lane in lanes] == [("queued", None)] * 2
 
 
+async def test_an_idle_connection_outlives_a_client_pools_keep_alive(fleet: Fleet) -> None:
+    """A client pool keeps an idle connection 15 s (aiohttp) and sends its next request
+    on it: the server must not close it first (uvicorn's default of 5 s did, and a
+    request sent as it closed was reset)."""
+    serve = fleet.serve("serve")
+    await started(serve)
+    reader, writer = await asyncio.open_connection("127.0.0.1", serve.port)
+    request = b"GET /healthz HTTP/1.1\r\nHost: fanout\r\n\r\n"
+    try:
+        for pause in (0, 6):  # past uvicorn's default
+            await asyncio.sleep(pause)
+            writer.write(request)
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200"), head
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+    finally:
+        writer.close()
+
+
 # --- PostgreSQL: replicas and workers -------------------------------------------------
 
 
