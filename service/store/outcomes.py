@@ -29,7 +29,9 @@ from .statements import (
     LATE_USAGE,
     LEASES_EXPIRED,
     OUTCOME_UPDATE,
+    OUTCOMES_AND_USAGE_UPDATE,
     OUTCOMES_UPDATE,
+    columns,
     executing,
 )
 from .tables import jobs, lanes
@@ -125,12 +127,7 @@ class Outcomes:
                     deciding[job_id] = (_with(job, added), spec, items)
                 if added:
                     usage_rows.append({"j": job_id, **usage_params(added)})
-            if lane_rows:
-                await update_lanes(tx, lane_rows)
-            if usage_rows:
-                await tx.conn.execute(
-                    *executing(ADD_JOB_USAGE, ADD_JOBS_USAGE, usage_rows, arrays=tx.binds_arrays)
-                )
+            await update_lanes(tx, lane_rows, usage_rows)
             if deciding:
                 recorded.reduce_jobs += await self.decisions.decide_all(tx, deciding, now)
             await self.gate.settle(tx, unused, pauses, now)
@@ -344,13 +341,26 @@ def usage_params(usage: Usage) -> dict[str, Any]:
     }
 
 
-async def update_lanes(tx: Tx, rows: list[dict[str, Any]]) -> None:
-    """Write the lanes' outcomes (rows of OUTCOME_UPDATE's parameters): on PostgreSQL in
-    one statement, the rows' values as arrays (OUTCOMES_UPDATE); on SQLite, a row at a
-    time in one call. (An update from a join writes a lane once: were one lane in two
+async def update_lanes(
+    tx: Tx, rows: list[dict[str, Any]], usage: list[dict[str, Any]] | None = None
+) -> None:
+    """Write the lanes' outcomes (rows of OUTCOME_UPDATE's parameters) and what they add
+    to their jobs' usage (rows of ADD_JOB_USAGE's): on PostgreSQL in one statement, the
+    rows' values as arrays (OUTCOMES_AND_USAGE_UPDATE, or one of its halves); on SQLite,
+    a row at a time. (An update from a join writes a lane once: were one lane in two
     rows, each row is run in turn, as on SQLite.)"""
     arrays = tx.binds_arrays and len({(row["j"], row["i"]) for row in rows}) == len(rows)
-    await tx.conn.execute(*executing(OUTCOME_UPDATE, OUTCOMES_UPDATE, rows, arrays=arrays))
+    if rows and usage and arrays:
+        params = {f"l{name}": v for name, v in columns(rows).items()}
+        params |= {f"u{name}": v for name, v in columns(usage).items()}
+        await tx.conn.execute(OUTCOMES_AND_USAGE_UPDATE, params)
+        return
+    if rows:
+        await tx.conn.execute(*executing(OUTCOME_UPDATE, OUTCOMES_UPDATE, rows, arrays=arrays))
+    if usage:
+        await tx.conn.execute(
+            *executing(ADD_JOB_USAGE, ADD_JOBS_USAGE, usage, arrays=tx.binds_arrays)
+        )
 
 
 async def add_usage(tx: Tx, job_id: str, usage: Usage) -> None:

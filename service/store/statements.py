@@ -277,27 +277,36 @@ OUTCOME_UPDATE = (
     .where(lanes.c.job_id == bindparam("j"), lanes.c.idx == bindparam("i"))
     .values(**{name: bindparam(name) for name in _OUTCOME}, **_RECORDED, **_plus_usage(lanes))
 )
-# PostgreSQL: the same for every outcome at once, each parameter bound to an array (one
-# element a lane), read back as rows by ``unnest``: one statement, where OUTCOME_UPDATE
-# runs once a lane (executemany).
-_outcome = _unnest(
-    {
+
+
+def _outcomes_update(prefix: str = "") -> Any:
+    """OUTCOMES_UPDATE, its parameters named with ``prefix`` in front."""
+    types = {
         "j": lanes.c.job_id.type,
         "i": lanes.c.idx.type,
         **{name: lanes.c[name].type for name in _OUTCOME},
         **_ADDED,
-    },
-    "o",
-)
-OUTCOMES_UPDATE = (
-    update(lanes)
-    .where(lanes.c.job_id == _outcome.c.j, lanes.c.idx == _outcome.c.i)
-    .values(
-        **{name: _outcome.c[name] for name in _OUTCOME},
-        **_RECORDED,
-        **_plus_usage(lanes, _outcome.c.__getitem__),
+    }
+    rows = _unnest({prefix + name: t for name, t in types.items()}, "o")
+
+    def bound(name: str) -> Any:
+        return rows.c[prefix + name]
+
+    return (
+        update(lanes)
+        .where(lanes.c.job_id == bound("j"), lanes.c.idx == bound("i"))
+        .values(
+            **{name: bound(name) for name in _OUTCOME},
+            **_RECORDED,
+            **_plus_usage(lanes, bound),
+        )
     )
-)
+
+
+# PostgreSQL: the same for every outcome at once, each parameter bound to an array (one
+# element a lane), read back as rows by ``unnest``: one statement, where OUTCOME_UPDATE
+# runs once a lane (executemany).
+OUTCOMES_UPDATE = _outcomes_update()
 # An answer that came after its lane was stopped (or re-run): its tokens count, on the
 # lane and its job; the lane keeps its status and output.
 LATE_USAGE = (
@@ -342,6 +351,17 @@ ADD_JOB_USAGE = update(jobs).where(jobs.c.id == bindparam("j")).values(**_plus_u
 _usage = _unnest({"j": jobs.c.id.type, **_ADDED}, "u")
 ADD_JOBS_USAGE = (
     update(jobs).where(jobs.c.id == _usage.c.j).values(**_plus_usage(jobs, _usage.c.__getitem__))
+)
+# PostgreSQL: OUTCOMES_UPDATE and ADD_JOBS_USAGE in one statement (a data-modifying CTE):
+# a recording's lanes and its jobs' usage in one round trip, where they took two. Their
+# parameters have ``l`` and ``u`` in front (``lj``, ``lstatus``..., ``uj``, ``up``...):
+# named like a column of either table, SQLAlchemy would set that column from them.
+_jobs_usage = _unnest({f"u{name}": t for name, t in {"j": jobs.c.id.type, **_ADDED}.items()}, "u")
+OUTCOMES_AND_USAGE_UPDATE = _outcomes_update("l").add_cte(
+    update(jobs)
+    .where(jobs.c.id == _jobs_usage.c.uj)
+    .values(**_plus_usage(jobs, lambda name: _jobs_usage.c[f"u{name}"]))
+    .cte("used")
 )
 # What the decisions of a batch's majority jobs count, in one read: each job's lanes by status
 # and answer (its lanes per status; a majority's votes are its succeeded lanes'
