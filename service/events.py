@@ -133,8 +133,8 @@ class FrameCache:
             self.size -= len(self._frames.pop((job_id, seq)).body)
 
 
-# Wakes a subscriber to re-read its job's log; never sent (see EventHub.resync).
-# Markers that wake a waiting stream; never yielded (their seq is never ``last + 1``).
+# Markers that wake a waiting stream, never sent (their seq is never ``last + 1``): to
+# re-read its job's log (see EventHub.resync), or to see that it ended or is idle.
 _RESYNC = Frame(-1, "hub.resync", b"")
 _WAKE = Frame(-1, "stream.wake", b"")
 
