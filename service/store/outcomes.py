@@ -25,6 +25,7 @@ from .queue import NONE_UNRECORDED, LaneQueue
 from .statements import (
     ADD_JOB_USAGE,
     ADD_JOBS_USAGE,
+    DEADLINES_PASSED,
     LANES_RECORDED,
     LATE_USAGE,
     LEASES_EXPIRED,
@@ -34,7 +35,7 @@ from .statements import (
     columns,
     executing,
 )
-from .tables import jobs, lanes
+from .tables import lanes
 from .values import Outcome, Recorded
 
 
@@ -314,9 +315,8 @@ class Outcomes:
         """Decide every job whose deadline passed; returns jobs that now wait for their
         reducer."""
         now = time.time()
-        query = select(jobs.c.id).where(jobs.c.status.in_(DECIDING_JOB), jobs.c.deadline_at <= now)
         async with self.db.read() as conn:
-            due = list((await conn.execute(query)).scalars().all())
+            due = list((await conn.execute(DEADLINES_PASSED, {"now": now})).scalars().all())
         reduce_jobs = []
         for job_id in due:
             async with self.db.transaction() as tx:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from sqlalchemy import and_, func, select, tuple_, update
+from sqlalchemy import and_, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 
 from ..policy import (
@@ -32,6 +32,7 @@ from .statements import (
     CLAIM_LANE,
     CLAIM_LANES_RETURNING,
     CLAIMABLE,
+    NEXT_QUEUED_AT,
     READY_FIRST,
     READY_LANES,
     READY_LANES_OF_JOB,
@@ -436,9 +437,8 @@ class LaneQueue:
 
     async def next_wakeup(self) -> float | None:
         """When the earliest queued lane becomes claimable (retries wait for backoff)."""
-        query = select(func.min(lanes.c.available_at)).where(lanes.c.status == LaneStatus.QUEUED)
         async with self.db.read() as conn:
-            due = (await conn.execute(query)).scalar_one_or_none()
+            due = (await conn.execute(NEXT_QUEUED_AT)).scalar_one_or_none()
         return None if due is None else float(due)
 
 

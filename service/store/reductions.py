@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import or_, select, update
 
 from ..aggregate import Tree
 from ..jsonsafe import scrub
@@ -20,7 +20,7 @@ from .decisions import Decisions
 from .eventlog import EventLog, Item
 from .jobrows import SpecCache, lock_jobs, locked
 from .outcomes import add_usage
-from .statements import JOB_STATE
+from .statements import JOB_STATE, NEXT_REDUCER_AT
 from .tables import jobs
 from .values import ReductionClaim
 
@@ -93,11 +93,8 @@ class Reductions:
 
     async def next_due(self) -> float | None:
         """When the earliest reducer attempt not leased to anyone becomes due."""
-        query = select(func.min(jobs.c.reduce_available_at)).where(
-            jobs.c.status == JobStatus.AGGREGATING, jobs.c.lease_owner.is_(None)
-        )
         async with self.db.read() as conn:
-            due = (await conn.execute(query)).scalar_one_or_none()
+            due = (await conn.execute(NEXT_REDUCER_AT)).scalar_one_or_none()
         return None if due is None else float(due)
 
     async def step(

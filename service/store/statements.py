@@ -27,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 
 from ..states import (
+    DECIDING_JOB,
     ENDED_WITHOUT_RESULT,
     OPEN_JOB,
     OPEN_LANE,
@@ -532,6 +533,16 @@ LEASES_EXPIRED = (
     select(lanes.c.job_id)
     .where(lanes.c.status == LaneStatus.RUNNING, lanes.c.lease_expires_at < bindparam("now"))
     .distinct()
+)
+# The housekeeper's other periodic reads: the open jobs whose deadline passed by
+# ``now``; when the earliest queued lane becomes claimable (retries wait for their
+# backoff); when the earliest reducer attempt not leased to anyone becomes due.
+DEADLINES_PASSED = select(jobs.c.id).where(
+    jobs.c.status.in_(DECIDING_JOB), jobs.c.deadline_at <= bindparam("now")
+)
+NEXT_QUEUED_AT = select(func.min(lanes.c.available_at)).where(lanes.c.status == LaneStatus.QUEUED)
+NEXT_REDUCER_AT = select(func.min(jobs.c.reduce_available_at)).where(
+    jobs.c.status == JobStatus.AGGREGATING, jobs.c.lease_owner.is_(None)
 )
 # A claim without contention: the first lanes ready to start, if they are all it needs.
 READY_FIRST = (

@@ -15,6 +15,7 @@ from service.store import Store
 from service.store.db import Conn, Database, PostgresRead, SqliteConnection
 from service.store.direct import Fetched
 from service.store.statements import (
+    DEADLINES_PASSED,
     EVENTS_AFTER,
     INSERT_JOB,
     JOB,
@@ -24,6 +25,8 @@ from service.store.statements import (
     LANES_RECORDED,
     LEASES_EXPIRED,
     LOCK_JOBS,
+    NEXT_QUEUED_AT,
+    NEXT_REDUCER_AT,
     TALLY,
     TALLY_VOTES,
     TENANTS_JOB,
@@ -77,7 +80,8 @@ async def test_direct_reads_are_sqlalchemy_reads_with_lists_of_any_length(
     first, _second = (await store.queue.claim(OWNER, 2)).claims
     # A JSON output to read back: decoded alike on either path's connections.
     await store.outcomes.record(OWNER, [answered(first, output={"a": [1, 2.5, None, "é"]})])
-    other, _ = await store.jobs.create(parse(voting(3)), "acme")
+    # Queued lanes, and a deadline: what the housekeeper's reads find.
+    other, _ = await store.jobs.create(parse(voting(3, policy={"deadline_s": 60})), "acme")
     reads: list[tuple[Executable, dict[str, Any]]] = [
         (LANES_RECORDED, {"jobs": [job.id], "idxs": idxs})
         for idxs in ([], [2], [0, 3, 4], [4, 0], [4, 4, 1], [0, 1, 2, 3, 4])
@@ -96,6 +100,9 @@ async def test_direct_reads_are_sqlalchemy_reads_with_lists_of_any_length(
         (EVENTS_AFTER, {"job_id": job.id, "after": 1, "limit": 3}),
         (LANE_RESULTS, {"jobs": [job.id]}),
         (LEASES_EXPIRED, {"now": time.time() + 3600}),  # the claimed lanes' leases
+        (DEADLINES_PASSED, {"now": time.time() + 3600}),
+        (NEXT_QUEUED_AT, {}),
+        (NEXT_REDUCER_AT, {}),
     ]
     async with db.read() as conn:
         for statement, params in reads:
