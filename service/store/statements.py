@@ -280,6 +280,13 @@ OUTCOME_UPDATE = (
 )
 
 
+def _unnest_prefixed(types: dict[str, Any], name: str, prefix: str) -> Callable[[str], Any]:
+    """:func:`_unnest` with ``prefix`` in front of each parameter's name; the column
+    of each (by its name without the prefix)."""
+    rows = _unnest({prefix + column: t for column, t in types.items()}, name)
+    return lambda column: rows.c[prefix + column]
+
+
 def _outcomes_update(prefix: str = "") -> Any:
     """OUTCOMES_UPDATE, its parameters named with ``prefix`` in front."""
     types = {
@@ -288,11 +295,7 @@ def _outcomes_update(prefix: str = "") -> Any:
         **{name: lanes.c[name].type for name in _OUTCOME},
         **_ADDED,
     }
-    rows = _unnest({prefix + name: t for name, t in types.items()}, "o")
-
-    def bound(name: str) -> Any:
-        return rows.c[prefix + name]
-
+    bound = _unnest_prefixed(types, "o", prefix)
     return (
         update(lanes)
         .where(lanes.c.job_id == bound("j"), lanes.c.idx == bound("i"))
@@ -348,22 +351,21 @@ LANES_RECORDED = select(
     lanes.c.idx.in_(bindparam("idxs", expanding=True)),
 )
 ADD_JOB_USAGE = update(jobs).where(jobs.c.id == bindparam("j")).values(**_plus_usage(jobs))
+
+
+def _jobs_usage_update(prefix: str = "") -> Any:
+    """ADD_JOBS_USAGE, its parameters named with ``prefix`` in front."""
+    bound = _unnest_prefixed({"j": jobs.c.id.type, **_ADDED}, "u", prefix)
+    return update(jobs).where(jobs.c.id == bound("j")).values(**_plus_usage(jobs, bound))
+
+
 # PostgreSQL: ADD_JOB_USAGE for several jobs at once, its parameters bound as arrays.
-_usage = _unnest({"j": jobs.c.id.type, **_ADDED}, "u")
-ADD_JOBS_USAGE = (
-    update(jobs).where(jobs.c.id == _usage.c.j).values(**_plus_usage(jobs, _usage.c.__getitem__))
-)
+ADD_JOBS_USAGE = _jobs_usage_update()
 # PostgreSQL: OUTCOMES_UPDATE and ADD_JOBS_USAGE in one statement (a data-modifying CTE):
 # a recording's lanes and its jobs' usage in one round trip, where they took two. Their
 # parameters have ``l`` and ``u`` in front (``lj``, ``lstatus``..., ``uj``, ``up``...):
 # named like a column of either table, SQLAlchemy would set that column from them.
-_jobs_usage = _unnest({f"u{name}": t for name, t in {"j": jobs.c.id.type, **_ADDED}.items()}, "u")
-OUTCOMES_AND_USAGE_UPDATE = _outcomes_update("l").add_cte(
-    update(jobs)
-    .where(jobs.c.id == _jobs_usage.c.uj)
-    .values(**_plus_usage(jobs, lambda name: _jobs_usage.c[f"u{name}"]))
-    .cte("used")
-)
+OUTCOMES_AND_USAGE_UPDATE = _outcomes_update("l").add_cte(_jobs_usage_update("u").cte("used"))
 # What the decisions of a batch's majority jobs count, in one read: each job's lanes by status
 # and answer (its lanes per status; a majority's votes are its succeeded lanes'
 # answers). ``jobs``: a list.
